@@ -1,0 +1,36 @@
+"""Differential privacy for federated LoRA: per-example clipping, the B-space and W-space DP-SGD mechanisms,
+Poisson sampling over fixed-capacity batches, and accounting through `dp_accounting` (design.md sections 1.1,
+1.5 and 4).
+
+Notation (design.md section 3): Flax layout, a layer computes `y = x @ (W0 + s a b)` with a = lora_a [in, r]
+(left) and b = lora_b [r, out] (right), s = alpha / r; the paper's B = b^T, A = a^T.
+
+Privacy-relevant defaults, stated once: clipping is per example by the global L2 norm over the trained
+parameters (B-space, `dp_gradient`) or over dl/dW of all adapted layers (W-space, `wspace_dp_gradient`); noise
+std sigma * C on the clipped sum; normalisation by the expected batch size q n; Poisson sampling with rate q per
+local step, truncated to a fixed capacity (`batch_capacity`, overflow cost in `overflow_delta`); add/remove-one
+neighbours; accountant "rdp" unless "pld" is asked for; participation "worst_case" (every round) unless the
+"expected" heuristic is asked for. The modules: `clipping`, `mechanisms`, `sampling`, `accounting`.
+"""
+
+from fedask_jax.privacy.accounting import (
+    ACCOUNTANTS,
+    PARTICIPATION,
+    calibrate_noise,
+    dp_event,
+    dp_steps,
+    epsilon_spent,
+    make_accountant,
+    overflow_delta,
+)
+from fedask_jax.privacy.clipping import clip_per_example, clip_scale
+from fedask_jax.privacy.mechanisms import (
+    FROZEN_SIDES,
+    DPStats,
+    dp_gradient,
+    gaussian_noise,
+    projected_noise,
+    wspace_dp_gradient,
+    wspace_sq_norms,
+)
+from fedask_jax.privacy.sampling import batch_capacity, overflow_probability, poisson_sample
