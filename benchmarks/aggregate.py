@@ -1,0 +1,140 @@
+"""Server aggregation time and per-client traffic: FedASK's two-stage sketch against dense aggregation.
+
+FedASK (`fedask_jax.sketch.aggregate`): stages 1-2 and reconstruction, never forming an m x n matrix
+(design.md 1.2-1.4). Dense baseline: every client's product left_k @ right_k (m x n, what a dense-update
+scheme sends) is formed and the K products are averaged. Both are jitted and timed side by side in one process
+(alternating runs, so machine load hits both alike): compile time (lower + compile) separately, then the
+median of `repeats` runs after one warm-up call, each ended by `block_until_ready`.
+
+The factors are in DP mode (one right factor shared by all clients, the paper's frozen A), so the aggregate
+has rank <= r and the sketch is exact; the JSON records the exactness certificate as a sanity check. Timing
+does not depend on the values.
+
+    python benchmarks/aggregate.py [--m 4096 --n 4096 --r 16 --p 4 --k 10 --repeats 7]
+        [--out benchmarks/results/aggregate.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+# JAX's CPU QR and SVD call OpenBLAS LAPACK (through scipy), whose threads busy-wait when cores are shared: on
+# our loaded 2-core machine a 4096 x 20 QR took 0.2-0.6 s with the default threads and 0.5 ms with one. The
+# sketch's QR/SVD are on thin matrices that gain nothing from threads (the dense baseline's products run on
+# XLA's own thread pool, unaffected). This must precede jax's first LAPACK call; an explicit
+# OPENBLAS_NUM_THREADS in the environment wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedask_jax import sketch
+
+FLOAT32_BYTES = 4
+
+
+def dense_aggregate(lefts: jax.Array, rights: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum_k w_k left_k @ right_k [m, n] with every client's m x n product formed (weights normalised)."""
+  products = jnp.matmul(lefts, rights, precision=jax.lax.Precision.HIGHEST)
+  return jnp.tensordot(weights / jnp.sum(weights), products, axes=1)
+
+
+def _compile(fn, *args):
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _run_time(compiled, *args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  return time.perf_counter() - start
+
+
+def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, repeats: int = 7,
+            seed: int = 0) -> dict:
+  """Times jitted FedASK and dense aggregation of K float32 clients' (left [m, r], right [r, n]).
+
+  Returns a JSON-ready dict: the problem, compile and median run seconds of each scheme, the speed-up
+  (dense / FedASK median), the bytes one client sends per round in each scheme (FedASK: Y_k [m, w] +
+  P_k [n, w]; dense: [m, n]; w = min(r + p, m, n)), and FedASK's exactness certificate.
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats={repeats}: time at least one run (the median of >= 5 is the intended use).")
+  key = jax.random.key(seed)
+  lefts = jax.random.normal(jax.random.fold_in(key, 0), (k, m, r)) / np.sqrt(m)
+  rights = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, 1), (r, n)), (k, r, n)) / np.sqrt(n)
+  weights = jax.random.uniform(jax.random.fold_in(key, 2), (k,), minval=0.5, maxval=1.5)
+  omega = sketch.make_omega(jax.random.fold_in(key, 3), n, r + p)
+  width = min(r + p, m, n)
+
+  fedask, fedask_compile = _compile(jax.jit(sketch.aggregate, static_argnames="rank"),
+                                    lefts, rights, weights, omega, r)
+  dense, dense_compile = _compile(jax.jit(dense_aggregate), lefts, rights, weights)
+  fedask_args, dense_args = (lefts, rights, weights, omega), (lefts, rights, weights)
+  left, right = fedask(*fedask_args)
+  jax.block_until_ready(dense(*dense_args))
+  fedask_times, dense_times = [], []
+  for _ in range(repeats):
+    fedask_times.append(_run_time(fedask, *fedask_args))
+    dense_times.append(_run_time(dense, *dense_args))
+  fedask_s, dense_s = statistics.median(fedask_times), statistics.median(dense_times)
+  return {
+      "problem": {"m": m, "n": n, "r": r, "p": p, "k": k, "width": width, "dtype": "float32",
+                  "repeats": repeats, "seed": seed},
+      "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+      "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
+               "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS")},
+      "jax": jax.__version__,
+      "fedask": {"compile_s": fedask_compile, "median_s": fedask_s, "times_s": fedask_times},
+      "dense": {"compile_s": dense_compile, "median_s": dense_s, "times_s": dense_times},
+      "speedup": dense_s / fedask_s,
+      "client_bytes_per_round": {"fedask": (m + n) * width * FLOAT32_BYTES, "dense": m * n * FLOAT32_BYTES},
+      "fedask_reconstruction_error": float(sketch.reconstruction_error(lefts, rights, weights, left, right)),
+  }
+
+
+def _table(result: dict) -> str:
+  prob, traffic = result["problem"], result["client_bytes_per_round"]
+  rows = [("scheme", "compile s", "median s", "client bytes/round")]
+  for scheme in ("fedask", "dense"):
+    rows.append((scheme, f"{result[scheme]['compile_s']:.3f}", f"{result[scheme]['median_s']:.4f}",
+                 f"{traffic[scheme]:,}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(4)]
+  lines = [f"m={prob['m']} n={prob['n']} r={prob['r']} p={prob['p']} K={prob['k']} float32, "
+           f"{result['device']}, median of {prob['repeats']}"]
+  lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+  lines.append(f"speed-up (dense / fedask): {result['speedup']:.1f}x; traffic ratio (dense / fedask): "
+               f"{traffic['dense'] / traffic['fedask']:.1f}x; fedask relative error "
+               f"{result['fedask_reconstruction_error']:.2e}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--m", type=int, default=4096)
+  parser.add_argument("--n", type=int, default=4096)
+  parser.add_argument("--r", type=int, default=16)
+  parser.add_argument("--p", type=int, default=4)
+  parser.add_argument("--k", type=int, default=10)
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "aggregate.json")
+  args = parser.parse_args(argv)
+  result = measure(args.m, args.n, args.r, args.p, args.k, args.repeats, args.seed)
+  print(_table(result))
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(result, indent=2) + "\n")
+  print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
