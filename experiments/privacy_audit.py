@@ -1,0 +1,262 @@
+"""Empirical privacy audit of the client DP-SGD mechanism: epsilon lower bounds against the claimed epsilon.
+
+    python experiments/privacy_audit.py            # full: 3e6 runs per side (one step), 4e5 (ten steps)
+    python experiments/privacy_audit.py --quick    # < 5 min on 2 cores, into a temp dir unless --out is given
+
+Writes privacy_audit.md (table and findings), privacy_audit.json (every number, the configuration, versions)
+and privacy_audit.png (score histograms) into --out (default experiments/results).
+
+What is audited (`fedask_jax.auditing`): the real code path of a client update, T local steps of Poisson
+sampling (`privacy.poisson_sample`), the DP gradient of lora_b through `fedask_jax.lora.Linear`
+(`privacy.dp_gradient`, B-space, or `privacy.wspace_dp_gradient`, W-space) and SGD, releasing the final lora_b,
+on a tiny layer with 15 ordinary examples and a gradient canary (`auditing.linear_canary_problem`). Two
+settings: one step with q = 1 (the Gaussian mechanism, the strongest white-box setting) and a ten-step client
+update with q = 0.25. Claims: epsilon in {1, 4} at delta = 1e-5, sigma from `privacy.calibrate_noise` with the
+PLD accountant (tighter than the default RDP, so a harder claim to stay under). Broken mechanisms, reported with
+the claim epsilon = 1 they would print: noise off (sigma = 0) and clipping off (clip norm 1e4 C with sigma / 1e4,
+so the noise is still sigma C while the canary's gradient, 100 C in W-space and 200 C in B-space, is not
+clipped). Lower bounds at 95% confidence, held-out threshold (`auditing.epsilon_lower_bound`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax_privacy
+import matplotlib
+import numpy as np
+import scipy.stats
+
+from fedask_jax import auditing, privacy
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+REPO = Path(__file__).resolve().parents[1]
+DELTA = 1e-5
+CONFIDENCE = 0.95
+CLIP_NORM = 1.0
+# Clipping off: a clip norm far above every gradient of the problem, the noise multiplier divided by the same
+# factor so that the noise std stays sigma * CLIP_NORM.
+NO_CLIP_FACTOR = 1e4
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  name: str
+  steps: int
+  sample_rate: float
+  runs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  claim: float  # the epsilon the run would report
+  broken: str | None = None  # None, "noise_off" or "clipping_off"
+
+
+VARIANTS = (Variant("real", 1.0), Variant("real", 4.0), Variant("noise off", 1.0, "noise_off"),
+            Variant("clipping off", 1.0, "clipping_off"))
+SPACES = ("b_space", "w_space")
+
+
+def settings(quick: bool) -> tuple[Setting, ...]:
+  single, multi = (20_000, 5_000) if quick else (3_000_000, 400_000)
+  return (Setting("1 step, q=1", 1, 1.0, single), Setting("10 steps, q=0.25", 10, 0.25, multi))
+
+
+def run_audit(problem, setting: Setting, space: str, variant: Variant, key) -> dict:
+  sigma = privacy.calibrate_noise(variant.claim, DELTA, setting.sample_rate, setting.steps, "pld")
+  clip_norm, multiplier = CLIP_NORM, sigma
+  if variant.broken == "noise_off":
+    multiplier = 0.0
+  elif variant.broken == "clipping_off":
+    clip_norm, multiplier = CLIP_NORM * NO_CLIP_FACTOR, sigma / NO_CLIP_FACTOR
+  mechanism = problem.mechanism(
+      space, clip_norm=clip_norm, noise_multiplier=multiplier,
+      expected_batch_size=setting.sample_rate * problem.num_examples)
+  start = time.perf_counter()
+  result = auditing.audit_dp_gradient(
+      mechanism, problem.params, problem.data, problem.direction, key, num_runs=setting.runs, steps=setting.steps,
+      sample_rate=setting.sample_rate, delta=DELTA, confidence=CONFIDENCE)
+  seconds = time.perf_counter() - start
+  return dict(
+      setting=setting.name, steps=setting.steps, sample_rate=setting.sample_rate, space=space,
+      variant=variant.name, broken=variant.broken, claimed_epsilon=variant.claim, sigma=sigma,
+      clip_norm=clip_norm, noise_multiplier=multiplier,
+      rdp_epsilon=privacy.epsilon_spent(sigma, DELTA, setting.sample_rate, setting.steps, "rdp"),
+      epsilon_lower_bound=result.epsilon_lower_bound, ratio=result.epsilon_lower_bound / variant.claim,
+      bonferroni_epsilon=result.bonferroni_epsilon, max_certifiable=result.max_certifiable, auroc=result.auroc,
+      runs_per_side=result.num_runs, confidence=result.confidence, delta=result.delta, seconds=seconds,
+      mean_in=float(np.mean(result.scores_in)), mean_out=float(np.mean(result.scores_out)),
+      std_out=float(np.std(result.scores_out)),
+      oracle=gaussian_oracle(sigma) if setting.steps == 1 and setting.sample_rate == 1.0 and not variant.broken
+      else None,
+  ), result
+
+
+def gaussian_oracle(sigma: float) -> tuple[float, float, float]:
+  """One Gaussian step seen by a perfect auditor (infinitely many runs): the best threshold test's
+  log((TPR - delta) / FPR) over thresholds, the FPR where it is attained, and the FPR where it first reaches
+  90% of that value. Scores N(1, sigma^2) vs N(0, sigma^2) (units of C)."""
+  t = np.linspace(0.0, 15.0, 300_001)
+  tpr, fpr = scipy.stats.norm.sf(t - 1.0, scale=sigma), scipy.stats.norm.sf(t, scale=sigma)
+  eps = np.log(np.maximum(tpr - DELTA, 1e-300) / fpr)
+  best = int(np.argmax(eps))
+  return float(eps[best]), float(fpr[best]), float(fpr[np.argmax(eps >= 0.9 * eps[best])])
+
+
+def plot(panels: list[tuple[str, auditing.AuditResult]], path: Path) -> None:
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6))
+  for ax, (title, result) in zip(axes, panels):
+    both = np.concatenate([result.scores_in, result.scores_out])
+    bins = np.linspace(np.quantile(both, 0.0005), np.quantile(both, 0.9995), 80)
+    ax.hist(result.scores_out, bins=bins, alpha=0.6, label="without canary", density=True)
+    ax.hist(result.scores_in, bins=bins, alpha=0.6, label="with canary", density=True)
+    ax.set_title(f"{title}\neps_lb = {result.epsilon_lower_bound:.2f}", fontsize=8)
+    ax.set_xlabel("score <b_T - b_0, u>", fontsize=7)
+    ax.tick_params(labelsize=6)
+    ax.set_yticks([])
+  axes[0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def markdown(rows: list[dict], config: dict) -> str:
+  real = [r for r in rows if r["broken"] is None]
+  broken = [r for r in rows if r["broken"] is not None]
+  below = all(r["epsilon_lower_bound"] <= r["claimed_epsilon"] for r in real)
+  above = min(r["epsilon_lower_bound"] / r["claimed_epsilon"] for r in broken)
+  single = [r for r in real if r["steps"] == 1]
+  held_out = single[0]["runs_per_side"] - single[0]["runs_per_side"] // 2
+  lines = [
+      "# Privacy audit: empirical lower bounds on epsilon for the client DP-SGD mechanism",
+      "",
+      f"Generated by `python experiments/privacy_audit.py{' --quick' if config['quick'] else ''}` "
+      f"({config['total_seconds']:.0f} s on {config['device']}). Method: `fedask_jax/auditing.py`.",
+      "",
+      "**Setup.** Each run is a client update through the real code path: T local steps of Poisson sampling "
+      "(`privacy.poisson_sample`), the DP gradient of lora_b through `fedask_jax.lora.Linear` (B-space "
+      "`privacy.dp_gradient` or W-space `privacy.wspace_dp_gradient`), SGD, and the final lora_b released. "
+      "The layer has 15 ordinary examples; the canary is a gradient canary (its own input coordinate, a target "
+      "so far away that its gradient, 100 C in W-space and 200 C in B-space, is clipped to exactly C, in a "
+      "coordinate u of lora_b that no other example touches). The score is <b_T - b_0, u>; runs with the canary "
+      "(n + 1 examples) against runs without it (n), add/remove neighbours. sigma is calibrated by "
+      f"`privacy.calibrate_noise` with the PLD accountant at delta = {DELTA:g} for each setting's q and T "
+      "(the RDP epsilon of the same sigma, the project's default accountant, is larger and listed too). Broken "
+      "mechanisms carry the claim they would report (epsilon = 1): noise off (sigma = 0), clipping off (clip "
+      f"norm {NO_CLIP_FACTOR:g} C with multiplier sigma / {NO_CLIP_FACTOR:g}: noise still sigma C, the canary "
+      "unclipped).",
+      "",
+      f"**Bound.** Clopper-Pearson at {CONFIDENCE:.0%} confidence (alpha/2 on each of TPR and FPR): eps_lb = "
+      "log((TPR_lb - delta) / FPR_ub) at a threshold chosen on a random half of each side's runs and tested on "
+      "the other half (`jax_privacy.auditing.Split`), valid for any score law. 'Bonferroni' is jax_privacy's "
+      "default on all runs (alpha divided by the number of thresholds on the data-dependent ROC frontier: a "
+      "heuristic, shown as a cross-check). 'Ceiling' is the most N runs per side can certify (perfectly "
+      "separated scores), ~ log(N / (2 log(2 / alpha))).",
+      "",
+      "| setting | mechanism | variant | sigma | claimed eps (PLD) | RDP eps | **eps lower bound** | lb / claim "
+      "| Bonferroni | ceiling | AUROC | runs per side | confidence |",
+      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    rdp = f"{r['rdp_epsilon']:.2f}" if r["broken"] is None else "-"
+    lines.append(
+        f"| {r['setting']} | {r['space'].replace('_', '-')} | {r['variant']} | {r['noise_multiplier']:.4g} | "
+        f"{r['claimed_epsilon']:g} | {rdp} | **{r['epsilon_lower_bound']:.3f}** | {r['ratio']:.2f} | "
+        f"{r['bonferroni_epsilon']:.3f} | {r['max_certifiable']:.2f} | {r['auroc']:.3f} | "
+        f"{r['runs_per_side']:,} | {r['confidence']:.2f} |")
+  lines += [
+      "",
+      "(sigma column: the noise multiplier passed to the mechanism; for 'clipping off' it is sigma / "
+      f"{NO_CLIP_FACTOR:g} with clip norm {NO_CLIP_FACTOR:g}.)",
+      "",
+      "## Findings",
+      "",
+      f"- (a) Real mechanism: every lower bound is {'below' if below else 'NOT below'} its claim "
+      f"({len(real)} audits, B-space and W-space). In the single-step, q = 1 setting (the Gaussian mechanism "
+      "itself, the strongest white-box audit) the bound reaches "
+      + ", ".join(f"{r['ratio']:.2f} ({r['space'].replace('_', '-')}, eps {r['claimed_epsilon']:g})"
+                  for r in single)
+      + " of the claim (lb / claim): not vacuous. What is left is the finite number of runs, not "
+      "slack in the mechanism or the claim: a perfect auditor's best threshold test on this Gaussian reaches "
+      + ", ".join(f"{o[0]:.3f} at FPR {o[1]:.1e} (90% of it at FPR {o[2]:.1e}) for claim "
+                  f"{c:g}" for c, o in sorted({(r['claimed_epsilon'], tuple(r['oracle'])) for r in single}))
+      + f", while {held_out:,} held-out runs per side resolve false-positive rates only down to "
+      f"~{math.log(2 / (1 - CONFIDENCE)) / held_out:.0e} (the Clopper-Pearson bound with no false positive). "
+      "Over ten Poisson-sampled steps, with only the "
+      "final factor released, the bound is looser, as expected for final-model audits of subsampled DP-SGD.",
+      f"- (b) Broken mechanisms: every bound is at least {above:.1f} x the claim of 1, i.e. at or near the "
+      "ceiling that the number of runs allows; the audit has the power to catch missing noise or missing "
+      "clipping, and more runs would only raise these bounds (by log 10 per decade).",
+      "- B-space and W-space give the same picture: with the canary's frozen-factor column orthonormal to the "
+      "rest, the W-space noise s a^T N is isotropic in lora_b, and the released coordinate is again the Gaussian "
+      "mechanism (shift s C, std s sigma C).",
+      "",
+      "Not used: `CanaryScoreAuditor.epsilon_from_gdp` of jax_privacy 2.0.0, which takes `abs` of "
+      "isf(FPR_ub) - ppf(FNR_ub) and so turns trivial evidence into a bound (about 3 for identical in/out score "
+      "laws; google-deepmind/jax_privacy PR #270).",
+      "",
+      "![score histograms](privacy_audit.png)",
+      "",
+      "Score histograms, B-space, one step with q = 1.",
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="fewer runs (< 5 min on 2 cores)")
+  parser.add_argument("--out", type=Path, default=None,
+                      help="output folder (default experiments/results; --quick: a temp dir)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  out = args.out or (Path(tempfile.mkdtemp(prefix="privacy_audit_")) if args.quick else REPO / "experiments/results")
+  out.mkdir(parents=True, exist_ok=True)
+
+  start = time.perf_counter()
+  key = jax.random.key(args.seed)
+  problem = auditing.linear_canary_problem(jax.random.fold_in(key, 0))
+  rows, panels = [], []
+  for s, setting in enumerate(settings(args.quick)):
+    for m, space in enumerate(SPACES):
+      for v, variant in enumerate(VARIANTS):
+        row, result = run_audit(problem, setting, space, variant, jax.random.fold_in(key, 1 + 100 * s + 10 * m + v))
+        rows.append(row)
+        print(f"{setting.name:18s} {space:8s} {variant.name:12s} claim {variant.claim:g}: "
+              f"eps_lb {row['epsilon_lower_bound']:.3f} (Bonferroni {row['bonferroni_epsilon']:.3f}, ceiling "
+              f"{row['max_certifiable']:.2f}, AUROC {row['auroc']:.3f}) {row['seconds']:.1f} s", flush=True)
+        if s == 0 and space == "b_space":
+          title = variant.name + (f", eps {variant.claim:g}" if variant.broken is None else "")
+          panels.append((title, result))
+  config = dict(
+      quick=args.quick, seed=args.seed, delta=DELTA, confidence=CONFIDENCE, clip_norm=CLIP_NORM,
+      no_clip_factor=NO_CLIP_FACTOR, accountant="pld", threshold="held-out half (jax_privacy Split, seed 0)",
+      problem=dict(num_examples=problem.num_examples, in_features=int(problem.kernel.shape[0]),
+                   out_features=int(problem.kernel.shape[1]), rank=int(problem.frozen.shape[1]),
+                   scaling=problem.scaling, canary_gradient_norm=100.0, learning_rate=1.0),
+      settings=[dataclasses.asdict(s) for s in settings(args.quick)],
+      device=f"{platform.processor() or platform.machine()} CPU, {jax.default_backend()} backend",
+      versions=dict(jax=jax.__version__, jax_privacy=getattr(jax_privacy, "__version__", "2.x"),
+                    numpy=np.__version__, python=platform.python_version()),
+      total_seconds=time.perf_counter() - start,
+  )
+  plot(panels, out / "privacy_audit.png")
+  (out / "privacy_audit.json").write_text(json.dumps(dict(config=config, rows=rows), indent=1) + "\n")
+  (out / "privacy_audit.md").write_text(markdown(rows, config))
+  print(f"wrote {out}/privacy_audit.{{md,json,png}} in {config['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

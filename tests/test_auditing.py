@@ -1,0 +1,267 @@
+"""Privacy audit (fedask_jax.auditing): the Clopper-Pearson epsilon lower bound against scipy's beta quantiles
+and a hand computation, the canary harness against a NumPy client update, and the fast CI audit: the real
+B-space and W-space mechanisms stay below their claimed epsilon, broken ones (noise off, clipping off) are
+reported far above it.
+
+Statistical assertions and their false-failure probabilities (for a correct implementation, over the choice of
+the fixed seeds): an epsilon lower bound above the true epsilon has probability <= 1 - CONFIDENCE = 1e-3 (the
+Clopper-Pearson guarantee); the other ones are stated where they are made.
+"""
+
+import functools
+import math
+
+import chex
+import jax
+import numpy as np
+import pytest
+import scipy.stats
+from absl.testing import parameterized
+
+from fedask_jax import auditing, privacy
+
+DELTA = 1e-5
+CONFIDENCE = 0.999
+RUNS = 10_000  # per side; an audit costs ~3 s, mostly compilation
+SPACES = ("b_space", "w_space")
+
+
+def _problem():
+  return auditing.linear_canary_problem(jax.random.key(0))
+
+
+def _audit(space, *, clip_norm, noise_multiplier, steps=1, sample_rate=1.0, runs=RUNS, seed=1):
+  problem = _problem()
+  mechanism = problem.mechanism(
+      space, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+      expected_batch_size=sample_rate * problem.num_examples)
+  return auditing.audit_dp_gradient(
+      mechanism, problem.params, problem.data, problem.direction, jax.random.key(seed), num_runs=runs, steps=steps,
+      sample_rate=sample_rate, delta=DELTA, confidence=CONFIDENCE)
+
+
+@functools.cache
+def _sigma(epsilon, sample_rate=1.0, steps=1, accountant="pld"):
+  return privacy.calibrate_noise(epsilon, DELTA, sample_rate, steps, accountant)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bound
+
+
+def _scipy_bound(scores_in, scores_out, threshold, delta, confidence):
+  """Clopper-Pearson written from the lower tail of the beta law (jax_privacy bounds FNR from the upper tail)."""
+  alpha = 1 - confidence
+  n_in, n_out = len(scores_in), len(scores_out)
+  tp = int(np.sum(scores_in >= threshold))
+  fp = int(np.sum(scores_out >= threshold))
+  tpr_lb = scipy.stats.beta.ppf(alpha / 2, tp, n_in - tp + 1) if tp > 0 else 0.0
+  fpr_ub = scipy.stats.beta.ppf(1 - alpha / 2, fp + 1, n_out - fp) if fp < n_out else 1.0
+  return max(0.0, math.log(tpr_lb - delta) - math.log(fpr_ub)) if tpr_lb > delta else 0.0
+
+
+def test_bound_matches_a_hand_computation():
+  # 10 in-scores all above the threshold, 10 out-scores all below, 95%: TPR_lb = 0.025^(1/10) = 0.691503,
+  # FPR_ub = 1 - 0.691503 = 0.308497, eps = log(0.691503 / 0.308497) = 0.807155 (by hand, 6 digits).
+  scores_in, scores_out = np.arange(10.0) + 10, np.arange(10.0)
+  assert auditing.epsilon_lower_bound(scores_in, scores_out, 0.0, 0.95, threshold=9.5) == pytest.approx(
+      0.807155, abs=2e-6)
+
+
+@pytest.mark.parametrize("threshold", [-0.5, 0.3, 1.0, 2.2, 9.0])
+@pytest.mark.parametrize("delta,confidence", [(0.0, 0.95), (1e-5, 0.95), (1e-3, 0.999)])
+def test_explicit_threshold_matches_scipy_beta_quantiles(threshold, delta, confidence):
+  rng = np.random.default_rng(0)
+  scores_in, scores_out = rng.normal(1.0, 1.0, 700), rng.normal(0.0, 1.0, 900)
+  got = auditing.epsilon_lower_bound(scores_in, scores_out, delta, confidence, threshold=threshold)
+  # Two formulations of the same quantiles through scipy's incomplete-beta inverse: agree to ~1e-12.
+  assert got == pytest.approx(_scipy_bound(scores_in, scores_out, threshold, delta, confidence), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("num_runs", [2, 11, 1000, 4001])
+@pytest.mark.parametrize("confidence", [0.95, 0.999])
+def test_perfectly_separated_scores_reach_the_ceiling(num_runs, confidence):
+  # Atoms (a noise-free mechanism): every split has the same counts, so the held-out bound is the ceiling.
+  scores_in, scores_out = np.ones(num_runs), np.zeros(num_runs)
+  n = num_runs - num_runs // 2
+  ceiling = auditing.max_certifiable_epsilon(num_runs, DELTA, confidence)
+  assert auditing.epsilon_lower_bound(scores_in, scores_out, DELTA, confidence) == pytest.approx(ceiling, rel=1e-9)
+  # The closed form against scipy on the evaluation half (n per side, threshold between the atoms).
+  expected = _scipy_bound(np.ones(n), np.zeros(n), 0.5, DELTA, confidence)
+  assert ceiling == pytest.approx(expected, rel=1e-9)
+
+
+def test_ceiling_grows_like_log_runs():
+  ceilings = [auditing.max_certifiable_epsilon(n, DELTA) for n in (10**3, 10**4, 10**5, 10**6)]
+  np.testing.assert_allclose(np.diff(ceilings), math.log(10), rtol=0.02)  # log(n / log(2 / alpha)) steps
+
+
+def test_bound_is_monotone():
+  rng = np.random.default_rng(1)
+  scores_in, scores_out = rng.normal(1.5, 1.0, 1000), rng.normal(0.0, 1.0, 1000)
+  bound = functools.partial(auditing.epsilon_lower_bound, threshold=2.0)
+  by_confidence = [bound(scores_in, scores_out, DELTA, c) for c in (0.6, 0.9, 0.95, 0.99, 0.999)]
+  by_delta = [bound(scores_in, scores_out, d, 0.95) for d in (0.0, 1e-3, 1e-2, 0.1)]
+  by_shift = [bound(scores_in + shift, scores_out, DELTA, 0.95) for shift in (0.0, 0.5, 1.0, 2.0)]
+  assert np.all(np.diff(by_confidence) < 0) and by_confidence[-1] > 0
+  assert np.all(np.diff(by_delta) < 0) and by_delta[-1] > 0
+  assert np.all(np.diff(by_shift) > 0)
+
+
+def test_identical_score_laws_give_no_evidence():
+  # True epsilon 0: a positive bound has probability <= 1 - CONFIDENCE = 1e-3.
+  rng = np.random.default_rng(2)
+  assert auditing.epsilon_lower_bound(rng.normal(size=5000), rng.normal(size=5000), DELTA, CONFIDENCE) == 0.0
+
+
+def test_bad_input_is_named():
+  scores = np.zeros(10)
+  with pytest.raises(ValueError, match="confidence=0.3"):
+    auditing.epsilon_lower_bound(scores, scores, DELTA, 0.3)
+  with pytest.raises(ValueError, match="delta=1.5"):
+    auditing.epsilon_lower_bound(scores, scores, 1.5)
+  with pytest.raises(ValueError, match="scores_in has shape"):
+    auditing.epsilon_lower_bound(np.zeros((2, 5)), scores, DELTA)
+  with pytest.raises(ValueError, match="non-finite"):
+    auditing.epsilon_lower_bound(scores, np.full(10, np.nan), DELTA)
+  with pytest.raises(ValueError, match="len.scores_out.=1"):
+    auditing.epsilon_lower_bound(scores, np.zeros(1), DELTA)
+  with pytest.raises(ValueError, match="num_runs=1"):
+    auditing.max_certifiable_epsilon(1, DELTA)
+  problem = _problem()
+  mechanism = problem.mechanism("b_space", clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0)
+  common = dict(num_runs=4, steps=1, sample_rate=1.0)
+  with pytest.raises(ValueError, match="steps=0"):
+    auditing.canary_scores(mechanism, problem.params, problem.data, problem.direction, jax.random.key(0),
+                           **dict(common, steps=0))
+  with pytest.raises(ValueError, match="sample_rate=1.5"):
+    auditing.canary_scores(mechanism, problem.params, problem.data, problem.direction, jax.random.key(0),
+                           **dict(common, sample_rate=1.5))
+  with pytest.raises(ValueError, match="direction must have"):
+    auditing.canary_scores(mechanism, problem.params, problem.data, {"other": problem.direction["linear"]},
+                           jax.random.key(0), **common)
+  with pytest.raises(ValueError, match="space='c_space'"):
+    problem.mechanism("c_space", clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0)
+  with pytest.raises(ValueError, match="rank=5"):
+    auditing.linear_canary_problem(jax.random.key(0), rank=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The harness
+
+
+def _numpy_release(problem, space, key, *, steps, sample_rate, clip_norm, learning_rate):
+  """The client update written out in NumPy (float64): per-example gradients of 0.5 ||x (W0 + s a b) - t||^2,
+  clipped by the B-space or W-space norm, summed over the Poisson batch (masks from the documented keys)."""
+  w0, a, s = (np.asarray(problem.kernel, np.float64), np.asarray(problem.frozen, np.float64), problem.scaling)
+  x = np.asarray(problem.data["x"], np.float64)[:, 0]
+  t = np.asarray(problem.data["target"], np.float64)[:, 0]
+  b = np.asarray(problem.params["linear"], np.float64)
+  rows = x.shape[0]
+  for step in range(steps):
+    step_key = jax.random.fold_in(key, step)
+    indices, mask = privacy.poisson_sample(jax.random.fold_in(step_key, 0), rows, sample_rate, rows)
+    chosen = np.asarray(indices)[np.asarray(mask)]
+    residual = x @ (w0 + s * a @ b) - t  # dl/dy [rows, out]
+    grads = s * np.einsum("er,eo->ero", x @ a, residual)  # dl/db
+    norms = (np.linalg.norm(grads, axis=(1, 2)) if space == "b_space"
+             else np.linalg.norm(x, axis=1) * np.linalg.norm(residual, axis=1))  # ||dl/dW|| = ||x|| ||dl/dy||
+    clipped = grads * np.minimum(1.0, clip_norm / norms)[:, None, None]
+    b = b - learning_rate * clipped[chosen].sum(0) / (sample_rate * problem.num_examples)
+  return b
+
+
+class ClientReleaseTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(space=SPACES, steps_rate=[(1, 1.0), (3, 0.5)])
+  def test_release_matches_numpy_client_update(self, space, steps_rate):
+    steps, rate = steps_rate
+    problem = _problem()
+    # Noise off, so the release is deterministic; C = 1 clips the canary (gradient norm 100 or 200) and some
+    # of the ordinary examples.
+    mechanism = problem.mechanism(space, clip_norm=1.0, noise_multiplier=0.0,
+                                  expected_batch_size=rate * problem.num_examples)
+    key = jax.random.key(3)
+    release = self.variant(functools.partial(
+        auditing.client_release, mechanism, num_examples=problem.num_examples + 1, steps=steps, sample_rate=rate,
+        learning_rate=0.5))
+    got = release(problem.params, problem.data, key=key)["linear"]
+    expected = _numpy_release(problem, space, key, steps=steps, sample_rate=rate, clip_norm=1.0, learning_rate=0.5)
+    # float32 against float64 over a few steps of O(1) values: ~1e-6 relative.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_do_not_depend_on_the_chunk_size():
+  problem = _problem()
+  mechanism = problem.mechanism("b_space", clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=7.5)
+  run = functools.partial(auditing.canary_scores, mechanism, problem.params, problem.data, problem.direction,
+                          jax.random.key(4), num_runs=21, steps=2, sample_rate=0.5)
+  small, large = run(chunk_size=4), run(chunk_size=64)
+  # Same keys, same per-run computation; vmapping in other chunks may reorder float32 sums by an ulp.
+  np.testing.assert_allclose(small[0], large[0], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(small[1], large[1], rtol=1e-6, atol=1e-7)
+  assert np.std(small[0]) > 0 and not np.allclose(small[0][:10], small[1][:10])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The audit, fast CI version: one local step with q = 1 (the Gaussian mechanism, the strongest white-box setting)
+# and a few Poisson-sampled steps.
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("claim", [1.0, 4.0])
+def test_real_mechanism_stays_below_its_claim(space, claim):
+  sigma = _sigma(claim)
+  result = _audit(space, clip_norm=1.0, noise_multiplier=sigma)
+  # The released coordinate is exactly the Gaussian mechanism: shift s C / (q n) in, 0 out, std s sigma C / (q n)
+  # (s = 1 in B-space, where u is a coordinate of b; W-space noise s a^T N with a^T a = I). KS test, each side
+  # false-failure 1e-6.
+  problem = _problem()
+  scale = (1.0 if space == "b_space" else problem.scaling) / problem.num_examples
+  for scores, shift in [(result.scores_in, scale), (result.scores_out, 0.0)]:
+    assert scipy.stats.kstest(scores, scipy.stats.norm(shift, sigma * scale).cdf).pvalue > 1e-6
+  assert result.epsilon_lower_bound <= claim  # false failure <= 1e-3 (module docstring)
+  if claim == 4.0:
+    # Not vacuous. 200 simulated audits of these Gaussian scores at this size and confidence: bound mean 1.42,
+    # sd 0.19, min 0.63; 0 is a > 7 sd event.
+    assert result.epsilon_lower_bound > 0
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("broken", ["noise_off", "clipping_off"])
+def test_broken_mechanism_is_caught(space, broken):
+  claim = 1.0
+  sigma = _sigma(claim)
+  if broken == "noise_off":
+    kwargs = dict(clip_norm=1.0, noise_multiplier=0.0)
+  else:
+    # Clipping off, noise still calibrated for C = 1: clip at 1e4 (above the canary's 100 or 200) with noise
+    # multiplier sigma / 1e4, i.e. noise std sigma C.
+    kwargs = dict(clip_norm=1e4, noise_multiplier=sigma / 1e4)
+  result = _audit(space, **kwargs)
+  if broken == "noise_off":
+    # Atoms in and out: deterministic, the bound is the ceiling itself.
+    assert result.epsilon_lower_bound == pytest.approx(result.max_certifiable, rel=1e-9)
+  else:
+    # Scores N(13.3 or 26.7, 0.25) vs N(0, 0.25): separated, but the threshold picked on one half (the least
+    # "in" score there) leaves ~1 "in" score of the other half below it, costing ~2e-4 in eps; losing 0.05
+    # needs ~250 of them (probability < 1e-12).
+    assert result.epsilon_lower_bound >= result.max_certifiable - 0.05
+  assert result.epsilon_lower_bound >= 4 * claim
+  assert result.auroc == 1.0
+
+
+def test_multi_step_client_update():
+  # T = 3 Poisson-sampled steps with q = 0.5, B-space, sigma calibrated with the default accountant (RDP).
+  claim = 4.0
+  sigma = _sigma(claim, 0.5, 3, "rdp")
+  real = _audit("b_space", clip_norm=1.0, noise_multiplier=sigma, steps=3, sample_rate=0.5)
+  # <= claim: false failure <= 1e-3. > 0: 200 simulated audits of the same score law (Binomial(3, 1/2) canary
+  # hits plus Gaussian noise) gave mean 1.00, sd 0.19, min 0.19; 0 is a > 5 sd event.
+  assert 0 < real.epsilon_lower_bound <= claim
+  # Noise off: the canary is missed in all 3 steps with probability 1/8, so TPR ~ 7/8 and the bound is the
+  # ceiling + log(7/8) ~ 6.35 (ceiling 6.49); 0.3 below the ceiling needs TPR_lb < 0.74 (a > 25 sd event).
+  broken = _audit("b_space", clip_norm=1.0, noise_multiplier=0.0, steps=3, sample_rate=0.5)
+  assert broken.max_certifiable - 0.3 <= broken.epsilon_lower_bound < broken.max_certifiable
+  assert broken.epsilon_lower_bound >= 4 * 1.0  # far above a claim of 1
