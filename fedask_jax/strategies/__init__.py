@@ -1,0 +1,40 @@
+"""Federated strategies, one module each, registered by name (the interface: `fedask_jax.strategies.base`).
+
+`STRATEGIES[name](**hyper_parameters)` builds a `Strategy`: "fedask" (oversample, certify), "fedask-alt"
+(oversample, certify), "fedavg", "ffa-lora", "fedsa-lora", "fedprox" (mu), "scaffold". `get_strategy` does the
+same with a readable error for unknown names or hyper-parameters. Strategy-specific helpers stay in their
+module, e.g. `fedsa_lora.evaluation_adapters` (personalised and shared adapters).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fedask_jax.strategies import fedask, fedask_alt, fedavg, fedprox, fedsa_lora, ffa_lora, scaffold
+from fedask_jax.strategies.base import TRAINED, ClientResult, Strategy, Trained, combine, select, weighted_mean
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "fedask": fedask.fedask,
+    "fedask-alt": fedask_alt.fedask_alt,
+    "fedavg": fedavg.fedavg,
+    "ffa-lora": ffa_lora.ffa_lora,
+    "fedsa-lora": fedsa_lora.fedsa_lora,
+    "fedprox": fedprox.fedprox,
+    "scaffold": scaffold.scaffold,
+}
+
+
+def get_strategy(name: str, **hyper_parameters: Any) -> Strategy:
+  """`STRATEGIES[name](**hyper_parameters)`, with ValueErrors that list the valid names and parameters."""
+  if name not in STRATEGIES:
+    raise ValueError(f"strategy={name!r}: unknown strategy; choose one of {sorted(STRATEGIES)}.")
+  try:
+    return STRATEGIES[name](**hyper_parameters)
+  except TypeError as error:
+    raise ValueError(
+        f"strategy {name!r} does not take hyper-parameters {sorted(hyper_parameters)} ({error}); see "
+        f"help(fedask_jax.strategies.STRATEGIES[{name!r}]).") from None
+
+
+__all__ = ["STRATEGIES", "TRAINED", "ClientResult", "Strategy", "Trained", "combine", "get_strategy", "select",
+           "weighted_mean"]
