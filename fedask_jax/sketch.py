@@ -252,10 +252,14 @@ def reconstruction_error(lefts: Array, rights: Array, weights: Array, left: Arra
 
 
 def _map_layers(fn, layers: dict[str, tuple[Array, ...]]) -> dict[str, Any]:
-  """{name: fn(*arrays)} with layers of identical shapes and dtypes stacked and mapped by one `vmap`.
+  """{name: fn(*arrays)} with layers of identical shapes and dtypes stacked and mapped by one `lax.map`.
 
-  The grouping is graph construction at trace time: one batched QR/SVD per distinct layer shape instead of
-  one per layer (e.g. all q_proj and v_proj of a Llama share a shape), which keeps the compiled round small.
+  The grouping is graph construction at trace time: one loop per distinct layer shape instead of one traced
+  copy per layer (e.g. all q_proj of a Llama share a shape), which keeps the compiled round small. `lax.map`
+  rather than `vmap`: jaxlib 0.10's CPU kernel for *batched* QR/SVD splits the batch over XLA's worker threads
+  and blocks the calling one, and two such calls running at once (two layer groups, or the certificate's two
+  QRs) deadlocked a 2-core machine (seen in gdb in `ParallelBatchMap`); unbatched decompositions run inline.
+  The layers' decompositions are small and few, so the loop costs nothing measurable.
   """
   groups = collections.defaultdict(list)
   for name in sorted(layers):
@@ -263,7 +267,7 @@ def _map_layers(fn, layers: dict[str, tuple[Array, ...]]) -> dict[str, Any]:
   out = {}
   for names in groups.values():
     stacked = [jnp.stack(xs) for xs in zip(*(layers[name] for name in names))]
-    mapped = jax.vmap(fn)(*stacked)
+    mapped = jax.lax.map(lambda xs: fn(*xs), stacked)
     out.update({name: jax.tree.map(lambda x, i=i: x[i], mapped) for i, name in enumerate(names)})
   return out
 
@@ -278,7 +282,7 @@ def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Arr
 
   adapters: {name: LoRAFactors(a [K, m, r], b [K, r, n])} (Flax layout: a = lora_a = left [in, r],
   b = lora_b = right [r, out]); weights [K]; omegas {name: [n, w]} (e.g. from `make_omegas`), one per layer;
-  rank static. Layers of equal shapes are aggregated by one vmapped call.
+  rank static. Layers of equal shapes are aggregated by one `lax.map` (see `_map_layers`).
   """
   if set(omegas) != set(adapters):
     raise ValueError(
