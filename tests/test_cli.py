@@ -117,3 +117,28 @@ def test_input_errors_found_while_preparing_exit_2(setup, tmp_path, capsys, over
 def test_eval_of_a_directory_without_a_run(tmp_path, capsys):
   assert cli.main(["eval", "--run_dir", str(tmp_path)]) == 2
   assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_peft_export_loads_in_peft_and_gives_our_logits(run):
+  """The run's adapter/ loads with PEFT onto the Hugging Face model and reproduces our model's logits."""
+  import peft
+  import torch
+  import transformers
+
+  raw, run_dir, _ = run
+  config = from_dict(raw)
+  batch = load_eval_data(config, load_tokenizer(config.model.path))
+  ids, mask = np.asarray(batch.input_ids[:4]), np.asarray(batch.attention_mask[:4])
+  ours = load_pretrained(config.model.path)
+  import_peft(ours, run_dir / "adapter")
+  expected = np.asarray(ours(ids, mask))
+  base = transformers.LlamaForCausalLM.from_pretrained(config.model.path).eval()
+  with torch.no_grad():
+    base_logits = base(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    adapted = peft.PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    got = adapted(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  real = mask.astype(bool)
+  # float32 on both sides, same weights: agreement to round-off (models' parity tests see ~1e-6).
+  np.testing.assert_allclose(got[real], expected[real], atol=1e-4)
+  # The trained adapter changes the logits, so the agreement above is not that of two unadapted models.
+  assert np.abs(got[real] - base_logits[real]).max() > 1e-3
