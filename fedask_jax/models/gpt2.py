@@ -23,7 +23,7 @@ from flax import nnx
 from fedask_jax.lora import Linear, path_name
 from fedask_jax.models.layers import (
     AttentionContext, Embedding, KVCache, LayerCache, advance_cache, attend, attention_context, init_cache,
-    token_mask_or_ones)
+    output_logits, token_mask_or_ones)
 
 Array = jax.Array
 
@@ -212,11 +212,7 @@ class GPT2LMHeadModel(nnx.Module):
     """
     token_mask = token_mask_or_ones(input_ids, attention_mask)
     hidden, new_cache = self.transformer(input_ids, token_mask, cache)
-    if self.lm_head is None:
-      logits = self.transformer.wte.attend(hidden)
-    else:
-      logits = self.lm_head(hidden)
-    logits = logits.astype(jnp.float32)
+    logits = output_logits(hidden, self.transformer.wte, self.lm_head)
     return logits if cache is None else (logits, new_cache)
 
   def init_cache(self, batch: int, max_length: int) -> KVCache:

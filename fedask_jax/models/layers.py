@@ -64,6 +64,13 @@ def init_cache(num_layers: int, batch: int, max_length: int, num_kv_heads: int, 
   return KVCache(layers, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
 
 
+def output_logits(hidden: Array, embedding: Embedding, lm_head: Any) -> Array:
+  """Float32 next-token logits [b, s, V] from the last hidden states [b, s, d]: the model's own `lm_head`, or,
+  when the head is tied (`lm_head` None), the input `embedding` transposed."""
+  logits = embedding.attend(hidden) if lm_head is None else lm_head(hidden)
+  return logits.astype(jnp.float32)
+
+
 def token_mask_or_ones(input_ids: Array, attention_mask: Array | None) -> Array:
   """Checks shapes and returns the [b, s] bool token mask (all True when `attention_mask` is None)."""
   if input_ids.ndim != 2:

@@ -23,7 +23,7 @@ from flax import nnx
 from fedask_jax.lora import Linear, path_name
 from fedask_jax.models.layers import (
     AttentionContext, Embedding, KVCache, LayerCache, advance_cache, attend, attention_context, init_cache,
-    token_mask_or_ones)
+    output_logits, token_mask_or_ones)
 
 Array = jax.Array
 
@@ -315,11 +315,7 @@ class LlamaForCausalLM(nnx.Module):
     """
     token_mask = token_mask_or_ones(input_ids, attention_mask)
     hidden, new_cache = self.model(input_ids, token_mask, cache)
-    if self.lm_head is None:
-      logits = self.model.embed_tokens.attend(hidden)
-    else:
-      logits = self.lm_head(hidden)
-    logits = logits.astype(jnp.float32)
+    logits = output_logits(hidden, self.model.embed_tokens, self.lm_head)
     return logits if cache is None else (logits, new_cache)
 
   def init_cache(self, batch: int, max_length: int) -> KVCache:
