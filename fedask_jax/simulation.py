@@ -289,8 +289,9 @@ class FederatedRound:
     return nnx.merge(self.graphdef, lora_state, frozen_state, copy=True)
 
   def _gradient(self, trained: Trained, params: Adapters, start: Adapters, frozen_state: Any, batch: Any,
-                key: Array) -> tuple[Adapters, Array, Array]:
-    """(gradient of the trained subset `params`, mean loss, clipped fraction) on one step's batch [capacity]."""
+                key: Array, noise_multiplier: Array | None = None) -> tuple[Adapters, Array, Array]:
+    """(gradient of the trained subset `params`, mean loss, clipped fraction) on one step's batch [capacity];
+    `noise_multiplier` (traced) overrides `dp.noise_multiplier`."""
     capacity = batch.example_mask.shape[0]
     examples = (batch, jax.random.split(jax.random.fold_in(key, 1), capacity))
     noise_key = jax.random.fold_in(key, 0)
@@ -309,7 +310,8 @@ class FederatedRound:
       loss, grad = jax.value_and_grad(mean_loss)(params)
       return grad, loss, jnp.zeros((), jnp.float32)
     dp = self.dp
-    kwargs = dict(clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
+    sigma = dp.noise_multiplier if noise_multiplier is None else noise_multiplier
+    kwargs = dict(clip_norm=dp.clip_norm, noise_multiplier=sigma,
                   expected_batch_size=dp.expected_batch_size)
     if dp.mechanism == "b_space":
       grad, stats = privacy.dp_gradient(example_loss, params, examples, batch.example_mask, noise_key, **kwargs)
@@ -340,13 +342,14 @@ class FederatedRound:
     return as_subset(grad), stats.loss, stats.clipped_fraction
 
   def client_update(self, trained: Trained, state: ServerState, frozen_state: Any, batch: Any, client_id: Array,
-                    key: Array) -> tuple[ClientResult, ClientMetrics]:
+                    key: Array, noise_multiplier: Array | None = None) -> tuple[ClientResult, ClientMetrics]:
     """Local training of one client (no client axis), the unit that the round maps over clients.
 
     `lax.scan` over the S local steps of `batch` (leaves [S, capacity, ...], with example_mask [S, capacity])
     from `strategy.client_start(state.strategy_state, state.adapters, client_id)`, training the `trained`
     factor(s) only; `frozen_state` is the model's non-LoRA state (`self.frozen_state`); `key` is
-    fold_in(round_key, client_id). Returns the client's `ClientResult` and `ClientMetrics`.
+    fold_in(round_key, client_id); `noise_multiplier`, when given (a traced scalar), replaces
+    `dp.noise_multiplier`. Returns the client's `ClientResult` and `ClientMetrics`.
     """
     start, context = self.strategy.client_start(state.strategy_state, state.adapters, client_id)
     params0 = select(start, trained)
@@ -357,7 +360,7 @@ class FederatedRound:
       params, opt_state, grad_sum = carry
       step_batch, index = xs
       grad, loss, clipped = self._gradient(
-          trained, params, start, frozen_state, step_batch, jax.random.fold_in(key, index))
+          trained, params, start, frozen_state, step_batch, jax.random.fold_in(key, index), noise_multiplier)
       grad_sum = jax.tree.map(jnp.add, grad_sum, grad)
       if correction is not None:
         grad = jax.tree.map(jnp.add, grad, correction(context, params, params0))
@@ -373,10 +376,10 @@ class FederatedRound:
   # ----- the round -----
 
   def _clients(self, trained: Trained, state: ServerState, frozen_state: Any, batches: Any, client_ids: Array,
-               keys: Array) -> tuple[ClientResult, ClientMetrics]:
+               keys: Array, noise_multiplier: Array | None = None) -> tuple[ClientResult, ClientMetrics]:
     """`client_update` over the client axis [K]: vmapped in chunks, split over the mesh's devices."""
     def local(st, fr, bs, ids, ks):
-      one = lambda xs: self.client_update(trained, st, fr, *xs)
+      one = lambda xs: self.client_update(trained, st, fr, *xs, noise_multiplier=noise_multiplier)
       return jax.lax.map(one, (bs, ids, ks), batch_size=self.client_chunk or 0)
 
     if self.mesh is None or self.mesh.size == 1:
@@ -400,9 +403,10 @@ class FederatedRound:
     return ServerState(adapters, strategy_state), metrics
 
   def _round(self, trained: Trained, state: ServerState, frozen_state: Any, batches: Any, client_ids: Array,
-             weights: Array, round_key: Array) -> tuple[ServerState, dict[str, Array]]:
+             weights: Array, round_key: Array, noise_multiplier: Array | None = None
+             ) -> tuple[ServerState, dict[str, Array]]:
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(round_key, client_ids)
-    results, client = self._clients(trained, state, frozen_state, batches, client_ids, keys)
+    results, client = self._clients(trained, state, frozen_state, batches, client_ids, keys, noise_multiplier)
     new_state, metrics = self.aggregate(state, results, weights, client_ids, round_key)
     metrics = dict(metrics, train_loss=jnp.mean(client.loss), client_loss=client.loss,
                    update_norm=client.update_norm, clipped_fraction=jnp.mean(client.clipped_fraction))
@@ -410,22 +414,33 @@ class FederatedRound:
 
   def compiled(self, trained: Trained) -> Callable[..., tuple[ServerState, dict[str, Array]]]:
     """The jitted round for one trained-factor choice: (state, frozen_state, batches, client_ids, weights,
-    round_key) -> (state, metrics); the state argument is donated."""
+    round_key[, noise_multiplier]) -> (state, metrics); the state argument is donated. A noise multiplier passed
+    as an array is traced (one compilation for every sigma); left out, `dp.noise_multiplier` is a constant."""
     if trained not in self._compiled:
       check_trained(trained)
       self._compiled[trained] = jax.jit(functools.partial(self._round, trained), donate_argnums=0)
     return self._compiled[trained]
 
   def __call__(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
-               round_index: int) -> tuple[ServerState, dict[str, Array]]:
+               round_index: int, *, noise_multiplier: float | None = None) -> tuple[ServerState, dict[str, Array]]:
     """Run round `round_index` (1-based) on the sampled clients.
 
     batches: leaves [K, S, capacity, ...] (`fedask_jax.data.Batch`); client_ids [K] int; weights [K]
     (`client_weights`; normalised inside); round_key: `fold_in(run_key, round_index)`. Returns the new
     state (the old one is donated) and the metrics: train_loss [] and clipped_fraction [] (unweighted means
     over the K clients), client_loss [K], update_norm [K] (`ClientMetrics`), and the strategy's.
+
+    noise_multiplier: sigma for this round instead of `dp.noise_multiplier` (DP rounds only). It is an argument
+    of the compiled round, not a constant of it, so a sweep over epsilon (over sigma) compiles once.
     """
     trained = self.trained(round_index)
+    if noise_multiplier is not None:
+      if self.dp is None:
+        raise ValueError(
+            f"noise_multiplier={noise_multiplier!r} given to a round without DP: build it with dp=DPConfig(...).")
+      if not isinstance(noise_multiplier, numbers.Real) or not 0 <= noise_multiplier < float("inf"):
+        raise ValueError(f"noise_multiplier={noise_multiplier!r}: sigma must be a finite real >= 0.")
+      noise_multiplier = jnp.float32(noise_multiplier)
     if not hasattr(batches, "example_mask"):
       raise ValueError(
           f"batches of type {type(batches).__name__} have no example_mask: pass a fedask_jax.data.Batch (or a "
@@ -443,4 +458,5 @@ class FederatedRound:
             f"{self.mesh.size} clients per round.")
       shard = NamedSharding(self.mesh, P(CLIENT_AXIS))
       batches, client_ids, weights = jax.device_put((batches, client_ids, weights), shard)
-    return self.compiled(trained)(state, self.frozen_state, batches, client_ids, weights, round_key)
+    args = (state, self.frozen_state, batches, client_ids, weights, round_key)
+    return self.compiled(trained)(*args, *(() if noise_multiplier is None else (noise_multiplier,)))

@@ -366,6 +366,29 @@ def test_client_keys_do_not_depend_on_the_other_sampled_clients():
   assert not np.isclose(first["update_norm"][1], second["update_norm"][1], **SAME_PROGRAM)
 
 
+@pytest.mark.parametrize("dp", [B_SPACE, W_SPACE], ids=["b_space", "w_space"])
+def test_traced_noise_multiplier_equals_the_compiled_constant_and_compiles_once(dp):
+  """A sigma passed to the round is an argument of one compiled program: each sigma gives what a round built
+  with that sigma as its DPConfig constant gives (same keys, so the same noise draws scaled), and a sweep over
+  sigma does not recompile."""
+  batches, round_key = make_batches(2), jax.random.key(8)
+  swept = make_round("fedask", dp)
+  state = random_state(swept)
+  for sigma in (0.0, 0.3, 2.5):
+    fixed = make_round("fedask", simulation.DPConfig(
+        clip_norm=dp.clip_norm, noise_multiplier=sigma, expected_batch_size=dp.expected_batch_size,
+        mechanism=dp.mechanism))
+    expected = fixed(copy(state), batches, CLIENT_IDS, WEIGHTS, round_key, 1)
+    got = swept(copy(state), batches, CLIENT_IDS, WEIGHTS, round_key, 1, noise_multiplier=sigma)
+    # A constant sigma lets XLA fold sigma * C; as an argument it is a multiply: a few ulps apart.
+    chex.assert_trees_all_close(as_numpy(got), as_numpy(expected), **SAME_PROGRAM)
+  assert swept.compiled("b")._cache_size() == 1
+  with pytest.raises(ValueError, match="without DP"):
+    make_round("fedask")(state, batches, CLIENT_IDS, WEIGHTS, round_key, 1, noise_multiplier=1.0)
+  with pytest.raises(ValueError, match="finite real >= 0"):
+    swept(state, batches, CLIENT_IDS, WEIGHTS, round_key, 1, noise_multiplier=-1.0)
+
+
 def test_invalid_configurations_fail_early_with_value_errors():
   with pytest.raises(ValueError, match="w_space.*trains both"):
     make_round("fedavg", W_SPACE).trained(1)
