@@ -129,8 +129,8 @@ def _check_against_reference(case, left, right):
   assert _rel_error(left, right, ref.left @ ref.right) < tol
   # Balanced factors: left^T left = right right^T = diag(S_r), S_r from the float64 reference.
   scale = ref.s[0]
-  np.testing.assert_allclose(np.asarray(left.T @ left) / scale, np.diag(ref.s[:case.r]) / scale, atol=tol)
-  np.testing.assert_allclose(np.asarray(right @ right.T) / scale, np.diag(ref.s[:case.r]) / scale, atol=tol)
+  np.testing.assert_allclose(np.asarray(left).T @ np.asarray(left) / scale, np.diag(ref.s[:case.r]) / scale, atol=tol)
+  np.testing.assert_allclose(np.asarray(right) @ np.asarray(right).T / scale, np.diag(ref.s[:case.r]) / scale, atol=tol)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
