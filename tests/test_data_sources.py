@@ -44,6 +44,10 @@ def test_load_hf_local_gzip_matches_jsonl(tmp_path):
   assert via_datasets == sources.load_jsonl(path)
   head = sources.load_hf("json", data_files=str(path), split="train", max_records=5, cache_dir=str(tmp_path))
   assert head == via_datasets[:5]
+  # A held-out tail given as a sliced split (experiments/configs/paper_llama2_7b_dolly.yaml), then capped.
+  n = len(via_datasets)
+  tail = sources.load_hf("json", data_files=str(path), split="train[95%:]", max_records=7, cache_dir=str(tmp_path))
+  assert tail == via_datasets[round(0.95 * n):][:7]  # `datasets` rounds percent boundaries to the closest row
 
 
 def test_load_tfds_names_the_extra_when_missing(monkeypatch):

@@ -77,13 +77,15 @@ def load_hf(
   import datasets  # Deferred: importing `datasets` costs about a second that the JSONL path should not pay.
 
   _check_max_records(max_records)
-  if max_records is not None:
-    split = f"{split}[:{max_records}]"
   dataset = datasets.load_dataset(path, name, split=split, data_files=data_files, **load_kwargs)
   if not isinstance(dataset, datasets.Dataset):
     raise ValueError(
         f"datasets.load_dataset({path!r}, split={split!r}) returned a {type(dataset).__name__}, not one split: "
         "pass a single split name such as 'train'.")
+  # `select` rather than appending "[:n]" to the split: a split that is already a slice ("train[95%:]", a
+  # held-out tail of a dataset with one split) cannot be sliced twice in `datasets`' split syntax.
+  if max_records is not None:
+    dataset = dataset.select(range(min(max_records, len(dataset))))
   return dataset.to_list()
 
 
