@@ -1,6 +1,7 @@
 """Tests for fedask_jax.config: YAML + dotted overrides, unknown keys, types, ranges, cross-field rules."""
 
 import dataclasses
+import pathlib
 
 import pytest
 import yaml
@@ -150,3 +151,13 @@ def test_bad_config_file(tmp_path, content, match):
     path.write_text(content)
   with pytest.raises(ConfigError, match=match):
     load_config(path)
+
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parent.parent / "experiments" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+  """Every config under experiments/configs parses, with only known keys, and passes `validate`."""
+  config = load_config(path)
+  assert config_diff(config, from_dict(to_dict(config))) == []
