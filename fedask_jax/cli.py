@@ -4,8 +4,9 @@
     fedask-jax eval --run_dir runs/quickstart
 
 `train` runs (or resumes, in the same run_dir) a federated fine-tuning run (`fedask_jax.runner`); `eval`
-reports the held-out loss of a run's latest checkpoint as one JSON line. Any problem with the config or the
-inputs it names is reported as one line `error: ...` on stderr with exit code 2, before anything is compiled.
+reports the held-out loss of a run's latest checkpoint as one JSON line. Any problem with the arguments, the
+config or the inputs it names (`fedask_jax.config`: what is checked, and where) is reported as one line
+`error: ...` on stderr with exit code 2, without a traceback, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -15,9 +16,35 @@ import json
 import sys
 from typing import Sequence
 
+# What `train` and `eval` raise before the first round on bad input: ValueErrors (the config, or the files and
+# columns it names), OSErrors and EOFErrors (a file that cannot be read, a corrupt or truncated gzip). Errors after
+# that are bugs and keep their traceback.
+_INPUT_ERRORS = (ValueError, OSError, EOFError)
+
+
+class _UsageError(Exception):
+  """A bad command line, reported like any other input error."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage error is one line (argparse prints the usage block before it) and exit code 2."""
+
+  def error(self, message: str):
+    raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _round_number(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a round number >= 1, got {text!r}")
+  return value
+
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="fedask-jax", description="Differentially private federated LoRA fine-tuning (FedASK) in JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
   train = commands.add_parser(
@@ -28,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides parsed as YAML values, e.g. rounds=20 privacy.target_epsilon=6")
   train.add_argument("--quiet", action="store_true", help="no progress bar or notes; only the summary")
-  train.add_argument("--stop_after", type=int, metavar="ROUND",
+  train.add_argument("--stop_after", type=_round_number, metavar="ROUND",
                      help="stop after this round, checkpointed, as an interruption would (resume later)")
   evaluate = commands.add_parser("eval", help="held-out loss of a run's latest checkpoint")
   evaluate.add_argument("--run_dir", required=True, help="the run directory of a (finished or interrupted) run")
@@ -43,7 +70,10 @@ def _fail(error: Exception) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the console script; returns the exit code (0, or 2 on a config or input error)."""
-  args = _parser().parse_args(argv)
+  try:
+    args = _parser().parse_args(argv)
+  except _UsageError as error:
+    return _fail(error)
   # Deferred: importing JAX and the models costs seconds that `--help` and argument errors should not pay.
   from absl import logging as absl_logging
 
@@ -60,18 +90,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "eval":
     try:
       result = runner.evaluate_run(args.run_dir)
-    except ValueError as error:
+    except _INPUT_ERRORS as error:
       return _fail(error)
     print(json.dumps(result))
     return 0
 
-  # ValueErrors before the first round are bad input (the config, or the files and columns it names);
-  # errors after that are bugs and keep their traceback.
   try:
     experiment = runner.prepare(load_config(args.config, args.overrides))
-  except ValueError as error:
+  except _INPUT_ERRORS as error:
     return _fail(error)
-  summary = runner.train(experiment, progress=not args.quiet, stop_after=args.stop_after)
+  try:
+    summary = runner.train(experiment, progress=not args.quiet, stop_after=args.stop_after)
+  except _INPUT_ERRORS as error:  # e.g. a run directory whose checkpoints are all unreadable
+    return _fail(error)
   print(runner.format_summary(summary, experiment.run_dir))
   return 0
 

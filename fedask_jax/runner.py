@@ -26,6 +26,17 @@ noise, the sketch), with run_key = `jax.random.key(seed)`; the adapters are init
 `fold_in(run_key, ADAPTER_INIT_STREAM)`. The checkpoint holds all the state the next round reads, so a run
 stopped after checkpoint c and restarted recomputes rounds c+1, ... exactly as an uninterrupted run does
 (bit-identical on the same machine and software); metrics lines after round c are dropped and rewritten.
+This holds for a run killed at any moment (tests/test_faults.py kills one inside a round and inside a
+checkpoint write): a checkpoint becomes visible only when complete (orbax's atomic rename), metrics lines are
+appended whole and a torn last line is dropped on resume, config.yaml is renamed into place. A damaged latest
+checkpoint (one that fails to restore or to match the SHA-256 saved with it) is skipped with a warning and the
+run resumes from the previous one, to the same result; with none readable `train` raises a ValueError
+(`fedask_jax.checkpoint.state`). Keep at least 2 checkpoints (`checkpoint.keep`) to have one to fall back to.
+
+Faults in a round. A sampled client whose update has a NaN or Inf is left out of that round's aggregate, the
+other clients' weights renormalised; a round with no valid client leaves the state unchanged
+(`fedask_jax.simulation`, module docstring). Both show in the metrics line (`client_valid`, `invalid_clients`,
+`skipped`) and as a warning line on stderr, printed even with progress off.
 
 Privacy (design.md section 4). Client k samples each local step's batch by Poisson sampling with rate
 q_k = batch_size / n_k. One noise multiplier serves all clients, calibrated for the largest rate
@@ -60,7 +71,8 @@ from fedask_jax import data as fdata
 from fedask_jax import privacy
 from fedask_jax.checkpoint.peft import export_peft
 from fedask_jax.checkpoint.state import StateCheckpoints
-from fedask_jax.config import Config, ConfigError, config_diff, from_dict, read_yaml, to_dict
+from fedask_jax.config import (
+    Config, ConfigError, check_encoded, check_model, check_records, config_diff, from_dict, read_yaml, to_dict)
 from fedask_jax.evaluation import EvalResult, evaluate
 from fedask_jax.lora import Adapters, LoRAConfig, from_adapters, inject_lora, to_adapters
 from fedask_jax.models import load_pretrained, load_tokenizer
@@ -121,9 +133,17 @@ def run_key(config: Config) -> jax.Array:
 
 
 def check_run_dir(config: Config) -> None:
-  """Refuse a run directory that holds a different config (naming the keys that differ)."""
-  path = Path(config.run_dir) / CONFIG_FILE
+  """Refuse a run directory that holds a different config (naming the keys that differ), checkpoints without
+  their config, or that is not a directory."""
+  run_dir = Path(config.run_dir)
+  if run_dir.exists() and not run_dir.is_dir():
+    raise ConfigError(f"run_dir={config.run_dir!r} is a file, not a directory: choose another run_dir.")
+  path = run_dir / CONFIG_FILE
   if not path.is_file():
+    if (run_dir / CHECKPOINT_DIR).exists():
+      raise ConfigError(
+          f"run_dir={config.run_dir!r} holds checkpoints but no {CONFIG_FILE}, so a resume cannot be checked "
+          "against the config they were trained with: choose a new run_dir.")
     return
   try:
     stored = from_dict(read_yaml(path))
@@ -133,6 +153,8 @@ def check_run_dir(config: Config) -> None:
   if differ:
     detail = ", ".join(
         f"{k}: {_lookup(stored, k)!r} -> {_lookup(config, k)!r}" for k in differ[:8])
+    if len(differ) > 8:
+      detail += f", and {len(differ) - 8} more: {', '.join(differ[8:])}"
     raise ConfigError(
         f"run_dir {config.run_dir!r} holds a run with a different config ({detail}): resume with the same config "
         "or choose a new run_dir.")
@@ -148,6 +170,7 @@ def _lookup(config: Config, dotted: str) -> Any:
 def load_model(config: Config) -> nnx.Module:
   """The base model with fresh adapters from `fold_in(run_key, ADAPTER_INIT_STREAM)` (float32, PEFT's init)."""
   model = load_pretrained(config.model.path, dtype=jnp.dtype(config.model.dtype))
+  check_model(config, model)
   lora = LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha, target_modules=config.lora.target_modules,
                     dropout=config.lora.dropout)
   inject_lora(model, lora, jax.random.fold_in(run_key(config), ADAPTER_INIT_STREAM), dtype=jnp.float32)
@@ -174,13 +197,29 @@ def partition(config: Config, records: list[dict[str, Any]]) -> fdata.Partition:
   if d.partition == "iid" and d.category_column is None:
     parts = fdata.iid_partition([0] * len(records), config.num_clients, seed=config.seed)
   else:
-    parts = fdata.partition_records(
-        records, d.partition, num_clients=config.num_clients, column=d.category_column, alpha=d.dirichlet_alpha,
-        seed=config.seed, min_client_size=d.min_client_size)
+    values = len(np.unique(np.asarray([r[d.category_column] for r in records])))
+    try:
+      parts = fdata.partition_records(
+          records, d.partition, num_clients=config.num_clients, column=d.category_column, alpha=d.dirichlet_alpha,
+          seed=config.seed, min_client_size=d.min_client_size)
+    except ValueError:
+      # check_records has ruled out the other causes (a missing column, too few records), so for a Dirichlet
+      # partition this is every draw leaving some client below min_client_size.
+      if d.partition != "dirichlet":
+        raise
+      raise ConfigError(
+          f"data.partition='dirichlet': every draw of Dirichlet(data.dirichlet_alpha={d.dirichlet_alpha:g}) over "
+          f"the {values} values of {d.category_column!r} left some of the num_clients={config.num_clients} clients "
+          f"with fewer than data.min_client_size={d.min_client_size} records: raise data.dirichlet_alpha (the "
+          "paper: 0.1 to 1), or lower num_clients or data.min_client_size.") from None
   if parts.num_clients != config.num_clients:
+    dropped = values - parts.num_clients  # only a natural partition can differ
+    reason = (f" ({dropped} of its {values} values have fewer than data.min_client_size={d.min_client_size} "
+              "records)" if dropped else "")
     raise ConfigError(
-        f"data.partition='natural' over {d.category_column!r} gives {parts.num_clients} clients but "
-        f"num_clients={config.num_clients}: set num_clients={parts.num_clients}.")
+        f"data.partition='natural' over {d.category_column!r} gives {parts.num_clients} clients{reason} but "
+        f"num_clients={config.num_clients}: set num_clients={parts.num_clients}"
+        f"{' or lower data.min_client_size' if dropped else ''}.")
   return parts
 
 
@@ -236,8 +275,11 @@ def make_strategy(config: Config) -> Strategy:
 def load_eval_data(config: Config, tokenizer: Any) -> fdata.EncodedDataset:
   """The held-out set (the first `eval.max_examples` examples of the eval split), encoded as training data."""
   records = load_records(config, "eval", config.eval.max_examples)
+  check_records(config, records, "eval")
   template = fdata.get_template(config.data.template, **config.data.template_fields)
-  return fdata.encode(records, template, tokenizer, config.data.max_seq_len)
+  encoded = fdata.encode(records, template, tokenizer, config.data.max_seq_len)
+  check_encoded(config, encoded, "eval")
+  return encoded
 
 
 def prepare(config: Config, *, for_training: bool = True) -> Experiment:
@@ -254,8 +296,10 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
   if not for_training:
     return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, None, 0, None, None, notes)
   records = load_records(config, "train", config.data.max_train_examples)
+  check_records(config, records, "train")
   template = fdata.get_template(config.data.template, **config.data.template_fields)
   encoded = fdata.encode(records, template, tokenizer, config.data.max_seq_len)
+  check_encoded(config, encoded, "train")
   parts = partition(config, records)
   plan, capacity = plan_privacy(config, parts.sizes)
   dp = None if plan is None else DPConfig(
@@ -491,23 +535,34 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
   run_dir.mkdir(parents=True, exist_ok=True)
   config_path = run_dir / CONFIG_FILE
   if not config_path.is_file():
-    config_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    # Written whole (a new file renamed into place): a kill mid-write must not leave a torn config that
+    # check_run_dir would then refuse.
+    tmp = config_path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, config_path)
   log = MetricsLog(run_dir / METRICS_FILE)
   checkpoints = StateCheckpoints(run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep)
   key = run_key(config)
   state = round_fn.init(config.num_clients)
-  start = checkpoints.latest_round()
   write = (lambda line: tqdm.write(line, file=sys.stderr)) if progress else (lambda line: None)
+  # Faults are printed even with progress off: they change what the run computed or resumed from.
+  warn = lambda line: tqdm.write(f"warning: {line}", file=sys.stderr)
   for note in experiment.notes:
     write(note)
-  if start is None:
+  try:
+    restored = checkpoints.restore_latest(_checkpoint_state(state, key, 0))
+  except ValueError:
+    checkpoints.close()
+    raise
+  if restored is None:
     start = 0
     log.truncate(-1)
     before = _evaluate(experiment, state.adapters)
     log.append({"round": 0, "epsilon": 0.0 if experiment.privacy else None, **_eval_fields(before)})
   else:
-    restored, _ = checkpoints.restore(start, _checkpoint_state(state, key, start))
-    state = restored["server"]
+    start, state = restored.round, restored.state["server"]
+    for skipped, error in restored.unreadable:
+      warn(f"the checkpoint of round {skipped} is unreadable ({error}); falling back to round {start}")
     log.truncate(start)
     write(f"resuming {run_dir} from the checkpoint of round {start}")
 
@@ -532,6 +587,12 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
         record.update(_eval_fields(_evaluate(experiment, state.adapters)))
       record["timing"] = {"seconds": seconds, "compiled": first}
       log.append(record)
+      if record["skipped"]:
+        warn(f"round {t}: no client's update was finite (clients {record['clients']}); the global state is "
+             "unchanged")
+      elif record["invalid_clients"]:
+        left_out = [c for c, ok in zip(record["clients"], record["client_valid"]) if not ok]
+        warn(f"round {t}: clients {left_out} had a NaN or Inf update and were left out of the aggregate")
       if t in (last, config.rounds) or (config.checkpoint.every and t % config.checkpoint.every == 0):
         checkpoints.save(t, _checkpoint_state(state, key, t), _ledger(experiment, t))
       postfix = {"loss": f"{record['train_loss']:.4f}"}
@@ -555,20 +616,20 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
 
 
 def latest_adapters(experiment: Experiment) -> tuple[int, Adapters]:
-  """(round, global adapters) of the run directory's latest checkpoint; ValueError if it has none."""
+  """(round, global adapters) of the run directory's newest readable checkpoint (older ones when the newest are
+  damaged, with a warning: `StateCheckpoints.restore_latest`); ValueError if it has none."""
   config = experiment.config
   checkpoints = StateCheckpoints(experiment.run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep)
   try:
-    latest = checkpoints.latest_round()
-    if latest is None:
-      raise ValueError(f"run_dir {str(experiment.run_dir)!r} has no checkpoint yet: train first.")
     adapters = to_adapters(nnx.state(experiment.model, nnx.LoRAParam))
     template = _checkpoint_state(ServerState(adapters, make_strategy(config).init(adapters, config.num_clients)),
-                                 run_key(config), latest)
-    restored, _ = checkpoints.restore(latest, template)
+                                 run_key(config), 0)
+    restored = checkpoints.restore_latest(template)
   finally:
     checkpoints.close()
-  return latest, restored["server"].adapters
+  if restored is None:
+    raise ValueError(f"run_dir {str(experiment.run_dir)!r} has no checkpoint yet: train first.")
+  return restored.round, restored.state["server"].adapters
 
 
 def evaluate_run(run_dir: str | os.PathLike) -> dict[str, Any]:
