@@ -25,9 +25,19 @@ Round t (1-based) of `FederatedRound`:
    unbatched. With more than one device the client axis is split over a 1-D `jax.sharding.Mesh` with axis
    "clients" by `jax.shard_map` (the frozen state and the server state replicated): each device trains its
    clients with no communication, and XLA adds the collectives that the aggregation needs.
-4. The strategy aggregates (`strategy.aggregate`), inside the same compiled function, and the round returns
-   its metrics computed there: mean train loss, per-client losses and update norms, the fraction of clipped
-   examples, and the strategy's own (FedASK: the exactness certificate `reconstruction_error`).
+4. Faults, inside the same compiled function (no host round trip): client k is valid when every leaf of its
+   result is finite (`finite_clients`). An invalid client (NaN or Inf, e.g. a diverged local run) gets weight 0,
+   the valid clients' weights are renormalised to sum to 1, and its result is replaced by its start
+   (`strategy.client_start`'s adapters and a zero mean gradient) with `jnp.where` before the strategy sees it,
+   so that nothing non-finite enters a weighted sum (NaN * 0 is NaN) or the strategy's per-client state
+   (FedSA-LoRA keeps that client's lora_b; SCAFFOLD resets that client's control variate to its initial 0, and
+   c, the mean of all c_i, follows). A round without a valid client returns the whole state (adapters and
+   strategy state) unchanged, with metric `skipped` 1. Under DP a NaN example alone does not get this far:
+   the clipping zeroes non-finite per-example gradients (jax_privacy's nan_safe), so its client stays valid.
+5. The strategy aggregates (`strategy.aggregate`), and the round returns its metrics computed there: mean train
+   loss and clipped fraction over the valid clients, per-client losses and update norms, `client_valid`,
+   `invalid_clients`, `skipped`, and the strategy's own (FedASK: the exactness certificate
+   `reconstruction_error`).
 
 Keys (design.md section 3): client k's key is `fold_in(round_key, client_id)`, its step s key
 `fold_in(client_key, s)`, from which the DP noise (`fold_in(step_key, 0)`) and per-example dropout keys
@@ -179,6 +189,13 @@ def data_key(round_key: Array) -> Array:
   return jax.random.fold_in(round_key, DATA_STREAM)
 
 
+def finite_clients(results: ClientResult) -> Array:
+  """valid [K] bool: every entry of client k's result (its adapters and mean gradient, leaves [K, ...]) is
+  finite (module docstring, step 4)."""
+  finite = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(results)]
+  return functools.reduce(jnp.logical_and, finite)
+
+
 class FederatedRound:
   """A compiled federated round for one model, strategy and training configuration (module docstring).
 
@@ -253,7 +270,8 @@ class FederatedRound:
     """Server state for `num_clients` clients, from `adapters` (default: the model's initial adapters)."""
     if not isinstance(num_clients, int) or num_clients < 1:
       raise ValueError(f"num_clients={num_clients!r}: expected a Python int >= 1.")
-    adapters = self.initial_adapters if adapters is None else adapters
+    # A copy: the first round donates the state's buffers, and the initial adapters must outlive it.
+    adapters = jax.tree.map(jnp.copy, self.initial_adapters if adapters is None else adapters)
     state = ServerState(adapters, self.strategy.init(adapters, num_clients))
     if self.mesh is not None:
       state = jax.device_put(state, NamedSharding(self.mesh, P()))
@@ -393,14 +411,32 @@ class FederatedRound:
 
   def aggregate(self, state: ServerState, results: ClientResult, weights: Array, client_ids: Array,
                 round_key: Array) -> tuple[ServerState, dict[str, Array]]:
-    """The strategy's server step on the clients' results [K] (pure; weights normalised here)."""
-    weights = jnp.asarray(weights, jnp.float32)
-    weights = weights / jnp.sum(weights)
+    """The strategy's server step on the clients' results [K] (pure), leaving out the clients whose result is
+    not finite (module docstring, step 4): weights w_k valid_k / sum_j w_j valid_j, invalid results replaced by
+    the client's start, and the state returned unchanged when no client is valid.
+
+    Returns (new state, metrics): the strategy's metrics plus client_valid [K] bool, invalid_clients [] int32
+    and skipped [] int32 (1: no valid client, state unchanged; the strategy's metrics are then meaningless).
+    """
+    valid = finite_clients(results)
+    weights = jnp.where(valid, jnp.asarray(weights, jnp.float32), 0.0)
+    total = jnp.sum(weights)
+    weights = weights / jnp.where(total > 0, total, 1.0)
+    starts, _ = jax.vmap(self.strategy.client_start, in_axes=(None, None, 0))(
+        state.strategy_state, state.adapters, client_ids)
+    # A select, not a multiplication by valid_k: NaN * 0 is NaN.
+    keep = lambda x, start: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, start)
+    results = ClientResult(jax.tree.map(keep, results.adapters, starts),
+                           jax.tree.map(lambda g: keep(g, jnp.zeros_like(g)), results.mean_gradient))
     adapters, strategy_state, metrics = self.strategy.aggregate(
         state.strategy_state, state.adapters, results, weights, client_ids,
         jax.random.fold_in(round_key, SERVER_STREAM))
     adapters = jax.tree.map(lambda new, old: new.astype(old.dtype), adapters, state.adapters)
-    return ServerState(adapters, strategy_state), metrics
+    skipped = ~jnp.any(valid)
+    new_state = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), ServerState(adapters, strategy_state),
+                             state)
+    return new_state, dict(metrics, client_valid=valid, invalid_clients=jnp.sum(~valid, dtype=jnp.int32),
+                           skipped=skipped.astype(jnp.int32))
 
   def _round(self, trained: Trained, state: ServerState, frozen_state: Any, batches: Any, client_ids: Array,
              weights: Array, round_key: Array, noise_multiplier: Array | None = None
@@ -408,8 +444,11 @@ class FederatedRound:
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(round_key, client_ids)
     results, client = self._clients(trained, state, frozen_state, batches, client_ids, keys, noise_multiplier)
     new_state, metrics = self.aggregate(state, results, weights, client_ids, round_key)
-    metrics = dict(metrics, train_loss=jnp.mean(client.loss), client_loss=client.loss,
-                   update_norm=client.update_norm, clipped_fraction=jnp.mean(client.clipped_fraction))
+    valid = metrics["client_valid"]
+    # Over the valid clients only: 0 / 0 = NaN in a skipped round says there was no valid client to average.
+    mean_valid = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / jnp.sum(valid)
+    metrics = dict(metrics, train_loss=mean_valid(client.loss), client_loss=client.loss,
+                   update_norm=client.update_norm, clipped_fraction=mean_valid(client.clipped_fraction))
     return new_state, metrics
 
   def compiled(self, trained: Trained) -> Callable[..., tuple[ServerState, dict[str, Array]]]:
@@ -428,7 +467,8 @@ class FederatedRound:
     batches: leaves [K, S, capacity, ...] (`fedask_jax.data.Batch`); client_ids [K] int; weights [K]
     (`client_weights`; normalised inside); round_key: `fold_in(run_key, round_index)`. Returns the new
     state (the old one is donated) and the metrics: train_loss [] and clipped_fraction [] (unweighted means
-    over the K clients), client_loss [K], update_norm [K] (`ClientMetrics`), and the strategy's.
+    over the valid clients), client_loss [K], update_norm [K] (`ClientMetrics`), client_valid [K],
+    invalid_clients [], skipped [] (`aggregate`), and the strategy's.
 
     noise_multiplier: sigma for this round instead of `dp.noise_multiplier` (DP rounds only). It is an argument
     of the compiled round, not a constant of it, so a sweep over epsilon (over sigma) compiles once.

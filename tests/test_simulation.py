@@ -389,6 +389,17 @@ def test_traced_noise_multiplier_equals_the_compiled_constant_and_compiles_once(
     swept(state, batches, CLIENT_IDS, WEIGHTS, round_key, 1, noise_multiplier=-1.0)
 
 
+def test_init_survives_the_donation_of_the_first_round():
+  """The round donates its state: `init` must hand out copies, so the initial adapters (and a second run from
+  them) are still alive after a round."""
+  rnd = make_round("fedask", B_SPACE)
+  batches, round_key = make_batches(0), jax.random.key(1)
+  first = as_numpy(rnd(rnd.init(NUM_CLIENTS), batches, CLIENT_IDS, WEIGHTS, round_key, 1))
+  second = as_numpy(rnd(rnd.init(NUM_CLIENTS), batches, CLIENT_IDS, WEIGHTS, round_key, 1))
+  chex.assert_trees_all_equal(first, second)
+  jax.block_until_ready(rnd.initial_adapters)
+
+
 def test_invalid_configurations_fail_early_with_value_errors():
   with pytest.raises(ValueError, match="w_space.*trains both"):
     make_round("fedavg", W_SPACE).trained(1)

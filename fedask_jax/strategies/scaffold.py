@@ -56,11 +56,15 @@ def correction(context: Adapters, params: Adapters, start: Adapters) -> Adapters
 
 def aggregate(state: ScaffoldState, global_adapters: Adapters, results: ClientResult, weights: Array,
               client_ids: Array, key: Array) -> tuple[Adapters, ScaffoldState, dict[str, Array]]:
-  """x = sum_k w_k y_k; c_k <- mean gradient of client k; c += (1/N) sum_k (c_k+ - c_k)."""
+  """x = sum_k w_k y_k; c_k <- mean gradient of client k; c += (1/N) sum_k (c_k+ - c_k).
+
+  A client of weight 0 (left out of the round: `FederatedRound.aggregate` zeroes the weight of a non-finite
+  client) keeps its c_k, so it changes neither c_k nor c, as if it had not been sampled."""
   del global_adapters, key
   num_clients = jax.tree.leaves(state.client_controls)[0].shape[0]
   old = gather_clients(state.client_controls, client_ids)
-  new = results.mean_gradient
+  kept = lambda n, o: jnp.where((weights > 0).reshape((-1,) + (1,) * (o.ndim - 1)), n.astype(o.dtype), o)
+  new = jax.tree.map(kept, results.mean_gradient, old)
   server_control = jax.tree.map(
       lambda c, n, o: c + jnp.sum(n.astype(c.dtype) - o, axis=0) / num_clients, state.server_control, new, old)
   client_controls = scatter_clients(state.client_controls, client_ids, new)
