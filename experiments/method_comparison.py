@@ -338,21 +338,6 @@ class Grid:
 # The runs file.
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-  """The JSON lines of `path` ([] if absent), skipping a last line left incomplete by an interrupted write."""
-  if not path.is_file():
-    return []
-  lines = path.read_text(encoding="utf-8").splitlines()
-  out = []
-  for i, line in enumerate(lines):
-    try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError:
-      if i != len(lines) - 1:
-        raise ValueError(f"{path}:{i + 1} is not a JSON object: the runs file is damaged; remove that line.") from None
-  return out
-
-
 def run_id(method: str, epsilon: float | None, partition: str, seed: int) -> tuple[str, float | None, str, int]:
   return (method, None if epsilon is None or math.isinf(epsilon) else float(epsilon), partition, int(seed))
 
@@ -369,12 +354,6 @@ def done_runs(lines: Iterable[dict[str, Any]], settings: Settings, path: Path) -
           f"seed {line['seed']}) made with other settings ({line['settings']}): use another --out, or move that file.")
     done.add(run_id(line["method"], line["target_epsilon"], line["partition"], line["seed"]))
   return done
-
-
-def append_line(path: Path, record: dict[str, Any]) -> None:
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(json.dumps(record) + "\n")
-    f.flush()
 
 
 def grid_points(settings: Settings) -> list[tuple[str, float, str, int]]:
@@ -396,7 +375,7 @@ def run_grid(settings: Settings, path: Path, *, grid: Grid | None = None, progre
   the invocation; returns (the grid used, None if nothing ran; the number of runs made)."""
   from tqdm import tqdm
 
-  done = done_runs(read_lines(path), settings, path)
+  done = done_runs(runner.MetricsLog(path).read(), settings, path)
   todo = [p for p in grid_points(settings) if run_id(*p) not in done]
   if not todo:
     return grid, 0
@@ -407,10 +386,10 @@ def run_grid(settings: Settings, path: Path, *, grid: Grid | None = None, progre
   bar = tqdm(todo, desc="runs", unit="run", file=sys.stderr, disable=not progress)
   for method, epsilon, partition, seed in bar:
     record = grid.run(method, epsilon, partition, seed)
-    append_line(path, record)
+    runner.MetricsLog(path).append(record)
     bar.set_postfix(last=f"{method} eps={eps_label(epsilon)} {partition} s{seed}: {record['eval_loss']:.4f}")
   counts, expected = grid.compile_counts(), grid.expected_compiles()
-  append_line(path, {
+  runner.MetricsLog(path).append({
       "kind": "invocation", "command": command, "runs": len(todo), "seconds": time.perf_counter() - began,
       "compile_counts": counts, "expected_compile_counts": expected, "base_eval_loss": grid.base_eval_loss,
       "capacity": grid.capacity, "device": device_info(), "settings": settings.as_json()})
@@ -692,7 +671,7 @@ def markdown(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], inv
 
 def write_report(settings: Settings, out: Path, stem: str, command: str) -> dict[str, Any]:
   """Rebuilds `<stem>.md`, `.json` and `.png` in `out` from `<stem>_runs.jsonl`; returns the JSON object."""
-  lines = read_lines(out / f"{stem}_runs.jsonl")
+  lines = runner.MetricsLog(out / f"{stem}_runs.jsonl").read()
   # The last record of each run (two invocations started on the same slice at once would both append it).
   runs = list({run_id(r["method"], r["target_epsilon"], r["partition"], r["seed"]): r
                for r in lines if r.get("kind") == "run"}.values())

@@ -35,7 +35,7 @@ def tiny_grid(tmp_path_factory):
 
 
 def runs_of(path):
-  return [r for r in mc.read_lines(path) if r["kind"] == "run"]
+  return [r for r in runner.MetricsLog(path).read() if r["kind"] == "run"]
 
 
 def test_the_grid_compiles_each_round_once_and_resumes(tiny_grid):
@@ -45,7 +45,7 @@ def test_the_grid_compiles_each_round_once_and_resumes(tiny_grid):
   expected = {"round fedask dp b": 1, "round ffa-lora dp b": 1, "sampler poisson": 1, "evaluate": 1}
   assert grid.compile_counts() == expected
   assert grid.expected_compiles() == expected
-  invocation = [r for r in mc.read_lines(path) if r["kind"] == "invocation"]
+  invocation = [r for r in runner.MetricsLog(path).read() if r["kind"] == "invocation"]
   assert len(invocation) == 1 and invocation[0]["compile_counts"] == expected
   # Different epsilons give different sigmas through the same compiled round.
   sigmas = {r["target_epsilon"]: r["noise_multiplier"] for r in runs_of(path)}
@@ -58,7 +58,7 @@ def test_the_grid_compiles_each_round_once_and_resumes(tiny_grid):
   # Everything done: a second invocation runs nothing.
   assert mc.run_grid(TINY, path, grid=grid, progress=False)[1] == 0
   # Two runs lost (a killed invocation): exactly those rerun, bit-identical, with no new compilation.
-  lines = mc.read_lines(path)
+  lines = runner.MetricsLog(path).read()
   lost = [r for r in lines if r["kind"] == "run" and r["seed"] == 1 and r["target_epsilon"] == 3.0]
   assert len(lost) == 2
   path.write_text("".join(json.dumps(r) + "\n" for r in lines if r not in lost))
@@ -74,7 +74,7 @@ def test_the_grid_compiles_each_round_once_and_resumes(tiny_grid):
 def test_runs_made_under_other_settings_are_refused(tiny_grid):
   _, _, path = tiny_grid
   with pytest.raises(ValueError, match="other settings"):
-    mc.done_runs(mc.read_lines(path), dataclasses.replace(TINY, rounds=3), path)
+    mc.done_runs(runner.MetricsLog(path).read(), dataclasses.replace(TINY, rounds=3), path)
 
 
 def test_run_reproduces_the_runner(tiny_grid, tmp_path):
