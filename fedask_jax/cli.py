@@ -99,9 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     experiment = runner.prepare(load_config(args.config, args.overrides))
   except _INPUT_ERRORS as error:
     return _fail(error)
+  from fedask_jax.checkpoint import UnreadableCheckpoints
+
   try:
     summary = runner.train(experiment, progress=not args.quiet, stop_after=args.stop_after)
-  except _INPUT_ERRORS as error:  # e.g. a run directory whose checkpoints are all unreadable
+  except UnreadableCheckpoints as error:  # found only when train resumes; anything else keeps its traceback
     return _fail(error)
   print(runner.format_summary(summary, experiment.run_dir))
   return 0

@@ -32,9 +32,9 @@ from flax import nnx
 from run_fixtures import make_tiny_setup
 from safetensors.numpy import load_file
 
-from fedask_jax import runner, simulation
+from fedask_jax import cli, runner, simulation
 from fedask_jax.checkpoint import state as checkpoint_state
-from fedask_jax.checkpoint.state import StateCheckpoints
+from fedask_jax.checkpoint.state import StateCheckpoints, UnreadableCheckpoints
 from fedask_jax.config import load_config
 from fedask_jax.lora import LoRAConfig, Linear, inject_lora
 from fedask_jax.strategies import STRATEGIES, ClientResult, combine, get_strategy, select
@@ -386,7 +386,7 @@ def test_a_run_killed_in_a_checkpoint_write_and_in_a_round_resumes_to_the_same_r
   assert_same_run(run_dir, runs.straight)
 
 
-def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_same_result(runs):
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_same_result(runs, capsys):
   run_dir = runs.root / "damaged"
   shutil.copytree(runs.straight, run_dir)  # its config.yaml differs in run_dir only, which a resume may change
   swap_state(run_dir / "checkpoints" / "4")
@@ -400,5 +400,11 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_same_r
   for step in ("2", "3", "4"):
     truncate(run_dir / "checkpoints" / step / "ledger" / "metadata")
   experiment = runner.prepare(load_config(str(config)))
-  with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"no readable checkpoint in .*checkpoints \(round 4"):
+  unreadable = r"no readable checkpoint in .*checkpoints \(round 4"
+  with pytest.warns(UserWarning), pytest.raises(UnreadableCheckpoints, match=unreadable):
     runner.train(experiment, progress=False)
+  # Through the CLI: one line and exit code 2, no traceback.
+  with pytest.warns(UserWarning):
+    assert cli.main(["train", "--config", str(config), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: no readable checkpoint in") and "Traceback" not in err

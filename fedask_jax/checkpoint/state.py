@@ -69,6 +69,10 @@ class _PausingRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
     await super().finalize()
 
 
+class UnreadableCheckpoints(ValueError):
+  """A run directory has checkpoints but none restores: an input problem the CLI reports in one line."""
+
+
 class Restored(NamedTuple):
   """`restore_latest`'s result: the round, its state and ledger, and (round, error) of every newer checkpoint
   that could not be read."""
@@ -142,7 +146,8 @@ class StateCheckpoints:
     """The newest checkpoint that restores (`restore`), or None when there is no checkpoint.
 
     Unreadable checkpoints are skipped, newest first, each with a `warnings.warn`; they stay on disk until a
-    save of the same round replaces them. Raises ValueError when there are checkpoints but none is readable.
+    save of the same round replaces them. Raises `UnreadableCheckpoints` when there are checkpoints but none is
+    readable.
     """
     unreadable: list[tuple[int, str]] = []
     for round_index in reversed(self.rounds()):
@@ -158,7 +163,7 @@ class StateCheckpoints:
       return Restored(round_index, state, ledger, tuple(unreadable))
     if unreadable:
       detail = "; ".join(f"round {r}: {m}" for r, m in unreadable)
-      raise ValueError(
+      raise UnreadableCheckpoints(
           f"no readable checkpoint in {self.directory} ({detail}): restore the directory from a backup, or move "
           "it away to start the run over.")
     return None
