@@ -433,6 +433,10 @@ def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str
       "compile_round_seconds": float(np.mean(compiled)) if compiled else None,
       "capacity": experiment.capacity,
       "private": plan is not None,
+      # Faults (module docstring): clients left out of an aggregate for a non-finite update, and rounds with no
+      # valid client (the state left unchanged).
+      "invalid_clients": sum(int(r.get("invalid_clients", 0)) for r in records),
+      "skipped_rounds": sum(int(r.get("skipped", 0)) for r in records),
   }
   if plan is not None:
     summary.update(
@@ -460,6 +464,9 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         f"{summary['mechanism']})")
   else:
     lines.append("privacy: off (non-private run)")
+  if summary["invalid_clients"] or summary["skipped_rounds"]:
+    lines.append(f"faults: {summary['invalid_clients']} client updates left out for non-finite values, "
+                 f"{summary['skipped_rounds']} rounds skipped (no valid client)")
   if summary["seconds_per_round"] is not None:
     lines.append(f"seconds per round: {summary['seconds_per_round']:.3f} (excluding compilation; rounds that "
                  f"compiled took {summary['compile_round_seconds']:.1f} s)")

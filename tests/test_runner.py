@@ -169,3 +169,22 @@ def test_metrics_log_truncate_and_partial_line(tmp_path):
     f.write("garbage\n{}\n")
   with pytest.raises(ValueError, match="metrics.jsonl:4 is not a JSON object"):
     log.read()
+
+
+def test_summary_counts_left_out_clients_and_skipped_rounds(straight):
+  """summary.json totals the rounds' fault metrics; a clean run reports zeros, and the summary line appears
+  only when there was a fault."""
+  _, raw, straight_dir = straight
+  summary = json.loads((straight_dir / "summary.json").read_text())
+  assert summary["invalid_clients"] == 0 and summary["skipped_rounds"] == 0
+  assert "faults:" not in runner.format_summary(summary, straight_dir)
+  experiment = runner.prepare(from_dict(raw), for_training=False)
+  records = runner.MetricsLog(straight_dir / "metrics.jsonl").read()
+  faults = {1: (1, 0), 3: (2, 1)}  # round: (invalid_clients, skipped)
+  for record in records:
+    if record["round"] in faults:
+      record["invalid_clients"], record["skipped"] = faults[record["round"]]
+  counted = runner.summarize(experiment, records)
+  assert (counted["invalid_clients"], counted["skipped_rounds"]) == (3, 1)
+  assert "faults: 3 client updates left out for non-finite values, 1 rounds skipped" in runner.format_summary(
+      counted, straight_dir)
