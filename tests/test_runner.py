@@ -4,6 +4,7 @@ plan, and the eval command on an interrupted run."""
 import json
 
 import dp_accounting
+import jax
 import numpy as np
 import pytest
 import scipy.stats
@@ -188,3 +189,12 @@ def test_summary_counts_left_out_clients_and_skipped_rounds(straight):
   assert (counted["invalid_clients"], counted["skipped_rounds"]) == (3, 1)
   assert "faults: 3 client updates left out for non-finite values, 1 rounds skipped" in runner.format_summary(
       counted, straight_dir)
+
+
+@pytest.mark.parametrize("clients_per_round,configured,expected", [
+    (2, None, 2), (8, None, 4), (6, None, 3), (7, None, 1), (8, 8, 8), (8, 2, 2)])
+def test_client_chunk_defaults_to_small_chunks_on_cpu(clients_per_round, configured, expected):
+  """Unset: on a CPU the largest divisor of K up to 4, elsewhere all clients at once; a configured value is kept."""
+  config = from_dict({"num_clients": 8, "clients_per_round": clients_per_round, "client_chunk": configured})
+  on_cpu = jax.default_backend() == "cpu"
+  assert runner.client_chunk(config) == (expected if on_cpu or configured is not None else None)
