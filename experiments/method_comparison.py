@@ -660,6 +660,9 @@ def markdown(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], inv
     lines += ["", "Compile reuse (one compilation per round variant used, per sampler and for the evaluation; "
               "GSM8K generation not counted):"]
     for inv in invocations:
+      if "compile_counts" not in inv:  # an invocation cut off before its closing line (its "note" says how)
+        lines.append(f"- `{inv['command']}`: {inv['runs']} runs; compilations not recorded: {inv['note']}.")
+        continue
       ok = inv["compile_counts"] == inv["expected_compile_counts"]
       lines.append(
           f"- `{inv['command']}`: {inv['runs']} runs, {sum(inv['compile_counts'].values())} compilations, "
