@@ -221,7 +221,7 @@ def run_case(case: Case, settings: Settings, oversamples: tuple[int, ...], key: 
     experiment = runner.prepare(config)
     round_fn = experiment.round_fn
     rank = config.lora.rank
-    sample = runner._sampler(config, experiment.capacity)
+    sample = runner.round_sampler(config, experiment.capacity)
     aggregate = jax.jit(round_fn.aggregate)
     state = round_fn.init(config.num_clients)
     clients: dict[str, Any] = {}

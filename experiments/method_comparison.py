@@ -11,7 +11,7 @@ category} x seeds, on the embedded base model (`experiments/base_model`) and GSM
 is what `fedask-jax train` would do with `experiments/configs/quickstart.yaml` and the run's overrides
 (`run_config`): the runner's run key and initial adapters for the seed, its partition for the seed, its privacy
 plan (sigma calibrated for the smallest client, `runner.plan_privacy`), its sampler and key streams
-(`runner._sampler`), R rounds, then the held-out loss on the first GSM8K test problems
+(`runner.round_sampler`), R rounds, then the held-out loss on the first GSM8K test problems
 (`fedask_jax.evaluation.evaluate`) and the smallest client's epsilon spent (`privacy.epsilon_spent`).
 Hyper-parameters are fixed a priori (the quickstart's lr 1e-2 and AdamW for every method, FedProx mu = 0.01, the
 sketch's oversampling 2); nothing is chosen on the test split, and nothing is tuned.
@@ -223,7 +223,7 @@ class Grid:
     if private not in self._samplers:
       config = run_config(self.settings, self.settings.methods[0], 1.0 if private else math.inf, "iid",
                           self.settings.seeds[0])
-      self._samplers[private] = runner._sampler(config, self.capacity if private else config.batch_size)
+      self._samplers[private] = runner.round_sampler(config, self.capacity if private else config.batch_size)
     return self._samplers[private]
 
   def client_data(self, partition: str, seed: int) -> tuple[fdata.ClientData, np.ndarray]:

@@ -56,17 +56,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import scipy.optimize
 import scipy.stats
 
-from fedask_jax import data as fdata
 from fedask_jax import privacy, runner
 from fedask_jax.config import Config, load_config, to_dict
 from fedask_jax.lora import Adapters
-from fedask_jax.simulation import client_weights, data_key, sample_clients
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -177,15 +174,11 @@ def noise_power_sweep(experiment: runner.Experiment, sigmas: tuple[float, ...], 
                      "is the reference every sigma is compared with).")
   scaling = config.lora.alpha / config.lora.rank
   round_key = jax.random.fold_in(runner.run_key(config), round_index)
-  ids = sample_clients(round_key, config.num_clients, config.clients_per_round)
-  weights = client_weights(experiment.client_data.client_sizes, ids)
-  batches = fdata.client_batches(data_key(round_key), experiment.client_data, ids, local_steps=config.local_steps,
-                                 batch_size=config.batch_size, capacity=experiment.capacity, sampling="poisson")
+  ids, weights, batches = runner.round_sampler(config, experiment.capacity)(round_key, experiment.client_data)
   start = rnd.initial_adapters
 
   def run(key, sigma):
-    # Fresh buffers every call: the round donates its state.
-    state = rnd.init(config.num_clients, jax.tree.map(jnp.copy, start))
+    state = rnd.init(config.num_clients)  # fresh copies of the initial adapters: the round donates its state
     new, metrics = rnd(state, batches, ids, weights, key, round_index, noise_multiplier=float(sigma))
     return jax.device_get((new.adapters, metrics))
 

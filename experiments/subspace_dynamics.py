@@ -147,7 +147,7 @@ def run_method(method: Method, settings: Settings) -> dict[str, Any]:
     began = time.perf_counter()
     experiment = runner.prepare(config)
     round_fn = experiment.round_fn
-    sample = runner._sampler(config, experiment.capacity)
+    sample = runner.round_sampler(config, experiment.capacity)
     state = round_fn.init(config.num_clients)
     initial = lora_a(state.adapters)
     rounds = []

@@ -531,8 +531,11 @@ def _ledger(experiment: Experiment, round_index: int) -> dict[str, Any]:
   return ledger
 
 
-def _sampler(config: Config, capacity: int):
-  """round_key, client data -> (client ids [K], weights [K], batches [K, S, capacity, L]), jitted."""
+def round_sampler(config: Config, capacity: int):
+  """The runner's draw of a round's clients and batches, jitted: (round_key, client data) -> (client ids [K],
+  weights [K], batches [K, S, capacity, L]); ids from `sample_clients(round_key)`, batches (Poisson with DP,
+  uniform without) from `data_key(round_key)`. Experiments that drive `FederatedRound` themselves use it to
+  draw exactly what `train` draws."""
   sampling = "poisson" if config.privacy.enabled else "uniform"
 
   @jax.jit
@@ -588,7 +591,7 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
     log.truncate(start)
     write(f"resuming {run_dir} from the checkpoint of round {start}")
 
-  sample = _sampler(config, experiment.capacity)
+  sample = round_sampler(config, experiment.capacity)
   compiled: set[str] = set()
   bar = tqdm(total=config.rounds, initial=start, desc="rounds", unit="round", file=sys.stderr, disable=not progress)
   try:

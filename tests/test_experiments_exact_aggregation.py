@@ -88,7 +88,7 @@ def test_captured_clients_give_the_compiled_rounds_state(tmp_path):
              local_steps=2, batch_size=4, client_chunk=1, privacy={"enabled": True})
   experiment = runner.prepare(from_dict(raw))
   config, round_fn = experiment.config, experiment.round_fn
-  sample = runner._sampler(config, experiment.capacity)
+  sample = runner.round_sampler(config, experiment.capacity)
   state = round_fn.init(config.num_clients)
   # A copy: the compiled round donates its state, whose arrays `init` shares with `state`.
   reference = jax.tree.map(jnp.copy, round_fn.init(config.num_clients))

@@ -4,7 +4,7 @@
 them: the round's key derivation for clients and steps, the normaliser q n, the masks of the runner's
 fixed-capacity batches, the frozen factor that the W-space noise is projected by, and the metrics. Rounds run
 as `fedask_jax.runner.train` runs them: round key fold_in(run_key, t), batches from the runner's own sampler
-(`runner._sampler`, with `runner.plan_privacy`'s capacity and noise multiplier), then
+(`runner.round_sampler`, with `runner.plan_privacy`'s capacity and noise multiplier), then
 `simulation.FederatedRound` (strategy FedASK: under DP clients train lora_b with lora_a frozen).
 
 Setup: a one-layer Llama (d = 16, L = 6) with rank-2 adapters on q_proj and v_proj (Flax layout: a = lora_a
@@ -91,7 +91,7 @@ def plan() -> runner.PrivacyPlan:
 
 @functools.cache
 def sampler() -> Callable[..., Any]:
-  return runner._sampler(CONFIG, plan().capacity)
+  return runner.round_sampler(CONFIG, plan().capacity)
 
 
 @functools.cache
