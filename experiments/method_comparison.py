@@ -1,7 +1,8 @@
 """Method comparison: FedASK against the baselines across privacy levels and data distributions (issue 6, item 3).
 
-    python experiments/method_comparison.py --quick             # < 20 min on a 2-core CPU
-    python experiments/method_comparison.py                     # the whole grid (meant for a GPU)
+    python experiments/method_comparison.py --quick             # < 20 min on a 2-core CPU (= --mode quick)
+    python experiments/method_comparison.py --mode cpu          # the whole grid, small runs: ~70 min on 2 CPU cores
+    python experiments/method_comparison.py                     # the whole grid at full size (meant for a GPU)
     python experiments/method_comparison.py --only-methods fedask,fedavg --seeds 0,1   # a slice of the grid
     python experiments/method_comparison.py --report            # rebuild the table and plot from the runs file
 
@@ -28,7 +29,15 @@ epsilon (sigma is a traced argument), partition and seed:
 The script counts the compilations (the jit caches of the rounds, the sampler and the evaluation) and stores
 them with each invocation.
 
-Timing. --quick: 42 runs, 11 to 14 min on the shared 2-core CPU (250 to 300 s of CPU time). The full grid on one
+Modes. quick: 7 methods x epsilon {1, inf} x IID x 3 seeds, 6 rounds of 4 clients. cpu: the whole grid (every
+method, epsilon and partition, 3 seeds) on the paper's federation (10 clients, 2 per round) with runs a quarter of
+full's length (20 rounds x 3 local steps of batch 8, 128 tokens), so that all 252 runs fit a 2-core CPU. full: the
+whole grid with 80 rounds x 5 local steps of batch 16, 192 tokens.
+
+Timing. --quick: 42 runs, 11 to 14 min on the shared 2-core CPU (250 to 300 s of CPU time). --mode cpu on a quiet
+2-core CPU: about 5 s per non-private run and 20 s per DP run (a DP step computes per-example gradients for the
+Poisson batch's capacity, 35 slots for an expected 8), about 70 min for the grid in one process; two processes
+over disjoint --only-methods share the file. The full grid on one
 H100 (jax 0.11.2): about 2 s per run of 80 rounds after its round variant compiled (10 to 25 s per variant),
 1 to 2 s per sigma calibration, so two invocations of about 7 min each:
 
@@ -37,7 +46,8 @@ H100 (jax 0.11.2): about 2 s per run of 80 rounds after its round variant compil
 
 An invocation stopped by a time limit loses only the run in flight: the same command continues.
 
-Files (in --out, default experiments/results; --quick writes `method_comparison_quick*` instead):
+Files (in --out, default experiments/results; --quick / --mode cpu write `method_comparison_quick*` /
+`method_comparison_cpu*` instead):
 - `method_comparison_runs.jsonl`: one JSON line per finished run (`"kind": "run"`) and one per invocation
   (`"kind": "invocation"`: command, device, compile counts, base-model loss). Runs already there are skipped,
   so a killed or split grid continues where it stopped; a line written under other settings is an error.
@@ -128,6 +138,12 @@ MODES = {
         methods=METHODS, epsilons=(1.0, math.inf), partitions=("iid",), seeds=(0, 1, 2), rounds=6, num_clients=4,
         clients_per_round=2, local_steps=2, batch_size=8, max_seq_len=96, max_train_examples=2000,
         eval_examples=64, eval_batch_size=32, min_client_size=64, accuracy_problems=32, accuracy_tokens=128),
+    # The whole grid (7 x 4 x 3 x 3 = 252 runs) on the paper's federation, with runs short enough for a CPU.
+    "cpu": Settings(
+        methods=METHODS, epsilons=(1.0, 3.0, 6.0, math.inf), partitions=tuple(PARTITIONS), seeds=(0, 1, 2),
+        rounds=20, num_clients=10, clients_per_round=2, local_steps=3, batch_size=8, max_seq_len=128,
+        max_train_examples=None, eval_examples=200, eval_batch_size=50, min_client_size=160,
+        accuracy_problems=64, accuracy_tokens=128),
     # The paper's federation (10 clients, 2 per round), 7 x 4 x 3 x 3 = 252 runs.
     "full": Settings(
         methods=METHODS, epsilons=(1.0, 3.0, 6.0, math.inf), partitions=tuple(PARTITIONS), seeds=(0, 1, 2),
@@ -701,7 +717,10 @@ def write_report(settings: Settings, out: Path, stem: str, command: str) -> dict
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="the small grid (< 20 min on a 2-core CPU)")
+  parser.add_argument("--mode", choices=tuple(MODES), default="full",
+                      help="quick: a small grid (< 20 min on a 2-core CPU); cpu: the whole grid with short runs "
+                           "(~70 min on a 2-core CPU); full: the whole grid at full size (a GPU)")
+  parser.add_argument("--quick", action="store_true", help="the same as --mode quick")
   parser.add_argument("--out", type=Path, default=REPO / "experiments/results", help="output folder")
   parser.add_argument("--only-methods", default=None, help="comma-separated subset of the methods")
   parser.add_argument("--only-partitions", default=None, help="comma-separated subset of iid,dir0.5,dir0.1")
@@ -709,7 +728,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP order warnings, one per calibration step
-  mode = "quick" if args.quick else "full"
+  if args.quick and args.mode not in ("quick", "full"):
+    parser.error(f"--quick is --mode quick: it contradicts --mode {args.mode}")
+  mode = "quick" if args.quick else args.mode
   settings = MODES[mode]
   if args.only_methods:
     chosen = tuple(m.strip() for m in args.only_methods.split(","))
@@ -724,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = dataclasses.replace(settings, partitions=chosen)
   if args.seeds:
     settings = dataclasses.replace(settings, seeds=tuple(int(s) for s in args.seeds.split(",")))
-  stem = NAME + ("_quick" if args.quick else "")
+  stem = NAME + ("" if mode == "full" else f"_{mode}")
   args.out.mkdir(parents=True, exist_ok=True)
   command = "python experiments/method_comparison.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
   if not args.report:

@@ -137,3 +137,21 @@ def test_report_files(tiny_grid):
   text = (out / "tiny.md").read_text()
   assert "fedask" in text and "ffa-lora" in text and "as expected" in text
   assert json.loads((out / "tiny.json").read_text())["summary"] == result["summary"]
+
+
+def test_the_cpu_mode_is_the_whole_grid_with_shorter_runs():
+  # The mode that runs the grid on a CPU must not drop any of the axes (7 methods, epsilon 1/3/6/inf, IID
+  # and both Dirichlets, >= 3 seeds), only shorten the runs; the federation is the paper's.
+  cpu, full = mc.MODES["cpu"], mc.MODES["full"]
+  assert (cpu.methods, cpu.epsilons, cpu.partitions, cpu.seeds) == (full.methods, full.epsilons, full.partitions,
+                                                                    full.seeds)
+  assert len(cpu.seeds) >= 3 and set(cpu.methods) == set(mc.METHODS)
+  assert (cpu.num_clients, cpu.clients_per_round) == (full.num_clients, full.clients_per_round) == (10, 2)
+  assert cpu.rounds * cpu.local_steps * cpu.batch_size < full.rounds * full.local_steps * full.batch_size
+
+
+def test_quick_contradicting_mode_is_refused(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    mc.main(["--quick", "--mode", "cpu", "--report"])
+  assert exit_info.value.code == 2
+  assert "--quick is --mode quick" in capsys.readouterr().err
