@@ -5,7 +5,7 @@ round t and at round 0, for FedASK (DP and non-DP), fedask-alt (DP) and FFA-LoRA
     python experiments/subspace_dynamics.py --quick    # 6 rounds per method (~65 s of CPU, ~45 s wall)
 
 Writes subspace_dynamics.md (tables and findings), subspace_dynamics.json (every number, the configs, the
-command, versions) and subspace_dynamics.png (angles and the change of A vs round) into --out (default
+command, versions) and subspace_dynamics.png (angles, the change and the scale of A vs round) into --out (default
 experiments/results); --quick writes subspace_dynamics_quick.*.
 
 Notation (design.md section 3): the paper's A [r x n] (y = W x, W = W0 + s B A) is lora_a^T, with lora_a [in, r]
@@ -121,13 +121,16 @@ def principal_angles(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def angle_summary(initial: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
   """Per layer {largest, mean} principal angle (radians) between col(current lora_a) and col(initial lora_a),
-  and the relative change ||a_t - a_0||_F / ||a_0||_F; a [in, r]."""
+  the relative change ||a_t - a_0||_F / ||a_0||_F and the scale ||a_t||_F / ||a_0||_F; a [in, r]."""
   out = {}
   for name, a0 in initial.items():
     angles = principal_angles(a0, current[name])
     a0 = np.asarray(a0, np.float64)
-    change = np.linalg.norm(np.asarray(current[name], np.float64) - a0) / np.linalg.norm(a0)
-    out[name] = dict(largest=float(angles.max()), mean=float(angles.mean()), change=float(change))
+    at = np.asarray(current[name], np.float64)
+    change = np.linalg.norm(at - a0) / np.linalg.norm(a0)
+    scale = np.linalg.norm(at) / np.linalg.norm(a0)
+    out[name] = dict(largest=float(angles.max()), mean=float(angles.mean()), change=float(change),
+                     scale=float(scale))
   return out
 
 
@@ -159,6 +162,7 @@ def run_method(method: Method, settings: Settings) -> dict[str, Any]:
       current = lora_a(state.adapters)
       layers = angle_summary(initial, current)
       rounds.append(dict(round=t, trained=round_fn.trained(t), train_loss=float(metrics["train_loss"]),
+                         clipped_fraction=float(metrics["clipped_fraction"]) if method.private else None,
                          a_unchanged=all(np.array_equal(current[n], a0) for n, a0 in initial.items()),
                          layers=layers))
       largest = max(v["largest"] for v in layers.values())
@@ -175,14 +179,17 @@ def run_method(method: Method, settings: Settings) -> dict[str, Any]:
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
   """Per round: over layers, the mean and max of the largest angle, the mean of the mean angles and of the
-  relative change; and the final round's per-layer figures."""
+  relative change and of the scale ||A_t|| / ||A_0||, the clipped fraction (None without DP); and the final
+  round's per-layer figures."""
   per_round = []
   for r in result["rounds"]:
     largest = np.array([v["largest"] for v in r["layers"].values()])
     per_round.append(dict(
         round=r["round"], largest_mean=float(largest.mean()), largest_max=float(largest.max()),
         largest_min=float(largest.min()), mean_angle=float(np.mean([v["mean"] for v in r["layers"].values()])),
-        change=float(np.mean([v["change"] for v in r["layers"].values()]))))
+        change=float(np.mean([v["change"] for v in r["layers"].values()])),
+        scale=float(np.mean([v["scale"] for v in r["layers"].values()])),
+        clipped_fraction=r.get("clipped_fraction")))
   return dict(per_round=per_round, final_layers=result["rounds"][-1]["layers"],
               max_largest=max(p["largest_max"] for p in per_round),
               a_never_changed=all(r["a_unchanged"] for r in result["rounds"]))
@@ -196,7 +203,7 @@ COLORS = {"fedask-dp": "tab:blue", "fedask": "tab:green", "fedask-alt-dp": "tab:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
   for result in results:
     summary, color = result["summary"], COLORS[result["method"]]
     rounds = [0] + [p["round"] for p in summary["per_round"]]
@@ -207,6 +214,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     axes[1].plot([p["round"] for p in summary["per_round"]], [p["largest_max"] for p in summary["per_round"]],
                  "o-", ms=3, color=color)
     axes[2].plot(rounds, [0.0] + [p["change"] for p in summary["per_round"]], "-", color=color)
+    axes[3].plot(rounds, [1.0] + [p["scale"] for p in summary["per_round"]], "-", color=color)
   axes[0].set_title("Largest principal angle (solid; band: min-max over layers)\nand mean angle (dashed), mean "
                     "over layers", fontsize=9)
   axes[0].set_ylabel("angle between row(A_t) and row(A_0) (degrees)")
@@ -218,6 +226,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                    xycoords=("axes fraction", "data"), fontsize=7)
   axes[2].set_title("Change of A as a matrix, mean over layers", fontsize=9)
   axes[2].set_ylabel("||A_t - A_0||_F / ||A_0||_F")
+  axes[3].set_title("Scale of A, mean over layers (log scale)", fontsize=9)
+  axes[3].set_ylabel("||A_t||_F / ||A_0||_F")
+  axes[3].set_yscale("log")
   for ax in axes:
     ax.set_xlabel("round")
     ax.grid(alpha=0.3, which="both")
@@ -227,6 +238,24 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
   fig.tight_layout(rect=(0, 0.07, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def scale_finding(dp: dict[str, Any], ffa: dict[str, Any], rounds: int) -> str:
+  """A sentence on FedASK's rescaling of A under DP and what it does to clipping, against FFA-LoRA (A fixed)."""
+  first, last = dp["per_round"][0], dp["per_round"][-1]
+  second = dp["per_round"][min(1, len(dp["per_round"]) - 1)]
+  ffa_second, ffa_last = ffa["per_round"][min(1, len(ffa["per_round"]) - 1)], ffa["per_round"][-1]
+  word = lambda x: "smaller" if x < 1 else "larger"
+  return (
+      f"- Scale of A under DP, and clipping: the balanced reconstruction makes FedASK's A {first['scale']:.3g}x "
+      f"as large as A_0 after round 1 ({word(first['scale'])}) and {last['scale']:.3g}x after round {rounds}. "
+      "The clients' per-example gradients of B are proportional to A (dL/dlora_b = (x lora_a)^T dL/dy), while "
+      "the clip norm C and the noise sigma C stay fixed, so A's scale sets the signal-to-noise ratio of DP-SGD "
+      f"on B: the fraction of per-example gradients clipped is {second['clipped_fraction']:.2f} in round 2 and "
+      f"{last['clipped_fraction']:.2f} in round {rounds} for FedASK, against {ffa_second['clipped_fraction']:.2f} "
+      f"and {ffa_last['clipped_fraction']:.2f} for FFA-LoRA. With A {word(first['scale'])} than A_0 in the first "
+      "rounds, FedASK's early DP rounds have " + ("less" if first["scale"] < 1 else "more") + " signal under the "
+      "same noise than FFA-LoRA's (results/method_comparison.md: it matters in short runs).")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -243,19 +272,25 @@ def markdown(report: dict[str, Any]) -> str:
       f"{s['local_steps']} local steps of batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens. The "
       "paper's A [r x n] is lora_a^T (design.md section 3), so its row space is col(lora_a). Per round and layer: "
       "the principal angles between col(lora_a^t) and col(lora_a^0) (float64; checked against "
-      "scipy.linalg.subspace_angles in the test), their largest and their mean, and ||A_t - A_0||_F / ||A_0||_F. "
+      "scipy.linalg.subspace_angles in the test), their largest and their mean, ||A_t - A_0||_F / ||A_0||_F and "
+      "||A_t||_F / ||A_0||_F; with DP, the fraction of per-example gradients clipped in the round. "
       f"Angles below {ROUNDOFF_ANGLE:g} rad count as float32 round-off.",
       "",
       "| method | noise multiplier | final largest angle, mean over layers (deg) | max over layers and rounds "
-      "(rad) | final mean angle (deg) | final ‖A_t - A_0‖ / ‖A_0‖ | final train loss |",
-      "|---|---:|---:|---:|---:|---:|---:|",
+      "(rad) | final mean angle (deg) | final ‖A_t - A_0‖ / ‖A_0‖ | ‖A_t‖ / ‖A_0‖ after round 1 / last | "
+      "clipped fraction in round 1 / 2 / last | final train loss |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in results:
     last = r["summary"]["per_round"][-1]
+    per_round = r["summary"]["per_round"]
     sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
+    clipped = "-" if per_round[0]["clipped_fraction"] is None else " / ".join(
+        f"{p['clipped_fraction']:.2f}" for p in (per_round[0], per_round[min(1, len(per_round) - 1)], last))
     lines.append(
         f"| {r['label']} | {sigma} | {np.degrees(last['largest_mean']):.3g} | {r['summary']['max_largest']:.3g} | "
-        f"{np.degrees(last['mean_angle']):.3g} | {last['change']:.3g} | {r['rounds'][-1]['train_loss']:.4f} |")
+        f"{np.degrees(last['mean_angle']):.3g} | {last['change']:.3g} | {per_round[0]['scale']:.3g} / "
+        f"{last['scale']:.3g} | {clipped} | {r['rounds'][-1]['train_loss']:.4f} |")
   names = list(results[0]["summary"]["final_layers"])
   lines += [
       "",
@@ -300,6 +335,7 @@ def markdown(report: dict[str, Any]) -> str:
           f"{ffa['max_largest']:.2g} rad, are the float64 round-off of the angle computation itself."
           if ffa["a_never_changed"] else f"A CHANGED (largest angle {ffa['max_largest']:.2g} rad), which FFA-LoRA "
           "should never do."),
+      scale_finding(dp, ffa, s["rounds"]),
       "",
       f"![angles vs round]({report['stem']}.png)",
       "",

@@ -52,14 +52,18 @@ def test_same_subspace_in_another_basis_has_zero_angles_and_a_known_rotation_is_
   assert summary["mean"] == pytest.approx(theta / 4, abs=1e-12)
   # ||a_t - a_0|| = ||(cos - 1) q0 + sin q4|| = sqrt(2 - 2 cos theta) over ||a_0|| = 2 (four unit columns).
   assert summary["change"] == pytest.approx(np.sqrt(2 - 2 * np.cos(theta)) / 2, rel=1e-12)
+  # A rotation keeps the norm; a rescaled basis of the same subspace changes it by the factor.
+  assert summary["scale"] == pytest.approx(1.0, rel=1e-12)
+  assert sd.angle_summary({"layer": q[:, :4]}, {"layer": 0.25 * q[:, :4]})["layer"]["scale"] == pytest.approx(0.25)
 
 
 def test_summary_of_rounds():
-  rounds = [{"round": t, "layers": {"x": {"largest": 0.1 * t, "mean": 0.05 * t, "change": 0.2},
-                                    "y": {"largest": 0.3 * t, "mean": 0.1 * t, "change": 0.4}},
-             "a_unchanged": False} for t in (1, 2)]
+  rounds = [{"round": t, "layers": {"x": {"largest": 0.1 * t, "mean": 0.05 * t, "change": 0.2, "scale": 0.5},
+                                    "y": {"largest": 0.3 * t, "mean": 0.1 * t, "change": 0.4, "scale": 1.5}},
+             "a_unchanged": False, "clipped_fraction": 0.25 * t} for t in (1, 2)]
   summary = sd.summarize({"rounds": rounds})
   last = summary["per_round"][-1]
   assert last["largest_mean"] == pytest.approx(0.4) and last["largest_max"] == pytest.approx(0.6)
   assert last["mean_angle"] == pytest.approx(0.15) and last["change"] == pytest.approx(0.3)
+  assert last["scale"] == pytest.approx(1.0) and last["clipped_fraction"] == pytest.approx(0.5)
   assert summary["max_largest"] == pytest.approx(0.6) and not summary["a_never_changed"]
