@@ -255,7 +255,7 @@ def scale_finding(dp: dict[str, Any], ffa: dict[str, Any], rounds: int) -> str:
       f"{last['clipped_fraction']:.2f} in round {rounds} for FedASK, against {ffa_second['clipped_fraction']:.2f} "
       f"and {ffa_last['clipped_fraction']:.2f} for FFA-LoRA. With A {word(first['scale'])} than A_0 in the first "
       "rounds, FedASK's early DP rounds have " + ("less" if first["scale"] < 1 else "more") + " signal under the "
-      "same noise than FFA-LoRA's (results/method_comparison.md: it matters in short runs).")
+      "same noise than FFA-LoRA's (method_comparison_cpu.md: it matters in short runs).")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -279,7 +279,7 @@ def markdown(report: dict[str, Any]) -> str:
       "| method | noise multiplier | final largest angle, mean over layers (deg) | max over layers and rounds "
       "(rad) | final mean angle (deg) | final ‖A_t - A_0‖ / ‖A_0‖ | ‖A_t‖ / ‖A_0‖ after round 1 / last | "
       "clipped fraction in round 1 / 2 / last | final train loss |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|",
+      "|---|" + "---:|" * 8,
   ]
   for r in results:
     last = r["summary"]["per_round"][-1]
