@@ -35,9 +35,10 @@ full's length (20 rounds x 3 local steps of batch 8, 128 tokens), so that all 25
 whole grid with 80 rounds x 5 local steps of batch 16, 192 tokens.
 
 Timing. --quick: 42 runs, 11 to 14 min on the shared 2-core CPU (250 to 300 s of CPU time). --mode cpu on a quiet
-2-core CPU: about 5 s per non-private run and 20 s per DP run (a DP step computes per-example gradients for the
-Poisson batch's capacity, 35 slots for an expected 8), about 70 min for the grid in one process; two processes
-over disjoint --only-methods share the file. The full grid on one
+2-core CPU: about 5 s per non-private run and 20 s per DP run alone (a DP step computes per-example gradients for
+the Poisson batch's capacity, 35 slots for an expected 8), so about 70 min for the grid in one process (an
+estimate); two processes over disjoint --only-methods, sharing the runs file, took 66 min (measured: XLA already
+uses both cores, so the second process gains little). The full grid on one
 H100 (jax 0.11.2): about 2 s per run of 80 rounds after its round variant compiled (10 to 25 s per variant),
 1 to 2 s per sigma calibration, so two invocations of about 7 min each:
 
@@ -717,9 +718,9 @@ def write_report(settings: Settings, out: Path, stem: str, command: str) -> dict
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--mode", choices=tuple(MODES), default="full",
+  parser.add_argument("--mode", choices=tuple(MODES), default=None,
                       help="quick: a small grid (< 20 min on a 2-core CPU); cpu: the whole grid with short runs "
-                           "(~70 min on a 2-core CPU); full: the whole grid at full size (a GPU)")
+                           "(~70 min on a 2-core CPU); full (the default): the whole grid at full size (a GPU)")
   parser.add_argument("--quick", action="store_true", help="the same as --mode quick")
   parser.add_argument("--out", type=Path, default=REPO / "experiments/results", help="output folder")
   parser.add_argument("--only-methods", default=None, help="comma-separated subset of the methods")
@@ -728,9 +729,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP order warnings, one per calibration step
-  if args.quick and args.mode not in ("quick", "full"):
+  if args.quick and args.mode not in (None, "quick"):
     parser.error(f"--quick is --mode quick: it contradicts --mode {args.mode}")
-  mode = "quick" if args.quick else args.mode
+  mode = "quick" if args.quick else args.mode or "full"
   settings = MODES[mode]
   if args.only_methods:
     chosen = tuple(m.strip() for m in args.only_methods.split(","))

@@ -240,11 +240,15 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
   plt.close(fig)
 
 
+def round_two(per_round: list[dict[str, Any]]) -> dict[str, Any]:
+  """Round 2's summary (round 1's for a one-round run): the first round that starts from a reconstructed A."""
+  return per_round[min(1, len(per_round) - 1)]
+
+
 def scale_finding(dp: dict[str, Any], ffa: dict[str, Any], rounds: int) -> str:
   """A sentence on FedASK's rescaling of A under DP and what it does to clipping, against FFA-LoRA (A fixed)."""
-  first, last = dp["per_round"][0], dp["per_round"][-1]
-  second = dp["per_round"][min(1, len(dp["per_round"]) - 1)]
-  ffa_second, ffa_last = ffa["per_round"][min(1, len(ffa["per_round"]) - 1)], ffa["per_round"][-1]
+  first, second, last = dp["per_round"][0], round_two(dp["per_round"]), dp["per_round"][-1]
+  ffa_second, ffa_last = round_two(ffa["per_round"]), ffa["per_round"][-1]
   word = lambda x: "smaller" if x < 1 else "larger"
   return (
       f"- Scale of A under DP, and clipping: the balanced reconstruction makes FedASK's A {first['scale']:.3g}x "
@@ -282,11 +286,11 @@ def markdown(report: dict[str, Any]) -> str:
       "|---|" + "---:|" * 8,
   ]
   for r in results:
-    last = r["summary"]["per_round"][-1]
     per_round = r["summary"]["per_round"]
+    last = per_round[-1]
     sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
     clipped = "-" if per_round[0]["clipped_fraction"] is None else " / ".join(
-        f"{p['clipped_fraction']:.2f}" for p in (per_round[0], per_round[min(1, len(per_round) - 1)], last))
+        f"{p['clipped_fraction']:.2f}" for p in (per_round[0], round_two(per_round), last))
     lines.append(
         f"| {r['label']} | {sigma} | {np.degrees(last['largest_mean']):.3g} | {r['summary']['max_largest']:.3g} | "
         f"{np.degrees(last['mean_angle']):.3g} | {last['change']:.3g} | {per_round[0]['scale']:.3g} / "

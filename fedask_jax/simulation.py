@@ -30,8 +30,8 @@ Round t (1-based) of `FederatedRound`:
    the valid clients' weights are renormalised to sum to 1, and its result is replaced by its start
    (`strategy.client_start`'s adapters and a zero mean gradient) with `jnp.where` before the strategy sees it,
    so that nothing non-finite enters a weighted sum (NaN * 0 is NaN) or the strategy's per-client state
-   (FedSA-LoRA keeps that client's lora_b; SCAFFOLD resets that client's control variate to its initial 0, and
-   c, the mean of all c_i, follows). A round without a valid client returns the whole state (adapters and
+   (FedSA-LoRA keeps that client's lora_b; SCAFFOLD keeps that client's control variate c_k, and so c, as if
+   it had not been sampled). A round without a valid client returns the whole state (adapters and
    strategy state) unchanged, with metric `skipped` 1. Under DP a NaN example alone does not get this far:
    the clipping zeroes non-finite per-example gradients (jax_privacy's nan_safe), so its client stays valid.
 5. The strategy aggregates (`strategy.aggregate`), and the round returns its metrics computed there: mean train

@@ -151,7 +151,8 @@ def test_the_cpu_mode_is_the_whole_grid_with_shorter_runs():
 
 
 def test_quick_contradicting_mode_is_refused(capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    mc.main(["--quick", "--mode", "cpu", "--report"])
-  assert exit_info.value.code == 2
-  assert "--quick is --mode quick" in capsys.readouterr().err
+  for mode in ("cpu", "full"):
+    with pytest.raises(SystemExit) as exit_info:
+      mc.main(["--quick", "--mode", mode, "--report"])
+    assert exit_info.value.code == 2
+    assert "--quick is --mode quick" in capsys.readouterr().err
