@@ -95,8 +95,9 @@ class DataConfig:
   Attributes:
     source: "gsm8k" (`load_gsm8k`: records with a derived `category`; `path` is a folder, file or hub id,
       None the carried data/gsm8k), "jsonl" (local JSON-lines files `path` and `eval_path`), "hf" (Hugging
-      Face `datasets`: `path` a hub id or builder, `name` its config, `train_split` / `eval_split`) or
-      "tfds" (tensorflow-datasets `path` with `train_split` / `eval_split`, `data_dir`).
+      Face `datasets`: `path` a hub id, a builder or a `save_to_disk` folder, `name` its config, `train_split`
+      / `eval_split`) or "tfds" (tensorflow-datasets `path` with `train_split` / `eval_split`, `data_dir`;
+      ArrayRecord datasets are read without TensorFlow).
     path: see `source`.
     eval_path: the held-out JSONL file (source "jsonl" only).
     name: the Hugging Face dataset config (source "hf").
