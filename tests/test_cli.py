@@ -142,3 +142,43 @@ def test_peft_export_loads_in_peft_and_gives_our_logits(run):
   np.testing.assert_allclose(got[real], expected[real], atol=1e-4)
   # The trained adapter changes the logits, so the agreement above is not that of two unadapted models.
   assert np.abs(got[real] - base_logits[real]).max() > 1e-3
+
+
+# Prepended to a child process's code: PyTorch looks not installed, as without the dev extra. transformers asks
+# `importlib.util.find_spec("torch")`, and an import of torch fails. (Not sys.modules["torch"] = None, which
+# scipy's array-API helpers take for a loaded torch module.)
+_WITHOUT_TORCH = """
+import importlib.util, sys
+class _NoTorch:
+  def find_spec(self, name, path=None, target=None):
+    if name.partition(".")[0] == "torch":
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *args: None if name == "torch" else _find_spec(name, *args)
+sys.meta_path.insert(0, _NoTorch())
+"""
+_NO_TORCH_ADVICE = "PyTorch was not found"
+
+
+def _python_without_torch(code: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", _WITHOUT_TORCH + code], capture_output=True, text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_no_pytorch_advice_without_torch():
+  # Control: transformers alone gives the advice, so its absence below is the package's filter at work.
+  assert _NO_TORCH_ADVICE in _python_without_torch("import transformers").stderr
+  # The CLI path imports transformers (through the runner) before it reads the config: one line, the error.
+  cli_run = _python_without_torch("from fedask_jax.cli import main\nsys.exit(main(['train', '--config', 'nope.yaml']))")
+  assert cli_run.returncode == 2
+  assert cli_run.stderr.startswith("error: ") and cli_run.stderr.count("\n") == 1, cli_run.stderr
+  # Other transformers warnings still show: a tokenizer input longer than its model_max_length (512), logged by
+  # a transformers module, and a message on the "transformers" logger that the filter sits on.
+  library = _python_without_torch(
+      "import logging\nimport fedask_jax.runner\nfrom transformers import AutoTokenizer\n"
+      "AutoTokenizer.from_pretrained('experiments/base_model')('a ' * 600)\n"
+      "logging.getLogger('transformers').warning('another message on the transformers logger')\n")
+  assert library.returncode == 0, library.stderr
+  assert _NO_TORCH_ADVICE not in library.stderr
+  assert "Token indices sequence length is longer than the specified maximum" in library.stderr
+  assert "[transformers] another message on the transformers logger" in library.stderr
