@@ -5,7 +5,7 @@
 
 `train` runs (or resumes, in the same run_dir) a federated fine-tuning run (`fedask_jax.runner`); `eval`
 reports the held-out loss of a run's latest checkpoint as one JSON line. Any problem with the arguments, the
-config or the inputs it names (`fedask_jax.config`: what is checked, and where) is reported as one line
+config or the inputs it names (`fedask_jax.config.validation`: what is checked, and where) is reported as one line
 `error: ...` on stderr with exit code 2, without a traceback, before anything is compiled.
 """
 

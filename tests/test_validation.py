@@ -1,6 +1,6 @@
-"""Input validation before any compilation (fedask_jax.config module docstring): one test row per rule, on the
-config alone (`load_config`), against the model, data and run directory it names (`runner.prepare`, which
-builds but never compiles the round), and through the `fedask-jax` command (exit code 2, one line, no
+"""Input validation before any compilation (fedask_jax.config.validation module docstring): one test row per rule,
+on the config alone (`load_config`), against the model, data and run directory it names (`runner.prepare`,
+which builds but never compiles the round), and through the `fedask-jax` command (exit code 2, one line, no
 traceback).
 
 Every config key is covered by construction: the type test walks the dataclasses, and a meta-test checks that
@@ -10,6 +10,7 @@ each numeric key has a row in the range table, so a key added without a rule fai
 import collections
 import dataclasses
 import gzip
+import importlib.util
 import json
 import re
 import types
@@ -21,7 +22,6 @@ import yaml
 from run_fixtures import make_tiny_setup
 
 from fedask_jax import cli, runner
-from fedask_jax import config as config_module
 from fedask_jax.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,10 +194,10 @@ def test_strategy_args_are_typed_by_the_strategy_signature():
 
 def test_tfds_source_needs_tensorflow_datasets(monkeypatch):
   overrides = ["data.source=tfds", "data.path=mnist"]
-  monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ConfigError, match=r"data.source='tfds' needs tensorflow-datasets.*pip install"):
     load_config(None, overrides)
-  monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: object())
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
   load_config(None, overrides)
 
 
