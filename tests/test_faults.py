@@ -7,7 +7,7 @@ clients only: the clients' local training is the same program on the same inputs
 aggregation sums K = 3 terms (one of weight exactly 0) instead of 2, which XLA may order differently: a few
 float32 ulps, amplified at most ~10x by FedASK's QR/SVD, hence rtol 1e-5 / atol 1e-6; leaking the poisoned
 client in would give NaN, and a wrong renormalisation changes results at O(0.1). Resumed runs are compared
-bit for bit: every random draw derives from the run key and the round (runner module docstring).
+bit for bit: every random draw derives from the run key and the round (fedask_jax.runner.loop module docstring).
 """
 
 from __future__ import annotations

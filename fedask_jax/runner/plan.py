@@ -1,0 +1,258 @@
+"""Preparation: from a `Config` to an `Experiment`, everything checked before anything is compiled.
+
+`prepare` does everything that can fail on bad input: it checks the run directory against the config, loads the
+model, tokenizer and data, partitions the clients, plans the privacy (noise multiplier, sampling rate, batch
+capacity) and builds the federated round.
+
+Privacy (design.md section 4). Client k samples each local step's batch by Poisson sampling with rate
+q_k = batch_size / n_k. One noise multiplier serves all clients, calibrated for the largest rate
+q = batch_size / min_k n_k: every client's data, the smallest client's included, is then
+(target_epsilon, delta)-DP, and larger clients spend less. The number of DP steps follows
+`privacy.participation` (`fedask_jax.privacy.dp_steps`). Batches have a fixed capacity: the largest over
+clients of `batch_capacity(n_k + 1, q_k, overflow_prob)` (n_k + 1: the add-one neighbour); the overflow's
+cost in delta, `overflow_delta(overflow_prob, steps, target_epsilon)`, is taken out of delta before
+calibration, so the total is delta. The `epsilon` of each metrics line is the smallest client's epsilon after
+that round's DP steps at that reduced delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedask_jax import data as fdata
+from fedask_jax import privacy
+from fedask_jax.config import Config, ConfigError, check_encoded, check_model, check_records
+from fedask_jax.lora import LoRAConfig, inject_lora
+from fedask_jax.models import load_pretrained, load_tokenizer
+from fedask_jax.runner.rundir import check_run_dir
+from fedask_jax.simulation import DPConfig, FederatedRound
+from fedask_jax.strategies import STRATEGIES, Strategy, get_strategy
+
+# The adapters' init key is fold_in(run_key, ADAPTER_INIT_STREAM); round keys use fold_in(run_key, t), t >= 1.
+ADAPTER_INIT_STREAM = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+  """The DP parameters of a run (module docstring).
+
+  noise_multiplier: sigma; sample_rate: q = batch_size / min_k n_k; steps: DP steps over the whole run;
+  delta: the total delta; accountant_delta: delta minus overflow_delta, what epsilon is computed at;
+  overflow_delta: the truncated-Poisson cost; capacity: slots per local step.
+  """
+
+  noise_multiplier: float
+  sample_rate: float
+  steps: int
+  delta: float
+  accountant_delta: float
+  overflow_delta: float
+  capacity: int
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything `prepare` loaded and planned; `train` runs it."""
+
+  config: Config
+  run_dir: Path
+  model: nnx.Module
+  tokenizer: Any
+  eval_data: fdata.EncodedDataset
+  client_data: fdata.ClientData | None
+  capacity: int
+  privacy: PrivacyPlan | None
+  round_fn: FederatedRound | None
+  notes: list[str]
+
+
+def run_key(config: Config) -> jax.Array:
+  """The run's root key: `jax.random.key(seed)`."""
+  return jax.random.key(config.seed)
+
+
+def load_model(config: Config) -> nnx.Module:
+  """The base model with fresh adapters from `fold_in(run_key, ADAPTER_INIT_STREAM)` (float32, PEFT's init)."""
+  model = load_pretrained(config.model.path, dtype=jnp.dtype(config.model.dtype))
+  check_model(config, model)
+  lora = LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha, target_modules=config.lora.target_modules,
+                    dropout=config.lora.dropout)
+  inject_lora(model, lora, jax.random.fold_in(run_key(config), ADAPTER_INIT_STREAM), dtype=jnp.float32)
+  return model
+
+
+def load_records(config: Config, split: str, max_records: int | None) -> list[dict[str, Any]]:
+  """The records of the train or eval split of `config.data`'s source (`fedask_jax.data` loaders)."""
+  d = config.data
+  if d.source == "gsm8k":
+    name = d.train_split if split == "train" else d.eval_split
+    return fdata.load_gsm8k(name, source=d.path, max_records=max_records, strip_calculator=d.strip_calculator)
+  if d.source == "jsonl":
+    return fdata.load_jsonl(d.path if split == "train" else d.eval_path, max_records=max_records)
+  name = d.train_split if split == "train" else d.eval_split
+  if d.source == "hf":
+    return fdata.load_hf(d.path, split=name, name=d.name, max_records=max_records)
+  return fdata.load_tfds(d.path, split=name, data_dir=d.data_dir, max_records=max_records)
+
+
+def partition(config: Config, records: list[dict[str, Any]]) -> fdata.Partition:
+  """The clients' partition of `records` (`config.data.partition`), checked against `num_clients`."""
+  d = config.data
+  if d.partition == "iid" and d.category_column is None:
+    parts = fdata.iid_partition([0] * len(records), config.num_clients, seed=config.seed)
+  else:
+    values = len(np.unique(np.asarray([r[d.category_column] for r in records])))
+    try:
+      parts = fdata.partition_records(
+          records, d.partition, num_clients=config.num_clients, column=d.category_column, alpha=d.dirichlet_alpha,
+          seed=config.seed, min_client_size=d.min_client_size)
+    except ValueError:
+      # check_records has ruled out the other causes (a missing column, too few records), so for a Dirichlet
+      # partition this is every draw leaving some client below min_client_size.
+      if d.partition != "dirichlet":
+        raise
+      raise ConfigError(
+          f"data.partition='dirichlet': every draw of Dirichlet(data.dirichlet_alpha={d.dirichlet_alpha:g}) over "
+          f"the {values} values of {d.category_column!r} left some of the num_clients={config.num_clients} clients "
+          f"with fewer than data.min_client_size={d.min_client_size} records: raise data.dirichlet_alpha (the "
+          "paper: 0.1 to 1), or lower num_clients or data.min_client_size.") from None
+  if parts.num_clients != config.num_clients:
+    dropped = values - parts.num_clients  # only a natural partition can differ
+    reason = (f" ({dropped} of its {values} values have fewer than data.min_client_size={d.min_client_size} "
+              "records)" if dropped else "")
+    raise ConfigError(
+        f"data.partition='natural' over {d.category_column!r} gives {parts.num_clients} clients{reason} but "
+        f"num_clients={config.num_clients}: set num_clients={parts.num_clients}"
+        f"{' or lower data.min_client_size' if dropped else ''}.")
+  return parts
+
+
+def plan_privacy(config: Config, sizes: np.ndarray) -> tuple[PrivacyPlan | None, int]:
+  """(privacy plan or None without DP, batch capacity) for clients of `sizes` (module docstring)."""
+  b, smallest, largest = config.batch_size, int(sizes.min()), int(sizes.max())
+  if not config.privacy.enabled:
+    if b > largest:
+      raise ConfigError(f"batch_size={b} exceeds the largest client's {largest} examples: lower batch_size.")
+    return None, b
+  p = config.privacy
+  if b > smallest:
+    raise ConfigError(
+        f"batch_size={b} exceeds the smallest client's {smallest} examples, so its Poisson rate "
+        "q = batch_size / n would exceed 1: lower batch_size or num_clients, or raise data.min_client_size.")
+  capacity = min(largest, max(privacy.batch_capacity(int(n) + 1, b / int(n), p.overflow_prob) for n in set(sizes)))
+  steps = privacy.dp_steps(config.rounds, config.local_steps, config.clients_per_round, config.num_clients,
+                           p.participation)
+  overflow = privacy.overflow_delta(p.overflow_prob, steps, p.target_epsilon)
+  if overflow >= p.delta / 2:
+    raise ConfigError(
+        f"privacy.overflow_prob={p.overflow_prob:g} costs delta {overflow:.3g} over {steps} steps, at least half "
+        f"of privacy.delta={p.delta:g}: lower overflow_prob (e.g. 1e-12).")
+  q = b / smallest
+  sigma = privacy.calibrate_noise(p.target_epsilon, p.delta - overflow, q, steps, p.accountant)
+  return PrivacyPlan(sigma, q, steps, p.delta, p.delta - overflow, overflow, capacity), capacity
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+  """The local optimiser: `optimizer.name` at `lr`, after a linear warm-up from 0 over `warmup_steps` local
+  steps of each round (Hugging Face's constant-with-warm-up schedule: lr s / warmup at local step s)."""
+  o = config.optimizer
+  lr: Any = config.lr
+  if o.warmup_steps > 0:
+    lr = optax.linear_schedule(0.0, config.lr, o.warmup_steps)
+  if o.name == "adamw":
+    return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=o.weight_decay)
+  if o.name == "adam":
+    return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+  return optax.sgd(lr)
+
+
+def make_strategy(config: Config) -> Strategy:
+  """The configured strategy; the sketch's oversample/certify go to those strategies that take them."""
+  params = inspect.signature(STRATEGIES[config.strategy]).parameters
+  kwargs = dict(config.strategy_args)
+  for key in ("oversample", "certify"):
+    if key in params:
+      kwargs[key] = getattr(config.sketch, key)
+  return get_strategy(config.strategy, **kwargs)
+
+
+def load_eval_data(config: Config, tokenizer: Any) -> fdata.EncodedDataset:
+  """The held-out set (the first `eval.max_examples` examples of the eval split), encoded as training data."""
+  records = load_records(config, "eval", config.eval.max_examples)
+  check_records(config, records, "eval")
+  template = fdata.get_template(config.data.template, **config.data.template_fields)
+  encoded = fdata.encode(records, template, tokenizer, config.data.max_seq_len)
+  check_encoded(config, encoded, "eval")
+  return encoded
+
+
+# Measured: on a CPU, chunks of 4 were the fastest variant from K = 16 up and used 14x to 43x less memory than all
+# K at once (benchmarks/README.md, "Full mode"); on an H100 chunking was 1.33x slower (benchmarks/gpu.md).
+CPU_CLIENT_CHUNK = 4
+
+
+def client_chunk(config: Config) -> int | None:
+  """`config.client_chunk`, or when it is None: all clients at once on an accelerator, and on a CPU chunks of
+  the largest divisor of K up to `CPU_CLIENT_CHUNK`. On a CPU all K clients at once make every intermediate K
+  times larger, past the caches. Results do not depend on the chunk beyond float32 summation order."""
+  if config.client_chunk is not None or jax.default_backend() != "cpu":
+    return config.client_chunk
+  k = config.clients_per_round
+  return max(c for c in range(1, min(k, CPU_CLIENT_CHUNK) + 1) if k % c == 0)
+
+
+def prepare(config: Config, *, for_training: bool = True) -> Experiment:
+  """Loads and checks everything a run needs (module docstring); raises ValueError (ConfigError for the
+  config's own rules) on bad input, before any round is compiled. `for_training=False` loads only what
+  evaluation needs (model, tokenizer, held-out set)."""
+  if for_training:
+    check_run_dir(config)
+  model = load_model(config)
+  tokenizer = load_tokenizer(config.model.path)
+  eval_data = load_eval_data(config, tokenizer)
+  notes = [f"eval: {eval_data.num_examples} held-out examples, {eval_data.num_truncated} truncated to "
+           f"{config.data.max_seq_len} tokens"]
+  if not for_training:
+    return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, None, 0, None, None, notes)
+  records = load_records(config, "train", config.data.max_train_examples)
+  check_records(config, records, "train")
+  template = fdata.get_template(config.data.template, **config.data.template_fields)
+  encoded = fdata.encode(records, template, tokenizer, config.data.max_seq_len)
+  check_encoded(config, encoded, "train")
+  parts = partition(config, records)
+  plan, capacity = plan_privacy(config, parts.sizes)
+  dp = None if plan is None else DPConfig(
+      clip_norm=config.privacy.clip_norm, noise_multiplier=plan.noise_multiplier,
+      expected_batch_size=float(config.batch_size), mechanism=config.privacy.mechanism)
+  round_fn = FederatedRound(model, make_strategy(config), optimizer=make_optimizer(config), dp=dp,
+                            client_chunk=client_chunk(config))
+  if round_fn.mesh is not None and config.clients_per_round % round_fn.mesh.size:
+    raise ConfigError(
+        f"clients_per_round={config.clients_per_round} cannot be split evenly over {round_fn.mesh.size} devices: "
+        f"use a multiple of {round_fn.mesh.size}.")
+  # Rounds 1 and 2 cover every strategy's choice of trained factor (fedask-alt alternates), so an impossible
+  # combination (W-space DP with both factors trained) fails here rather than inside the loop.
+  for t in range(1, min(config.rounds, 2) + 1):
+    round_fn.trained(t)
+  sizes = parts.sizes
+  notes.append(f"train: {encoded.num_examples} examples, {encoded.num_truncated} truncated to "
+               f"{config.data.max_seq_len} tokens, {encoded.num_without_targets} without targets; "
+               f"{parts.num_clients} clients of {int(sizes.min())} to {int(sizes.max())} examples")
+  if plan is not None:
+    notes.append(
+        f"privacy: ({config.privacy.target_epsilon:g}, {config.privacy.delta:g})-DP, noise multiplier "
+        f"{plan.noise_multiplier:.4f} ({config.privacy.accountant}, {config.privacy.participation}, "
+        f"q = {plan.sample_rate:.4g}, {plan.steps} steps), {capacity} slots per step")
+  client_data = jax.device_put(fdata.stack_clients(encoded, parts))
+  return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, client_data, capacity, plan, round_fn,
+                    notes)
+
