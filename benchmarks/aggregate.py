@@ -1,12 +1,12 @@
 """Server aggregation time and per-client traffic: FedASK's two-stage sketch against dense aggregation.
 
-FedASK (`fedask_jax.sketch.aggregate`): stages 1-2 and reconstruction, never forming an m x n matrix
-(design.md 1.2-1.4). Dense baseline: every client's product left_k @ right_k (m x n, what a dense-update
+FedASK (`fedask_jax.sketch.aggregate_layer`): stages 1-2 and reconstruction, never forming an m x n matrix
+(design.md 1.2-1.4). Dense baseline: every client's product lora_a_k @ lora_b_k (m x n, what a dense-update
 scheme sends) is formed and the K products are averaged. Both are jitted and timed side by side in one process
 (alternating runs, so machine load hits both alike): compile time (lower + compile) separately, then the
 median of `repeats` runs after one warm-up call, each ended by `block_until_ready`.
 
-The factors are in DP mode (one right factor shared by all clients, the paper's frozen A), so the aggregate
+The factors are in DP mode (one factor shared by all clients, as FedASK's frozen lora_a), so the aggregate
 has rank <= r and the sketch is exact; the JSON records the exactness certificate as a sanity check. Timing
 does not depend on the values.
 
@@ -36,14 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedask_jax import sketch
+from fedask_jax.numerics import normalise_weights
 
 FLOAT32_BYTES = 4
 
 
-def dense_aggregate(lefts: jax.Array, rights: jax.Array, weights: jax.Array) -> jax.Array:
-  """sum_k w_k left_k @ right_k [m, n] with every client's m x n product formed (weights normalised)."""
-  products = jnp.matmul(lefts, rights, precision=jax.lax.Precision.HIGHEST)
-  return jnp.tensordot(weights / jnp.sum(weights), products, axes=1)
+def dense_aggregate(lora_a: jax.Array, lora_b: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum_k w_k lora_a_k @ lora_b_k [m, n] with every client's m x n product formed (weights normalised)."""
+  products = jnp.matmul(lora_a, lora_b, precision=jax.lax.Precision.HIGHEST)
+  return jnp.tensordot(weights, products, axes=1)
 
 
 def _compile(fn, *args):
@@ -60,7 +61,7 @@ def _run_time(compiled, *args) -> float:
 
 def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, repeats: int = 7,
             seed: int = 0) -> dict:
-  """Times jitted FedASK and dense aggregation of K float32 clients' (left [m, r], right [r, n]).
+  """Times jitted FedASK and dense aggregation of K float32 clients' (lora_a [m, r], lora_b [r, n]).
 
   Returns a JSON-ready dict: the problem, compile and median run seconds of each scheme, the speed-up
   (dense / FedASK median), the bytes one client sends per round in each scheme (FedASK: Y_k [m, w] +
@@ -69,17 +70,17 @@ def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, 
   if repeats < 1:
     raise ValueError(f"repeats={repeats}: time at least one run (the median of >= 5 is the intended use).")
   key = jax.random.key(seed)
-  lefts = jax.random.normal(jax.random.fold_in(key, 0), (k, m, r)) / np.sqrt(m)
-  rights = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, 1), (r, n)), (k, r, n)) / np.sqrt(n)
-  weights = jax.random.uniform(jax.random.fold_in(key, 2), (k,), minval=0.5, maxval=1.5)
+  lora_a = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, 1), (m, r)), (k, m, r)) / np.sqrt(m)
+  lora_b = jax.random.normal(jax.random.fold_in(key, 0), (k, r, n)) / np.sqrt(n)
+  weights = normalise_weights(jax.random.uniform(jax.random.fold_in(key, 2), (k,), minval=0.5, maxval=1.5))
   omega = sketch.make_omega(jax.random.fold_in(key, 3), n, r + p)
   width = min(r + p, m, n)
 
-  fedask, fedask_compile = _compile(jax.jit(sketch.aggregate, static_argnames="rank"),
-                                    lefts, rights, weights, omega, r)
-  dense, dense_compile = _compile(jax.jit(dense_aggregate), lefts, rights, weights)
-  fedask_args, dense_args = (lefts, rights, weights, omega), (lefts, rights, weights)
-  left, right = fedask(*fedask_args)
+  fedask, fedask_compile = _compile(jax.jit(sketch.aggregate_layer, static_argnames="rank"),
+                                    lora_a, lora_b, weights, omega, r)
+  dense, dense_compile = _compile(jax.jit(dense_aggregate), lora_a, lora_b, weights)
+  fedask_args, dense_args = (lora_a, lora_b, weights, omega), (lora_a, lora_b, weights)
+  new_a, new_b = fedask(*fedask_args)
   jax.block_until_ready(dense(*dense_args))
   fedask_times, dense_times = [], []
   for _ in range(repeats):
@@ -97,7 +98,7 @@ def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, 
       "dense": {"compile_s": dense_compile, "median_s": dense_s, "times_s": dense_times},
       "speedup": dense_s / fedask_s,
       "client_bytes_per_round": {"fedask": (m + n) * width * FLOAT32_BYTES, "dense": m * n * FLOAT32_BYTES},
-      "fedask_reconstruction_error": float(sketch.reconstruction_error(lefts, rights, weights, left, right)),
+      "fedask_reconstruction_error": float(sketch.reconstruction_error(lora_a, lora_b, weights, new_a, new_b)),
   }
 
 

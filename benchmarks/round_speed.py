@@ -7,8 +7,8 @@ FedASK (B-space, C = 1, sigma = 1; clients train lora_b), 2 local steps of AdamW
 
 - vmapped: `FederatedRound`'s compiled round, one `jit` over local training of all K clients (vmap) and the
   aggregation; with `client_chunk` c, the clients go c at a time (`lax.map` over chunks of a vmap).
-- loop: the same one-client update (`FederatedRound.client_update`) jitted on its own and called K times from
-  Python, the results stacked, then the jitted aggregation (`FederatedRound.aggregate`).
+- loop: the same one-client update (`fedask_jax.simulation.client_update`) jitted on its own and called K times
+  from Python, the results stacked, then the jitted server step (`fedask_jax.simulation.server_step`).
 
 Each is compiled and run once first (compile time recorded separately), then they run alternately `repeats` times
 (so machine load hits all alike), each run ended by `block_until_ready`; the table gives the medians and the
@@ -109,14 +109,15 @@ def measure(num_clients: int, repeats: int = 3, client_chunks: tuple[int | None,
     compile_s[chunk] = time.perf_counter() - start
     _timed(vmapped[chunk], fresh_state(), chunk_round.frozen_state, batches, ids, weights, round_key)  # warm-up
 
-  update = jax.jit(functools.partial(rnd.client_update, trained))
-  aggregate = jax.jit(rnd.aggregate)
+  update = jax.jit(functools.partial(simulation.client_update, rnd.training, trained))
+  server_step = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
   client_batch = lambda k: jax.tree.map(lambda x: x[k], batches)
 
   def loop(state):
     results = [update(state, rnd.frozen_state, client_batch(k), ids[k], jax.random.fold_in(round_key, k))[0]
                for k in range(num_clients)]
-    return aggregate(state, jax.tree.map(lambda *xs: jnp.stack(xs), *results), weights, ids, round_key)
+    return server_step(state, jax.tree.map(lambda *xs: jnp.stack(xs), *results), weights, ids,
+                       simulation.server_key(round_key))
 
   start = time.perf_counter()
   jax.block_until_ready(loop(state0))  # compiles the one-client update and the aggregation

@@ -8,9 +8,9 @@ certify=False)`: no exactness certificate, as the official code; `build_round` s
 
 - round_s: `FederatedRound`'s compiled round (one `jit`: K clients vmapped, tau steps scanned, aggregation);
 - loop_s: the same round as the official PyTorch code is structured: a Python loop over the clients calling
-  the jitted one-client update (`FederatedRound.client_update`), the results stacked, then the jitted
-  aggregation (`FederatedRound.aggregate`); the per-client inputs (batch slices, keys) are prepared outside
-  the timer;
+  the jitted one-client update (`fedask_jax.simulation.client_update`), the results stacked, then the jitted
+  server step (`fedask_jax.simulation.server_step`); the per-client inputs (batch slices, keys) are prepared
+  outside the timer;
 - limit_s: one jitted forward + backward (gradient of the same lora_b) of the K tau b examples as a single
   centralised batch, mean loss, no per-example gradients or clipping: the compute the round must at least do
   (on a CPU the round can beat it: its steps touch tau times fewer rows at once, README.md);
@@ -190,14 +190,14 @@ def loop_round(rnd: simulation.FederatedRound, trained: str) -> Callable[..., An
   """The round as a Python loop over clients (the official code's structure), same results as the compiled
   round: `run(state, client_inputs) -> (new ServerState, aggregation metrics)` with `client_inputs` from
   `loop_inputs`. The state is not donated."""
-  update = jax.jit(functools.partial(rnd.client_update, trained))
-  server = jax.jit(rnd.aggregate)
+  update = jax.jit(functools.partial(simulation.client_update, rnd.training, trained))
+  server = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
 
   def run(state: simulation.ServerState, inputs: dict[str, Any]) -> tuple[simulation.ServerState, Any]:
     results = [update(state, rnd.frozen_state, batch, client_id, key)[0]
                for batch, client_id, key in zip(inputs["batches"], inputs["ids"], inputs["keys"])]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-    return server(state, stacked, inputs["weights"], inputs["client_ids"], inputs["round_key"])
+    return server(state, stacked, inputs["weights"], inputs["client_ids"], simulation.server_key(inputs["round_key"]))
 
   return run
 
@@ -221,12 +221,12 @@ def limit_step(model: nnx.Module) -> tuple[Callable[..., Any], dict[str, jax.Arr
   start = to_adapters(lora_state)
 
   def loss(lora_b, frozen_state, batch):
-    adapters = {name: factors._replace(b=lora_b[name]) for name, factors in start.items()}
+    adapters = {name: factors._replace(lora_b=lora_b[name]) for name, factors in start.items()}
     merged = nnx.merge(graphdef, from_adapters(lora_state, adapters), frozen_state)
     logits = merged(batch.input_ids, batch.attention_mask)
     return jnp.mean(causal_lm_loss(logits, batch.input_ids, batch.loss_mask).per_example)
 
-  return jax.jit(jax.value_and_grad(loss)), {name: f.b for name, f in start.items()}, frozen_state
+  return jax.jit(jax.value_and_grad(loss)), {name: f.lora_b for name, f in start.items()}, frozen_state
 
 
 def memory_bytes(compiled: Any) -> dict[str, int]:

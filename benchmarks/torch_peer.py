@@ -12,10 +12,9 @@ next-token cross-entropy on the loss-mask tokens (`fedask_jax.objectives.causal_
 betas (0.9, 0.999), eps 1e-8, no weight decay, fresh every round. Only the random streams differ (Opacus's
 noise, the sketch's Omega); with sigma = 0 both give the same aggregate product (tests/test_benchmarks.py).
 
-Layouts: peft stores lora_A.weight [r, in] = the paper's A and lora_B.weight [out, r] = the paper's B, so in
-Flax layout (`fedask_jax.lora`: delta = a @ b, a = lora_a [in, r], b = lora_b [r, out]) a = A^T, b = B^T.
-Adapters cross this module's boundary as {dotted module path: (a, b)} numpy arrays in Flax layout, keyed by
-our paths ("model.layers.0.self_attn.q_proj").
+Layouts: peft stores lora_A.weight [r, in] and lora_B.weight [out, r], their transposes are our lora_a [in, r]
+and lora_b [r, out] (`fedask_jax.lora`). Adapters cross this module's boundary as {dotted module path: (lora_a,
+lora_b)} numpy arrays in our layout, keyed by our paths ("model.layers.0.self_attn.q_proj").
 
 torch, peft and Opacus are benchmark-only, optional dependencies: `missing()` says why the peer cannot run.
 """

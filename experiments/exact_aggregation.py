@@ -14,24 +14,24 @@ What is measured. A FedASK run on the embedded base model and GSM8K (experiments
 more clients per round, K = 8, so that the aggregate's rank K r exceeds the sketch width r + p when both
 factors are trained), in two cases: (a) with DP, where clients train lora_b only (the paper's B) and lora_a (the
 paper's A) is the same frozen matrix on every client; (b) without DP, where FedASK clients train both factors.
-Every round, the K clients' trained adapters are captured (`FederatedRound.client_update`, as the compiled round
-maps it) before the server step, and for every adapted layer and every oversampling p the sketch aggregate
-(`fedask_jax.sketch.aggregate` per layer, float32, Omega of width r + p from `make_omegas`, several draws) is
-compared with the exact weighted mean T = sum_k w_k a_k b_k formed densely in float64 numpy:
-err = ||a_agg b_agg - T||_F / ||T||_F. The run itself then advances with the library's own server step
-(`FederatedRound.aggregate`, p = 2), so the captured rounds are those of `fedask_jax.runner.train` with the same
-config (same sampler and keys). Also per layer: the error of the best rank-r approximation of T (truncated SVD,
-the floor for any rank-r result), the aggregate's numerical rank, and the error of averaging each factor
-separately (FedAvg).
+Every round, the K clients' trained adapters are captured (`FederatedRound.client_results`, the compiled round's
+clients) before the server step, and for every adapted layer and every oversampling p the sketch aggregate
+(`fedask_jax.sketch.aggregate_layer`, float32, Omega of width r + p from `make_omegas`, several draws) is
+compared with the exact weighted mean T = sum_k w_k lora_a_k lora_b_k formed densely in float64 numpy:
+err = ||lora_a_agg lora_b_agg - T||_F / ||T||_F. The run itself then advances with the library's own server
+step (`fedask_jax.simulation.server_step`, p = 2), so the captured rounds are those of `fedask_jax.runner.train`
+with the same config (same sampler and keys). Also per layer: the error of the best rank-r approximation of T
+(truncated SVD, the floor for any rank-r result), the aggregate's numerical rank, and the error of averaging
+each factor separately (FedAvg).
 
-Layout (design.md section 3): a = lora_a [in, r] is the sketch's `left` (the paper's A^T), b = lora_b [r, out]
-its `right` (the paper's B^T); m = in, n = out.
+Factor names: `fedask_jax.lora`; m = in, n = out.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import shlex
@@ -47,9 +47,10 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from fedask_jax import runner, sketch
+from fedask_jax import runner, simulation, sketch
+from fedask_jax.adapters import Adapters
 from fedask_jax.config import load_config
-from fedask_jax.lora import Adapters
+from fedask_jax.numerics import normalise_weights
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -151,7 +152,7 @@ def halko_ratio_bound(rank: int, oversample: int) -> float | None:
 
 # One layer's two-stage aggregate (what `sketch.aggregate_adapters` maps over layers), compiled once per layer
 # shape and sketch width: a third of the compilation time of the layer-mapped version, which dominated --quick.
-sketch_aggregate = jax.jit(sketch.aggregate, static_argnames="rank")
+sketch_aggregate = jax.jit(sketch.aggregate_layer, static_argnames="rank")
 
 
 def sketch_condition(leading: np.ndarray, omega: np.ndarray) -> float:
@@ -163,24 +164,25 @@ def sketch_condition(leading: np.ndarray, omega: np.ndarray) -> float:
 
 def measure_round(adapters: Adapters, weights: np.ndarray, rank: int, oversamples: tuple[int, ...], seeds: int,
                   key: jax.Array) -> dict[str, Any]:
-  """Every figure of one round's captured adapters {name: LoRAFactors(a [K, m, r], b [K, r, n])}.
+  """Every figure of one round's captured adapters {name: LoRAFactors(lora_a [K, m, r], lora_b [K, r, n])}.
 
   Returns {"layers": {name: {...}}}: per layer the sketch errors [len(oversamples), seeds] (Omega draw s of
   oversampling p from fold_in(key, s), width r + p, clipped to min(m, n) by make_omegas) and the condition numbers
   of the sketch's factor V_r^T Omega (same shape, `sketch_condition`), the truncation floor, the numerical rank
   of T, the error of forming T in float32, and FedAvg's error.
   """
-  host = {name: (np.asarray(f.a), np.asarray(f.b)) for name, f in adapters.items()}
+  host = {name: (np.asarray(f.lora_a), np.asarray(f.lora_b)) for name, f in adapters.items()}
   targets = {name: dense_mean(a, b, weights) for name, (a, b) in host.items()}
   errors = {name: np.zeros((len(oversamples), seeds)) for name in host}
   conditions = {name: np.zeros((len(oversamples), seeds)) for name in host}
   leading = {name: np.linalg.svd(target)[2][:rank] for name, target in targets.items()}
+  normalised = normalise_weights(weights)  # as the round's server step hands them to the sketch
   for i, p in enumerate(oversamples):
     for s in range(seeds):
       omegas = sketch.make_omegas(jax.random.fold_in(key, s), adapters, rank + p)
       for name, f in adapters.items():
-        left, right = sketch_aggregate(f.a, f.b, jnp.asarray(weights), omegas[name], rank=rank)
-        errors[name][i, s] = relative_error(left, right, targets[name])
+        new_a, new_b = sketch_aggregate(f.lora_a, f.lora_b, normalised, omegas[name], rank=rank)
+        errors[name][i, s] = relative_error(new_a, new_b, targets[name])
         conditions[name][i, s] = sketch_condition(leading[name], omegas[name])
   layers = {}
   w = np.asarray(weights, np.float64)
@@ -201,17 +203,6 @@ def measure_round(adapters: Adapters, weights: np.ndarray, rank: int, oversample
 # The run.
 
 
-def client_results_fn(round_fn, trained: str):
-  """(state, frozen_state, batches [K, ...], client ids [K], keys [K]) -> ClientResult [K]: the clients of the
-  compiled round (`FederatedRound.client_update` mapped over clients in chunks of `client_chunk`), jitted."""
-
-  def clients(state, frozen_state, batches, client_ids, keys):
-    one = lambda xs: round_fn.client_update(trained, state, frozen_state, *xs)[0]
-    return jax.lax.map(one, (batches, client_ids, keys), batch_size=round_fn.client_chunk or 0)
-
-  return jax.jit(clients)
-
-
 def run_case(case: Case, settings: Settings, oversamples: tuple[int, ...], key: jax.Array) -> dict[str, Any]:
   """Prepare the case's run, capture every round's client adapters and measure them; the run advances with the
   library's server step."""
@@ -222,23 +213,19 @@ def run_case(case: Case, settings: Settings, oversamples: tuple[int, ...], key: 
     round_fn = experiment.round_fn
     rank = config.lora.rank
     sample = runner.round_sampler(config, experiment.capacity)
-    aggregate = jax.jit(round_fn.aggregate)
+    server_step = jax.jit(functools.partial(simulation.server_step, round_fn.strategy))
     state = round_fn.init(config.num_clients)
-    clients: dict[str, Any] = {}
     rounds = []
     for t in range(1, config.rounds + 1):
       trained = round_fn.trained(t)
-      if trained not in clients:
-        clients[trained] = client_results_fn(round_fn, trained)
       round_key = jax.random.fold_in(runner.run_key(config), t)
       ids, weights, batches = sample(round_key, experiment.client_data)
-      keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(round_key, ids)
-      results = clients[trained](state, round_fn.frozen_state, batches, ids, keys)
+      results, _ = round_fn.client_results(state, batches, ids, round_key, t)
       if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(results.adapters)):
         raise RuntimeError(f"case {case.name}, round {t}: a client's adapters are not finite.")
       measured = measure_round(results.adapters, np.asarray(weights), rank, oversamples, settings.seeds,
                                jax.random.fold_in(key, t))
-      state, metrics = aggregate(state, results, weights, ids, round_key)
+      state, metrics = server_step(state, results, weights, ids, simulation.server_key(round_key))
       measured.update(round=t, trained=trained, clients=np.asarray(ids).tolist(),
                       library_certificate=float(metrics["reconstruction_error"]))
       rounds.append(measured)
@@ -337,9 +324,9 @@ def markdown(report: dict[str, Any]) -> str:
       f"{s['num_clients']} clients, K = {k} per round, {s['local_steps']} local steps of batch {s['batch_size']}, "
       f"sequences of {s['max_seq_len']} tokens, {s['rounds']} rounds per case. Every round the K clients' trained "
       "adapters are captured before the server step; for each adapted layer and each oversampling p the "
-      f"sketch aggregate (`sketch.aggregate` per layer, float32, {s['seeds']} Omega draws) is compared with the exact "
+      f"sketch aggregate (`sketch.aggregate_layer`, float32, {s['seeds']} Omega draws) is compared with the exact "
       "weighted mean T = sum_k w_k B_k A_k formed densely in float64 numpy; the run then advances with the "
-      f"library's own server step (`FederatedRound.aggregate`, p = {cases[0]['oversample_in_run']}). "
+      f"library's own server step (`simulation.server_step`, p = {cases[0]['oversample_in_run']}). "
       f"Error = ||B A - T||_F / ||T||_F. p = {covering} = (K - 1) r is added as a control: a width r + p = K r "
       "that covers the rank of T.",
       "",

@@ -79,11 +79,12 @@ from flax import nnx
 
 from fedask_jax import data as fdata
 from fedask_jax import evaluation, privacy, runner
+from fedask_jax.adapters import TRAINED, Adapters
 from fedask_jax.config import Config, load_config, to_dict
-from fedask_jax.lora import Adapters, from_adapters, to_adapters
+from fedask_jax.lora import from_adapters, to_adapters
 from fedask_jax.models import load_tokenizer
 from fedask_jax.simulation import DPConfig, FederatedRound
-from fedask_jax.strategies import TRAINED, get_strategy
+from fedask_jax.strategies import get_strategy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)

@@ -62,8 +62,8 @@ import scipy.optimize
 import scipy.stats
 
 from fedask_jax import privacy, runner
+from fedask_jax.adapters import Adapters
 from fedask_jax.config import Config, load_config, to_dict
-from fedask_jax.lora import Adapters
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -130,7 +130,8 @@ def experiment_config(strategy: str, optimizer: str, overrides: tuple[str, ...] 
 
 def layer_products(adapters: Adapters, scaling: float) -> dict[str, np.ndarray]:
   """{layer: s a b [..., in, out]} in float64 (a: lora_a [..., in, r], b: lora_b [..., r, out])."""
-  return {name: scaling * np.einsum("...ir,...ro->...io", np.asarray(f.a, np.float64), np.asarray(f.b, np.float64))
+  return {name: scaling * np.einsum("...ir,...ro->...io", np.asarray(f.lora_a, np.float64),
+                                    np.asarray(f.lora_b, np.float64))
           for name, f in adapters.items()}
 
 
@@ -264,8 +265,8 @@ def factor_terms(start: Adapters, noise_free: Adapters, both: bool) -> tuple[flo
   that the clients train are taken after the noise-free round (a0 + G_a, b0 + G_b); a frozen one at its start."""
   linear = cross = 0.0
   for name, f in start.items():
-    a = np.asarray((noise_free if both else start)[name].a, np.float64)
-    b = np.asarray(noise_free[name].b, np.float64)
+    a = np.asarray((noise_free if both else start)[name].lora_a, np.float64)
+    b = np.asarray(noise_free[name].lora_b, np.float64)
     fan_in, rank, fan_out = a.shape[-2], a.shape[-1], b.shape[-1]
     layers = a.size // (fan_in * rank)  # stacked layers, if any
     linear += fan_out * np.sum(a**2) + (fan_in * np.sum(b**2) if both else 0.0)
@@ -645,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
   for v in paper_crossover["sgd"].values():
     v["lr_to_reach_eps1"] = v["per_lr"] / paper_eps1
     v["adam_matched_ratio"] = paper_eps1 / (v["per_lr"] / paper_crossover["adam_matched_lr"])
-  width = int(np.asarray(next(iter(fed_sgd.start.values())).a).shape[-2])
+  width = int(np.asarray(next(iter(fed_sgd.start.values())).lora_a).shape[-2])
   # The round-1 formula of init_crossover against this run's fitted sigma*: the same law as the paper numbers.
   own_init = init_crossover(measured.batch_size, measured.lr, measured.local_steps,
                             float(np.sum(fed_sgd.weights**2)), measured.privacy.clip_norm, width)

@@ -140,7 +140,7 @@ def angle_summary(initial: dict[str, np.ndarray], current: dict[str, np.ndarray]
 
 def lora_a(adapters) -> dict[str, np.ndarray]:
   """{name: lora_a [in, r]} copied to the host (np.array copies: the next round donates the device buffers)."""
-  return {name: np.array(f.a) for name, f in adapters.items()}
+  return {name: np.array(f.lora_a) for name, f in adapters.items()}
 
 
 def run_method(method: Method, settings: Settings) -> dict[str, Any]:

@@ -29,10 +29,10 @@ log(((alpha/2)^(1/n) - delta) / (1 - (alpha/2)^(1/n))) ~ log(n / log(2 / alpha))
 a broken mechanism (epsilon = infinity) is reported at this ceiling, which grows with log N.
 
 The canary (`linear_canary_problem`) is a gradient canary (Nasr et al. 2023): a tiny LoRA-adapted
-`fedask_jax.lora.Linear`, y = x @ (W0 + s a b) (Flax layout: a = lora_a [in, r] frozen, the product's left;
-b = lora_b [r, out] trained, the right; the paper's B = b^T, A = a^T), whose frozen a reserves its last column
-for an input coordinate that only the canary uses; with a huge target the canary's gradient has norm >> C
-(clipped to exactly C) and lives in a coordinate of b that no other example's gradient touches. That coordinate
+`fedask_jax.lora.Linear`, y = x @ (W0 + s lora_a lora_b) with lora_a [in, r] frozen and lora_b [r, out]
+trained, whose frozen lora_a reserves its last column for an input coordinate that only the canary uses; with a
+huge target the canary's gradient has norm >> C (clipped to exactly C) and lives in a coordinate of lora_b that
+no other example's gradient touches. That coordinate
 is u, and the audit is as strong as a white-box audit of the released factor can be: in the single-step,
 q = 1 setting the in/out scores are N(C, sigma^2 C^2) vs N(0, sigma^2 C^2) (times lr / (q n), and s in
 W-space), the Gaussian mechanism itself.
@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -53,6 +52,7 @@ from flax import nnx
 from jax_privacy import auditing as jp_auditing
 
 from fedask_jax import privacy
+from fedask_jax._checks import check_choice, check_int, check_real
 from fedask_jax.lora import Linear, LoRAConfig, split_lora
 
 Array = jax.Array
@@ -68,30 +68,23 @@ _SAMPLING_STREAM, _NOISE_STREAM = 0, 1
 
 def _check_confidence(confidence: Any) -> float:
   # jax_privacy asks for significance in (0, 0.5).
-  if not isinstance(confidence, numbers.Real) or not 0.5 < confidence < 1:
-    raise ValueError(f"confidence={confidence!r}: the confidence level must be in (0.5, 1), e.g. 0.95.")
-  return float(confidence)
+  return float(check_real("confidence", confidence, 0.5, 1, lo_open=True, hi_open=True,
+                          what="the confidence level", hint=", e.g. 0.95"))
 
 
 def _check_delta(delta: Any) -> float:
-  if not isinstance(delta, numbers.Real) or not 0 <= delta < 1:
-    raise ValueError(f"delta={delta!r}: delta must be in [0, 1), the delta of the claim audited (e.g. 1e-5).")
-  return float(delta)
+  return float(check_real("delta", delta, 0, 1, hi_open=True, what="delta",
+                          hint=", the delta of the claim audited (e.g. 1e-5)"))
 
 
 def _check_runs(name: str, value: Any) -> int:
-  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 2:
-    raise ValueError(
-        f"{name}={value!r}: expected an integer >= 2 (the held-out threshold needs runs on both halves; "
-        "thousands give a useful bound).")
-  return int(value)
+  return check_int(name, value, 2, hint=" (the held-out threshold needs runs on both halves; thousands give a "
+                   "useful bound)")
 
 
 def _check_schedule(steps: Any, sample_rate: Any) -> None:
-  if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
-    raise ValueError(f"steps={steps!r}: the number of local DP steps T must be an integer >= 1.")
-  if not isinstance(sample_rate, numbers.Real) or not 0 < sample_rate <= 1:
-    raise ValueError(f"sample_rate={sample_rate!r}: the Poisson rate q must be in (0, 1] (batch size / n).")
+  check_int("steps", steps, 1, what="the number of local DP steps T")
+  check_real("sample_rate", sample_rate, 0, 1, lo_open=True, what="the Poisson rate q", hint=" (batch size / n)")
 
 
 def _as_scores(name: str, scores: Any) -> np.ndarray:
@@ -244,8 +237,7 @@ def canary_scores(
       jnp.shape(u) != jnp.shape(p) for u, p in zip(jax.tree.leaves(direction), jax.tree.leaves(params))):
     raise ValueError("direction must have the structure and shapes of params (one score weight per parameter).")
   rows = {jnp.shape(x)[0] for x in jax.tree.leaves(data)}
-  if not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-    raise ValueError(f"chunk_size={chunk_size!r}: expected an integer >= 1 (runs vmapped at once; memory only).")
+  check_int("chunk_size", chunk_size, 1, hint=" (runs vmapped at once; memory only)")
   if len(rows) != 1 or min(rows) < 2:
     raise ValueError(
         f"data leaves have leading axes {sorted(rows)}: expected one example axis [n + 1, ...], n >= 1, with the "
@@ -374,8 +366,7 @@ class CanaryProblem:
       self, space: str, *, clip_norm: float, noise_multiplier: float, expected_batch_size: float) -> Mechanism:
     """The DP gradient of lora_b through the real layer: "b_space" (`privacy.dp_gradient`) or "w_space"
     (`privacy.wspace_dp_gradient`, W-space probe of `Linear`), with C, sigma and q n bound."""
-    if space not in SPACES:
-      raise ValueError(f"space={space!r}: choose one of {SPACES}.")
+    check_choice("space", space, SPACES)
     graphdef, lora_state, rest = self._layer(space == "w_space")
 
     def model(b):
@@ -411,24 +402,23 @@ def linear_canary_problem(
 ) -> CanaryProblem:
   """Build a `CanaryProblem`: n Gaussian examples and a gradient canary that no other example can mask.
 
-  lora_a = [Q | e_{in-1}] with Q [in, r-1] orthonormal and zero in the last input coordinate, so a^T a = I (the
-  W-space noise s a^T N is isotropic in b, as the B-space noise is) and lora_b's last row is driven by input
-  coordinate in-1 alone. Ordinary examples have x_{in-1} = 0 (their gradients never touch that row); the canary
-  is x = e_{in-1}, target = canary_gradient_norm e_{out-1}, and W0's last row is 0, so at theta_0 its
-  gradients are dl/dW = -canary_gradient_norm e_{in-1} e_{out-1}^T and dl/db = -s canary_gradient_norm u:
+  lora_a = [Q | e_{in-1}] with Q [in, r-1] orthonormal and zero in the last input coordinate, so
+  lora_a^T lora_a = I (the W-space noise s lora_a^T N is isotropic in lora_b, as the B-space noise is) and
+  lora_b's last row is driven by input coordinate in-1 alone. Ordinary examples have x_{in-1} = 0 (their
+  gradients never touch that row); the canary is x = e_{in-1}, target = canary_gradient_norm e_{out-1}, and
+  W0's last row is 0, so at theta_0 its gradients are dl/dW = -canary_gradient_norm e_{in-1} e_{out-1}^T and
+  dl/dlora_b = -s canary_gradient_norm u:
   norms canary_gradient_norm (W-space) and s canary_gradient_norm (B-space), to exceed C (clipped to exactly C)
   or, with clipping off, to show it. The target is so far away that u stays the gradient's direction over a
   few local steps.
   """
   for name, value, minimum in [("num_examples", num_examples, 1), ("in_features", in_features, 2),
                                ("out_features", out_features, 1), ("rank", rank, 1)]:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-      raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}.")
+    check_int(name, value, minimum)
   if rank > min(in_features, out_features):
     raise ValueError(
         f"rank={rank} with in_features={in_features}, out_features={out_features}: need rank <= min(in, out).")
-  if not canary_gradient_norm > 0:
-    raise ValueError(f"canary_gradient_norm={canary_gradient_norm!r}: must be > 0 (>= C to be clipped to C).")
+  check_real("canary_gradient_norm", canary_gradient_norm, 0, lo_open=True, hint=" (>= C to be clipped to C)")
   keys = jax.random.split(key, 4)
   kernel = jax.random.normal(keys[0], (in_features, out_features)) / math.sqrt(in_features)
   kernel = kernel.at[-1].set(0.0)

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fedask_jax._checks import check_int
 from fedask_jax.data.corpora import GSM8K_ALPACA, gsm8k_final_answer
 from fedask_jax.data.encoding import EncodedDataset, encode_pairs
 from fedask_jax.data.templates import Template
@@ -53,8 +54,7 @@ MMLU_LETTERS = ("A", "B", "C", "D")
 
 
 def _check_batch_size(batch_size: Any) -> None:
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1.")
+  check_int("batch_size", batch_size, 1)
 
 
 def _batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -155,8 +155,7 @@ def text_windows(texts: Sequence[str], tokenizer: Any, seq_len: int) -> EncodedD
   is right-padded. Every real token but a window's first is a target (`loss_mask`); `prompt_length` is 0 and
   `full_length` the window's real tokens.
   """
-  if not isinstance(seq_len, int) or seq_len < 2:
-    raise ValueError(f"seq_len={seq_len!r}: must be an integer >= 2 (a context token and a target).")
+  check_int("seq_len", seq_len, 2, hint=" (a context token and a target)")
   if tokenizer.eos_token_id is None:
     raise ValueError("the tokenizer has no eos_token: documents are separated by EOS in the stream; set one.")
   documents = _tokenize(tokenizer, texts, _special_prefix(tokenizer))

@@ -1,16 +1,23 @@
 """LoRA for Flax NNX: a LoRA-capable linear layer, injection by PEFT's module-name rules, and the state helpers
 the federated round is built on.
 
-Layout. A `Linear` computes `y = x @ kernel + bias` with `kernel` [in, out] (Flax layout; the transpose of
-PyTorch's `nn.Linear.weight`). With LoRA, `y += dropout(x) @ lora_a @ lora_b * scaling`, `lora_a` [in, r]
-(PEFT's `lora_A.weight` transposed), `lora_b` [r, out] (PEFT's `lora_B.weight` transposed),
-`scaling = alpha / r`. In the product notation of `fedask_jax.sketch` (`delta = left @ right`), left = lora_a
-and right = lora_b; in the paper's notation (`W = W0 + s B A`, `y = W x`) B = lora_b^T and A = lora_a^T.
+Factor names. The package names the factors as Flax and PEFT do, everywhere. A `Linear` computes
+`y = x @ kernel + bias` with `kernel` [in, out] (Flax layout; the transpose of PyTorch's `nn.Linear.weight`);
+with LoRA, `y += dropout(x) @ lora_a @ lora_b * scaling`, `scaling = alpha / r`:
 
-The factors are `nnx.LoRAParam` variables, so `nnx.split(model, nnx.LoRAParam, ...)` separates what trains
-from what stays frozen; `split_lora` and `merge_lora` do exactly that. The federated round works on
-`Adapters`: a flat dict from a module's dotted path (Hugging Face's names, e.g.
-`model.layers.0.self_attn.q_proj`) to its `LoRAFactors(a, b)`, with an optional leading client axis.
+| here | shape | PEFT | the paper (`W = W0 + B A`, `y = W x`) |
+| --- | --- | --- | --- |
+| `lora_a` | [in, r] | `lora_A.weight` transposed | A^T (A [r, in]) |
+| `lora_b` | [r, out] | `lora_B.weight` transposed | B^T (B [out, r]) |
+| `lora_a @ lora_b * scaling` | [in, out] | the merged update, transposed | (s B A)^T |
+
+FedASK under DP trains lora_b (the paper's B) with lora_a (the paper's A) frozen; PEFT initialises lora_b to
+zero, so the first update is lora_b's.
+
+The factors are `nnx.LoRAParam` variables, so `split_lora` (`nnx.split(model, nnx.LoRAParam, ...)`) separates
+what trains from what stays frozen, and `nnx.merge(graphdef, lora_state, frozen_state)` puts them back. The
+federated round works on `fedask_jax.adapters.Adapters`, {dotted module path: LoRAFactors(lora_a, lora_b)};
+`to_adapters` and `from_adapters` convert.
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from fedask_jax._checks import check_int, check_real
+from fedask_jax.adapters import Adapters, LoRAFactors
 
 Array = jax.Array
 
@@ -49,14 +59,13 @@ class LoRAConfig:
   def __post_init__(self):
     if isinstance(self.target_modules, list):
       object.__setattr__(self, "target_modules", tuple(self.target_modules))
-    if not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"lora.rank={self.rank!r}: the rank must be an integer >= 1.")
-    if not self.alpha > 0:
-      raise ValueError(f"lora.alpha={self.alpha!r}: alpha must be > 0 (PEFT uses alpha = 2 * rank).")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"lora.dropout={self.dropout!r}: the dropout rate must be in [0, 1).")
+    check_int("lora.rank", self.rank, 1)
+    check_real("lora.alpha", self.alpha, 0, lo_open=True, hint=" (PEFT uses alpha = 2 * rank)")
+    check_real("lora.dropout", self.dropout, 0, 1, hi_open=True)
     if not self.target_modules:
-      raise ValueError("lora.target_modules is empty: name at least one module, e.g. ['q_proj', 'v_proj'].")
+      raise ValueError("lora.target_modules is empty: name at least one module, e.g. [q_proj, v_proj].")
+    if not isinstance(self.target_modules, str) and not all(self.target_modules):
+      raise ValueError(f"lora.target_modules={list(self.target_modules)} holds an empty name: remove it.")
 
   @property
   def scaling(self) -> float:
@@ -67,19 +76,6 @@ class LoRAConfig:
     if isinstance(self.target_modules, str):
       return re.fullmatch(self.target_modules, path) is not None
     return any(path == name or path.endswith("." + name) for name in self.target_modules)
-
-
-class LoRAFactors(NamedTuple):
-  """The two factors of one adapted layer. a: [in, r] (left, paper's A^T); b: [r, out] (right, paper's B^T).
-
-  Either may carry leading batch axes (clients, examples); the last two axes are the matrix.
-  """
-
-  a: Array
-  b: Array
-
-
-Adapters = dict[str, LoRAFactors]
 
 
 def peft_lora_a_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -197,13 +193,8 @@ def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   return graphdef, lora_state, frozen_state
 
 
-def merge_lora(graphdef: nnx.GraphDef, lora_state: nnx.State, frozen_state: nnx.State) -> nnx.Module:
-  """Inverse of `split_lora`."""
-  return nnx.merge(graphdef, lora_state, frozen_state)
-
-
 def to_adapters(lora_state: nnx.State) -> Adapters:
-  """LoRA state -> {dotted path: LoRAFactors(a, b)}; works with leading batch axes on the leaves."""
+  """LoRA state -> {dotted path: LoRAFactors(lora_a, lora_b)}; works with leading batch axes on the leaves."""
   flat = nnx.to_flat_state(lora_state)
   pieces: dict[str, dict[str, Array]] = {}
   for path, var in flat:
@@ -220,24 +211,14 @@ def from_adapters(lora_state: nnx.State, adapters: Adapters) -> nnx.State:
   for path, var in flat:
     *module, leaf = path
     factors = adapters[path_name(module)]
-    value = factors.a if leaf == "lora_a" else factors.b
+    value = getattr(factors, leaf)
     leaves.append((path, var.replace(value) if isinstance(var, nnx.Variable) else value))
   return nnx.from_flat_state(leaves)
 
 
-def stack_adapters(adapters: Sequence[Adapters]) -> Adapters:
-  """List of K adapters -> one with a leading client axis [K, ...] on every factor."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
-
-
-def unstack_adapters(adapters: Adapters) -> list[Adapters]:
-  """Inverse of `stack_adapters`."""
-  k = jax.tree.leaves(adapters)[0].shape[0]
-  return [jax.tree.map(lambda x, i=i: x[i], adapters) for i in range(k)]
-
-
-def merge_adapters(model: nnx.Module) -> None:
-  """Fold every adapter into its base kernel (`kernel += a @ b * scaling`, float32 math) and drop it."""
+def merge_and_unload(model: nnx.Module) -> None:
+  """Fold every adapter into its base kernel (`kernel += lora_a @ lora_b * scaling`, float32 math) and drop it
+  (PEFT's `merge_and_unload`)."""
   for layer in lora_layers(model).values():
     kernel = layer.kernel[...]
     delta = (layer.lora_a[...].astype(jnp.float32) @ layer.lora_b[...].astype(jnp.float32)) * layer.scaling

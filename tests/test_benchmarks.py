@@ -31,7 +31,7 @@ def products(adapters):
 
 
 def as_pairs(adapters):
-  return {name: (f.a, f.b) for name, f in adapters.items()}
+  return {name: (f.lora_a, f.lora_b) for name, f in adapters.items()}
 
 
 def relative_errors(x, y):

@@ -2,6 +2,7 @@
 problems, and its captured client adapters against the library's compiled round (the tiny runner setup of
 tests/run_fixtures.py: a 2-layer Llama, hidden 32, LoRA r 2 on q_proj and v_proj)."""
 
+import functools
 import pathlib
 import sys
 
@@ -15,9 +16,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiment
 import exact_aggregation as ea  # noqa: E402  (experiments/exact_aggregation.py)
 from run_fixtures import make_tiny_setup  # noqa: E402
 
-from fedask_jax import runner  # noqa: E402
+from fedask_jax import runner, simulation  # noqa: E402
+from fedask_jax.adapters import LoRAFactors  # noqa: E402
 from fedask_jax.config import from_dict  # noqa: E402
-from fedask_jax.lora import LoRAFactors  # noqa: E402
 
 K, M, N, R = 4, 12, 10, 2
 
@@ -95,18 +96,19 @@ def test_captured_clients_give_the_compiled_rounds_state(tmp_path):
   for t in (1, 2):
     round_key = jax.random.fold_in(runner.run_key(config), t)
     ids, weights, batches = sample(round_key, experiment.client_data)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(round_key, ids)
-    trained = round_fn.trained(t)
-    assert trained == "b"
-    results = ea.client_results_fn(round_fn, trained)(state, round_fn.frozen_state, batches, ids, keys)
-    for name, f in results.adapters.items():  # A frozen: every client holds the global lora_a, bit for bit
-      assert np.array_equal(np.asarray(f.a), np.broadcast_to(np.asarray(state.adapters[name].a), f.a.shape))
-    state, _ = jax.jit(round_fn.aggregate)(state, results, weights, ids, round_key)
+    assert round_fn.trained(t) == "lora_b"
+    results, _ = round_fn.client_results(state, batches, ids, round_key, t)
+    for name, f in results.adapters.items():  # lora_a frozen: every client holds the global lora_a, bit for bit
+      global_a = np.broadcast_to(np.asarray(state.adapters[name].lora_a), f.lora_a.shape)
+      assert np.array_equal(np.asarray(f.lora_a), global_a)
+    server_step = jax.jit(functools.partial(simulation.server_step, round_fn.strategy))
+    state, _ = server_step(state, results, weights, ids, simulation.server_key(round_key))
     reference, _ = round_fn(reference, batches, ids, weights, round_key, t)
     # Same keys and the same ops, compiled in two programs: only float32 reordering differs (~1e-7 per op,
     # over 2 AdamW steps and the sketch's QR/SVD); 1e-4 relative on the products is far above it.
     for name, f in state.adapters.items():
-      got = np.asarray(f.a, np.float64) @ np.asarray(f.b, np.float64)
-      want = np.asarray(reference.adapters[name].a, np.float64) @ np.asarray(reference.adapters[name].b, np.float64)
+      got = np.asarray(f.lora_a, np.float64) @ np.asarray(f.lora_b, np.float64)
+      want = (np.asarray(reference.adapters[name].lora_a, np.float64)
+              @ np.asarray(reference.adapters[name].lora_b, np.float64))
       assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), name
       assert np.linalg.norm(want) > 0

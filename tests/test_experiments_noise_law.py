@@ -50,7 +50,7 @@ def test_ffa_lora_noise_power_matches_the_analytic_value(tiny_setup):
   # so sigma moves eta sum_k w_k sum_s g_ks by at most D_b = 2 eta S C capacity / B_e (global L2 over b), and the
   # product by at most s max_l ||a_l||_2 D_b; by the triangle inequality over the seeds stacked, the root-mean
   # power sits within that of the pure noise's.
-  spectral = max(np.linalg.norm(np.asarray(f.a, np.float64), 2) for f in adapters.values())
+  spectral = max(np.linalg.norm(np.asarray(f.lora_a, np.float64), 2) for f in adapters.values())
   coupling = s * spectral * 2 * eta * steps * clip * experiment.capacity / batch
   for i, sigma in enumerate(sigmas):
     # Pure noise: b's aggregated noise -eta sum_k w_k sum_s xi_ks has i.i.d. N(0, v) entries, and layer l's
@@ -59,8 +59,8 @@ def test_ffa_lora_noise_power_matches_the_analytic_value(tiny_setup):
     # seeds divides every weight by the number of seeds.
     v = eta**2 * steps * np.sum(w**2) * (sigma * clip / batch) ** 2
     lam = np.asarray([s**2 * v * e / seeds for f in adapters.values()
-                      for e in np.linalg.eigvalsh(np.asarray(f.a, np.float64).T @ np.asarray(f.a, np.float64))
-                      for _ in range(f.b.shape[-1] * seeds)])
+                      for e in np.linalg.eigvalsh(np.asarray(f.lora_a, np.float64).T @ np.asarray(f.lora_a, np.float64))
+                      for _ in range(f.lora_b.shape[-1] * seeds)])
     expected = lam.sum()
     # Laurent & Massart (2000), Lemma 1: P(X - EX >= 2 sqrt(x sum lam^2) + 2 x max lam) <= e^-x and
     # P(EX - X >= 2 sqrt(x sum lam^2)) <= e^-x; x = 14: false-failure probability <= 2 sigmas x 2 e^-14 = 3.3e-6.

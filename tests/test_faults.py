@@ -12,6 +12,7 @@ bit for bit: every random draw derives from the run key and the round (fedask_ja
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -33,11 +34,12 @@ from run_fixtures import make_tiny_setup
 from safetensors.numpy import load_file
 
 from fedask_jax import cli, runner, simulation
+from fedask_jax.adapters import combine, select
 from fedask_jax.checkpoint import state as checkpoint_state
 from fedask_jax.checkpoint.state import StateCheckpoints, UnreadableCheckpoints
 from fedask_jax.config import load_config
 from fedask_jax.lora import LoRAConfig, Linear, inject_lora
-from fedask_jax.strategies import STRATEGIES, ClientResult, combine, get_strategy, select
+from fedask_jax.strategies import STRATEGIES, ClientResult, get_strategy
 
 NUM_CLIENTS = 10
 CLIENT_IDS = np.array([7, 0, 4], np.int32)
@@ -140,14 +142,15 @@ def poison_result(results: ClientResult, where: str, value: float, client: int =
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_aggregate_leaves_out_a_nonfinite_client(name):
+def test_server_step_leaves_out_a_nonfinite_client(name):
   """For every strategy: an Inf in one client's mean gradient (its adapters finite) and the aggregate is that
   of the other two clients (weights 3 and 2 renormalised to 3/5 and 2/5); every client non-finite (NaN or Inf,
   in adapters or gradients) and the state comes back bit-identical, marked skipped."""
   rnd = simulation.FederatedRound(TinyMLP(), get_strategy(name), per_example_loss=scaled_squared_error)
   start = random_state(rnd)
   results = synthetic_results(rnd, jax.tree.map(jnp.asarray, start))
-  aggregate = lambda results, rows: jax.tree.map(np.asarray, jax.jit(rnd.aggregate)(
+  server_step = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
+  aggregate = lambda results, rows: jax.tree.map(np.asarray, server_step(
       jax.tree.map(jnp.asarray, start), results, jnp.asarray(WEIGHTS[rows]), jnp.asarray(CLIENT_IDS[rows]),
       jax.random.key(5)))
   poisoned = poison_result(results, "mean_gradient", float("inf"))

@@ -100,7 +100,7 @@ def test_generation_uses_adapters():
   with_adapters = generate(adapted, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=6)
   base = init_random(LlamaForCausalLM(config), jax.random.key(1), std=0.3)
   without = generate(base, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=6)
-  lora.merge_adapters(adapted)
+  lora.merge_and_unload(adapted)
   merged = generate(adapted, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=6)
   np.testing.assert_array_equal(np.asarray(with_adapters), np.asarray(merged))
   assert not np.array_equal(np.asarray(with_adapters), np.asarray(without))

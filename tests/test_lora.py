@@ -14,7 +14,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from fedask_jax import lora
-from fedask_jax.lora import Linear, LoRAConfig, LoRAFactors
+from fedask_jax.adapters import LoRAFactors, stack_adapters
+from fedask_jax.lora import Linear, LoRAConfig
 
 D = 8  # hidden width of the tiny models
 
@@ -241,14 +242,14 @@ def test_fresh_adapter_leaves_outputs_unchanged(dropout):
   np.testing.assert_array_equal(model(x), before)
 
 
-def test_merge_adapters_gives_the_lora_logits():
+def test_merge_and_unload_gives_the_lora_logits():
   model = _adapted_llama(LoRAConfig(rank=2, alpha=4.0, target_modules=r".*_proj|lm_head"))
   x = _inputs()
   expected = model(x)
   layers = lora.lora_layers(model)
   layer_factors = {name: (layer.lora_a[...], layer.lora_b[...]) for name, layer in layers.items()}
   kernels = {name: layer.kernel[...] for name, layer in layers.items()}
-  lora.merge_adapters(model)
+  lora.merge_and_unload(model)
   assert lora.lora_layers(model) == {}
   for name, layer in layers.items():
     np.testing.assert_allclose(
@@ -299,7 +300,7 @@ def test_split_merge_round_trip_is_exact():
   assert all(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(lora_state))
   assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(frozen_state))
   assert len(nnx.to_flat_state(lora_state)) == 2 * len(lora.lora_layers(model))
-  merged = lora.merge_lora(graphdef, lora_state, frozen_state)
+  merged = nnx.merge(graphdef, lora_state, frozen_state)
   np.testing.assert_array_equal(merged(x), expected_out)
   chex.assert_trees_all_equal(nnx.state(merged), expected_state)
 
@@ -313,24 +314,15 @@ class AdapterStateTest(chex.TestCase):
     self.assertEqual(list(adapters), list(lora.lora_layers(model)))
     for name, layer in lora.lora_layers(model).items():
       self.assertIsInstance(adapters[name], LoRAFactors)
-      np.testing.assert_array_equal(adapters[name].a, layer.lora_a[...])
-      np.testing.assert_array_equal(adapters[name].b, layer.lora_b[...])
+      np.testing.assert_array_equal(adapters[name].lora_a, layer.lora_a[...])
+      np.testing.assert_array_equal(adapters[name].lora_b, layer.lora_b[...])
     chex.assert_trees_all_equal(lora.from_adapters(lora_state, adapters), lora_state)
 
     shifted = jax.tree.map(lambda v: v + 1.0, adapters)
-    merged = lora.merge_lora(graphdef, lora.from_adapters(lora_state, shifted), frozen_state)
+    merged = nnx.merge(graphdef, lora.from_adapters(lora_state, shifted), frozen_state)
     for name, layer in lora.lora_layers(merged).items():
-      np.testing.assert_array_equal(layer.lora_a[...], shifted[name].a)
-      np.testing.assert_array_equal(layer.lora_b[...], shifted[name].b)
-
-  def test_stack_unstack_round_trip(self):
-    per_client = [lora.to_adapters(lora.split_lora(_adapted_llama(seed=s))[1]) for s in range(3)]
-    stacked = lora.stack_adapters(per_client)
-    for name, factors in stacked.items():
-      chex.assert_shape(factors.a, (3, *per_client[0][name].a.shape))
-      chex.assert_shape(factors.b, (3, *per_client[0][name].b.shape))
-    chex.assert_trees_all_equal(lora.unstack_adapters(stacked), per_client)
-    chex.assert_trees_all_equal(lora.stack_adapters(lora.unstack_adapters(stacked)), stacked)
+      np.testing.assert_array_equal(layer.lora_a[...], shifted[name].lora_a)
+      np.testing.assert_array_equal(layer.lora_b[...], shifted[name].lora_b)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_vmap_over_stacked_adapters_equals_a_loop(self):
@@ -345,9 +337,9 @@ class AdapterStateTest(chex.TestCase):
     graphdef, lora_state, frozen_state = lora.split_lora(model)
 
     def forward(adapters):
-      return lora.merge_lora(graphdef, lora.from_adapters(lora_state, adapters), frozen_state)(x)
+      return nnx.merge(graphdef, lora.from_adapters(lora_state, adapters), frozen_state)(x)
 
-    mapped = self.variant(jax.vmap(forward))(lora.stack_adapters(per_client))
+    mapped = self.variant(jax.vmap(forward))(stack_adapters(per_client))
     # Batched and unbatched matmuls may be tiled differently by XLA: float32 rounding only.
     chex.assert_trees_all_close(mapped, jnp.stack(looped), rtol=1e-5, atol=1e-6)
 
@@ -358,21 +350,21 @@ class AdapterStateTest(chex.TestCase):
     x = _inputs()
 
     def loss(lora_state, frozen_state):
-      return jnp.sum(jnp.sin(lora.merge_lora(graphdef, lora_state, frozen_state)(x)))
+      return jnp.sum(jnp.sin(nnx.merge(graphdef, lora_state, frozen_state)(x)))
 
     grad = self.variant(jax.grad(loss))
     fresh = lora.to_adapters(grad(lora_state, frozen_state))
     self.assertEqual(jax.tree.structure(grad(lora_state, frozen_state)), jax.tree.structure(lora_state))
     for name, g in fresh.items():
       # lora_b = 0: dl/da = s x^T (dl/dy) b^T vanishes exactly, dl/db = s (x a)^T dl/dy does not.
-      self.assertFalse(np.any(g.a), name)
-      self.assertTrue(np.all(np.any(g.b != 0, axis=1)), name)
+      self.assertFalse(np.any(g.lora_a), name)
+      self.assertTrue(np.all(np.any(g.lora_b != 0, axis=1)), name)
 
     _randomize_adapters(model, seed=5)
     _, lora_state, _ = lora.split_lora(model)
     for name, g in lora.to_adapters(grad(lora_state, frozen_state)).items():
-      self.assertTrue(np.all(np.any(g.a != 0, axis=0)), name)
-      self.assertTrue(np.all(np.any(g.b != 0, axis=1)), name)
+      self.assertTrue(np.all(np.any(g.lora_a != 0, axis=0)), name)
+      self.assertTrue(np.all(np.any(g.lora_b != 0, axis=1)), name)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_lora_gradients_match_the_hand_derivation(self):
@@ -385,14 +377,14 @@ class AdapterStateTest(chex.TestCase):
     x = _inputs(d=6)
 
     def loss(lora_state):
-      y = lora.merge_lora(graphdef, lora_state, frozen_state)(x)
+      y = nnx.merge(graphdef, lora_state, frozen_state)(x)
       return 0.5 * jnp.sum(y ** 2)
 
     g = lora.to_adapters(self.variant(jax.grad(loss))(lora_state))[""]
     a, b, s = layer.lora_a[...], layer.lora_b[...], 1.5
     y = x @ layer.kernel[...] + layer.bias[...] + s * (x @ a) @ b  # dl/dy = y for l = |y|^2 / 2
-    chex.assert_trees_all_close(g.a, s * x.T @ (y @ b.T), rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(g.b, s * (x @ a).T @ y, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g.lora_a, s * x.T @ (y @ b.T), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g.lora_b, s * (x @ a).T @ y, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def test_lora_logits_and_gradients_match_peft(family, tmp_path):
   graphdef, lora_state, frozen = lora.split_lora(model)
 
   def loss_fn(lora_state):
-    logits = lora.merge_lora(graphdef, lora_state, frozen)(jnp.asarray(ids), jnp.asarray(mask))
+    logits = nnx.merge(graphdef, lora_state, frozen)(jnp.asarray(ids), jnp.asarray(mask))
     valid = labels != -100
     logp = jax.nn.log_softmax(logits)
     picked = jnp.take_along_axis(logp, jnp.asarray(np.maximum(labels, 0))[..., None], axis=-1)[..., 0]
@@ -230,8 +230,8 @@ def test_lora_logits_and_gradients_match_peft(family, tmp_path):
   np.testing.assert_allclose(loss, torch_loss.item(), rtol=1e-5)
   for name, factors in lora.to_adapters(grads).items():
     peft_layer = peft_model.base_model.model.get_submodule(name)
-    for ours, theirs in ((factors.a, peft_layer.lora_A["default"].weight.grad.numpy().T),
-                         (factors.b, peft_layer.lora_B["default"].weight.grad.numpy().T)):
+    for ours, theirs in ((factors.lora_a, peft_layer.lora_A["default"].weight.grad.numpy().T),
+                         (factors.lora_b, peft_layer.lora_B["default"].weight.grad.numpy().T)):
       assert np.linalg.norm(ours) > 0, name
       # Gradients are sums over tokens of products of float32 activations; 1e-4 relative to the largest
       # entry covers the summation-order differences.

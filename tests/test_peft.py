@@ -167,8 +167,8 @@ def test_exported_adapters_load_in_peft_and_give_our_logits(family, inputs, tmp_
   loaded = get_peft_model_state_dict(peft_model)
   assert set(loaded) == set(ours)
   for name, factors in _adapters(model).items():
-    np.testing.assert_array_equal(loaded[f"base_model.model.{name}.lora_A.weight"].numpy(), factors.a.T)
-    np.testing.assert_array_equal(loaded[f"base_model.model.{name}.lora_B.weight"].numpy(), factors.b.T)
+    np.testing.assert_array_equal(loaded[f"base_model.model.{name}.lora_A.weight"].numpy(), factors.lora_a.T)
+    np.testing.assert_array_equal(loaded[f"base_model.model.{name}.lora_B.weight"].numpy(), factors.lora_b.T)
   diff = _max_diff(_our_logits(model, inputs), _torch_logits(peft_model, inputs), inputs)
   print(f"\n{fam.name}: exported adapter in PEFT, max |logit diff| = {diff:.2e}")
   assert diff <= LOGIT_TOL
@@ -187,16 +187,16 @@ def test_export_import_round_trip_is_exact(family, tmp_path, dtype):
   original, back = _adapters(model), _adapters(restored)
   assert list(back) == list(original)
   for name in original:
-    assert original[name].a.dtype == back[name].a.dtype == back[name].b.dtype == dtype
-    np.testing.assert_array_equal(back[name].a, original[name].a)
-    np.testing.assert_array_equal(back[name].b, original[name].b)
+    assert original[name].lora_a.dtype == back[name].lora_a.dtype == back[name].lora_b.dtype == dtype
+    np.testing.assert_array_equal(back[name].lora_a, original[name].lora_a)
+    np.testing.assert_array_equal(back[name].lora_b, original[name].lora_b)
   assert {l.scaling for l in lora.lora_layers(restored).values()} == {ALPHA / RANK}
 
   # Into a model that already has adapters of the same layout: overwritten in place, dtype kept.
   again = _our_adapted_model(fam, base, seed=7)
   import_peft(again, tmp_path)
   for name, factors in _adapters(again).items():
-    np.testing.assert_array_equal(factors.a, original[name].a.astype(jnp.float32))
+    np.testing.assert_array_equal(factors.lora_a, original[name].lora_a.astype(jnp.float32))
 
 
 @pytest.fixture(scope="module")

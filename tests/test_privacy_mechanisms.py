@@ -20,7 +20,7 @@ LAYERS = ("l1", "l2")
 SCALING = {"l1": 2.0, "l2": 0.5}
 
 
-def _two_layer_problem(seed=0, frozen_side="a", nan_padding=True):
+def _two_layer_problem(seed=0, frozen_side="lora_a", nan_padding=True):
   """A two-layer adapted MLP on token sequences: y1 = x (W1 + s a1 b1), y2 = tanh(y1) (W2 + s a2 b2).
 
   Returns (per_example_fn in the W-space protocol, params, frozen, batch, mask, dense_loss(weights, example)).
@@ -36,10 +36,10 @@ def _two_layer_problem(seed=0, frozen_side="a", nan_padding=True):
   mask = jnp.array([True, True, False, True, True, True, False])
   if nan_padding:
     x = jnp.where(mask[:, None, None], x, jnp.nan)
-  trained, frozen = (b, a) if frozen_side == "a" else (a, b)
+  trained, frozen = (b, a) if frozen_side == "lora_a" else (a, b)
 
   def factors(params):
-    return (frozen, params) if frozen_side == "a" else (params, frozen)
+    return (frozen, params) if frozen_side == "lora_a" else (params, frozen)
 
   def per_example_fn(params, perturbations, example):
     fa, fb = factors(params)
@@ -75,7 +75,7 @@ def _brute_force_wspace(dense, norms, a, b, mask, clip_norm, frozen_side):
   for n in LAYERS:
     clipped = np.einsum("e,eio->io", c, np.nan_to_num(dense[n]))
     an, bn = np.asarray(a[n], np.float64), np.asarray(b[n], np.float64)
-    total[n] = SCALING[n] * (an.T @ clipped if frozen_side == "a" else clipped @ bn.T)
+    total[n] = SCALING[n] * (an.T @ clipped if frozen_side == "lora_a" else clipped @ bn.T)
   return total
 
 
@@ -90,7 +90,7 @@ class WSpaceTest(chex.TestCase):
     np.testing.assert_allclose(privacy.wspace_sq_norms(x, g), np.sum(dense**2, axis=(1, 2)), rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters("a", "b")
+  @parameterized.parameters("lora_a", "lora_b")
   def test_clipped_sum_matches_brute_force(self, frozen_side):
     """sigma = 0, C binding for some examples: the W-space gradient is sum_i c_i s a^T dl/dW_i / (q n)."""
     fn, params, frozen, batch, mask, dense_loss, effective, a, b = _two_layer_problem(frozen_side=frozen_side)
@@ -110,7 +110,7 @@ class WSpaceTest(chex.TestCase):
     assert 0 < stats.clipped_fraction < 1  # the test exercises both clipped and unclipped examples
     assert stats.num_examples == int(np.sum(mask))
 
-  @parameterized.parameters("a", "b")
+  @parameterized.parameters("lora_a", "lora_b")
   def test_equals_bspace_when_no_clipping_binds(self, frozen_side):
     """Without clipping both mechanisms sum the same per-example gradients; their noise has mean zero."""
     fn, params, frozen, batch, mask, *_ = _two_layer_problem(frozen_side=frozen_side)
@@ -123,7 +123,7 @@ class WSpaceTest(chex.TestCase):
     np.testing.assert_allclose(wstats.loss, bstats.loss, rtol=1e-6)
     assert wstats.clipped_fraction == bstats.clipped_fraction == 0
 
-  @parameterized.parameters("a", "b")
+  @parameterized.parameters("lora_a", "lora_b")
   def test_noise_covariance_is_projected_wspace_noise(self, frozen_side):
     """Zero gradients: the output is s P(N) / (q n); its rows (columns) must have covariance
     (sigma C s / (q n))^2 Gram(frozen factor), independent across the other axis."""
@@ -137,10 +137,10 @@ class WSpaceTest(chex.TestCase):
     for n in LAYERS:
       std = sigma * clip_norm * SCALING[n] / expected_batch
       factor = np.asarray(frozen[n], np.float64)
-      gram = factor.T @ factor if frozen_side == "a" else factor @ factor.T
+      gram = factor.T @ factor if frozen_side == "lora_a" else factor @ factor.T
       # Samples of the r-vectors: columns of a^T N ([r, out]) or rows of N b^T ([in, r]).
       samples = np.asarray(draws[n], np.float64)
-      samples = np.moveaxis(samples, 1, 2).reshape(-1, RANK) if frozen_side == "a" else samples.reshape(-1, RANK)
+      samples = np.moveaxis(samples, 1, 2).reshape(-1, RANK) if frozen_side == "lora_a" else samples.reshape(-1, RANK)
       _assert_covariance(samples / std, gram)
 
 
@@ -160,38 +160,38 @@ def _assert_covariance(samples, covariance):
 
 class ProjectedNoiseTest(chex.TestCase):
 
-  @parameterized.parameters("a", "b")
+  @parameterized.parameters("lora_a", "lora_b")
   def test_covariance(self, frozen_side):
     in_dim, out_dim, stddev = 9, 12, 0.3
     # Correlated factor columns (rows) with unequal scales: the r x r Gram is far from diagonal, so a
     # transposed square-root factor (R Z instead of R^T Z) would fail the test.
     mixing = np.array([[1.0, 0.9], [0.0, 0.4]])
-    factor = np.random.default_rng(0).normal(size=(in_dim, RANK) if frozen_side == "a" else (RANK, out_dim))
-    factor = jnp.asarray(factor @ mixing if frozen_side == "a" else mixing.T @ factor, jnp.float32)
+    factor = np.random.default_rng(0).normal(size=(in_dim, RANK) if frozen_side == "lora_a" else (RANK, out_dim))
+    factor = jnp.asarray(factor @ mixing if frozen_side == "lora_a" else mixing.T @ factor, jnp.float32)
     draw = jax.jit(jax.vmap(lambda k: privacy.projected_noise(k, factor, (in_dim, out_dim), stddev, frozen_side)))
     noise = np.asarray(draw(jax.random.split(jax.random.key(1), 2000)), np.float64)
     f = np.asarray(factor, np.float64)
-    if frozen_side == "a":
+    if frozen_side == "lora_a":
       chex.assert_shape(noise, (2000, RANK, out_dim))
       _assert_covariance(np.moveaxis(noise, 1, 2).reshape(-1, RANK) / stddev, f.T @ f)
     else:
       chex.assert_shape(noise, (2000, in_dim, RANK))
       _assert_covariance(noise.reshape(-1, RANK) / stddev, f @ f.T)
 
-  @parameterized.parameters("a", "b")
+  @parameterized.parameters("lora_a", "lora_b")
   def test_singular_factor_gives_finite_noise_in_its_range(self, frozen_side):
     """PEFT initialises lora_b to zero, and a factor may be rank-deficient: Cholesky would return NaN."""
     in_dim, out_dim = 6, 5
-    zero = jnp.zeros((in_dim, RANK) if frozen_side == "a" else (RANK, out_dim))
+    zero = jnp.zeros((in_dim, RANK) if frozen_side == "lora_a" else (RANK, out_dim))
     noise = privacy.projected_noise(jax.random.key(0), zero, (in_dim, out_dim), 1.0, frozen_side)
     np.testing.assert_array_equal(noise, 0.0)
-    column = jax.random.normal(jax.random.key(1), (in_dim if frozen_side == "a" else out_dim, 1))
+    column = jax.random.normal(jax.random.key(1), (in_dim if frozen_side == "lora_a" else out_dim, 1))
     rank_one = jnp.concatenate([column, 2 * column], axis=1)  # a^T a (b b^T) has rank 1
-    rank_one = rank_one if frozen_side == "a" else rank_one.T
+    rank_one = rank_one if frozen_side == "lora_a" else rank_one.T
     noise = privacy.projected_noise(jax.random.key(2), rank_one, (in_dim, out_dim), 1.0, frozen_side)
     assert np.all(np.isfinite(noise))
     # a^T N has both rows proportional (row 2 = 2 row 1); N b^T both columns.
-    pair = noise if frozen_side == "a" else noise.T
+    pair = noise if frozen_side == "lora_a" else noise.T
     np.testing.assert_allclose(pair[1], 2 * pair[0], rtol=1e-4, atol=1e-5)
 
 
@@ -311,7 +311,8 @@ def test_wspace_protocol_errors_name_the_problem():
   with pytest.raises(ValueError, match="frozen_side='c'"):
     privacy.wspace_dp_gradient(fn, params, batch, mask, jax.random.key(0), frozen=frozen, frozen_side="c", **common)
   with pytest.raises(ValueError, match="do not chain"):
-    privacy.wspace_dp_gradient(fn, params, batch, mask, jax.random.key(0), frozen=frozen, frozen_side="b", **common)
+    privacy.wspace_dp_gradient(
+        fn, params, batch, mask, jax.random.key(0), frozen=frozen, frozen_side="lora_b", **common)
   with pytest.raises(ValueError, match="params has layers"):
     privacy.wspace_dp_gradient(fn, {"l1": params["l1"]}, batch, mask, jax.random.key(0), frozen=frozen, **common)
   missing_input = lambda p, pert, e: (fn(p, pert, e)[0], {"l1": fn(p, pert, e)[1]["l1"], "l2": e["x"]})

@@ -17,7 +17,7 @@ def test_readme_example_runs_and_aggregates_exactly():
   printed = out.getvalue()
   error = float(re.search(r"relative aggregation error: (\S+)", printed).group(1))
   sigma = float(re.search(r"noise multiplier for \(3, 1e-5\)-DP: (\S+)", printed).group(1))
-  # DP mode (shared right factor): exact up to float32 round-off, ~1e-7 relative; 1e-4 leaves a wide margin.
+  # DP mode (lora_a shared): exact up to float32 round-off, ~1e-7 relative; 1e-4 leaves a wide margin.
   assert error < 1e-4
   # A positive, finite sigma of the right order for (3, 1e-5), q = 0.05, 1000 steps (RDP: 2.52).
   assert 1.0 < sigma < 5.0

@@ -7,8 +7,8 @@ as `fedask_jax.runner.train` runs them: round key fold_in(run_key, t), batches f
 (`runner.round_sampler`, with `runner.plan_privacy`'s capacity and noise multiplier), then
 `simulation.FederatedRound` (strategy FedASK: under DP clients train lora_b with lora_a frozen).
 
-Setup: a one-layer Llama (d = 16, L = 6) with rank-2 adapters on q_proj and v_proj (Flax layout: a = lora_a
-[in, r], b = lora_b [r, out], the paper's A^T and B^T; scaling s = alpha / r); 4 clients of 16 to 40 examples,
+Setup: a one-layer Llama (d = 16, L = 6) with rank-2 adapters on q_proj and v_proj (lora_a [in, r],
+lora_b [r, out], scaling s = alpha / r); 4 clients of 16 to 40 examples,
 all sampled every round (so that a client's draws pair up across rounds by its id); 2 local steps; batch size
 q n = 4. The strategy is wrapped by `reporting_clients`, which also returns every client's final lora_b and
 mean privatised gradient from inside the compiled round, so per-client, per-step quantities can be observed.
@@ -33,8 +33,9 @@ from flax import nnx
 
 from fedask_jax import data as fdata
 from fedask_jax import runner, simulation
+from fedask_jax.adapters import Adapters
 from fedask_jax.config import from_dict
-from fedask_jax.lora import Adapters, LoRAConfig, inject_lora, lora_layers, to_adapters
+from fedask_jax.lora import LoRAConfig, inject_lora, lora_layers, to_adapters
 from fedask_jax.models import LlamaConfig, LlamaForCausalLM, init_random
 from fedask_jax.strategies import Strategy
 
@@ -117,16 +118,16 @@ def dp_config(mechanism: str, noise_multiplier: float | None = None) -> simulati
 
 
 def reporting_clients(strategy: Strategy) -> Strategy:
-  """`strategy` whose aggregate also returns, as metrics, every client's final lora_b and mean privatised
+  """`strategy` whose server update also returns, as metrics, every client's final lora_b and mean privatised
   lora_b gradient ({layer: [K, r, out]}); the round computes exactly what it computes without the wrapper."""
 
-  def aggregate(state, global_adapters, results, weights, client_ids, key):
-    adapters, new_state, metrics = strategy.aggregate(state, global_adapters, results, weights, client_ids, key)
+  def server_update(state, global_adapters, results, weights, client_ids, key):
+    adapters, new_state, metrics = strategy.server_update(state, global_adapters, results, weights, client_ids, key)
     return adapters, new_state, dict(
-        metrics, client_b={n: f.b for n, f in results.adapters.items()},
-        mean_gradient={n: f.b for n, f in results.mean_gradient.items()})
+        metrics, client_b={n: f.lora_b for n, f in results.adapters.items()},
+        mean_gradient={n: f.lora_b for n, f in results.mean_gradient.items()})
 
-  return strategy._replace(aggregate=aggregate)
+  return strategy._replace(server_update=server_update)
 
 
 def make_round(dp: simulation.DPConfig, per_example_loss, optimizer) -> simulation.FederatedRound:
@@ -168,7 +169,7 @@ def run_rounds(rnd: simulation.FederatedRound, data: fdata.ClientData, rounds: i
     by_id = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64)[order], tree)
     records.append(Rounds(
         np.asarray(batches.example_mask)[order], np.asarray(batches.input_ids[..., 0])[order],
-        {n: f.a for n, f in start.items()}, {n: f.b for n, f in start.items()},
+        {n: f.lora_a for n, f in start.items()}, {n: f.lora_b for n, f in start.items()},
         by_id(metrics["client_b"]), by_id(metrics["mean_gradient"]), np.asarray(metrics["clipped_fraction"])))
   return jax.tree.map(lambda *xs: np.stack(xs), *records)
 

@@ -107,11 +107,11 @@ def as_numpy(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def looped_round(rnd, state, batches, client_ids, weights, round_key, round_index):
-  """The reference of the mapped round: a Python loop over clients, each a jitted one-client update with key
-  fold_in(round_key, id), then the aggregation."""
+def looped_clients(rnd, state, batches, client_ids, round_key, round_index):
+  """The reference of the mapped clients: a Python loop over clients, each a jitted one-client update with key
+  fold_in(round_key, id); (ClientResult [K], ClientMetrics [K])."""
   trained = rnd.trained(round_index)
-  update = jax.jit(functools.partial(rnd.client_update, trained))
+  update = jax.jit(functools.partial(simulation.client_update, rnd.training, trained))
   results, metrics = [], []
   for k, client_id in enumerate(np.asarray(client_ids)):
     batch = jax.tree.map(lambda x: x[k], batches)
@@ -119,9 +119,14 @@ def looped_round(rnd, state, batches, client_ids, weights, round_key, round_inde
                                     jax.random.fold_in(round_key, int(client_id)))
     results.append(result)
     metrics.append(client_metrics)
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-  client = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
-  new_state, round_metrics = jax.jit(rnd.aggregate)(state, stacked, weights, client_ids, round_key)
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *results), jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+
+def looped_round(rnd, state, batches, client_ids, weights, round_key, round_index):
+  """The reference of the mapped round: `looped_clients`, then the server step."""
+  stacked, client = looped_clients(rnd, state, batches, client_ids, round_key, round_index)
+  server_step = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
+  new_state, round_metrics = server_step(state, stacked, weights, client_ids, simulation.server_key(round_key))
   return new_state, dict(round_metrics, client_loss=client.loss, update_norm=client.update_norm,
                          train_loss=jnp.mean(client.loss), clipped_fraction=jnp.mean(client.clipped_fraction))
 
@@ -137,6 +142,10 @@ def test_mapped_round_equals_loop_over_clients(strategy, dp, round_index, client
   state = random_state(rnd)
   batches, round_key = make_batches(0), jax.random.key(11)
   expected_state, expected_metrics = looped_round(rnd, state, batches, CLIENT_IDS, WEIGHTS, round_key, round_index)
+  # The public per-client view of the same round, before the server step.
+  chex.assert_trees_all_close(
+      as_numpy(rnd.client_results(state, batches, CLIENT_IDS, round_key, round_index)),
+      as_numpy(looped_clients(rnd, state, batches, CLIENT_IDS, round_key, round_index)), **SAME_PROGRAM)
   new_state, metrics = rnd(copy(state), batches, CLIENT_IDS, WEIGHTS, round_key, round_index)
   chex.assert_trees_all_close(as_numpy(new_state), as_numpy(expected_state), **SAME_PROGRAM)
   assert set(metrics) == set(expected_metrics)
@@ -145,7 +154,7 @@ def test_mapped_round_equals_loop_over_clients(strategy, dp, round_index, client
   chex.assert_trees_all_close(as_numpy(metrics), as_numpy(expected_metrics), **SAME_PROGRAM)
   # The round did something: every client moved, and the state changed.
   assert np.all(np.asarray(metrics["update_norm"]) > 1e-3)
-  assert not np.allclose(np.asarray(new_state.adapters["fc1"].b), np.asarray(state.adapters["fc1"].b))
+  assert not np.allclose(np.asarray(new_state.adapters["fc1"].lora_b), np.asarray(state.adapters["fc1"].lora_b))
 
 
 def test_chunked_round_equals_unchunked():
@@ -162,12 +171,12 @@ def max_principal_angle(x, y):
   return float(np.max(scipy.linalg.subspace_angles(np.asarray(x, np.float64), np.asarray(y, np.float64))))
 
 
-def test_fedask_dp_keeps_the_column_space_of_a_and_fedask_alt_moves_it():
-  """design.md's observation: with lora_a (the paper's A^T) frozen during local DP training, sum_k w_k a b_k
-  lies in col(a), so FedASK's reconstructed a spans the initial col(a) forever (principal angles ~0); fedask-alt
-  trains a in even rounds and leaves it. Bounds: float32 QR/SVD turn the subspace by ~1e-6 rad per round (the
-  singular values of a are well separated here); fedask-alt's noisy Adam steps of size 0.05 on entries of size
-  ~0.5 turn a rank-2 subspace of R^6 / R^8 by tenths of a radian."""
+def test_fedask_dp_keeps_the_column_space_of_lora_a_and_fedask_alt_moves_it():
+  """design.md's observation: with lora_a frozen during local DP training, sum_k w_k lora_a lora_b_k lies in
+  col(lora_a), so FedASK's reconstructed lora_a spans the initial col(lora_a) forever (principal angles ~0);
+  fedask-alt trains lora_a in even rounds and leaves it. Bounds: float32 QR/SVD turn the subspace by ~1e-6 rad
+  per round (the singular values of lora_a are well separated here); fedask-alt's noisy Adam steps of size 0.05
+  on entries of size ~0.5 turn a rank-2 subspace of R^6 / R^8 by tenths of a radian."""
   angles = {}
   for strategy in ("fedask", "fedask-alt"):
     rnd = make_round(strategy, B_SPACE)
@@ -178,14 +187,14 @@ def test_fedask_dp_keeps_the_column_space_of_a_and_fedask_alt_moves_it():
       # Exactness certificate: with a shared frozen factor the sketch reconstructs the aggregate exactly
       # (float32 round-off of a QR and an SVD, relative ~1e-6).
       assert float(metrics["reconstruction_error"]) < 1e-4
-    angles[strategy] = max(max_principal_angle(state.adapters[n].a, initial[n].a) for n in initial)
+    angles[strategy] = max(max_principal_angle(state.adapters[n].lora_a, initial[n].lora_a) for n in initial)
   assert angles["fedask"] < 1e-3, angles
   assert angles["fedask-alt"] > 0.1, angles
 
 
 def test_nonprivate_fedask_with_one_client_equals_centralised_lora_training():
   """One client, no DP: FedASK's round is local AdamW on both factors followed by an exact (rank <= r)
-  re-factorisation, so the product a b equals that of centralised LoRA training on the same batches. The
+  re-factorisation, so the product lora_a lora_b equals that of centralised LoRA training on the same batches. The
   reference trains the adapters with plain optax on the batch loss, the model called once per batch."""
   steps = 4
   optimizer = optax.adamw(0.05, weight_decay=0.01)
@@ -207,16 +216,16 @@ def test_nonprivate_fedask_with_one_client_equals_centralised_lora_training():
     updates, opt_state = optimizer.update(grad, opt_state, adapters)
     adapters = optax.apply_updates(adapters, updates)
   for name, factors in adapters.items():
-    got = state.adapters[name].a @ state.adapters[name].b
-    np.testing.assert_allclose(got, factors.a @ factors.b, **REFERENCE)
-    assert np.linalg.norm(factors.a @ factors.b) > 0.1  # training moved away from b = 0
+    got = state.adapters[name].lora_a @ state.adapters[name].lora_b
+    np.testing.assert_allclose(got, factors.lora_a @ factors.lora_b, **REFERENCE)
+    assert np.linalg.norm(factors.lora_a @ factors.lora_b) > 0.1  # training moved away from lora_b = 0
 
 
 @pytest.mark.parametrize("strategy,dp,round_index,frozen", [
-    ("fedask", B_SPACE, 1, "a"),
-    ("fedask-alt", B_SPACE, 2, "b"),
-    ("fedask-alt", W_SPACE, 2, "b"),
-    ("ffa-lora", W_SPACE, 1, "a"),
+    ("fedask", B_SPACE, 1, "lora_a"),
+    ("fedask-alt", B_SPACE, 2, "lora_b"),
+    ("fedask-alt", W_SPACE, 2, "lora_b"),
+    ("ffa-lora", W_SPACE, 1, "lora_a"),
 ])
 def test_dp_noise_reaches_only_the_trained_factor(strategy, dp, round_index, frozen):
   """No real example in any slot, so the update is DP noise alone: it must move the trained factor and leave
@@ -226,8 +235,8 @@ def test_dp_noise_reaches_only_the_trained_factor(strategy, dp, round_index, fro
   batch = make_batches(0, num_clients=1)
   batch = jax.tree.map(lambda x: x[0], batch._replace(example_mask=jnp.zeros_like(batch.example_mask)))
   trained = rnd.trained(round_index)
-  assert trained == {"a": "b", "b": "a"}[frozen]
-  update = jax.jit(functools.partial(rnd.client_update, trained))
+  assert trained == {"lora_a": "lora_b", "lora_b": "lora_a"}[frozen]
+  update = jax.jit(functools.partial(simulation.client_update, rnd.training, trained))
   result, metrics = update(state, rnd.frozen_state, batch, jnp.int32(3), jax.random.key(4))
   for name, start in state.adapters.items():
     final = result.adapters[name]
@@ -242,11 +251,11 @@ def test_lora_dropout_masks_follow_the_client_key():
   rnd = make_round("fedavg", None, model=TinyMLP(dropout=0.5))
   state = random_state(rnd)
   batch = jax.tree.map(lambda x: x[0], make_batches(0, num_clients=1))
-  update = jax.jit(functools.partial(rnd.client_update, "both"))
+  update = jax.jit(functools.partial(simulation.client_update, rnd.training, "both"))
   run = lambda key: as_numpy(update(state, rnd.frozen_state, batch, jnp.int32(0), key)[0].adapters)
   first, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
   chex.assert_trees_all_equal(first, again)
-  assert not np.allclose(first["fc1"].a, other["fc1"].a)
+  assert not np.allclose(first["fc1"].lora_a, other["fc1"].lora_a)
 
 
 # ----- a real model: tiny Llama, both DP mechanisms against jax.grad references -----
@@ -259,7 +268,7 @@ LLAMA_LENGTH, LLAMA_CAPACITY = 12, 3
 def tiny_llama() -> LlamaForCausalLM:
   model = init_random(LlamaForCausalLM(LLAMA), jax.random.key(0))
   inject_lora(model, LoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), jax.random.key(1))
-  # Non-zero b, so that the q/v adapters change the loss and both factors' gradients are informative.
+  # Non-zero lora_b, so that the q/v adapters change the loss and both factors' gradients are informative.
   for _, layer in nnx.iter_modules(model):
     if isinstance(layer, Linear) and layer.lora_b is not None:
       layer.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(layer.out_features), layer.lora_b.shape))
@@ -277,7 +286,7 @@ def llama_batches() -> Batch:
 
 def llama_reference(batches: Batch):
   """Per example of each client: loss, dl/d(lora_b) and dl/dW of the adapted layers (W-space: the gradient
-  of the frozen kernel, since y = x (W0 + s a b) gives dl/dW0 = dl/dW), by jax.grad on a batch of one."""
+  of the frozen kernel, since y = x (W0 + s lora_a lora_b) gives dl/dW0 = dl/dW), by jax.grad on a batch of one."""
   graphdef, lora_state, rest = nnx.split(tiny_llama(), nnx.LoRAParam, ...)
   names = list(to_adapters(lora_state))
 
@@ -289,7 +298,7 @@ def llama_reference(batches: Batch):
     value, (lora_grad, rest_grad) = jax.value_and_grad(loss, argnums=(0, 1))(lora_state, rest, ids, mask, loss_mask)
     kernels = {".".join(map(str, p[:-1])): v for p, v in nnx.to_flat_state(rest_grad) if p[-1] == "kernel"}
     w_sq = sum(jnp.sum(jnp.square(kernels[n].get_value())) for n in names)
-    b_grads = {n: f.b for n, f in to_adapters(lora_grad).items()}
+    b_grads = {n: f.lora_b for n, f in to_adapters(lora_grad).items()}
     return value, b_grads, jnp.sqrt(w_sq)
 
   flat = lambda x: x.reshape(-1, *x.shape[3:])
@@ -303,9 +312,9 @@ def llama_reference(batches: Batch):
 def test_llama_round_with_both_dp_mechanisms_matches_per_example_reference(mechanism):
   """FedASK round on a tiny Llama (2 clients, one SGD step, sigma = 0 so that the result is deterministic, C
   between the per-example norms so that some examples are clipped): the new global product equals
-  a0 (b0 - lr sum_k w_k g_k) with g_k = sum_i min(1, C / ||g_i||) dl/db_i / (q n), per-example gradients and
-  norms from `llama_reference` (||dl/db|| in B-space, ||dl/dW|| in W-space); the loss and clipped fraction
-  metrics match too."""
+  lora_a0 (lora_b0 - lr sum_k w_k g_k) with g_k = sum_i min(1, C / ||g_i||) dl/dlora_b_i / (q n), per-example
+  gradients and norms from `llama_reference` (||dl/dlora_b|| in B-space, ||dl/dW|| in W-space); the loss and
+  clipped fraction metrics match too."""
   lr, expected_batch_size = 0.5, 2.0
   batches = llama_batches()
   values, b_grads, norms, start = llama_reference(batches)
@@ -321,10 +330,11 @@ def test_llama_round_with_both_dp_mechanisms_matches_per_example_reference(mecha
   scale = np.where(real, np.minimum(1.0, clip_norm / np.maximum(norms, 1e-30)), 0.0).reshape(2, LLAMA_CAPACITY)
   w = np.asarray(weights) / np.sum(weights)
   for name, factors in start.items():
-    g = np.asarray(b_grads[name]).reshape(2, LLAMA_CAPACITY, *factors.b.shape)
+    g = np.asarray(b_grads[name]).reshape(2, LLAMA_CAPACITY, *factors.lora_b.shape)
     client_grads = np.einsum("ke,ke...->k...", scale, g) / expected_batch_size
-    expected = np.asarray(factors.a) @ (np.asarray(factors.b) - lr * np.einsum("k,k...->...", w, client_grads))
-    np.testing.assert_allclose(state.adapters[name].a @ state.adapters[name].b, expected, **REFERENCE)
+    step = lr * np.einsum("k,k...->...", w, client_grads)
+    expected = np.asarray(factors.lora_a) @ (np.asarray(factors.lora_b) - step)
+    np.testing.assert_allclose(state.adapters[name].lora_a @ state.adapters[name].lora_b, expected, **REFERENCE)
   losses = np.where(real, np.asarray(values), 0.0).reshape(2, LLAMA_CAPACITY)
   counts = np.asarray(batches.example_mask).reshape(2, LLAMA_CAPACITY).sum(1)
   np.testing.assert_allclose(metrics["client_loss"], losses.sum(1) / counts, **REFERENCE)
@@ -382,10 +392,10 @@ def test_traced_noise_multiplier_equals_the_compiled_constant_and_compiles_once(
     got = swept(copy(state), batches, CLIENT_IDS, WEIGHTS, round_key, 1, noise_multiplier=sigma)
     # A constant sigma lets XLA fold sigma * C; as an argument it is a multiply: a few ulps apart.
     chex.assert_trees_all_close(as_numpy(got), as_numpy(expected), **SAME_PROGRAM)
-  assert swept.compiled("b")._cache_size() == 1
+  assert swept.compiled("lora_b")._cache_size() == 1
   with pytest.raises(ValueError, match="without DP"):
     make_round("fedask")(state, batches, CLIENT_IDS, WEIGHTS, round_key, 1, noise_multiplier=1.0)
-  with pytest.raises(ValueError, match="finite real >= 0"):
+  with pytest.raises(ValueError, match=r"noise_multiplier=-1.0: sigma must be a finite number >= 0"):
     swept(state, batches, CLIENT_IDS, WEIGHTS, round_key, 1, noise_multiplier=-1.0)
 
 

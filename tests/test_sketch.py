@@ -20,15 +20,15 @@ import pytest
 from absl.testing import parameterized
 
 from fedask_jax import sketch
-from fedask_jax.lora import LoRAFactors
+from fedask_jax.adapters import LoRAFactors
 
 EPS32 = float(np.finfo(np.float32).eps)
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """A K-client problem: left_k [m, r], right_k [r, n]; `shared` names a factor common to all clients
-  (DP mode freezes one factor: paper A = right, Flax lora_a = left); oversampling p gives width r + p."""
+  """A K-client problem: lora_a_k [m, r], lora_b_k [r, n], normalised weights; `shared` names a factor common to
+  all clients (DP mode freezes one: FedASK's lora_a); oversampling p gives width r + p."""
 
   m: int
   n: int
@@ -44,38 +44,38 @@ class Case:
 
   def arrays(self, dtype=np.float32):
     rng = np.random.default_rng(self.seed)
-    lefts = rng.standard_normal((self.k, self.m, self.r))
-    rights = rng.standard_normal((self.k, self.r, self.n))
-    if self.shared == "right":
-      rights[:] = rights[0]
-    elif self.shared == "left":
-      lefts[:] = lefts[0]
+    lora_a = rng.standard_normal((self.k, self.m, self.r))
+    lora_b = rng.standard_normal((self.k, self.r, self.n))
+    if self.shared == "lora_b":
+      lora_b[:] = lora_b[0]
+    elif self.shared == "lora_a":
+      lora_a[:] = lora_a[0]
     weights = rng.uniform(0.1, 1.0, self.k)
     omega = rng.standard_normal((self.n, self.r + self.p))
-    return tuple(x.astype(dtype) for x in (lefts, rights, weights, omega))
+    return tuple(x.astype(dtype) for x in (lora_a, lora_b, weights / weights.sum(), omega))
 
 
 CASES = [
     Case(12, 20, 3, 1, 0, "none", 0),    # K = 1, p = 0, m < n: covered (rank r = w)
-    Case(20, 12, 4, 3, 2, "right", 1),   # m > n, DP mode (paper: A frozen)
+    Case(20, 12, 4, 3, 2, "lora_b", 1),  # m > n, lora_b shared
     Case(16, 24, 2, 8, 8, "none", 2),    # K r = 16 > w = 10: randomized approximation
-    Case(24, 16, 3, 5, 4, "left", 3),    # DP mode in Flax layout (lora_a frozen)
+    Case(24, 16, 3, 5, 4, "lora_a", 3),  # DP mode (FedASK: lora_a frozen)
     Case(10, 30, 4, 2, 0, "none", 4),    # K r = 8 > w = 4, p = 0
     Case(30, 10, 2, 4, 8, "none", 5),    # covered, aggregate rank 8 > r = 2: Eckart-Young truncation
     Case(8, 6, 3, 6, 8, "none", 6),      # w = 11 > min(m, n) = 6: width clipped, covered
-    Case(17, 23, 5, 7, 1, "right", 7),
+    Case(17, 23, 5, 7, 1, "lora_b", 7),
     Case(5, 40, 2, 2, 3, "none", 8),     # covered through min(m, n) = w
-    Case(40, 5, 1, 3, 0, "left", 9),     # r = 1, p = 0
+    Case(40, 5, 1, 3, 0, "lora_a", 9),   # r = 1, p = 0
 ]
 # Compiled once per shape and shared by the tests below (compilation dominates this file's run time).
-_aggregate = jax.jit(sketch.aggregate, static_argnames="rank")
+_aggregate = jax.jit(sketch.aggregate_layer, static_argnames="rank")
 _certificate = jax.jit(sketch.reconstruction_error)
 
 
 @dataclasses.dataclass
 class Reference:
-  left: np.ndarray
-  right: np.ndarray
+  new_a: np.ndarray
+  new_b: np.ndarray
   y: np.ndarray
   q: np.ndarray
   p: np.ndarray
@@ -84,19 +84,19 @@ class Reference:
   covered: bool
 
 
-def numpy_fedask(lefts, rights, weights, omega, rank):
-  """FedASK's two stages in float64 numpy, written from the paper (Algorithm 1), client by client."""
-  lefts, rights, weights, omega = (np.asarray(x, np.float64) for x in (lefts, rights, weights, omega))
-  m, n = lefts.shape[1], rights.shape[2]
+def numpy_fedask(lora_a, lora_b, weights, omega, rank):
+  """FedASK's two stages in float64 numpy, written from the paper (Algorithm 1), client by client, on the
+  clients' factors lora_a [K, m, r] (lora_a) and lora_b [K, r, n] (lora_b) with the weights as given."""
+  lora_a, lora_b, weights, omega = (np.asarray(x, np.float64) for x in (lora_a, lora_b, weights, omega))
+  m, n = lora_a.shape[1], lora_b.shape[2]
   omega = omega[:, :min(m, n)]
-  weights = weights / weights.sum()
-  y = sum(w * l @ (r @ omega) for w, l, r in zip(weights, lefts, rights))
+  y = sum(w * l @ (r @ omega) for w, l, r in zip(weights, lora_a, lora_b))
   q, _ = np.linalg.qr(y)
-  p = sum(w * r.T @ (l.T @ q) for w, l, r in zip(weights, lefts, rights))
+  p = sum(w * r.T @ (l.T @ q) for w, l, r in zip(weights, lora_a, lora_b))
   u, s, vt = np.linalg.svd(p.T, full_matrices=False)
-  dense = sum(w * l @ r for w, l, r in zip(weights, lefts, rights))
+  dense = sum(w * l @ r for w, l, r in zip(weights, lora_a, lora_b))
   return Reference(
-      left=q @ u[:, :rank] * np.sqrt(s[:rank]), right=np.sqrt(s[:rank])[:, None] * vt[:rank], y=y, q=q, p=p,
+      new_a=q @ u[:, :rank] * np.sqrt(s[:rank]), new_b=np.sqrt(s[:rank])[:, None] * vt[:rank], y=y, q=q, p=p,
       s=s, dense=dense, covered=np.linalg.matrix_rank(dense) <= omega.shape[1])
 
 
@@ -109,8 +109,8 @@ def _tolerance(ref, rank):
   return 10 * EPS32 * (sy[0] / sy[k - 1] + gap)
 
 
-def _rel_error(left, right, target):
-  product = np.asarray(left, np.float64) @ np.asarray(right, np.float64)
+def _rel_error(new_a, new_b, target):
+  product = np.asarray(new_a, np.float64) @ np.asarray(new_b, np.float64)
   return np.linalg.norm(product - target) / np.linalg.norm(target)
 
 
@@ -120,23 +120,24 @@ def _best_rank(matrix, rank):
   return u[:, :rank] * s[:rank] @ vt[:rank]
 
 
-def _check_against_reference(case, left, right):
-  lefts, rights, weights, omega = case.arrays()
-  ref = numpy_fedask(lefts, rights, weights, omega, case.r)
-  chex.assert_shape((left, right), [(case.m, case.r), (case.r, case.n)])
-  chex.assert_type((left, right), jnp.float32)
+def _check_against_reference(case, new_a, new_b):
+  lora_a, lora_b, weights, omega = case.arrays()
+  ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
+  chex.assert_shape((new_a, new_b), [(case.m, case.r), (case.r, case.n)])
+  chex.assert_type((new_a, new_b), jnp.float32)
   tol = _tolerance(ref, case.r)
-  assert _rel_error(left, right, ref.left @ ref.right) < tol
-  # Balanced factors: left^T left = right right^T = diag(S_r), S_r from the float64 reference.
+  assert _rel_error(new_a, new_b, ref.new_a @ ref.new_b) < tol
+  # Balanced factors: lora_a^T lora_a = lora_b lora_b^T = diag(S_r), S_r from the float64 reference.
   scale = ref.s[0]
-  np.testing.assert_allclose(np.asarray(left).T @ np.asarray(left) / scale, np.diag(ref.s[:case.r]) / scale, atol=tol)
-  np.testing.assert_allclose(np.asarray(right) @ np.asarray(right).T / scale, np.diag(ref.s[:case.r]) / scale, atol=tol)
+  diagonal = np.diag(ref.s[:case.r]) / scale
+  np.testing.assert_allclose(np.asarray(new_a).T @ np.asarray(new_a) / scale, diagonal, atol=tol)
+  np.testing.assert_allclose(np.asarray(new_b) @ np.asarray(new_b).T / scale, diagonal, atol=tol)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_numpy_reference(case):
-  lefts, rights, weights, omega = case.arrays()
-  _check_against_reference(case, *_aggregate(lefts, rights, weights, omega, rank=case.r))
+  lora_a, lora_b, weights, omega = case.arrays()
+  _check_against_reference(case, *_aggregate(lora_a, lora_b, weights, omega, rank=case.r))
 
 
 class AggregateTest(chex.TestCase):
@@ -145,47 +146,47 @@ class AggregateTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(*[(CASES[i].name, CASES[i]) for i in (0, 1, 3, 6)])
   def test_jit_and_eager_match_numpy_reference(self, case):
-    lefts, rights, weights, omega = case.arrays()
-    _check_against_reference(
-        case, *self.variant(sketch.aggregate, static_argnames="rank")(lefts, rights, weights, omega, rank=case.r))
+    lora_a, lora_b, weights, omega = case.arrays()
+    aggregate = self.variant(sketch.aggregate_layer, static_argnames="rank")
+    _check_against_reference(case, *aggregate(lora_a, lora_b, weights, omega, rank=case.r))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_zero_aggregate(self):
-    # First round (zero B: Flax lora_b = right), all-zero left, all-zero weights: zeros out, no NaN.
+    # First round (lora_b = 0, PEFT's init), all-zero lora_a, all-zero weights: zeros out, no NaN.
     rng = np.random.default_rng(10)
     k, m, n, r = 3, 12, 9, 4
-    lefts = rng.standard_normal((k, m, r)).astype(np.float32)
+    lora_a = rng.standard_normal((k, m, r)).astype(np.float32)
     omega = rng.standard_normal((n, r + 2)).astype(np.float32)
-    aggregate = self.variant(sketch.aggregate, static_argnames="rank")
-    for args in [(lefts, np.zeros((k, r, n), np.float32), np.ones(k, np.float32)),
-                 (np.zeros_like(lefts), rng.standard_normal((k, r, n)).astype(np.float32), np.ones(k, np.float32)),
-                 (lefts, rng.standard_normal((k, r, n)).astype(np.float32), np.zeros(k, np.float32))]:
-      left, right = aggregate(*args, omega, rank=r)
-      chex.assert_trees_all_equal((left, right), (np.zeros((m, r), np.float32), np.zeros((r, n), np.float32)))
-      self.assertEqual(float(_certificate(*args, left, right)), 0.0)
+    aggregate = self.variant(sketch.aggregate_layer, static_argnames="rank")
+    for args in [(lora_a, np.zeros((k, r, n), np.float32), np.ones(k, np.float32)),
+                 (np.zeros_like(lora_a), rng.standard_normal((k, r, n)).astype(np.float32), np.ones(k, np.float32)),
+                 (lora_a, rng.standard_normal((k, r, n)).astype(np.float32), np.zeros(k, np.float32))]:
+      new_a, new_b = aggregate(*args, omega, rank=r)
+      chex.assert_trees_all_equal((new_a, new_b), (np.zeros((m, r), np.float32), np.zeros((r, n), np.float32)))
+      self.assertEqual(float(_certificate(*args, new_a, new_b)), 0.0)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_rank_deficient_single_client(self):
-    # K = 1, left of rank 2 < r = 4: the product is still exact and the two extra columns carry only
+    # K = 1, lora_a of rank 2 < r = 4: the product is still exact and the two extra columns carry only
     # sqrt of float32 round-off (singular values ~eps * ||P||, so columns ~sqrt(eps) ||P||^(1/2)).
     rng = np.random.default_rng(11)
     m, n, r = 14, 11, 4
-    lefts = (rng.standard_normal((1, m, 2)) @ rng.standard_normal((1, 2, r))).astype(np.float32)
-    rights = rng.standard_normal((1, r, n)).astype(np.float32)
+    lora_a = (rng.standard_normal((1, m, 2)) @ rng.standard_normal((1, 2, r))).astype(np.float32)
+    lora_b = rng.standard_normal((1, r, n)).astype(np.float32)
     omega = rng.standard_normal((n, r)).astype(np.float32)
-    left, right = self.variant(sketch.aggregate, static_argnames="rank")(
-        lefts, rights, np.ones(1, np.float32), omega, rank=r)
-    chex.assert_tree_all_finite((left, right))
-    target = lefts[0].astype(np.float64) @ rights[0]
-    ref = numpy_fedask(lefts, rights, np.ones(1), omega, r)
-    self.assertLess(_rel_error(left, right, target), _tolerance(ref, r))
-    column_norms = np.linalg.norm(np.asarray(left), axis=0)
+    new_a, new_b = self.variant(sketch.aggregate_layer, static_argnames="rank")(
+        lora_a, lora_b, np.ones(1, np.float32), omega, rank=r)
+    chex.assert_tree_all_finite((new_a, new_b))
+    target = lora_a[0].astype(np.float64) @ lora_b[0]
+    ref = numpy_fedask(lora_a, lora_b, np.ones(1), omega, r)
+    self.assertLess(_rel_error(new_a, new_b, target), _tolerance(ref, r))
+    column_norms = np.linalg.norm(np.asarray(new_a), axis=0)
     self.assertLess(column_norms[2:].max(), 10 * np.sqrt(EPS32 * ref.s[0]))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_aggregate_adapters(self):
     # Two layers share a shape (one vmapped group); the third differs and needs its width clipped
-    # (min(m, n) = 4 < r + p = 7). DP mode in Flax layout: lora_a (left) shared, so every layer is exact.
+    # (min(m, n) = 4 < r + p = 7). DP mode: lora_a shared, so every layer is exact.
     rng = np.random.default_rng(12)
     k, r, p = 4, 3, 4
     shapes = {"model.layers.0.self_attn.q_proj": (12, 12), "model.layers.0.self_attn.v_proj": (12, 12),
@@ -201,12 +202,12 @@ class AggregateTest(chex.TestCase):
     for name, factors in adapters.items():
       m, n = shapes[name]
       chex.assert_shape(merged[name], [(m, r), (r, n)])
-      ref = numpy_fedask(factors.a, factors.b, weights, omegas[name], r)
+      ref = numpy_fedask(factors.lora_a, factors.lora_b, weights, omegas[name], r)
       self.assertLess(_rel_error(*merged[name], ref.dense), _tolerance(ref, r), msg=name)
     errors, worst = self.variant(sketch.adapters_reconstruction_error)(adapters, weights, merged)
     self.assertEqual(set(errors), set(adapters))
     for name, factors in adapters.items():
-      dense = _rel_error(*merged[name], numpy_fedask(factors.a, factors.b, weights, omegas[name], r).dense)
+      dense = _rel_error(*merged[name], numpy_fedask(factors.lora_a, factors.lora_b, weights, omegas[name], r).dense)
       # As in test_certificate_matches_dense_error.
       np.testing.assert_allclose(errors[name], dense, rtol=1e-5, atol=1e-5, err_msg=name)
     self.assertEqual(float(worst), max(float(e) for e in errors.values()))
@@ -214,23 +215,23 @@ class AggregateTest(chex.TestCase):
 
 @pytest.mark.parametrize("case", [c for c in CASES if numpy_fedask(*c.arrays(), c.r).covered], ids=lambda c: c.name)
 def test_eckart_young_when_covered(case):
-  lefts, rights, weights, omega = case.arrays()
-  left, right = _aggregate(lefts, rights, weights, omega, rank=case.r)
-  ref = numpy_fedask(lefts, rights, weights, omega, case.r)
+  lora_a, lora_b, weights, omega = case.arrays()
+  new_a, new_b = _aggregate(lora_a, lora_b, weights, omega, rank=case.r)
+  ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
   best = _best_rank(ref.dense, case.r)
-  assert _rel_error(left, right, best) < _tolerance(ref, case.r)
+  assert _rel_error(new_a, new_b, best) < _tolerance(ref, case.r)
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: c.name)
 def test_stage_functions_match_numpy(case):
-  lefts, rights, weights, omega = case.arrays()
-  ref = numpy_fedask(lefts, rights, weights, omega, case.r)
+  lora_a, lora_b, weights, omega = case.arrays()
+  ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
   omega = omega[:, :min(case.m, case.n)]
-  w = weights / weights.sum()
+  w = weights
   # A float32 product of inner dimension d errs entrywise by <= d eps |A| |B| (Higham, Thm 3.5), with |.| the
   # entrywise absolute value; the chained products here have d <= r + n (stage 1) and r + m (stage 2).
-  y = sum(wk * sketch.stage1_sketch(left_k, right_k, omega) for wk, left_k, right_k in zip(w, lefts, rights))
-  bound = sum(wk * np.abs(left_k) @ (np.abs(right_k) @ np.abs(omega)) for wk, left_k, right_k in zip(w, lefts, rights))
+  y = sum(wk * sketch.stage1_sketch(a_k, b_k, omega) for wk, a_k, b_k in zip(w, lora_a, lora_b))
+  bound = sum(wk * np.abs(a_k) @ (np.abs(b_k) @ np.abs(omega)) for wk, a_k, b_k in zip(w, lora_a, lora_b))
   assert np.all(np.abs(y - ref.y) <= (case.r + case.n + case.k) * EPS32 * bound)
   q = sketch.orthonormal_basis(jnp.asarray(ref.y, jnp.float32))
   # Householder Q is orthonormal to O(m eps).
@@ -240,87 +241,88 @@ def test_stage_functions_match_numpy(case):
   tol = _tolerance(ref, case.r)
   assert np.linalg.norm(ref.y - q @ (q.T @ ref.y)) < tol * np.linalg.norm(ref.y)
   q32 = ref.q.astype(np.float32)
-  p = sum(wk * sketch.stage2_project(left_k, right_k, q32) for wk, left_k, right_k in zip(w, lefts, rights))
-  bound = sum(wk * np.abs(right_k).T @ (np.abs(left_k).T @ np.abs(q32))
-              for wk, left_k, right_k in zip(w, lefts, rights))
+  p = sum(wk * sketch.stage2_project(a_k, b_k, q32) for wk, a_k, b_k in zip(w, lora_a, lora_b))
+  bound = sum(wk * np.abs(b_k).T @ (np.abs(a_k).T @ np.abs(q32))
+              for wk, a_k, b_k in zip(w, lora_a, lora_b))
   assert np.all(np.abs(p - ref.p) <= (case.r + case.m + case.k) * EPS32 * bound)
-  left, right = sketch.reconstruct(ref.p.astype(np.float32), q32, case.r)
-  assert _rel_error(left, right, ref.left @ ref.right) < tol
+  new_a, new_b = sketch.reconstruct(ref.p.astype(np.float32), q32, case.r)
+  assert _rel_error(new_a, new_b, ref.new_a @ ref.new_b) < tol
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_certificate_matches_dense_error(case):
-  lefts, rights, weights, omega = case.arrays()
-  ref = numpy_fedask(lefts, rights, weights, omega, case.r)
-  left, right = _aggregate(lefts, rights, weights, omega, rank=case.r)
+  lora_a, lora_b, weights, omega = case.arrays()
+  ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
+  new_a, new_b = _aggregate(lora_a, lora_b, weights, omega, rank=case.r)
   # The sketch's own result (error ~0 when covered, O(1) otherwise) and a deliberately wrong rank-1 answer.
-  for candidate in [(left, right), (left[:, :1], 0.5 * right[:1])]:
+  for candidate in [(new_a, new_b), (new_a[:, :1], 0.5 * new_b[:1])]:
     dense = _rel_error(*candidate, ref.dense)
-    got = float(_certificate(lefts, rights, weights, *candidate))
+    got = float(_certificate(lora_a, lora_b, weights, *candidate))
     # Backward-stable QRs of the stacked factors L, R (docstring) leave an absolute error of ~eps ||L|| ||R||
     # relative to ||T||; rtol covers the float32 rounding of an O(1) error.
-    w = weights / weights.sum()
-    stacked_norms = (np.sqrt(np.sum(np.square(candidate[0])) + np.sum(w[:, None, None]**2 * lefts**2))
-                     * np.sqrt(np.sum(np.square(candidate[1])) + np.sum(rights**2)))
+    stacked_norms = (np.sqrt(np.sum(np.square(candidate[0])) + np.sum(weights[:, None, None]**2 * lora_a**2))
+                     * np.sqrt(np.sum(np.square(candidate[1])) + np.sum(lora_b**2)))
     np.testing.assert_allclose(got, dense, rtol=1e-5, atol=10 * EPS32 * stacked_norms / np.linalg.norm(ref.dense))
 
 
-@pytest.mark.parametrize("shared", ["left", "right"])
+@pytest.mark.parametrize("shared", ["lora_a", "lora_b"])
 @pytest.mark.parametrize("p", [0, 1, 4, 8])
 def test_dp_mode_exact_for_any_oversampling(shared, p):
   # With one factor shared the aggregate has rank <= r, so the sketch covers it for every p >= 0 (Theorem 2).
   case = Case(18, 13, 4, 5, p, shared, 20 + p)
-  lefts, rights, weights, omega = case.arrays()
-  left, right = _aggregate(lefts, rights, weights, omega, rank=case.r)
-  ref = numpy_fedask(lefts, rights, weights, omega, case.r)
+  lora_a, lora_b, weights, omega = case.arrays()
+  new_a, new_b = _aggregate(lora_a, lora_b, weights, omega, rank=case.r)
+  ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
   tol = _tolerance(ref, case.r)
-  assert _rel_error(left, right, ref.dense) < tol
-  assert float(_certificate(lefts, rights, weights, left, right)) < tol
+  assert _rel_error(new_a, new_b, ref.dense) < tol
+  assert float(_certificate(lora_a, lora_b, weights, new_a, new_b)) < tol
 
 
 def test_vmap_over_problems():
   case = Case(14, 9, 3, 4, 2, "none", 30)
   problems = [Case(**{**dataclasses.asdict(case), "seed": case.seed + i}).arrays() for i in range(3)]
   batched = [np.stack(xs) for xs in zip(*problems)]
-  lefts, rights = jax.jit(jax.vmap(functools.partial(sketch.aggregate, rank=case.r)))(*batched)
-  chex.assert_shape((lefts, rights), [(3, case.m, case.r), (3, case.r, case.n)])
+  lora_a, lora_b = jax.jit(jax.vmap(functools.partial(sketch.aggregate_layer, rank=case.r)))(*batched)
+  chex.assert_shape((lora_a, lora_b), [(3, case.m, case.r), (3, case.r, case.n)])
   for i, problem in enumerate(problems):
     ref = numpy_fedask(*problem, case.r)
-    assert _rel_error(lefts[i], rights[i], ref.left @ ref.right) < _tolerance(ref, case.r)
+    assert _rel_error(lora_a[i], lora_b[i], ref.new_a @ ref.new_b) < _tolerance(ref, case.r)
 
 
 @pytest.mark.parametrize("dtype,unit_roundoff", [(jnp.bfloat16, 2.0**-8), (jnp.float16, 2.0**-11)])
 def test_low_precision_inputs(dtype, unit_roundoff):
   # The linear algebra runs in float32 and only the two outputs are rounded to `dtype`, each entry with
-  # relative error <= u. For balanced factors ||du right||_F <= u ||left||_F ||right||_2 <= u sqrt(r) ||T||_F
+  # relative error <= u. For balanced factors ||du lora_b||_F <= u ||lora_a||_F ||lora_b||_2 <= u sqrt(r) ||T||_F
   # (both norms are sums of singular values of T), so the product errs by <= 2 u sqrt(r) ||T||_F.
-  case = Case(24, 16, 4, 5, 2, "right", 40)
-  lefts, rights, weights, omega = (jnp.asarray(x, dtype) for x in case.arrays())
-  left, right = _aggregate(lefts, rights, weights, omega, rank=case.r)
-  chex.assert_type((left, right), dtype)
-  ref = numpy_fedask(*(np.asarray(x, np.float64) for x in (lefts, rights, weights, omega)), case.r)
+  case = Case(24, 16, 4, 5, 2, "lora_b", 40)
+  lora_a, lora_b, weights, omega = (jnp.asarray(x, dtype) for x in case.arrays())
+  new_a, new_b = _aggregate(lora_a, lora_b, weights, omega, rank=case.r)
+  chex.assert_type((new_a, new_b), dtype)
+  ref = numpy_fedask(*(np.asarray(x, np.float64) for x in (lora_a, lora_b, weights, omega)), case.r)
   bound = 2 * unit_roundoff * np.sqrt(case.r) + _tolerance(ref, case.r)
-  assert _rel_error(left, right, ref.dense) < bound
-  assert float(_certificate(lefts, rights, weights, left, right)) < bound
+  assert _rel_error(new_a, new_b, ref.dense) < bound
+  assert float(_certificate(lora_a, lora_b, weights, new_a, new_b)) < bound
 
 
-def test_weights_are_normalised():
+def test_weights_are_used_as_given():
+  """The aggregate is sum_k w_k lora_a_k lora_b_k with the weights as given (the round normalises them): scaled
+  weights scale the product, and the relative certificate does not depend on the scale."""
   case = Case(15, 11, 3, 4, 2, "none", 50)
-  lefts, rights, weights, omega = case.arrays()
-  unit = _aggregate(lefts, rights, weights / weights.sum(), omega, rank=case.r)
-  scaled = _aggregate(lefts, rights, 37.0 * weights, omega, rank=case.r)
-  ref = numpy_fedask(lefts, rights, weights, omega, case.r)
+  lora_a, lora_b, weights, omega = case.arrays()
+  unit = _aggregate(lora_a, lora_b, weights, omega, rank=case.r)
+  scaled = _aggregate(lora_a, lora_b, 37.0 * weights, omega, rank=case.r)
+  ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
   tol = _tolerance(ref, case.r)
-  assert _rel_error(*unit, ref.left @ ref.right) < tol
-  assert _rel_error(*scaled, ref.left @ ref.right) < tol
+  assert _rel_error(*unit, ref.new_a @ ref.new_b) < tol
+  assert _rel_error(*scaled, 37.0 * ref.new_a @ ref.new_b) < tol
   np.testing.assert_allclose(
-      _certificate(lefts, rights, 37.0 * weights, *unit), _certificate(lefts, rights, weights, *unit),
+      _certificate(lora_a, lora_b, 37.0 * weights, *scaled), _certificate(lora_a, lora_b, weights, *unit),
       rtol=1e-4, atol=1e-6)
-  # Integer sample counts are weights too.
+  # Integer sample counts are weights too (the aggregate is then their weighted sum, not a mean).
   counts = np.arange(1, case.k + 1)
-  from_counts = _aggregate(lefts, rights, counts, omega, rank=case.r)
-  ref = numpy_fedask(lefts, rights, counts, omega, case.r)
-  assert _rel_error(*from_counts, ref.left @ ref.right) < _tolerance(ref, case.r)
+  from_counts = _aggregate(lora_a, lora_b, counts, omega, rank=case.r)
+  ref = numpy_fedask(lora_a, lora_b, counts, omega, case.r)
+  assert _rel_error(*from_counts, ref.new_a @ ref.new_b) < _tolerance(ref, case.r)
 
 
 def test_make_omegas_seeded_by_sorted_layer_index():
@@ -353,7 +355,7 @@ def _problem(k=3, m=8, r=2, n=6, w=4):
 
 
 def _with(**changes):
-  names = ("lefts", "rights", "weights", "omega")
+  names = ("lora_a", "lora_b", "weights", "omega")
   args = dict(zip(names, _problem()))
   args.update(changes)
   return tuple(args[name] for name in names)
@@ -361,24 +363,24 @@ def _with(**changes):
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("args,rank,match", [
-    (_with(lefts=np.ones((8, 2), np.float32)), 2, r"lefts has shape \(8, 2\): expected 3 axes"),
-    (_with(rights=np.ones((2, 2, 6), np.float32)), 2, r"do not chain"),
-    (_with(rights=np.ones((3, 3, 6), np.float32)), 2, r"do not chain"),
+    (_with(lora_a=np.ones((8, 2), np.float32)), 2, r"lora_a has shape \(8, 2\): expected 3 axes"),
+    (_with(lora_b=np.ones((2, 2, 6), np.float32)), 2, r"do not chain"),
+    (_with(lora_b=np.ones((3, 3, 6), np.float32)), 2, r"do not chain"),
     (_with(weights=np.ones(2, np.float32)), 2, r"weights has shape \(2,\): expected \(3,\)"),
     (_with(omega=np.ones((5, 4), np.float32)), 2, r"omega has shape \(5, 4\): expected \[n, w\] with n = 6"),
     (_with(), 5, r"rank=5 exceeds the sketch width w = 4"),
     (_with(omega=np.ones((6, 8), np.float32)), 7, r"rank=7 exceeds min\(m, n\) = 6"),
-    (_with(), 0, r"rank=0: the target rank must be a Python integer >= 1"),
+    (_with(), 0, r"rank=0: the target rank must be an integer >= 1"),
 ])
 def test_aggregate_validation(jit, args, rank, match):
-  aggregate = jax.jit(sketch.aggregate, static_argnames="rank") if jit else sketch.aggregate
+  aggregate = jax.jit(sketch.aggregate_layer, static_argnames="rank") if jit else sketch.aggregate_layer
   with pytest.raises(ValueError, match=match):
     aggregate(*args, rank=rank)
 
 
 def test_traced_rank_is_rejected():
   with pytest.raises(ValueError, match="static under jit"):
-    jax.jit(sketch.aggregate)(*_problem(), 2)
+    jax.jit(sketch.aggregate_layer)(*_problem(), 2)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -395,6 +397,9 @@ def test_traced_rank_is_rejected():
      r"layer 'q': rank=2 exceeds the sketch width"),
     (lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(2), {"q": np.ones((6, 4))}, 2),
      r"adapters\['q'\]: weights has shape"),
+    (lambda: sketch.adapters_reconstruction_error({"q": LoRAFactors(*_problem()[:2])}, np.ones(3),
+                                                  {"q": LoRAFactors(np.ones((7, 2)), np.ones((2, 6)))}),
+     r"aggregated\['q'\]: lora_a_hat \(7, 2\) and lora_b_hat \(2, 6\) do not match"),
 ])
 def test_validation_errors(call, match):
   with pytest.raises(ValueError, match=match):

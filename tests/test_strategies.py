@@ -19,8 +19,8 @@ import optax
 import pytest
 from absl.testing import absltest, parameterized
 
-from fedask_jax import strategies
-from fedask_jax.lora import LoRAFactors
+from fedask_jax import simulation, strategies
+from fedask_jax.adapters import LoRAFactors, select
 from fedask_jax.strategies import base, fedsa_lora, scaffold
 from test_simulation import TinyMLP, make_batches, make_round, random_state
 
@@ -44,13 +44,14 @@ def problem(seed=0, shared=None):
     clients = {n: f._replace(**{shared: np.broadcast_to(getattr(global_adapters[n], shared), getattr(f, shared).shape)})
                for n, f in clients.items()}
   results = base.ClientResult(clients, random_adapters(rng, (K,)))
-  weights = rng.uniform(0.5, 2.0, K).astype(np.float32)
+  weights = rng.uniform(0.5, 2.0, K)
+  weights = (weights / weights.sum()).astype(np.float32)  # the round normalises them before the server update
   return global_adapters, results, weights, np.array([5, 0, 3], np.int32)
 
 
 def wmean(stacked, weights):
-  w = np.asarray(weights, np.float64) / np.sum(weights)
-  return np.einsum("k,k...->...", w, np.asarray(stacked, np.float64))
+  """sum_k w_k x_k in float64 (the weights are normalised)."""
+  return np.einsum("k,k...->...", np.asarray(weights, np.float64), np.asarray(stacked, np.float64))
 
 
 def test_registry_holds_every_strategy_by_name():
@@ -72,33 +73,27 @@ def test_bad_names_and_hyper_parameters_fail_with_value_errors():
   for oversample in (-1, 1.5):
     with pytest.raises(ValueError, match="oversample"):
       strategies.get_strategy("fedask", oversample=oversample)
-  with pytest.raises(ValueError, match="trained"):
-    base.select({}, "c")
+
+
+ALTERNATE = ["lora_b", "lora_a"] * 2
 
 
 @pytest.mark.parametrize("name,private,schedule", [
-    ("fedask", True, "bbbb"),
+    ("fedask", True, ["lora_b"] * 4),
     ("fedask", False, ["both"] * 4),
-    ("fedask-alt", True, "baba"),
-    ("fedask-alt", False, "baba"),
-    ("ffa-lora", True, "bbbb"),
+    ("fedask-alt", True, ALTERNATE),
+    ("fedask-alt", False, ALTERNATE),
+    ("ffa-lora", True, ["lora_b"] * 4),
     ("fedavg", True, ["both"] * 4),
     ("fedsa-lora", False, ["both"] * 4),
     ("fedprox", True, ["both"] * 4),
     ("scaffold", True, ["both"] * 4),
 ])
 def test_trained_factor_schedule(name, private, schedule):
-  """Rounds 1..4: FedASK trains b (A frozen) under DP and both without; fedask-alt alternates b, a, b, a."""
+  """Rounds 1..4: FedASK trains lora_b (lora_a frozen) under DP and both without; fedask-alt alternates lora_b,
+  lora_a, lora_b, lora_a."""
   strategy = strategies.get_strategy(name)
   assert [strategy.trained(t, private) for t in range(1, 5)] == list(schedule)
-
-
-def test_select_and_combine_are_inverse():
-  adapters = random_adapters(np.random.default_rng(0))
-  for trained in base.TRAINED:
-    subset = base.select(adapters, trained)
-    assert all((f.a is None) == (trained == "b") and (f.b is None) == (trained == "a") for f in subset.values())
-    chex.assert_trees_all_equal(base.combine(subset, adapters), adapters)
 
 
 class AggregationTest(parameterized.TestCase):
@@ -111,8 +106,8 @@ class AggregationTest(parameterized.TestCase):
     leaves, treedef = jax.tree.flatten(strategy.init(global_adapters, N))
     rng = np.random.default_rng(1)
     state = jax.tree.unflatten(treedef, [rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
-    aggregate = self.variant(strategy.aggregate)
-    new, new_state, metrics = aggregate(state, global_adapters, results, weights, ids, jax.random.key(0))
+    server_update = self.variant(strategy.server_update)
+    new, new_state, metrics = server_update(state, global_adapters, results, weights, ids, jax.random.key(0))
     return global_adapters, results, weights, ids, state, new, new_state, metrics
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -120,25 +115,25 @@ class AggregationTest(parameterized.TestCase):
   def test_fedavg_and_fedprox_average_each_factor(self, name):
     _, results, weights, _, _, new, _, metrics = self._aggregate(name)
     for n, f in results.adapters.items():
-      np.testing.assert_allclose(new[n].a, wmean(f.a, weights), **MEAN)
-      np.testing.assert_allclose(new[n].b, wmean(f.b, weights), **MEAN)
+      np.testing.assert_allclose(new[n].lora_a, wmean(f.lora_a, weights), **MEAN)
+      np.testing.assert_allclose(new[n].lora_b, wmean(f.lora_b, weights), **MEAN)
     assert metrics == {}
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_ffa_lora_averages_b_and_keeps_a_exactly(self):
-    global_adapters, results, weights, _, _, new, _, _ = self._aggregate("ffa-lora", shared="a")
+    global_adapters, results, weights, _, _, new, _, _ = self._aggregate("ffa-lora", shared="lora_a")
     for n, f in results.adapters.items():
-      np.testing.assert_array_equal(new[n].a, global_adapters[n].a)
-      np.testing.assert_allclose(new[n].b, wmean(f.b, weights), **MEAN)
+      np.testing.assert_array_equal(new[n].lora_a, global_adapters[n].lora_a)
+      np.testing.assert_allclose(new[n].lora_b, wmean(f.lora_b, weights), **MEAN)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_fedsa_lora_shares_a_and_keeps_each_clients_b(self):
     _, results, weights, ids, state, new, new_state, _ = self._aggregate("fedsa-lora")
     others = np.setdiff1d(np.arange(N), ids)
     for n, f in results.adapters.items():
-      np.testing.assert_allclose(new[n].a, wmean(f.a, weights), **MEAN)
-      np.testing.assert_allclose(new[n].b, wmean(f.b, weights), **MEAN)
-      np.testing.assert_array_equal(new_state.client_b[n][ids], f.b)
+      np.testing.assert_allclose(new[n].lora_a, wmean(f.lora_a, weights), **MEAN)
+      np.testing.assert_allclose(new[n].lora_b, wmean(f.lora_b, weights), **MEAN)
+      np.testing.assert_array_equal(new_state.client_b[n][ids], f.lora_b)
       np.testing.assert_array_equal(new_state.client_b[n][others], state.client_b[n][others])
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -146,7 +141,7 @@ class AggregationTest(parameterized.TestCase):
     _, results, weights, ids, state, new, new_state, _ = self._aggregate("scaffold")
     others = np.setdiff1d(np.arange(N), ids)
     for n, f in results.adapters.items():
-      for factor in ("a", "b"):
+      for factor in ("lora_a", "lora_b"):
         np.testing.assert_allclose(getattr(new[n], factor), wmean(getattr(f, factor), weights), **MEAN)
         new_c = np.asarray(getattr(results.mean_gradient[n], factor), np.float64)
         old_ci = np.asarray(getattr(state.client_controls[n], factor), np.float64)
@@ -156,14 +151,14 @@ class AggregationTest(parameterized.TestCase):
         np.testing.assert_array_equal(getattr(new_state.client_controls[n], factor)[others], old_ci[others])
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(("fedask", "a"), ("fedask-alt", "a"), ("fedask-alt", "b"))
+  @parameterized.parameters(("fedask", "lora_a"), ("fedask-alt", "lora_a"), ("fedask-alt", "lora_b"))
   def test_fedask_sketch_is_exact_with_a_shared_factor(self, name, shared):
-    """DP rounds (one factor frozen at the global value): the new product is sum_k w_k a_k b_k exactly, its
-    factors balanced (a^T a = b b^T, diagonal), and the certificate ~0."""
+    """DP rounds (one factor frozen at the global value): the new product is sum_k w_k lora_a_k lora_b_k exactly,
+    its factors balanced (lora_a^T lora_a = lora_b lora_b^T, diagonal), and the certificate ~0."""
     _, results, weights, _, _, new, _, metrics = self._aggregate(name, shared=shared, oversample=1)
     for n, f in results.adapters.items():
-      target = wmean(np.einsum("kir,kro->kio", f.a.astype(np.float64), f.b.astype(np.float64)), weights)
-      a, b = np.asarray(new[n].a, np.float64), np.asarray(new[n].b, np.float64)
+      target = wmean(np.einsum("kir,kro->kio", f.lora_a.astype(np.float64), f.lora_b.astype(np.float64)), weights)
+      a, b = np.asarray(new[n].lora_a, np.float64), np.asarray(new[n].lora_b, np.float64)
       np.testing.assert_allclose(a @ b, target, **SKETCH)
       gram = a.T @ a
       np.testing.assert_allclose(gram, b @ b.T, rtol=1e-4, atol=1e-5 * np.abs(gram).max())
@@ -178,18 +173,19 @@ class AggregationTest(parameterized.TestCase):
     _, results, weights, _, _, new, _, metrics = self._aggregate("fedask", oversample=3)
     errors = []
     for n, f in results.adapters.items():
-      target = wmean(np.einsum("kir,kro->kio", f.a.astype(np.float64), f.b.astype(np.float64)), weights)
+      target = wmean(np.einsum("kir,kro->kio", f.lora_a.astype(np.float64), f.lora_b.astype(np.float64)), weights)
       u, s, vt = np.linalg.svd(target)
       best = (u[:, :R] * s[:R]) @ vt[:R]
-      np.testing.assert_allclose(np.asarray(new[n].a, np.float64) @ np.asarray(new[n].b, np.float64), best, **SKETCH)
+      product = np.asarray(new[n].lora_a, np.float64) @ np.asarray(new[n].lora_b, np.float64)
+      np.testing.assert_allclose(product, best, **SKETCH)
       errors.append(np.linalg.norm(best - target) / np.linalg.norm(target))
     np.testing.assert_allclose(metrics["reconstruction_error"], max(errors), rtol=1e-3)
 
 
 def test_certificate_can_be_switched_off():
-  global_adapters, results, weights, ids = problem(shared="a")
-  _, _, metrics = strategies.get_strategy("fedask", certify=False).aggregate((), global_adapters, results, weights, ids,
-                                                              jax.random.key(0))
+  global_adapters, results, weights, ids = problem(shared="lora_a")
+  _, _, metrics = strategies.get_strategy("fedask", certify=False).server_update(
+      (), global_adapters, results, weights, ids, jax.random.key(0))
   assert metrics == {}
 
 
@@ -197,25 +193,26 @@ def test_local_objectives():
   """FedProx adds mu (theta - theta_start) to the trained factors' gradient; SCAFFOLD adds c - c_i (its
   client_start context); the other strategies train on the plain loss."""
   rng = np.random.default_rng(3)
-  params = base.select(random_adapters(rng), "b")
-  start = base.select(random_adapters(rng), "b")
+  params = select(random_adapters(rng), "lora_b")
+  start = select(random_adapters(rng), "lora_b")
   correction = strategies.get_strategy("fedprox", mu=0.3).gradient_correction((), params, start)
   for n in params:
-    assert correction[n].a is None
-    np.testing.assert_allclose(correction[n].b, 0.3 * (params[n].b - start[n].b), **MEAN)
+    assert correction[n].lora_a is None
+    np.testing.assert_allclose(correction[n].lora_b, 0.3 * (params[n].lora_b - start[n].lora_b), **MEAN)
   global_adapters = random_adapters(rng)
   state = scaffold.ScaffoldState(random_adapters(rng), random_adapters(rng, (N,)))
   start_adapters, context = scaffold.client_start(state, global_adapters, jnp.int32(4))
   chex.assert_trees_all_equal(start_adapters, global_adapters)
-  both = base.select(global_adapters, "both")
+  both = select(global_adapters, "both")
   correction = scaffold.correction(context, both, both)
   for n in both:
-    np.testing.assert_allclose(correction[n].b, state.server_control[n].b - state.client_controls[n].b[4], **MEAN)
+    np.testing.assert_allclose(
+        correction[n].lora_b, state.server_control[n].lora_b - state.client_controls[n].lora_b[4], **MEAN)
   for name in ("fedask", "fedask-alt", "fedavg", "ffa-lora", "fedsa-lora"):
     assert strategies.get_strategy(name).gradient_correction is None
 
 
-def test_fedsa_lora_starts_clients_from_their_own_b_and_evaluates_personalised_and_shared():
+def test_fedsa_lora_starts_clients_from_their_own_lora_b_and_evaluates_personalised_and_shared():
   global_adapters = random_adapters(np.random.default_rng(4))
   state = fedsa_lora.init(global_adapters, N)
   state = fedsa_lora.FedSAState({n: b + jnp.arange(N, dtype=b.dtype)[:, None, None] for n, b in state.client_b.items()})
@@ -224,11 +221,11 @@ def test_fedsa_lora_starts_clients_from_their_own_b_and_evaluates_personalised_a
   personal, shared = fedsa_lora.evaluation_adapters(state, global_adapters, ids)
   chex.assert_trees_all_equal(shared, global_adapters)
   for n, f in global_adapters.items():
-    np.testing.assert_array_equal(start[n].a, f.a)
-    np.testing.assert_allclose(start[n].b, f.b + 2, **MEAN)
-    chex.assert_shape(personal[n].a, (2, M_IN, R))
-    np.testing.assert_array_equal(personal[n].a[1], f.a)
-    np.testing.assert_allclose(personal[n].b, np.stack([f.b + 6, f.b + 2]), **MEAN)
+    np.testing.assert_array_equal(start[n].lora_a, f.lora_a)
+    np.testing.assert_allclose(start[n].lora_b, f.lora_b + 2, **MEAN)
+    chex.assert_shape(personal[n].lora_a, (2, M_IN, R))
+    np.testing.assert_array_equal(personal[n].lora_a[1], f.lora_a)
+    np.testing.assert_allclose(personal[n].lora_b, np.stack([f.lora_b + 6, f.lora_b + 2]), **MEAN)
 
 
 def test_weighted_mean_of_zero_weights_is_zero():
@@ -245,7 +242,7 @@ def test_scaffold_control_variate_is_option_ii_under_sgd():
   state = random_state(rnd, seed=5)
   batch = jax.tree.map(lambda x: x[0], make_batches(4, num_clients=1, steps=steps))
   client_id = 6
-  update = jax.jit(functools.partial(rnd.client_update, "both"))
+  update = jax.jit(functools.partial(simulation.client_update, rnd.training, "both"))
   result, _ = update(state, rnd.frozen_state, batch, jnp.int32(client_id), jax.random.key(0))
   x, c = state.adapters, state.strategy_state.server_control
   c_i = jax.tree.map(lambda v: v[client_id], state.strategy_state.client_controls)

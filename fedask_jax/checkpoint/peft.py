@@ -8,12 +8,11 @@ pair of tensors per adapted module, without the adapter name (`get_peft_model_st
 
 `<module path>` is the module's name in the Hugging Face model (e.g. `model.layers.0.self_attn.q_proj`), which
 is our dotted path (`fedask_jax.lora.lora_layers`). PEFT adds `scaling * lora_B(lora_A(dropout(x)))` to the
-base layer's output, with `scaling = lora_alpha / r`. In Flax layout (`fedask_jax.lora`) lora_a = lora_A^T
-[in, r] (left factor) and lora_b = lora_B^T [r, out] (right factor), so `delta = left @ right` is the update
-of the [in, out] kernel. GPT-2's Conv1D layers store their weight as [in, out] (PEFT's `fan_in_fan_out=True`),
-but PEFT still builds lora_A / lora_B as `nn.Linear` layers (`peft/tuners/lora/layer.py`, `update_layer`), so
-their saved shapes are the same [r, in] / [out, r] and the same transposes apply; `fan_in_fan_out` only
-changes how PEFT merges the product into the base weight.
+base layer's output, with `scaling = lora_alpha / r`; our lora_a and lora_b are lora_A.weight and
+lora_B.weight transposed (`fedask_jax.lora`). GPT-2's Conv1D layers store their weight as [in, out] (PEFT's
+`fan_in_fan_out=True`), but PEFT still builds lora_A / lora_B as `nn.Linear` layers
+(`peft/tuners/lora/layer.py`, `update_layer`), so their saved shapes are the same [r, in] / [out, r] and the
+same transposes apply; `fan_in_fan_out` only changes how PEFT merges the product into the base weight.
 """
 
 from __future__ import annotations
@@ -102,7 +101,8 @@ def export_peft(
     if layer.lora_a.ndim != 2 or layer.lora_b.ndim != 2:
       raise ValueError(
           f"export_peft: {name}.lora_a has shape {layer.lora_a.shape} and lora_b {layer.lora_b.shape}; PEFT "
-          "stores one unbatched adapter: select one client's adapters (e.g. unstack_adapters) before exporting.")
+          "stores one unbatched adapter: select one client's adapters (e.g. fedask_jax.adapters.unstack_adapters) "
+          "before exporting.")
   rank = _single_value("rank", ranks)
   scaling = _single_value("scaling (alpha / r)", {name: float(layer.scaling) for name, layer in layers.items()})
   dropout = _single_value(

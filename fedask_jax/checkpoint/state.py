@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedask_jax._checks import check_int
+
 STATE_DIGEST = "state_sha256"
 PAUSE_BEFORE_COMMIT = "FEDASK_JAX_PAUSE_BEFORE_COMMIT"
 
@@ -91,8 +93,7 @@ class StateCheckpoints:
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: int):
-    if not isinstance(keep, int) or keep < 1:
-      raise ValueError(f"keep={keep!r}: keep at least one checkpoint.")
+    check_int("keep", keep, 1, what="the number of checkpoints kept")
     self.directory = Path(os.path.abspath(directory))
     self._manager = ocp.CheckpointManager(
         self.directory,

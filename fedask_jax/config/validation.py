@@ -143,6 +143,12 @@ def _check_data(config: Config) -> None:
            f"data.partition={d.partition!r} needs data.category_column (the column to split by).")
 
 
+def lora_config(config: Config) -> LoRAConfig:
+  """The `fedask_jax.lora.LoRAConfig` of the config's lora section (its checks raise ValueError)."""
+  lo = config.lora
+  return LoRAConfig(rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout)
+
+
 def validate(config: Config) -> None:
   """Ranges and cross-field rules (module docstring, item 1); raises ConfigError naming the key, the rule and
   the fix."""
@@ -165,12 +171,10 @@ def validate(config: Config) -> None:
 
   _check_data(c)
 
-  lo = c.lora
-  _at_least(c, "lora.rank", 1)
-  _positive(c, "lora.alpha", " (PEFT uses alpha = 2 * rank)")
-  _in_unit_interval(c, "lora.dropout", zero=True)
-  _require(len(lo.target_modules) >= 1, "lora.target_modules is empty: name modules, e.g. [q_proj, v_proj].")
-  _require(all(lo.target_modules), f"lora.target_modules={list(lo.target_modules)} holds an empty name: remove it.")
+  try:  # the lora section's rules are LoRAConfig's own, and its messages name the config keys
+    lora_config(c)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   _at_least(c, "sketch.oversample", 0)
   _check_strategy(c)
 
@@ -265,7 +269,7 @@ def check_model(config: Config, model: nnx.Module) -> None:
   `fedask_jax.lora.inject_lora`, whose error lists the model's linear layers.
   """
   lo = config.lora
-  lora = LoRAConfig(rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout)
+  lora = lora_config(config)
   linears = [(path_name(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, Linear)]
   bounds = {name: min(m.in_features, m.out_features) for name, m in linears if lora.matches(name)}
   too_small = [name for name, bound in bounds.items() if bound < lo.rank]

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedask_jax._checks import check_int
 from fedask_jax.data.encoding import EncodedDataset
 from fedask_jax.data.partition import Partition
 from fedask_jax.privacy.sampling import poisson_sample
@@ -119,8 +120,7 @@ def client_batches(
   if sampling not in SAMPLING:
     raise ValueError(f"sampling={sampling!r}: choose 'poisson' (DP-SGD) or 'uniform' (non-private).")
   for name, value in (("local_steps", local_steps), ("batch_size", batch_size), ("capacity", capacity)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name}={value!r}: must be a Python integer >= 1 (it fixes a static shape).")
+    check_int(name, value, 1, hint=" (it fixes a static shape)")
   max_size = client_data.input_ids.shape[1]
   if capacity > max_size:
     raise ValueError(

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from fedask_jax._checks import check_int
 from fedask_jax.data.sources import Record
 from fedask_jax.data.templates import Template
 
@@ -110,8 +111,7 @@ def encode_pairs(
   """
   if len(prompts) != len(responses):
     raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses: pass one response per prompt.")
-  if not isinstance(max_seq_len, int) or max_seq_len < 2:
-    raise ValueError(f"max_seq_len={max_seq_len!r}: must be an integer >= 2 (a prompt token and a target).")
+  check_int("max_seq_len", max_seq_len, 2, hint=" (a prompt token and a target)")
   eos_id = tokenizer.eos_token_id
   if eos_id is None:
     raise ValueError(

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from fedask_jax._checks import check_int
 from fedask_jax.data.sources import Record
 
 
@@ -62,8 +63,7 @@ class Partition(NamedTuple):
 
 
 def _check_common(num_examples: int, num_clients: int) -> None:
-  if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-    raise ValueError(f"num_clients={num_clients!r}: must be an integer >= 1.")
+  check_int("num_clients", num_clients, 1)
   if num_examples < num_clients:
     raise ValueError(
         f"num_clients={num_clients} exceeds the {num_examples} examples: every client needs at least one; "

@@ -17,14 +17,16 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from fedask_jax._checks import check_int
+
 Record = dict[str, Any]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _check_max_records(max_records: int | None) -> None:
-  if max_records is not None and (not isinstance(max_records, int) or max_records < 1):
-    raise ValueError(f"max_records={max_records!r}: must be None (all records) or an integer >= 1.")
+  if max_records is not None:
+    check_int("max_records", max_records, 1, hint=" (or None: all records)")
 
 
 def open_text(path: str | Path) -> TextIO:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedask_jax._checks import check_int
+
 Array = jax.Array
 
 
@@ -52,8 +54,7 @@ def generate(model: nnx.Module, input_ids: Array, prompt_mask: Array | None = No
   empty = np.flatnonzero(~np.asarray(prompt_mask).any(axis=1))
   if empty.size:
     raise ValueError(f"prompt rows {empty.tolist()} have no real token (prompt_mask all 0): every row needs one.")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1.")
+  check_int("max_new_tokens", max_new_tokens, 1)
   if temperature < 0:
     raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy decoding).")
   if temperature > 0 and key is None:

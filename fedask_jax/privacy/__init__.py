@@ -2,8 +2,7 @@
 Poisson sampling over fixed-capacity batches, and accounting through `dp_accounting` (design.md sections 1.1,
 1.5 and 4).
 
-Notation (design.md section 3): Flax layout, a layer computes `y = x @ (W0 + s a b)` with a = lora_a [in, r]
-(left) and b = lora_b [r, out] (right), s = alpha / r; the paper's B = b^T, A = a^T.
+Factor names (lora_a, lora_b) and the paper's notation: `fedask_jax.lora`.
 
 Privacy-relevant defaults, stated once: clipping is per example by the global L2 norm over the trained
 parameters (B-space, `dp_gradient`) or over dl/dW of all adapted layers (W-space, `wspace_dp_gradient`); noise
@@ -27,6 +26,8 @@ from fedask_jax.privacy.clipping import clip_per_example, clip_scale
 from fedask_jax.privacy.mechanisms import (
     FROZEN_SIDES,
     DPStats,
+    check_dp_arguments,
+    check_noise_multiplier,
     dp_gradient,
     gaussian_noise,
     projected_noise,

@@ -14,9 +14,10 @@ tighter (smaller epsilon for the same sigma), RDP faster.
 from __future__ import annotations
 
 import math
-import numbers
 
 import dp_accounting
+
+from fedask_jax._checks import check_choice, check_int, check_real
 
 ACCOUNTANTS = ("rdp", "pld")
 PARTICIPATION = ("worst_case", "expected")
@@ -29,20 +30,15 @@ _SIGMA_RANGE = (2.0**-6, 2.0**20)
 
 
 def _check_accountant(accountant: str) -> None:
-  if accountant not in ACCOUNTANTS:
-    raise ValueError(f"accountant={accountant!r}: unknown accountant; choose one of {ACCOUNTANTS}.")
+  check_choice("accountant", accountant, ACCOUNTANTS, what="unknown accountant")
 
 
 def _check_common(delta: float, sample_rate: float, steps: int) -> None:
-  if not 0 < delta < 1:
-    raise ValueError(
-        f"delta={delta!r}: delta must be in (0, 1), and well below 1 / (examples per client), e.g. 1e-5.")
-  if not 0 < sample_rate <= 1:
-    raise ValueError(
-        f"sample_rate={sample_rate!r}: the Poisson sampling rate q must be in (0, 1] "
-        "(q = batch_size / examples per client).")
-  if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
-    raise ValueError(f"steps={steps!r}: the number of DP steps must be an integer >= 1 (see dp_steps).")
+  check_real("delta", delta, 0, 1, lo_open=True, hi_open=True, what="delta",
+             hint=", and well below 1 / (examples per client), e.g. 1e-5")
+  check_real("sample_rate", sample_rate, 0, 1, lo_open=True, what="the Poisson sampling rate q",
+             hint=" (q = batch_size / examples per client)")
+  check_int("steps", steps, 1, what="the number of DP steps", hint=" (see dp_steps)")
 
 
 def dp_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
@@ -64,8 +60,7 @@ def epsilon_spent(
   """Epsilon at `delta` after `steps` DP-SGD steps with Poisson rate q and noise multiplier sigma."""
   _check_accountant(accountant)
   _check_common(delta, sample_rate, steps)
-  if not noise_multiplier >= 0:
-    raise ValueError(f"noise_multiplier={noise_multiplier!r}: sigma must be >= 0 (0 gives epsilon = inf).")
+  check_real("noise_multiplier", noise_multiplier, 0, what="sigma", hint=" (0 gives epsilon = inf)")
   return float(make_accountant(accountant).compose(dp_event(noise_multiplier, sample_rate, steps))
                .get_epsilon(delta))
 
@@ -82,8 +77,8 @@ def calibrate_noise(
   """
   _check_accountant(accountant)
   _check_common(delta, sample_rate, steps)
-  if not target_epsilon > 0:
-    raise ValueError(f"target_epsilon={target_epsilon!r}: the privacy target must be > 0 (the paper uses 1, 3, 6).")
+  check_real("target_epsilon", target_epsilon, 0, lo_open=True, what="the privacy target",
+             hint=" (the paper uses 1, 3, 6)")
 
   def epsilon(sigma: float) -> float:
     return epsilon_spent(sigma, delta, sample_rate, steps, accountant)
@@ -124,14 +119,12 @@ def dp_steps(
   """
   for name, value in [("rounds", rounds), ("local_steps", local_steps), ("clients_per_round", clients_per_round),
                       ("num_clients", num_clients)]:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name}={value!r}: expected an integer >= 1.")
+    check_int(name, value, 1)
   if clients_per_round > num_clients:
     raise ValueError(
         f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}: sample at most "
         f"{num_clients} clients per round.")
-  if participation not in PARTICIPATION:
-    raise ValueError(f"participation={participation!r}: unknown participation model; choose one of {PARTICIPATION}.")
+  check_choice("participation", participation, PARTICIPATION, what="unknown participation model")
   if participation == "worst_case":
     return rounds * local_steps
   return math.ceil(rounds * local_steps * clients_per_round / num_clients)
@@ -145,10 +138,7 @@ def overflow_delta(overflow_prob: float, steps: int, epsilon: float) -> float:
   total variation distance between the two mechanisms, and an (epsilon, delta)-DP mechanism within total
   variation eta of another makes that one (epsilon, delta + (1 + e^epsilon) eta)-DP.
   """
-  if not 0 <= overflow_prob <= 1:
-    raise ValueError(f"overflow_prob={overflow_prob!r}: a probability must be in [0, 1].")
-  if not isinstance(steps, numbers.Integral) or steps < 1:
-    raise ValueError(f"steps={steps!r}: the number of DP steps must be an integer >= 1.")
-  if not epsilon >= 0:
-    raise ValueError(f"epsilon={epsilon!r}: epsilon must be >= 0.")
+  check_real("overflow_prob", overflow_prob, 0, 1, what="a probability")
+  check_int("steps", steps, 1, what="the number of DP steps")
+  check_real("epsilon", epsilon, 0, what="epsilon")
   return (1.0 + math.exp(epsilon)) * steps * overflow_prob

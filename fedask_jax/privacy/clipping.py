@@ -7,22 +7,21 @@ gradient has norm <= C and the clipped sum has L2 sensitivity C under add/remove
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax_privacy import clipping as jp_clipping
 
+from fedask_jax._checks import check_real
+
 Array = jax.Array
 
 
-def check_clip_norm(clip_norm: Any) -> None:
-  """Raise ValueError unless a concrete `clip_norm` is > 0 and finite (traced values are not checked)."""
-  if isinstance(clip_norm, numbers.Real) and not 0 < clip_norm < float("inf"):
-    raise ValueError(
-        f"clip_norm={clip_norm!r}: the per-example clipping norm C must be finite and > 0 "
-        "(it bounds each example's contribution; the paper uses C = 1.0).")
+def check_clip_norm(clip_norm: Any, name: str = "clip_norm") -> None:
+  """Raise ValueError unless `clip_norm` is a finite number > 0 (a JAX array, traced, is not checked)."""
+  check_real(name, clip_norm, 0, lo_open=True, what="the per-example clipping norm C", traced_ok=True,
+             hint=" (it bounds each example's contribution; the paper uses C = 1.0)")
 
 
 def clip_scale(norms: Array, clip_norm: float | Array) -> Array:
@@ -34,6 +33,10 @@ def clip_scale(norms: Array, clip_norm: float | Array) -> Array:
   mechanism clips dl/db by ||dl/dW||), which `clip_pytree` cannot express.
   """
   check_clip_norm(clip_norm)
+  return _clip_scale(norms, clip_norm)
+
+
+def _clip_scale(norms: Array, clip_norm: float | Array) -> Array:
   norms = jnp.asarray(norms, jnp.float32)
   scale = jnp.minimum(1.0, clip_norm / jnp.where(norms > 0, norms, 1.0))
   return jnp.where(jnp.isfinite(norms), scale, 0.0)

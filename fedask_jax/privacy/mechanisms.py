@@ -1,10 +1,10 @@
 """DP-SGD gradients for LoRA: the B-space mechanism (clip and noise the trained factor's gradient) and the
 W-space mechanism (clip and noise the gradient of the effective weight, then project by the frozen factor).
 
-Notation (design.md sections 1.1 and 3). Flax layout: an adapted layer computes `y = x @ (W0 + s a b)`,
-a = lora_a [in, r], b = lora_b [r, out], s = alpha / r; in the product notation `delta = left @ right`,
-left = a and right = b; in the paper's (`W = W0 + s B A`, `y = W x`) B = b^T and A = a^T. FedASK trains b with
-a frozen (`frozen_side="a"`); fedask-alt also trains a with b frozen (`frozen_side="b"`).
+Notation (design.md section 1.1; factor names: `fedask_jax.lora`). An adapted layer computes
+`y = x @ (W0 + s lora_a lora_b)`, lora_a [in, r], lora_b [r, out], s = alpha / r. FedASK trains lora_b with
+lora_a frozen (`frozen_side="lora_a"`); fedask-alt also trains lora_a with lora_b frozen
+(`frozen_side="lora_b"`).
 
 Both mechanisms release, for one local step with a Poisson-sampled batch S (a mask over `capacity` slots,
 `fedask_jax.privacy.sampling`),
@@ -17,17 +17,15 @@ The clipped sum has L2 sensitivity C under add/remove-one, so each step is the s
 with noise multiplier sigma.
 
 - B-space (`dp_gradient`, default, as the official code with Opacus): g_i = dl/dtheta_i for the trained
-  parameters theta (the b factors), clipped by their own global norm.
+  parameters theta (the lora_b factors), clipped by their own global norm.
 - W-space (`wspace_dp_gradient`, the paper's formula): clip dl/dW_i (global norm over all adapted layers),
-  add W-space noise N, project: the b-gradient is (sum_i c_i dl/db_i + s a^T N) / (q n), c_i =
-  min(1, C / ||dl/dW_i||), since dl/db = s a^T dl/dW. This is the post-processing of a Gaussian mechanism on
-  dl/dW, so it has the same guarantee, and its clipping does not depend on the scale of a.
+  add W-space noise N, project: the lora_b gradient is (sum_i c_i dl/dlora_b_i + s lora_a^T N) / (q n),
+  c_i = min(1, C / ||dl/dW_i||), since dl/dlora_b = s lora_a^T dl/dW. This is the post-processing of a Gaussian
+  mechanism on dl/dW, so it has the same guarantee, and its clipping does not depend on the scale of lora_a.
 """
 
 from __future__ import annotations
 
-import functools
-import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -35,12 +33,13 @@ import jax.numpy as jnp
 import optax
 from jax_privacy import clipping as jp_clipping
 
-from fedask_jax.privacy.clipping import check_clip_norm, clip_scale
+from fedask_jax._checks import check_choice, check_real
+from fedask_jax.numerics import compute_dtype, einsum
+from fedask_jax.privacy.clipping import _clip_scale, check_clip_norm
 
 Array = jax.Array
 
-_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
-FROZEN_SIDES = ("a", "b")
+FROZEN_SIDES = ("lora_a", "lora_b")
 
 
 class DPStats(NamedTuple):
@@ -56,16 +55,26 @@ class DPStats(NamedTuple):
   num_examples: Array
 
 
-def _check_step(batch: Any, example_mask: Array, noise_multiplier: Any, expected_batch_size: Any) -> int:
+def check_noise_multiplier(noise_multiplier: Any, name: str = "noise_multiplier") -> None:
+  """Raise ValueError unless sigma is a finite number >= 0 (a JAX array, traced, is not checked)."""
+  check_real(name, noise_multiplier, 0, what="sigma", traced_ok=True,
+             hint=" (calibrate it with fedask_jax.privacy.calibrate_noise)")
+
+
+def check_dp_arguments(clip_norm: Any, noise_multiplier: Any, expected_batch_size: Any, prefix: str = "") -> None:
+  """Raise ValueError unless C is finite and > 0, sigma finite and >= 0 and q n finite and > 0; `prefix` names
+  their section in the messages (e.g. "dp."). JAX arrays (traced) are not checked."""
+  check_clip_norm(clip_norm, prefix + "clip_norm")
+  check_noise_multiplier(noise_multiplier, prefix + "noise_multiplier")
+  check_real(prefix + "expected_batch_size", expected_batch_size, 0, lo_open=True, what="the normaliser q n",
+             traced_ok=True, hint=" (the Poisson rate times the client's number of examples, i.e. the configured "
+             "batch size)")
+
+
+def _check_step(batch: Any, example_mask: Array, clip_norm: Any, noise_multiplier: Any,
+                expected_batch_size: Any) -> int:
   """Validate the arguments shared by both mechanisms; returns the capacity."""
-  if isinstance(noise_multiplier, numbers.Real) and not 0 <= noise_multiplier < float("inf"):
-    raise ValueError(
-        f"noise_multiplier={noise_multiplier!r}: sigma must be finite and >= 0 (calibrate it with "
-        "fedask_jax.privacy.calibrate_noise).")
-  if isinstance(expected_batch_size, numbers.Real) and not 0 < expected_batch_size < float("inf"):
-    raise ValueError(
-        f"expected_batch_size={expected_batch_size!r}: the normaliser q n must be finite and > 0 "
-        "(the Poisson rate times the client's number of examples, i.e. the configured batch size).")
+  check_dp_arguments(clip_norm, noise_multiplier, expected_batch_size)
   if jnp.ndim(example_mask) != 1:
     raise ValueError(f"example_mask has shape {jnp.shape(example_mask)}: expected [capacity], one flag per slot.")
   capacity = jnp.shape(example_mask)[0]
@@ -123,8 +132,7 @@ def dp_gradient(
   padding slots; the normalisation is done here because `clipped_grad`'s `normalize_by` must be a Python number
   and q n may be traced (vmapped clients of different sizes).
   """
-  check_clip_norm(clip_norm)
-  _check_step(batch, example_mask, noise_multiplier, expected_batch_size)
+  _check_step(batch, example_mask, clip_norm, noise_multiplier, expected_batch_size)
   mask = jnp.asarray(example_mask, bool)
   clipped_sum_fn = jp_clipping.clipped_grad(
       per_example_loss, argnums=0, l2_clip_norm=clip_norm, batch_argnums=1, keep_batch_dim=False,
@@ -148,19 +156,18 @@ def wspace_sq_norms(inputs: Array, output_grads: Array) -> Array:
     raise ValueError(
         f"inputs {jnp.shape(inputs)} and output_grads {jnp.shape(output_grads)}: expected [E, T, in] and "
         "[E, T, out] with the same examples E and positions T.")
-  dtype = jnp.promote_types(jnp.result_type(inputs, output_grads), jnp.float32)
+  dtype = compute_dtype(inputs, output_grads)
   x = inputs.astype(dtype)
   g = output_grads.astype(dtype)
-  input_gram = _einsum("eti,esi->ets", x, x)
-  output_gram = _einsum("eto,eso->ets", g, g)
+  input_gram = einsum("eti,esi->ets", x, x)
+  output_gram = einsum("eto,eso->ets", g, g)
   return jnp.sum(input_gram * output_gram, axis=(1, 2))
 
 
 def _check_side(frozen_side: str) -> None:
-  if frozen_side not in FROZEN_SIDES:
-    raise ValueError(
-        f"frozen_side={frozen_side!r}: choose 'a' (lora_a [in, r] frozen, lora_b trained: FedASK) or 'b' "
-        "(lora_b [r, out] frozen, lora_a trained: fedask-alt's even rounds).")
+  check_choice("frozen_side", frozen_side, FROZEN_SIDES,
+               what="the frozen factor: 'lora_a' (lora_b trained: FedASK) or 'lora_b' (lora_a trained: fedask-alt's "
+               "even rounds)")
 
 
 def _layer_dims(frozen_factor: Any, trained_shape: tuple[int, ...], frozen_side: str, name: str) -> tuple[int, int]:
@@ -168,43 +175,49 @@ def _layer_dims(frozen_factor: Any, trained_shape: tuple[int, ...], frozen_side:
   fshape = tuple(jnp.shape(frozen_factor))
   if len(fshape) != 2 or len(trained_shape) != 2:
     raise ValueError(f"layer {name!r}: factors {fshape} and {trained_shape} must be matrices (no batch axes).")
-  a_shape, b_shape = (fshape, trained_shape) if frozen_side == "a" else (trained_shape, fshape)
+  a_shape, b_shape = (fshape, trained_shape) if frozen_side == "lora_a" else (trained_shape, fshape)
   if a_shape[1] != b_shape[0]:
     raise ValueError(
-        f"layer {name!r}: lora_a {a_shape} and lora_b {b_shape} do not chain; expected a [in, r] and b [r, out] "
-        f"with frozen_side={frozen_side!r} naming the frozen one.")
+        f"layer {name!r}: lora_a {a_shape} and lora_b {b_shape} do not chain; expected lora_a [in, r] and "
+        f"lora_b [r, out] with frozen_side={frozen_side!r} naming the frozen one.")
   return a_shape[0], b_shape[1]
 
 
 def projected_noise(
     key: Array, frozen_factor: Array, weight_shape: tuple[int, int], stddev: float | Array,
-    frozen_side: str = "a") -> Array:
+    frozen_side: str = "lora_a") -> Array:
   """W-space Gaussian noise N [in, out], N_ij ~ N(0, stddev^2), projected by the frozen factor, drawn in r dims.
 
-  frozen_side "a" (frozen a [in, r]): returns a sample of a^T N [r, out]; its columns are independent
-  N(0, stddev^2 a^T a). frozen_side "b" (frozen b [r, out]): returns a sample of N b^T [in, r]; its rows are
-  independent N(0, stddev^2 b b^T). The in x out matrix N is never formed: with the thin QR a = Q R
-  (b^T = Q R), a^T N = R^T (Q^T N) and Q^T N is i.i.d. Gaussian, so R^T Z (Z R) with Z standard normal has
-  exactly the law of the projection. QR rather than Cholesky of the r x r Gram a^T a: it does not square
-  the condition number and it works when the Gram is singular (b = 0 at PEFT's initialisation, a
-  rank-deficient factor), where Cholesky returns NaN. In float32 or wider (design.md section 3).
+  frozen_side "lora_a" (frozen lora_a [in, r]): returns a sample of lora_a^T N [r, out]; its columns are
+  independent N(0, stddev^2 lora_a^T lora_a). frozen_side "lora_b" (frozen lora_b [r, out]): returns a sample of
+  N lora_b^T [in, r]; its rows are independent N(0, stddev^2 lora_b lora_b^T). The in x out matrix N is never
+  formed: with the thin QR lora_a = Q R (lora_b^T = Q R), lora_a^T N = R^T (Q^T N) and Q^T N is i.i.d.
+  Gaussian, so R^T Z (Z R) with Z standard normal has exactly the law of the projection. QR rather than
+  Cholesky of the r x r Gram lora_a^T lora_a: it does not square the condition number and it works when the
+  Gram is singular (lora_b = 0 at PEFT's initialisation, a rank-deficient factor), where Cholesky returns NaN.
+  In float32 or wider (design.md section 3).
   """
   _check_side(frozen_side)
-  rank = jnp.shape(frozen_factor)[1] if frozen_side == "a" else jnp.shape(frozen_factor)[0]
-  trained_shape = (rank, weight_shape[1]) if frozen_side == "a" else (weight_shape[0], rank)
+  rank = jnp.shape(frozen_factor)[1] if frozen_side == "lora_a" else jnp.shape(frozen_factor)[0]
+  trained_shape = (rank, weight_shape[1]) if frozen_side == "lora_a" else (weight_shape[0], rank)
   if _layer_dims(frozen_factor, trained_shape, frozen_side, "projected_noise") != tuple(weight_shape):
     raise ValueError(
-        f"weight_shape={tuple(weight_shape)} does not match the frozen lora_{frozen_side} "
-        f"{jnp.shape(frozen_factor)}: expected (in, out) with a [in, r], b [r, out].")
-  dtype = jnp.promote_types(jnp.result_type(frozen_factor), jnp.float32)
+        f"weight_shape={tuple(weight_shape)} does not match the frozen {frozen_side} {jnp.shape(frozen_factor)}: "
+        f"expected (in, out) with lora_a [in, r], lora_b [r, out].")
+  return _projected_noise(key, frozen_factor, weight_shape, stddev, frozen_side)
+
+
+def _projected_noise(key: Array, frozen_factor: Array, weight_shape: tuple[int, int], stddev: float | Array,
+                     frozen_side: str) -> Array:
+  dtype = compute_dtype(frozen_factor)
   factor = frozen_factor.astype(dtype)
-  if frozen_side == "a":
-    r_factor = jnp.linalg.qr(factor, mode="r")  # [k, r], k = min(in, r); a^T a = R^T R
+  if frozen_side == "lora_a":
+    r_factor = jnp.linalg.qr(factor, mode="r")  # [k, r], k = min(in, r); lora_a^T lora_a = R^T R
     z = jax.random.normal(key, (r_factor.shape[0], weight_shape[1]), dtype)
-    return stddev * _einsum("kr,ko->ro", r_factor, z)
-  r_factor = jnp.linalg.qr(factor.T, mode="r")  # [k, r], k = min(out, r); b b^T = R^T R
+    return stddev * einsum("kr,ko->ro", r_factor, z)
+  r_factor = jnp.linalg.qr(factor.T, mode="r")  # [k, r], k = min(out, r); lora_b lora_b^T = R^T R
   z = jax.random.normal(key, (weight_shape[0], r_factor.shape[0]), dtype)
-  return stddev * _einsum("ik,kr->ir", z, r_factor)
+  return stddev * einsum("ik,kr->ir", z, r_factor)
 
 
 def wspace_dp_gradient(
@@ -219,13 +232,14 @@ def wspace_dp_gradient(
     clip_norm: float | Array,
     noise_multiplier: float | Array,
     expected_batch_size: float | Array,
-    frozen_side: str = "a",
+    frozen_side: str = "lora_a",
 ) -> tuple[dict[str, Array], DPStats]:
   """W-space DP-SGD gradient of the trained LoRA factors (paper Algorithm 1, line "B <- B - ...").
 
   Returns, per layer, (sum_i c_i dl/dtheta_i + s P(N)) / (q n) with c_i = min(1, C / ||dl/dW_i||) (global
-  norm over all layers, ||dl/dW_i||^2 = sum_layers ||X_i^T G_i||_F^2 by `wspace_sq_norms`), P(N) = a^T N
-  (frozen_side "a", theta = b) or N b^T (frozen_side "b", theta = a) with N ~ N(0, sigma^2 C^2 I_{in x out})
+  norm over all layers, ||dl/dW_i||^2 = sum_layers ||X_i^T G_i||_F^2 by `wspace_sq_norms`), P(N) = lora_a^T N
+  (frozen_side "lora_a", theta = lora_b) or N lora_b^T (frozen_side "lora_b", theta = lora_a) with
+  N ~ N(0, sigma^2 C^2 I_{in x out})
   (`projected_noise`, key `fold_in(key, index)` of the layer in sorted-name order). No per-example or noise
   matrix of size in x out is formed.
 
@@ -234,10 +248,10 @@ def wspace_dp_gradient(
 
     per_example_fn(params, perturbations, example) -> (loss, inputs)
 
-  - params: {layer name: trained factor} (frozen_side "a": lora_b [r, out]; "b": lora_a [in, r]); the
+  - params: {layer name: trained factor} (frozen_side "lora_a": lora_b [r, out]; "lora_b": lora_a [in, r]); the
     function puts them into the model. Every trained parameter must belong to a layer in `frozen`.
   - example: one example (the leaves of `batch` without the leading [capacity] axis).
-  - perturbations: {layer name: [*T, out] zeros} added to each adapter's output `s (h a) b` (T: the example's
+  - perturbations: {layer name: [*T, out] zeros} added to each adapter's output `s (h lora_a) lora_b` (T: the example's
     token axes, e.g. [seq] or [1, seq]); so d loss / d perturbations[name] = G = dl/dy [*T, out]. The
     mechanism calls the function once with perturbations=None under `jax.eval_shape`, to learn the token
     shape: with None it must run without perturbing.
@@ -250,20 +264,19 @@ def wspace_dp_gradient(
     batch: pytree with a leading axis [capacity, ...].
     example_mask: bool [capacity]; False marks padding slots (they contribute nothing).
     key: PRNG key for the noise.
-    frozen: {name: frozen factor} (lora_a [in, r] for frozen_side "a", lora_b [r, out] for "b"), same names as
-      params.
+    frozen: {name: frozen factor} (lora_a [in, r] for frozen_side "lora_a", lora_b [r, out] for "lora_b"), same
+      names as params.
     scaling: s = alpha / r, one float for every layer or {name: s}.
     clip_norm: C > 0 on ||dl/dW||.
     noise_multiplier: sigma >= 0; W-space noise std sigma * C.
     expected_batch_size: q n.
-    frozen_side: "a" (default, FedASK) or "b".
+    frozen_side: "lora_a" (default, FedASK) or "lora_b".
 
   Returns:
     (grad {name: same shape and dtype as params[name]}, DPStats with the W-space norms).
   """
-  check_clip_norm(clip_norm)
   _check_side(frozen_side)
-  capacity = _check_step(batch, example_mask, noise_multiplier, expected_batch_size)
+  capacity = _check_step(batch, example_mask, clip_norm, noise_multiplier, expected_batch_size)
   names = sorted(frozen)
   if sorted(params) != names:
     raise ValueError(
@@ -296,13 +309,13 @@ def wspace_dp_gradient(
       for n in names)
   norms = jnp.sqrt(sq_norms)
   mask = jnp.asarray(example_mask, bool)
-  weights = jnp.where(mask, clip_scale(norms, clip_norm), 0.0)
+  weights = jnp.where(mask, _clip_scale(norms, clip_norm), 0.0)
   grad = {}
   for i, n in enumerate(names):
     # nan_to_num: a padding slot or a NaN example has weight 0, and 0 * NaN would still poison the sum.
     per_example_grads = jnp.nan_to_num(param_grads[n].astype(jnp.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    clipped_sum = _einsum("e...,e->...", per_example_grads, weights)
-    noise = scaling[n] * projected_noise(
+    clipped_sum = einsum("e...,e->...", per_example_grads, weights)
+    noise = scaling[n] * _projected_noise(
         jax.random.fold_in(key, i), frozen[n], dims[n], noise_multiplier * clip_norm, frozen_side)
     grad[n] = ((clipped_sum + noise) / expected_batch_size).astype(jnp.result_type(params[n]))
   return grad, _stats(losses, norms, mask, clip_norm)

@@ -34,26 +34,20 @@ import jax
 import jax.numpy as jnp
 import scipy.stats
 
+from fedask_jax._checks import check_int, check_real
+
 Array = jax.Array
 
 
 def _check_rate(rate: Any) -> None:
-  if isinstance(rate, numbers.Real) and not 0 < rate <= 1:
-    raise ValueError(
-        f"rate={rate!r}: the Poisson sampling rate q must be in (0, 1] (q = batch_size / num_examples; "
-        "use a batch size no larger than the client's dataset).")
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f"{name}={value!r}: expected a Python integer >= {minimum}.")
-  return int(value)
+  check_real("rate", rate, 0, 1, lo_open=True, what="the Poisson sampling rate q", traced_ok=True,
+             hint=" (q = batch_size / num_examples; use a batch size no larger than the client's dataset)")
 
 
 def overflow_probability(num_examples: int, rate: float, capacity: int) -> float:
   """P(Binomial(num_examples, rate) > capacity): the chance a Poisson batch does not fit `capacity` slots."""
-  num_examples = _check_count("num_examples", num_examples, 0)
-  capacity = _check_count("capacity", capacity, 0)
+  num_examples = check_int("num_examples", num_examples, 0)
+  capacity = check_int("capacity", capacity, 0)
   _check_rate(rate)
   return float(scipy.stats.binom.sf(capacity, num_examples, rate))
 
@@ -64,12 +58,10 @@ def batch_capacity(num_examples: int, rate: float, overflow_prob: float = 1e-6) 
   Host-side (static shapes). For clients of different sizes sharing one compiled shape, take the maximum over
   clients. See the module docstring for what `overflow_prob` costs in delta.
   """
-  num_examples = _check_count("num_examples", num_examples, 1)
+  num_examples = check_int("num_examples", num_examples, 1)
   _check_rate(rate)
-  if not 0 < overflow_prob < 1:
-    raise ValueError(
-        f"overflow_prob={overflow_prob!r}: the per-step overflow probability must be in (0, 1), e.g. 1e-6 "
-        "(smaller costs a few more slots).")
+  check_real("overflow_prob", overflow_prob, 0, 1, lo_open=True, hi_open=True,
+             what="the per-step overflow probability", hint=", e.g. 1e-6 (smaller costs a few more slots)")
   sf = lambda c: scipy.stats.binom.sf(c, num_examples, rate)
   # isf inverts in floating point; step to the exact smallest c that meets the bound.
   c = int(min(max(scipy.stats.binom.isf(overflow_prob, num_examples, rate), 0), num_examples))
@@ -107,7 +99,7 @@ def poisson_sample(
     the mask are in [0, num_examples), the others point at unselected rows and must be ignored.
   """
   if isinstance(num_examples, numbers.Integral):
-    num_examples = _check_count("num_examples", num_examples, 0)
+    num_examples = check_int("num_examples", num_examples, 0)
     if max_examples is None:
       max_examples = num_examples
     elif num_examples > max_examples:
@@ -116,8 +108,8 @@ def poisson_sample(
     raise ValueError(
         "num_examples is a traced value, so the static shape needs max_examples: pass max_examples >= the "
         "largest client's number of examples (its data padded to that many rows).")
-  max_examples = _check_count("max_examples", max_examples, 1)
-  capacity = _check_count("capacity", capacity, 1)
+  max_examples = check_int("max_examples", max_examples, 1)
+  capacity = check_int("capacity", capacity, 1)
   if capacity > max_examples:
     raise ValueError(
         f"capacity={capacity} exceeds max_examples={max_examples}: a batch cannot hold more slots than there "

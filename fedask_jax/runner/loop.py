@@ -36,11 +36,12 @@ from flax import nnx
 
 from fedask_jax import data as fdata
 from fedask_jax import privacy
+from fedask_jax.adapters import Adapters
 from fedask_jax.checkpoint.peft import export_peft
 from fedask_jax.checkpoint.state import StateCheckpoints
 from fedask_jax.config import Config, ConfigError, from_dict, read_yaml, to_dict
 from fedask_jax.evaluation import EvalResult, evaluate
-from fedask_jax.lora import Adapters, from_adapters, to_adapters
+from fedask_jax.lora import from_adapters, to_adapters
 from fedask_jax.runner.plan import Experiment, make_strategy, prepare, run_key
 from fedask_jax.runner.report import summarize, write_plots
 from fedask_jax.runner.rundir import (

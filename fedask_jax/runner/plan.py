@@ -30,8 +30,8 @@ from flax import nnx
 
 from fedask_jax import data as fdata
 from fedask_jax import privacy
-from fedask_jax.config import Config, ConfigError, check_encoded, check_model, check_records
-from fedask_jax.lora import LoRAConfig, inject_lora
+from fedask_jax.config import Config, ConfigError, check_encoded, check_model, check_records, lora_config
+from fedask_jax.lora import inject_lora
 from fedask_jax.models import load_pretrained, load_tokenizer
 from fedask_jax.runner.rundir import check_run_dir
 from fedask_jax.simulation import DPConfig, FederatedRound
@@ -84,9 +84,7 @@ def load_model(config: Config) -> nnx.Module:
   """The base model with fresh adapters from `fold_in(run_key, ADAPTER_INIT_STREAM)` (float32, PEFT's init)."""
   model = load_pretrained(config.model.path, dtype=jnp.dtype(config.model.dtype))
   check_model(config, model)
-  lora = LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha, target_modules=config.lora.target_modules,
-                    dropout=config.lora.dropout)
-  inject_lora(model, lora, jax.random.fold_in(run_key(config), ADAPTER_INIT_STREAM), dtype=jnp.float32)
+  inject_lora(model, lora_config(config), jax.random.fold_in(run_key(config), ADAPTER_INIT_STREAM), dtype=jnp.float32)
   return model
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fedask_jax.strategies import fedask, fedask_alt, fedavg, fedprox, fedsa_lora, ffa_lora, scaffold
-from fedask_jax.strategies.base import TRAINED, ClientResult, Strategy, Trained, combine, select, weighted_mean
+from fedask_jax._checks import check_choice
+from fedask_jax.strategies.base import ClientResult, Strategy, weighted_mean
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedask": fedask.fedask,
@@ -26,8 +27,7 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
 
 def get_strategy(name: str, **hyper_parameters: Any) -> Strategy:
   """`STRATEGIES[name](**hyper_parameters)`, with ValueErrors that list the valid names and parameters."""
-  if name not in STRATEGIES:
-    raise ValueError(f"strategy={name!r}: unknown strategy; choose one of {sorted(STRATEGIES)}.")
+  check_choice("strategy", name, sorted(STRATEGIES), what="unknown strategy")
   try:
     return STRATEGIES[name](**hyper_parameters)
   except TypeError as error:
@@ -36,5 +36,4 @@ def get_strategy(name: str, **hyper_parameters: Any) -> Strategy:
         f"help(fedask_jax.strategies.STRATEGIES[{name!r}]).") from None
 
 
-__all__ = ["STRATEGIES", "TRAINED", "ClientResult", "Strategy", "Trained", "combine", "get_strategy", "select",
-           "weighted_mean"]
+__all__ = ["STRATEGIES", "ClientResult", "Strategy", "get_strategy", "weighted_mean"]

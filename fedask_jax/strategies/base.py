@@ -2,11 +2,13 @@
 
 A strategy is a `Strategy`: a named bundle of pure functions (optax's `GradientTransformation`, FedJAX's
 algorithms), with every piece of state explicit. What `fedask_jax.simulation` does with it in round t
-(1-based), for K sampled clients with normalised weights w_k (proportional to client sizes):
+(1-based), for K sampled clients with weights w_k (proportional to client sizes, normalised to sum 1 over the
+clients whose update is valid):
 
-1. `trained(t, private)` (host side, static): which LoRA factors clients train this round, "a" (lora_a),
-   "b" (lora_b) or "both"; the other factor stays bit-identical during local training. Static so that the
-   compiled round computes (and, under DP, clips and noises) gradients of the trained factors only.
+1. `trained(t, private)` (host side, static): which LoRA factors clients train this round, "lora_a", "lora_b"
+   or "both" (factor names: `fedask_jax.lora`); the other factor stays bit-identical during local training.
+   Static so that the compiled round computes (and, under DP, clips and noises) gradients of the trained
+   factors only.
 2. `client_start(state, global_adapters, client_id) -> (start_adapters, context)`, once per client: where its
    local training starts (the global adapters, or with its own factor for personalised methods) and a
    per-client context for the local objective (e.g. SCAFFOLD's correction c - c_i).
@@ -14,33 +16,26 @@ algorithms), with every piece of state explicit. What `fedask_jax.simulation` do
    client's (privatised) gradient of the trained factors at every local step, e.g. FedProx's
    mu (theta - theta_global). It depends on the client's data only through already-privatised quantities,
    so under DP it is post-processing and is neither clipped nor noised.
-4. `aggregate(state, global_adapters, results, weights, client_ids, key) -> (adapters, state, metrics)`: the
-   server's step from the K clients' `ClientResult`s (stacked on a leading [K] axis).
+4. `server_update(state, global_adapters, results, weights, client_ids, key) -> (adapters, state, metrics)`:
+   the server's step from the K clients' `ClientResult`s (stacked on a leading [K] axis), with normalised
+   weights [K] (sum 1, or all zero when no client is valid).
 
-`init(adapters, num_clients) -> state` builds the strategy's server state; per-client state (FedSA-LoRA's B,
-SCAFFOLD's c_i) lives there with a leading [num_clients] axis, indexed by client id.
-
-Layout: `Adapters` = {dotted module path: LoRAFactors(a, b)} with a = lora_a [in, r] (left in the sketch's
-product notation `delta = left @ right`; the paper's A^T) and b = lora_b [r, out] (right; the paper's B^T).
-A "trained subset" of adapters is the same dict with the frozen factor set to None (`select`).
+`init(adapters, num_clients) -> state` builds the strategy's server state; per-client state (FedSA-LoRA's
+lora_b, SCAFFOLD's c_i) lives there with a leading [num_clients] axis, indexed by client id.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fedask_jax.lora import Adapters, LoRAFactors
+from fedask_jax._checks import check_int
+from fedask_jax.adapters import Adapters, Trained
+from fedask_jax.numerics import compute_dtype, einsum
 
 Array = jax.Array
-
-Trained = Literal["a", "b", "both"]
-TRAINED: tuple[str, ...] = ("a", "b", "both")
-
-_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
 class ClientResult(NamedTuple):
@@ -58,11 +53,11 @@ class ClientResult(NamedTuple):
 class Strategy(NamedTuple):
   """A federated method as pure functions (module docstring gives the protocol).
 
-  name: registry name. trained: (round t >= 1, private) -> "a" | "b" | "both", static. init: (global adapters,
-  num_clients) -> strategy state. client_start: (state, global adapters, client id []) -> (start adapters,
-  context). gradient_correction: (context, trained params, trained start params) -> trained-subset correction,
-  or None for plain local training. aggregate: (state, global adapters, ClientResult [K], weights [K],
-  client ids [K], key) -> (new global adapters, new state, {metric name: array}).
+  name: registry name. trained: (round t >= 1, private) -> "lora_a" | "lora_b" | "both", static. init: (global
+  adapters, num_clients) -> strategy state. client_start: (state, global adapters, client id []) -> (start
+  adapters, context). gradient_correction: (context, trained params, trained start params) -> trained-subset
+  correction, or None for plain local training. server_update: (state, global adapters, ClientResult [K],
+  normalised weights [K], client ids [K], key) -> (new global adapters, new state, {metric name: array}).
   """
 
   name: str
@@ -70,28 +65,19 @@ class Strategy(NamedTuple):
   init: Callable[[Adapters, int], Any]
   client_start: Callable[[Any, Adapters, Array], tuple[Adapters, Any]]
   gradient_correction: Callable[[Any, Adapters, Adapters], Adapters] | None
-  aggregate: Callable[[Any, Adapters, ClientResult, Array, Array, Array], tuple[Adapters, Any, dict[str, Array]]]
+  server_update: Callable[[Any, Adapters, ClientResult, Array, Array, Array], tuple[Adapters, Any, dict[str, Array]]]
 
 
-def check_trained(trained: str) -> None:
-  """Raise ValueError unless `trained` is one of "a", "b", "both"."""
-  if trained not in TRAINED:
-    raise ValueError(
-        f"trained={trained!r}: a client trains lora_a ('a'), lora_b ('b') or both ('both'); choose one of {TRAINED}.")
+def train_both(round_index: int, private: bool) -> Trained:
+  """`trained` of strategies that train both factors every round, with or without DP."""
+  del round_index, private
+  return "both"
 
 
-def select(adapters: Adapters, trained: Trained) -> Adapters:
-  """The trained subset: the same adapters with the frozen factor replaced by None."""
-  check_trained(trained)
-  return {name: LoRAFactors(f.a if trained in ("a", "both") else None, f.b if trained in ("b", "both") else None)
-          for name, f in adapters.items()}
-
-
-def combine(subset: Adapters, adapters: Adapters) -> Adapters:
-  """Full adapters from a trained subset, taking each None factor from `adapters`."""
-  return {name: LoRAFactors(s.a if s.a is not None else adapters[name].a,
-                            s.b if s.b is not None else adapters[name].b)
-          for name, s in subset.items()}
+def no_state(adapters: Adapters, num_clients: int) -> tuple[()]:
+  """`init` of strategies without server state."""
+  del adapters, num_clients
+  return ()
 
 
 def shared_start(state: Any, global_adapters: Adapters, client_id: Array) -> tuple[Adapters, tuple[()]]:
@@ -101,16 +87,14 @@ def shared_start(state: Any, global_adapters: Adapters, client_id: Array) -> tup
 
 
 def weighted_mean(stacked: Any, weights: Array) -> Any:
-  """sum_k w_k x_k / sum_k w_k for every leaf [K, ...] of `stacked`, in float32 or wider, cast back.
+  """sum_k w_k x_k for every leaf [K, ...] of `stacked`, in float32 or wider, cast back.
 
-  weights [K] non-negative; all zero gives zeros rather than NaN.
+  weights [K] normalised (sum 1: the round's weights), so this is the weighted mean.
   """
-  total = jnp.sum(weights)
-  w = weights / jnp.where(total != 0, total, 1)
 
   def mean(x):
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    return _einsum("k,k...->...", w.astype(dtype), x.astype(dtype)).astype(x.dtype)
+    dtype = compute_dtype(x)
+    return einsum("k,k...->...", weights.astype(dtype), x.astype(dtype)).astype(x.dtype)
 
   return jax.tree.map(mean, stacked)
 
@@ -127,6 +111,5 @@ def scatter_clients(per_client: Any, client_ids: Array, values: Any) -> Any:
 
 def replicate(tree: Any, num_clients: int) -> Any:
   """`tree` broadcast to a leading [num_clients] axis: the initial per-client state."""
-  if not isinstance(num_clients, int) or num_clients < 1:
-    raise ValueError(f"num_clients={num_clients!r}: the number of clients must be a Python int >= 1.")
+  num_clients = check_int("num_clients", num_clients, 1, what="the number of clients")
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), tree)

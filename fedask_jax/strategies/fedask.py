@@ -1,42 +1,40 @@
 """FedASK (NeurIPS 2025, arXiv 2507.09990; design.md section 1): local training of one factor under DP, and
 exact aggregation of the clients' products by the two-stage randomized-SVD sketch (`fedask_jax.sketch`).
 
-Round t: under DP, clients train lora_b only (the paper's B) with lora_a (the paper's A) frozen at the global
-value; without DP they train both. The server draws one Gaussian Omega per layer from the round's server key
-(shared by all clients: in deployment they derive it from the same seed), runs the two stages on the clients'
-factors and takes the balanced factors of the rank-r reconstruction as the new global
-(a, b) = (Q U_r S_r^{1/2}, S_r^{1/2} V_r^T). With a shared frozen factor the aggregate has rank <= r and the
+Round t: under DP, clients train lora_b only with lora_a frozen at the global value; without DP they train
+both. The server draws one Gaussian Omega per layer from the round's server key (shared by all clients: in
+deployment they derive it from the same seed), runs the two stages on the clients' factors and takes the
+balanced factors of the rank-r reconstruction as the new global (lora_a, lora_b) =
+(Q U_r S_r^{1/2}, S_r^{1/2} V_r^T). With a shared frozen factor the aggregate has rank <= r and the
 reconstruction is exact for any oversampling p >= 0 (Theorem 2); with both factors trained it is the best
 rank-r approximation within the sketch's range (the paper recommends p = 2..4). The round's metrics carry the
-exactness certificate `reconstruction_error`: max over layers of ||a b - sum_k w_k a_k b_k||_F / ||sum_k ...||_F.
-
-Layout: a = lora_a [in, r] = left, b = lora_b [r, out] = right in the sketch's `delta = left @ right`.
+exactness certificate `reconstruction_error`: max over layers of
+||lora_a lora_b - sum_k w_k lora_a_k lora_b_k||_F / ||sum_k w_k lora_a_k lora_b_k||_F.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
 import jax
 
 from fedask_jax import sketch
-from fedask_jax.lora import Adapters
-from fedask_jax.strategies.base import ClientResult, Strategy, Trained, shared_start
-from fedask_jax.strategies.fedavg import no_state
+from fedask_jax._checks import check_int
+from fedask_jax.adapters import Adapters, Trained
+from fedask_jax.strategies.base import ClientResult, Strategy, no_state, shared_start
 
 Array = jax.Array
 
 
-def train_b_if_private(round_index: int, private: bool) -> Trained:
-  """Under DP lora_b only (A frozen, no quadratic noise term); without DP both factors."""
+def train_lora_b_if_private(round_index: int, private: bool) -> Trained:
+  """Under DP lora_b only (lora_a frozen, no quadratic noise term); without DP both factors."""
   del round_index
-  return "b" if private else "both"
+  return "lora_b" if private else "both"
 
 
 def adapter_rank(adapters: Adapters) -> int:
-  """The common LoRA rank r of all layers (a: [..., in, r]); ValueError when layers disagree."""
-  ranks = {name: f.a.shape[-1] for name, f in adapters.items()}
+  """The common LoRA rank r of all layers (lora_a: [..., in, r]); ValueError when layers disagree."""
+  ranks = {name: f.lora_a.shape[-1] for name, f in adapters.items()}
   if len(set(ranks.values())) != 1:
     raise ValueError(
         f"adapter ranks differ across layers ({ranks}): the sketch aggregation uses one static rank; "
@@ -45,18 +43,15 @@ def adapter_rank(adapters: Adapters) -> int:
 
 
 def check_oversample(oversample: Any) -> int:
-  """Raise ValueError unless the oversampling p is a Python int >= 0."""
-  if not isinstance(oversample, numbers.Integral) or isinstance(oversample, bool) or oversample < 0:
-    raise ValueError(
-        f"oversample={oversample!r}: the sketch oversampling p must be an integer >= 0 (the paper uses 2..4).")
-  return int(oversample)
+  """Raise ValueError unless the oversampling p is an integer >= 0."""
+  return check_int("oversample", oversample, 0, what="the sketch oversampling p", hint=" (the paper uses 2..4)")
 
 
-def sketch_aggregate(oversample: int, certify: bool) -> Callable[..., tuple[Adapters, Any, dict[str, Array]]]:
+def sketch_server_update(oversample: int, certify: bool) -> Callable[..., tuple[Adapters, Any, dict[str, Array]]]:
   """The server step of FedASK: two-stage sketch with width r + p, Omega from the round's server key."""
 
-  def aggregate(state: Any, global_adapters: Adapters, results: ClientResult, weights: Array,
-                client_ids: Array, key: Array) -> tuple[Adapters, Any, dict[str, Array]]:
+  def server_update(state: Any, global_adapters: Adapters, results: ClientResult, weights: Array,
+                    client_ids: Array, key: Array) -> tuple[Adapters, Any, dict[str, Array]]:
     del client_ids
     rank = adapter_rank(global_adapters)
     omegas = sketch.make_omegas(key, global_adapters, rank + oversample)
@@ -66,12 +61,11 @@ def sketch_aggregate(oversample: int, certify: bool) -> Callable[..., tuple[Adap
       _, metrics["reconstruction_error"] = sketch.adapters_reconstruction_error(results.adapters, weights, new)
     return new, state, metrics
 
-  return aggregate
+  return server_update
 
 
 def fedask(oversample: int = 2, certify: bool = True) -> Strategy:
   """FedASK with sketch oversampling p = `oversample`; `certify` adds the exactness certificate to the metrics
   (one QR of [in, r + K r] per layer: switch it off for very many clients if it shows in the round time)."""
-  aggregate = sketch_aggregate(check_oversample(oversample), certify)
-  return Strategy(name="fedask", trained=train_b_if_private, init=no_state, client_start=shared_start,
-                  gradient_correction=None, aggregate=aggregate)
+  return Strategy(name="fedask", trained=train_lora_b_if_private, init=no_state, client_start=shared_start,
+                  gradient_correction=None, server_update=sketch_server_update(check_oversample(oversample), certify))

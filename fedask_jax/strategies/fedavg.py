@@ -1,8 +1,8 @@
 """FedAvg on LoRA factors (McMahan et al. 2017): clients train both factors, the server averages each factor
-separately with the client weights, `a = sum_k w_k a_k`, `b = sum_k w_k b_k`.
+separately with the client weights, `lora_a = sum_k w_k lora_a_k`, `lora_b = sum_k w_k lora_b_k`.
 
-This is the aggregation that FedASK corrects: `mean(a_k) mean(b_k) != mean(a_k b_k)` (design.md section 1).
-Layout: a = lora_a [in, r], b = lora_b [r, out].
+This is the aggregation that FedASK corrects: `mean(lora_a_k) mean(lora_b_k) != mean(lora_a_k lora_b_k)`
+(design.md section 1).
 """
 
 from __future__ import annotations
@@ -11,26 +11,14 @@ from typing import Any
 
 import jax
 
-from fedask_jax.lora import Adapters
-from fedask_jax.strategies.base import ClientResult, Strategy, Trained, shared_start, weighted_mean
+from fedask_jax.adapters import Adapters
+from fedask_jax.strategies.base import ClientResult, Strategy, no_state, shared_start, train_both, weighted_mean
 
 Array = jax.Array
 
 
-def train_both(round_index: int, private: bool) -> Trained:
-  """Both factors every round, with or without DP."""
-  del round_index, private
-  return "both"
-
-
-def no_state(adapters: Adapters, num_clients: int) -> tuple[()]:
-  """`init` of strategies without server state."""
-  del adapters, num_clients
-  return ()
-
-
-def average(state: Any, global_adapters: Adapters, results: ClientResult, weights: Array, client_ids: Array,
-            key: Array) -> tuple[Adapters, Any, dict[str, Array]]:
+def average_factors(state: Any, global_adapters: Adapters, results: ClientResult, weights: Array,
+                    client_ids: Array, key: Array) -> tuple[Adapters, Any, dict[str, Array]]:
   """Weighted mean of each factor over the K clients' adapters [K, ...]."""
   del global_adapters, client_ids, key
   return weighted_mean(results.adapters, weights), state, {}
@@ -39,4 +27,4 @@ def average(state: Any, global_adapters: Adapters, results: ClientResult, weight
 def fedavg() -> Strategy:
   """FedAvg: both factors trained locally and averaged separately (weighted by client size)."""
   return Strategy(name="fedavg", trained=train_both, init=no_state, client_start=shared_start,
-                  gradient_correction=None, aggregate=average)
+                  gradient_correction=None, server_update=average_factors)

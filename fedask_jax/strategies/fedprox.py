@@ -8,24 +8,23 @@ privatised iterates, so it is post-processing and costs no privacy (and is not c
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 
-from fedask_jax.lora import Adapters
-from fedask_jax.strategies.base import Strategy, shared_start
-from fedask_jax.strategies.fedavg import average, no_state, train_both
+from fedask_jax._checks import check_real
+from fedask_jax.adapters import Adapters
+from fedask_jax.strategies.base import Strategy, no_state, shared_start, train_both
+from fedask_jax.strategies.fedavg import average_factors
 
 
 def fedprox(mu: float = 0.01) -> Strategy:
   """FedProx with proximal weight `mu` >= 0 (mu = 0 is FedAvg); both factors trained, averaged separately."""
-  if not isinstance(mu, numbers.Real) or not 0 <= mu < float("inf"):
-    raise ValueError(f"fedprox mu={mu!r}: the proximal weight must be a finite number >= 0 (e.g. 0.01).")
+  check_real("fedprox mu", mu, 0, what="the proximal weight", hint=" (e.g. 0.01)")
 
   def proximal_gradient(context: Any, params: Adapters, start: Adapters) -> Adapters:
     del context
     return jax.tree.map(lambda x, x0: mu * (x - x0), params, start)
 
   return Strategy(name="fedprox", trained=train_both, init=no_state, client_start=shared_start,
-                  gradient_correction=proximal_gradient, aggregate=average)
+                  gradient_correction=proximal_gradient, server_update=average_factors)

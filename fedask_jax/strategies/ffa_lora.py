@@ -1,9 +1,9 @@
 """FFA-LoRA (Sun et al., ICLR 2024): lora_a stays frozen at its random initialisation forever; clients train
-lora_b only and the server averages it, `b = sum_k w_k b_k`.
+lora_b only and the server averages it, `lora_b = sum_k w_k lora_b_k`.
 
-With a shared frozen a, `sum_k w_k a b_k = a (sum_k w_k b_k)`, so averaging b is exact, and under DP the noise
-enters linearly (no quadratic term, design.md section 1); the price is that the update never leaves the column
-space of the initial a. Layout: a = lora_a [in, r] (paper's A^T), b = lora_b [r, out] (paper's B^T).
+With a shared frozen lora_a, `sum_k w_k lora_a lora_b_k = lora_a (sum_k w_k lora_b_k)`, so averaging lora_b is
+exact, and under DP the noise enters linearly (no quadratic term, design.md section 1); the price is that the
+update never leaves the column space of the initial lora_a.
 """
 
 from __future__ import annotations
@@ -12,28 +12,27 @@ from typing import Any
 
 import jax
 
-from fedask_jax.lora import Adapters, LoRAFactors
-from fedask_jax.strategies.base import ClientResult, Strategy, Trained, shared_start, weighted_mean
-from fedask_jax.strategies.fedavg import no_state
+from fedask_jax.adapters import Adapters, LoRAFactors, Trained
+from fedask_jax.strategies.base import ClientResult, Strategy, no_state, shared_start, weighted_mean
 
 Array = jax.Array
 
 
-def train_b(round_index: int, private: bool) -> Trained:
-  """lora_b only (the paper's B), every round."""
+def train_lora_b(round_index: int, private: bool) -> Trained:
+  """lora_b only, every round."""
   del round_index, private
-  return "b"
+  return "lora_b"
 
 
-def average_b(state: Any, global_adapters: Adapters, results: ClientResult, weights: Array, client_ids: Array,
-              key: Array) -> tuple[Adapters, Any, dict[str, Array]]:
-  """b = weighted mean of the clients' b; a = the global a, kept exactly (not re-averaged)."""
+def average_lora_b(state: Any, global_adapters: Adapters, results: ClientResult, weights: Array,
+                   client_ids: Array, key: Array) -> tuple[Adapters, Any, dict[str, Array]]:
+  """lora_b = weighted mean of the clients' lora_b; lora_a = the global lora_a, kept exactly (not re-averaged)."""
   del client_ids, key
-  b = weighted_mean({name: f.b for name, f in results.adapters.items()}, weights)
-  return {name: LoRAFactors(f.a, b[name]) for name, f in global_adapters.items()}, state, {}
+  lora_b = weighted_mean({name: f.lora_b for name, f in results.adapters.items()}, weights)
+  return {name: LoRAFactors(f.lora_a, lora_b[name]) for name, f in global_adapters.items()}, state, {}
 
 
 def ffa_lora() -> Strategy:
   """FFA-LoRA: lora_a frozen at its initialisation, lora_b trained and averaged."""
-  return Strategy(name="ffa-lora", trained=train_b, init=no_state, client_start=shared_start,
-                  gradient_correction=None, aggregate=average_b)
+  return Strategy(name="ffa-lora", trained=train_lora_b, init=no_state, client_start=shared_start,
+                  gradient_correction=None, server_update=average_lora_b)

@@ -11,7 +11,6 @@ and would not match the gradient it corrects. The server sets `x <- sum_k w_k y_
 
 Under DP the gradients are privatised, so c_i, c and the correction are post-processing: the correction is
 added after clipping and noise and is not clipped.
-Layout: a = lora_a [in, r], b = lora_b [r, out].
 """
 
 from __future__ import annotations
@@ -21,10 +20,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedask_jax.lora import Adapters
+from fedask_jax.adapters import Adapters
 from fedask_jax.strategies.base import (
-    ClientResult, Strategy, gather_clients, replicate, scatter_clients, weighted_mean)
-from fedask_jax.strategies.fedavg import train_both
+    ClientResult, Strategy, gather_clients, replicate, scatter_clients, train_both, weighted_mean)
 
 Array = jax.Array
 
@@ -54,12 +52,12 @@ def correction(context: Adapters, params: Adapters, start: Adapters) -> Adapters
   return jax.tree.map(lambda p, c: c.astype(p.dtype), params, context)
 
 
-def aggregate(state: ScaffoldState, global_adapters: Adapters, results: ClientResult, weights: Array,
-              client_ids: Array, key: Array) -> tuple[Adapters, ScaffoldState, dict[str, Array]]:
+def server_update(state: ScaffoldState, global_adapters: Adapters, results: ClientResult, weights: Array,
+                  client_ids: Array, key: Array) -> tuple[Adapters, ScaffoldState, dict[str, Array]]:
   """x = sum_k w_k y_k; c_k <- mean gradient of client k; c += (1/N) sum_k (c_k+ - c_k).
 
-  A client of weight 0 (left out of the round: `FederatedRound.aggregate` zeroes the weight of a non-finite
-  client) keeps its c_k, so it changes neither c_k nor c, as if it had not been sampled."""
+  A client of weight 0 (left out of the round: `fedask_jax.simulation.server_step` zeroes the weight of a
+  non-finite client) keeps its c_k, so it changes neither c_k nor c, as if it had not been sampled."""
   del global_adapters, key
   num_clients = jax.tree.leaves(state.client_controls)[0].shape[0]
   old = gather_clients(state.client_controls, client_ids)
@@ -74,4 +72,4 @@ def aggregate(state: ScaffoldState, global_adapters: Adapters, results: ClientRe
 def scaffold() -> Strategy:
   """SCAFFOLD (option II, server learning rate 1): both factors trained with control-variate correction."""
   return Strategy(name="scaffold", trained=train_both, init=init, client_start=client_start,
-                  gradient_correction=correction, aggregate=aggregate)
+                  gradient_correction=correction, server_update=server_update)
