@@ -42,7 +42,7 @@ def test_the_grid_compiles_each_round_once_and_resumes(tiny_grid):
   grid, made, path = tiny_grid
   assert made == 8
   # One compilation per (method, DP) round variant, sampler and evaluation, for 8 runs over 2 sigmas and 2 seeds.
-  expected = {"round fedask dp b": 1, "round ffa-lora dp b": 1, "sampler poisson": 1, "evaluate": 1}
+  expected = {"round fedask dp lora_b": 1, "round ffa-lora dp lora_b": 1, "sampler poisson": 1, "evaluate": 1}
   assert grid.compile_counts() == expected
   assert grid.expected_compiles() == expected
   invocation = [r for r in runner.MetricsLog(path).read() if r["kind"] == "invocation"]
