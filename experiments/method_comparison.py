@@ -266,7 +266,7 @@ class Grid:
           raise RuntimeError(
               f"the privacy plan of ({epsilon}, {partition}, seed {seed}) needs {capacity} slots per step, more than "
               f"the shared capacity {self.capacity}: the module docstring's bound does not hold for these settings.")
-        spent = privacy.epsilon_spent(plan.noise_multiplier, plan.accountant_delta, plan.sample_rate, plan.steps,
+        spent = privacy.epsilon_spent(plan.schedule, plan.noise_multiplier, plan.accountant_delta,
                                       config.privacy.accountant)
         self._plans[key] = (plan, spent)
     return self._plans[key]
@@ -325,7 +325,8 @@ class Grid:
     round_fn, sample = self.round_fn(method, private), self.sampler(private)
     client_data, sizes = self.client_data(partition, seed)
     plan, spent = self.plan(epsilon, partition, seed)
-    key = runner.run_key(run_config(s, method, epsilon, partition, seed))
+    config = run_config(s, method, epsilon, partition, seed)
+    key = runner.run_key(config)
     # A copy: the round donates its state, and the seed's adapters serve every method.
     state = round_fn.init(s.num_clients, jax.tree.map(jnp.copy, self.initial_adapters(seed)))
     sigma = {} if plan is None else {"noise_multiplier": plan.noise_multiplier}
@@ -344,7 +345,10 @@ class Grid:
         "final_train_loss": float(losses[-1]), "train_loss": [float(x) for x in jax.device_get(losses)],
         "clipped_fraction": float(np.mean(jax.device_get(clipped))),
         "epsilon_spent": spent, "noise_multiplier": None if plan is None else plan.noise_multiplier,
-        "sample_rate": None if plan is None else plan.sample_rate, "dp_steps": None if plan is None else plan.steps,
+        "sample_rate": None if plan is None else plan.schedule.sample_rate,
+        "participation": None if plan is None else plan.schedule.participation,
+        "participation_rate": None if plan is None else plan.schedule.participation_rate,
+        "accountant": None if plan is None else config.privacy.accountant,
         "accountant_delta": None if plan is None else plan.accountant_delta,
         "capacity": self.capacity if private else s.batch_size, "client_sizes": sizes.tolist(),
         "settings": s.training(), "seconds": time.perf_counter() - began,
@@ -563,9 +567,18 @@ def findings(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], bas
   spent = [r for r in rows if r["epsilon_spent_max"] is not None]
   if spent:
     ratio = max(r["epsilon_spent_max"] / r["target_epsilon"] for r in spent)
-    out.append(f"Epsilon actually spent (the smallest client, RDP, worst-case participation) is at most "
-               f"{ratio:.4f} x the target in every private cell.")
+    out.append(f"Epsilon actually spent (the smallest client, {accounting(runs)}) is at most {ratio:.4f} x the "
+               "target in every private cell.")
   return out
+
+
+def accounting(runs: Sequence[dict[str, Any]]) -> str:
+  """How the private runs were accounted, e.g. 'pld, sampled participation'. Runs recorded before the records
+  named their accountant and participation model were accounted with RDP and worst-case participation."""
+  kinds = sorted({(r.get("accountant", "rdp"), r.get("participation", "worst_case"))
+                  for r in runs if r["target_epsilon"] is not None})
+  return "; ".join(f"{accountant.upper()}, {participation.replace('_', '-')} participation"
+                   for accountant, participation in kinds)
 
 
 def plot(rows: Sequence[dict[str, Any]], base_loss: float | None, path: Path, title: str) -> None:
@@ -618,8 +631,9 @@ def markdown(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], inv
       f"{s.num_clients} clients, {s.clients_per_round} per round, {s.rounds} rounds of {s.local_steps} local AdamW "
       f"steps (lr 1e-2, the quickstart's), batch {s.batch_size} (the expected Poisson batch under DP), LoRA r 8 "
       f"on q_proj and v_proj, sketch oversampling 2, FedProx mu 0.01. DP: example-level (epsilon, 1e-5) for every "
-      f"client, B-space DP-SGD with C = 1, sigma calibrated (RDP, worst-case participation: {s.rounds * s.local_steps}"
-      f" steps) for the smallest client's rate q = {s.batch_size} / min_k n_k"
+      f"client, B-space DP-SGD with C = 1, sigma calibrated ({accounting(runs)}; {s.rounds} rounds of "
+      f"{s.local_steps} steps, {s.clients_per_round} of {s.num_clients} clients per round) for the smallest "
+      f"client's rate q = {s.batch_size} / min_k n_k"
       + (f" (Dirichlet clients hold at least {s.min_client_size} examples)" if any(p != "iid" for p in partitions)
          else "") + f". Seeds {seeds}: the seed sets the partition, the initial adapters and every "
       f"random draw; for one seed all methods see the same partition, start and client sampling. Held-out loss: "

@@ -298,24 +298,29 @@ def adam_plateau(sweep: Sweep, config: Config, kappa: float) -> float:
 
 
 def setting_sigmas(config: Config, sizes: np.ndarray) -> dict[float, float]:
-  """{epsilon: sigma} that `runner.plan_privacy` calibrates for `config` with target epsilon in EPSILONS."""
+  """{epsilon: sigma} that `runner.plan_privacy` calibrates for `config` with target epsilon in EPSILONS, under
+  RDP and worst-case participation (the report's rows say so)."""
   out = {}
   for eps in EPSILONS:
-    cfg = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, target_epsilon=eps))
+    cfg = dataclasses.replace(config, privacy=dataclasses.replace(
+        config.privacy, target_epsilon=eps, accountant="rdp", participation="worst_case"))
     out[eps] = runner.plan_privacy(cfg, sizes)[0].noise_multiplier
   return out
 
 
 def paper_sigmas() -> dict[str, Any]:
-  """The paper's q and steps, and {participation: {epsilon: sigma}} (RDP, delta 1e-5)."""
+  """The paper's q, and {participation: {steps, sigma: {epsilon: sigma}}} (RDP, delta 1e-5); steps: the DP
+  steps a client can take part in (R S; the "expected" heuristic's ceil(R S q_c))."""
   n = PAPER["dataset_size"] // PAPER["num_clients"]
   q = PAPER["batch_size"] / n
   out: dict[str, Any] = {"client_size": n, "sample_rate": q}
   for participation in privacy.PARTICIPATION:
-    steps = privacy.dp_steps(PAPER["rounds"], PAPER["local_steps"], PAPER["clients_per_round"],
-                             PAPER["num_clients"], participation)
-    out[participation] = {"steps": steps, "sigma": {
-        eps: privacy.calibrate_noise(eps, PAPER["delta"], q, steps, "rdp") for eps in EPSILONS}}
+    schedule = privacy.DPSchedule.from_federation(
+        sample_rate=q, local_steps=PAPER["local_steps"], rounds=PAPER["rounds"],
+        clients_per_round=PAPER["clients_per_round"], num_clients=PAPER["num_clients"], participation=participation)
+    steps, rounds, _ = schedule.composition
+    out[participation] = {"steps": steps * rounds, "sigma": {
+        eps: privacy.calibrate_noise(schedule, eps, PAPER["delta"], "rdp") for eps in EPSILONS}}
   return out
 
 
@@ -482,7 +487,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
   for label, info in rows_eps:
     lines.append(f"| {label} (RDP, worst case) | {info['sample_rate']:.4g} | {info['steps']} | "
                  + " | ".join(f"{info['sigma'][str(e)]:.3f}" for e in EPSILONS) + " |")
-  for participation in privacy.PARTICIPATION:
+  measured_models = [p for p in privacy.PARTICIPATION if p in paper]
+  for participation in measured_models:
     info = paper[participation]
     lines.append(f"| paper: dolly-15k / 10 clients, batch 6, 10 steps, 800 rounds (RDP, {participation}) | "
                  f"{paper['sample_rate']:.4g} | {info['steps']} | "
@@ -490,8 +496,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
   # Findings, from the numbers.
   eps_sig = setting["measured"]["sigma"]
   paper_eps1 = paper["worst_case"]["sigma"][str(EPSILONS[0])]
-  paper_hi = max(max(paper[p]["sigma"].values()) for p in privacy.PARTICIPATION)
-  paper_lo = min(min(paper[p]["sigma"].values()) for p in privacy.PARTICIPATION)
+  paper_hi = max(max(paper[p]["sigma"].values()) for p in measured_models)
+  paper_lo = min(min(paper[p]["sigma"].values()) for p in measured_models)
   ext = meta["paper_crossover"]
   c2_ratio, c4_ratio = fed["fit_c2"] / fed["predicted_c2"], fed["fit_c4"] / fed["predicted_c4"]
   eps_ratio = [eps_sig[str(e)] / star for e in EPSILONS]
@@ -533,7 +539,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
       f"for a model of width {cfg['width']} (the round-1 formula gives sigma* = {meta['init_formula_crossover']:.3g} "
       "here, close to the fit).",
       f"- **At the paper's sigmas.** The paper's setting needs sigma = {paper_eps1:.3f} for epsilon = 1 (worst-case "
-      f"participation; {paper_hi:.3f} at most over its epsilons and both participation models). Lemma 1's "
+      f"participation; {paper_hi:.3f} at most over its epsilons and the {len(measured_models)} participation "
+      "models). Lemma 1's "
       f"round-1 crossover, validated above, at the paper's widths with batch 6, 10 steps, 2 clients: sigma* = "
       + ", ".join(f"{v['per_lr']:.3g} / eta ({k})" for k, v in ext["sgd"].items())
       + " for an SGD lr eta; the quadratic regime (sigma > sigma*) is reached at the paper's epsilon = 1 only for "
@@ -621,8 +628,8 @@ def main(argv: list[str] | None = None) -> None:
 
   def sigma_info(cfg):
     sig = setting_sigmas(cfg, sizes)
-    plan = runner.plan_privacy(cfg, sizes)[0]
-    return {"sample_rate": plan.sample_rate, "steps": plan.steps, "sigma": {str(e): s for e, s in sig.items()}}
+    return {"sample_rate": cfg.batch_size / int(sizes.min()), "steps": cfg.rounds * cfg.local_steps,
+            "sigma": {str(e): s for e, s in sig.items()}}
 
   paper = paper_sigmas()
   paper_json = {k: ({"steps": v["steps"], "sigma": {str(e): s for e, s in v["sigma"].items()}}

@@ -12,7 +12,7 @@ sampling (`privacy.poisson_sample`), the DP gradient of lora_b through `fedask_j
 on a tiny layer with 15 ordinary examples and a gradient canary (`auditing.linear_canary_problem`). Two
 settings: one step with q = 1 (the Gaussian mechanism, the strongest white-box setting) and a ten-step client
 update with q = 0.25. Claims: epsilon in {1, 4} at delta = 1e-5, sigma from `privacy.calibrate_noise` with the
-PLD accountant (tighter than the default RDP, so a harder claim to stay under). Broken mechanisms, reported with
+PLD accountant (the default, tighter than RDP, so a harder claim to stay under). Broken mechanisms, reported with
 the claim epsilon = 1 they would print: noise off (sigma = 0) and clipping off (clip norm 1e4 C with sigma / 1e4,
 so the noise is still sigma C while the canary's gradient, 100 C in W-space and 200 C in B-space, is not
 clipped). Lower bounds at 95% confidence, held-out threshold (`auditing.epsilon_lower_bound`).
@@ -75,7 +75,8 @@ def settings(quick: bool) -> tuple[Setting, ...]:
 
 
 def run_audit(problem, setting: Setting, space: str, variant: Variant, key) -> dict:
-  sigma = privacy.calibrate_noise(variant.claim, DELTA, setting.sample_rate, setting.steps, "pld")
+  schedule = privacy.DPSchedule(setting.sample_rate, local_steps=setting.steps, rounds=1)
+  sigma = privacy.calibrate_noise(schedule, variant.claim, DELTA, "pld")
   clip_norm, multiplier = CLIP_NORM, sigma
   if variant.broken == "noise_off":
     multiplier = 0.0
@@ -93,7 +94,7 @@ def run_audit(problem, setting: Setting, space: str, variant: Variant, key) -> d
       setting=setting.name, steps=setting.steps, sample_rate=setting.sample_rate, space=space,
       variant=variant.name, broken=variant.broken, claimed_epsilon=variant.claim, sigma=sigma,
       clip_norm=clip_norm, noise_multiplier=multiplier,
-      rdp_epsilon=privacy.epsilon_spent(sigma, DELTA, setting.sample_rate, setting.steps, "rdp"),
+      rdp_epsilon=privacy.epsilon_spent(schedule, sigma, DELTA, "rdp"),
       epsilon_lower_bound=result.epsilon_lower_bound, ratio=result.epsilon_lower_bound / variant.claim,
       bonferroni_epsilon=result.bonferroni_epsilon, max_certifiable=result.max_certifiable, auroc=result.auroc,
       runs_per_side=result.num_runs, confidence=result.confidence, delta=result.delta, seconds=seconds,
@@ -153,7 +154,7 @@ def markdown(rows: list[dict], config: dict) -> str:
       "coordinate u of lora_b that no other example touches). The score is <b_T - b_0, u>; runs with the canary "
       "(n + 1 examples) against runs without it (n), add/remove neighbours. sigma is calibrated by "
       f"`privacy.calibrate_noise` with the PLD accountant at delta = {DELTA:g} for each setting's q and T "
-      "(the RDP epsilon of the same sigma, the project's default accountant, is larger and listed too). Broken "
+      "(the RDP epsilon of the same sigma is larger and listed too). Broken "
       "mechanisms carry the claim they would report (epsilon = 1): noise off (sigma = 0), clipping off (clip "
       f"norm {NO_CLIP_FACTOR:g} C with multiplier sigma / {NO_CLIP_FACTOR:g}: noise still sigma C, the canary "
       "unclipped).",

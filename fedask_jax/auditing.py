@@ -308,8 +308,8 @@ def audit_dp_gradient(
   """Audit a client's DP-SGD: `canary_scores` of N runs per side, then `epsilon_lower_bound` (module docstring).
 
   The claim audited is the epsilon the accountant gives for this mechanism's sigma, q, T and `delta`
-  (`privacy.epsilon_spent`); the audit passes when `epsilon_lower_bound` <= that claim. Arguments as in
-  `canary_scores` and `epsilon_lower_bound`.
+  (`privacy.epsilon_spent(privacy.DPSchedule(q, local_steps=T, rounds=1), sigma, delta)`); the audit passes
+  when `epsilon_lower_bound` <= that claim. Arguments as in `canary_scores` and `epsilon_lower_bound`.
   """
   delta = _check_delta(delta)
   confidence = _check_confidence(confidence)

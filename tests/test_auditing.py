@@ -42,7 +42,8 @@ def _audit(space, *, clip_norm, noise_multiplier, steps=1, sample_rate=1.0, runs
 
 @functools.cache
 def _sigma(epsilon, sample_rate=1.0, steps=1, accountant="pld"):
-  return privacy.calibrate_noise(epsilon, DELTA, sample_rate, steps, accountant)
+  return privacy.calibrate_noise(privacy.DPSchedule(sample_rate, local_steps=steps, rounds=1), epsilon, DELTA,
+                                 accountant)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_broken_mechanism_is_caught(space, broken):
 
 
 def test_multi_step_client_update():
-  # T = 3 Poisson-sampled steps with q = 0.5, B-space, sigma calibrated with the default accountant (RDP).
+  # T = 3 Poisson-sampled steps with q = 0.5, B-space, sigma calibrated with the RDP accountant.
   claim = 4.0
   sigma = _sigma(claim, 0.5, 3, "rdp")
   real = _audit("b_space", clip_norm=1.0, noise_multiplier=sigma, steps=3, sample_rate=0.5)

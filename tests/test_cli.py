@@ -13,7 +13,7 @@ import pytest
 import yaml
 from run_fixtures import make_tiny_setup
 
-from fedask_jax import cli
+from fedask_jax import cli, privacy
 from fedask_jax.checkpoint import import_peft
 from fedask_jax.config import from_dict
 from fedask_jax.evaluation import evaluate
@@ -182,3 +182,68 @@ def test_no_pytorch_advice_without_torch():
   assert _NO_TORCH_ADVICE not in library.stderr
   assert "Token indices sequence length is longer than the specified maximum" in library.stderr
   assert "[transformers] another message on the transformers logger" in library.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `fedask-jax privacy`, the calculator. A small schedule keeps each calibration well under a second.
+
+CALCULATOR = ["privacy", "--delta", "1e-5", "--sample-rate", "0.02", "--local-steps", "5", "--rounds", "40",
+              "--clients-per-round", "2", "--num-clients", "10"]
+
+
+def test_privacy_calculator_json_finds_sigma(capsys):
+  assert cli.main([*CALCULATOR, "--target-epsilon", "2", "--json"]) == 0
+  out = capsys.readouterr().out
+  result = json.loads(out)
+  assert out.count("\n") == 1
+  assert {"noise_multiplier", "epsilon", "delta", "participation", "accountant"} <= set(result)
+  # The defaults: sampled (2 < 10 clients per round) and PLD.
+  assert (result["participation"], result["accountant"], result["delta"]) == ("sampled", "pld", 1e-5)
+  schedule = privacy.DPSchedule(0.02, 5, 40, 0.2, "sampled")
+  assert result["noise_multiplier"] == privacy.calibrate_noise(schedule, 2.0, 1e-5, "pld")
+  assert result["epsilon"] == privacy.epsilon_spent(schedule, result["noise_multiplier"], 1e-5, "pld") <= 2.0
+
+
+def test_privacy_calculator_json_finds_epsilon(capsys):
+  assert cli.main([*CALCULATOR, "--noise-multiplier", "1.2", "--participation", "worst_case", "--accountant", "rdp",
+                   "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["noise_multiplier"] == 1.2 and result["participation"] == "worst_case" and result["guarantee"]
+  assert result["epsilon"] == privacy.epsilon_spent(privacy.DPSchedule(0.02, 5, 40, 1.0, "worst_case"), 1.2, 1e-5,
+                                                    "rdp")
+
+
+def test_privacy_calculator_human_output_through_the_console_script():
+  """The three participation models side by side, the asked one marked, `expected` labelled as no guarantee.
+  q = 0.5 and sigma = 3 make dp_accounting's RDP log "failed to converge" warnings, which stay out of stderr."""
+  script = os.path.join(os.path.dirname(sys.executable), "fedask-jax")
+  args = ["privacy", "--delta", "1e-5", "--sample-rate", "0.5", "--local-steps", "5", "--rounds", "40",
+          "--clients-per-round", "2", "--num-clients", "10", "--accountant", "rdp", "--noise-multiplier", "3"]
+  result = subprocess.run([script, *args], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and result.stderr == ""
+  rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:5]}
+  assert set(rows) == {"sampled", "worst_case", "expected"} and "sampled *" in result.stdout
+  assert "NOT a guarantee" in rows["expected"] and "NOT" not in rows["sampled"] + rows["worst_case"]
+  for participation, line in rows.items():
+    epsilon = privacy.epsilon_spent(privacy.DPSchedule(0.5, 5, 40, 0.2, participation), 3.0, 1e-5, "rdp")
+    assert f" 3.0000 {epsilon:>9.4f}  " in line
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--target-epsilon", "1", "--noise-multiplier", "1"],
+     "error: argument --noise-multiplier: not allowed with argument --target-epsilon"),
+    ([], "error: one of the arguments --target-epsilon --noise-multiplier is required"),
+    (["--target-epsilon", "1", "--sample-rate", "1.5"], "error: sample_rate=1.5: the per-step Poisson rate q"),
+    (["--target-epsilon", "1", "--sample-rate", "0"], "error: sample_rate=0.0"),
+    (["--target-epsilon", "1", "--clients-per-round", "11"], "error: clients_per_round=11 exceeds num_clients=10"),
+    (["--target-epsilon", "1", "--participation", "mean"], "error: participation='mean': unknown participation"),
+    (["--target-epsilon", "1", "--accountant", "gdp"], "error: accountant='gdp': unknown accountant"),
+    (["--target-epsilon", "0"], "error: target_epsilon=0.0"),
+    (["--noise-multiplier", "-1"], "error: noise_multiplier=-1.0"),
+    (["--target-epsilon", "1", "--delta", "0"], "error: delta=0.0"),
+    (["--target-epsilon", "one"], "error: argument --target-epsilon: invalid float value: 'one'"),
+])
+def test_privacy_calculator_bad_arguments_exit_2(capsys, args, match):
+  assert cli.main([*CALCULATOR, *args]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and captured.err.startswith(match) and captured.err.count("\n") == 1

@@ -17,13 +17,13 @@ def write_yaml(tmp_path, data, name="config.yaml"):
 
 
 def test_yaml_then_overrides_in_order(tmp_path):
-  path = write_yaml(tmp_path, {"rounds": 7, "privacy": {"target_epsilon": 6, "accountant": "pld"},
+  path = write_yaml(tmp_path, {"rounds": 7, "privacy": {"target_epsilon": 6, "accountant": "rdp"},
                                "lora": {"rank": 4}})
   config = load_config(path, ["rounds=9", "privacy.target_epsilon=1", "lora.target_modules=[q_proj, k_proj]",
                               "strategy=fedprox", "strategy_args={mu: 0.1}", "rounds=11", "eval.max_examples=null"])
   assert config.rounds == 11  # the last override wins
   assert config.privacy.target_epsilon == 1.0 and isinstance(config.privacy.target_epsilon, float)
-  assert config.privacy.accountant == "pld"  # untouched YAML value kept
+  assert config.privacy.accountant == "rdp"  # untouched YAML value kept
   assert config.lora.rank == 4 and config.lora.target_modules == ("q_proj", "k_proj")
   assert config.strategy_args == {"mu": 0.1}
   assert config.eval.max_examples is None
@@ -43,7 +43,7 @@ def test_round_trip_and_diff():
                               "input_field: null, response_field: a}"])
   assert from_dict(to_dict(config)) == config
   assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config
-  other = dataclasses.replace(config, lr=1e-3, privacy=dataclasses.replace(config.privacy, accountant="pld"))
+  other = dataclasses.replace(config, lr=1e-3, privacy=dataclasses.replace(config.privacy, accountant="rdp"))
   assert config_diff(config, other) == ["lr", "privacy.accountant"]
   assert config_diff(config, dataclasses.replace(config, run_dir="x"), ignore=("run_dir",)) == []
 

@@ -3,7 +3,6 @@ plan, and the eval command on an interrupted run."""
 
 import json
 
-import dp_accounting
 import jax
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import yaml
 from run_fixtures import make_tiny_setup
 from safetensors.numpy import load_file
 
-from fedask_jax import cli, runner
+from fedask_jax import cli, privacy, runner
 from fedask_jax.config import ConfigError, from_dict
 
 # DP FedASK with adapter dropout: every random stream of a round (client sampling, Poisson batches, DP noise,
@@ -123,21 +122,23 @@ def test_eval_command_on_a_run(straight, capsys):
   assert result["perplexity"] == pytest.approx(np.exp(result["eval_loss"]), rel=1e-9)
 
 
-def test_epsilon_trajectory_matches_dp_accounting(straight):
-  """Each round's epsilon is RDP accounting of 3 Poisson-subsampled Gaussian steps per round at
-  q = batch_size / smallest client (4 / 60), at the delta left after the overflow allowance."""
+def test_epsilon_trajectory_is_the_sampled_schedule(straight):
+  """The defaults: 2 of 4 clients per round, so participation "sampled" with q_c = 1/2, and the PLD accountant.
+  Each round t's epsilon is that of t rounds of 3 Poisson-subsampled Gaussian steps at q = batch_size / smallest
+  client (4 / 60), at the delta left after the overflow allowance (the accounting itself is tested against
+  references in tests/test_privacy_accounting.py)."""
   _, raw, straight_dir = straight
   summary = json.loads((straight_dir / "summary.json").read_text())
   records = runner.MetricsLog(straight_dir / "metrics.jsonl").read()
   q, sigma = 4 / 60, summary["noise_multiplier"]
   assert summary["sample_rate"] == q
-  overflow = (1 + np.exp(8.0)) * 12 * 1e-12  # (1 + e^epsilon) x 4 rounds x 3 steps x overflow_prob
+  assert (summary["participation"], summary["participation_rate"], summary["accountant"]) == ("sampled", 0.5, "pld")
+  # (1 + e^epsilon) x 4 rounds x 3 steps x q_c x overflow_prob
+  overflow = (1 + np.exp(8.0)) * 12 * 0.5 * 1e-12
   assert summary["accountant_delta"] == pytest.approx(1e-5 - overflow, rel=1e-12)
   for record in records[1:]:
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
-                       3 * record["round"])
-    assert record["epsilon"] == pytest.approx(accountant.get_epsilon(summary["accountant_delta"]), rel=1e-9)
+    schedule = privacy.DPSchedule(q, 3, record["round"], 0.5, "sampled")
+    assert record["epsilon"] == privacy.epsilon_spent(schedule, sigma, summary["accountant_delta"], "pld")
   # Calibrated: the whole run spends the target, to the calibration's 0.1% tolerance in sigma.
   assert 8.0 * 0.98 <= records[-1]["epsilon"] <= 8.0
 
@@ -150,7 +151,8 @@ def test_capacity_bounds_the_overflow():
   tails = [scipy.stats.binom.sf(capacity, n + 1, 8 / n) for n in sizes]
   assert max(tails) <= 1e-9
   assert max(scipy.stats.binom.sf(capacity - 1, n + 1, 8 / n) for n in sizes) > 1e-9
-  assert plan.sample_rate == 8 / 100 and plan.steps == 50
+  # The defaults' 2 of 10 clients per round.
+  assert plan.schedule == privacy.DPSchedule(8 / 100, 5, 10, 0.2, "sampled")
   with pytest.raises(ConfigError, match="batch_size=8 exceeds the smallest client's 7 examples"):
     runner.plan_privacy(config, np.array([7, 100]))
   with pytest.raises(ConfigError, match="overflow_prob=0.001 costs delta"):

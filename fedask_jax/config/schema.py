@@ -104,9 +104,13 @@ class PrivacyConfig:
     target_epsilon, delta: the guarantee, met by every client's data: sigma is calibrated for the largest
       Poisson rate q = batch_size / min_k n_k, so larger clients spend less (`fedask_jax.runner.plan`).
     clip_norm: C, the per-example clipping norm.
-    accountant: "rdp" or "pld" (`dp_accounting`).
-    participation: "worst_case" (rigorous: every round may include a client) or "expected" (the official
-      code's heuristic; under-states epsilon).
+    accountant: "pld" (privacy loss distributions, tighter; default) or "rdp" (Renyi DP), both through
+      `dp_accounting` (`fedask_jax.privacy.accounting`).
+    participation: null (default: "sampled" when clients_per_round < num_clients, else "worst_case"),
+      "sampled" (rigorous and tight: each round includes a client with probability clients_per_round /
+      num_clients, as the runner's uniform client sampling does), "worst_case" (rigorous for any selection:
+      every round may include a client) or "expected" (the official code's heuristic; NOT a guarantee, it
+      under-states epsilon).
     mechanism: "b_space" (clip and noise the trained factor's gradient, the official code) or "w_space"
       (clip dl/dW and project the noise, the paper's equation).
     overflow_prob: per-step probability that a Poisson batch overflows its fixed capacity. Its cost in delta
@@ -118,8 +122,8 @@ class PrivacyConfig:
   target_epsilon: float = 3.0
   delta: float = 1e-5
   clip_norm: float = 1.0
-  accountant: Literal["rdp", "pld"] = "rdp"
-  participation: Literal["worst_case", "expected"] = "worst_case"
+  accountant: Literal["rdp", "pld"] = "pld"
+  participation: Literal["sampled", "worst_case", "expected"] | None = None
   mechanism: Literal["b_space", "w_space"] = "b_space"
   overflow_prob: float = 1e-12
 

@@ -8,19 +8,23 @@ Privacy-relevant defaults, stated once: clipping is per example by the global L2
 parameters (B-space, `dp_gradient`) or over dl/dW of all adapted layers (W-space, `wspace_dp_gradient`); noise
 std sigma * C on the clipped sum; normalisation by the expected batch size q n; Poisson sampling with rate q per
 local step, truncated to a fixed capacity (`batch_capacity`, overflow cost in `overflow_delta`); add/remove-one
-neighbours; accountant "rdp" unless "pld" is asked for; participation "worst_case" (every round) unless the
-"expected" heuristic is asked for. The modules: `clipping`, `mechanisms`, `sampling`, `accounting`.
+neighbours; accountant "pld" unless "rdp" is asked for; participation "sampled" (each round includes the client
+with probability K / N, uniform independent client sampling) when K < N clients take part per round, "worst_case"
+(every round) when K = N or asked for, and the "expected" heuristic (not a guarantee) only when asked for. The
+modules: `clipping`, `mechanisms`, `sampling`, `accounting`.
 """
 
 from fedask_jax.privacy.accounting import (
     ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
     PARTICIPATION,
+    DPSchedule,
+    calculate,
     calibrate_noise,
-    dp_event,
-    dp_steps,
     epsilon_spent,
-    make_accountant,
     overflow_delta,
+    schedule_pld,
+    schedule_rdp,
 )
 from fedask_jax.privacy.clipping import clip_per_example, clip_scale
 from fedask_jax.privacy.mechanisms import (

@@ -1,144 +1,326 @@
-"""Privacy accounting for client-level DP-SGD through `dp_accounting` (design.md section 4).
+"""Privacy accounting of a federated run's schedule through `dp_accounting` (design.md section 4).
 
 Guarantee: example-level (epsilon, delta)-DP of each client's local dataset under add/remove-one neighbours
-(`dp_accounting`'s default relation), against a server and clients that see every message; the sketches and
-aggregates are post-processing (paper Theorem 1). One DP step is a Poisson-subsampled Gaussian mechanism with
-rate q and noise multiplier sigma (noise std sigma * C on a sum of gradients clipped to C); a client's steps
-compose, `dp_steps` of them over a run.
+(`dp_accounting`'s default relation), against a server and clients that see every message, who took part in
+each round included; the sketches and aggregates are post-processing (paper Theorem 1).
 
-Accountants: "rdp" (Renyi DP, `dp_accounting.rdp.RdpAccountant` with its default orders) and "pld" (privacy
-loss distributions, `dp_accounting.pld.PLDAccountant`, value discretisation 1e-4, pessimistic): PLD is
-tighter (smaller epsilon for the same sigma), RDP faster.
+The mechanism, for one example x of one client (D holds x, D' does not, or the other way round):
+- a local step is the Poisson-subsampled Gaussian mechanism: rate q, noise std sigma C on a sum of gradients
+  clipped to C (noise multiplier sigma);
+- a round in which the client takes part is S such steps, each starting from the previous one's output;
+- the client takes part in a round with probability q_c = K / N (K of N clients drawn uniformly), R rounds.
+A run's schedule is one value, `DPSchedule(q, S, R, q_c, participation)`; `epsilon_spent` and `calibrate_noise`
+work on it with either accountant, "rdp" (Renyi DP) or "pld" (privacy loss distributions; the default).
+
+Participation models:
+- "sampled" (rigorous and tight): the client is in each round with probability q_c, independently; below.
+- "worst_case" (rigorous for any client selection, even adversarial): every round may include the client,
+  R x S steps. Equal to "sampled" with q_c = 1 (the same computation).
+- "expected" (the official code's heuristic, NOT a guarantee): ceil(R x S x q_c) steps, as if the client took
+  part in exactly its expected number of rounds. It takes part in more rounds with substantial probability
+  (Binomial(R, q_c) exceeds its mean about half of the time), so this under-states epsilon.
+
+Why "sampled" holds. Fix the releases Y_<t of the earlier rounds. Round t releases (I_t, Z_t, W_t): I_t = 1 when
+the client takes part (everyone sees it), Z_t its message (a fixed symbol * when I_t = 0), W_t everything else
+(other clients' messages, computed from Y_<t, their own data and fresh noise). When client sampling is uniform,
+independent of the data and of the earlier rounds (a fresh key per round: `simulation.sample_clients(
+fold_in(run_key, t))`), I_t ~ Bernoulli(q_c) under D and D' alike, and W_t's law given (Y_<t, I_t) does not
+depend on x, so W_t is post-processing with independent randomness and the round's divergence is that of
+P_t = law of (I_t, Z_t) under D against Q_t under D':
+    P_t(0, *) = Q_t(0, *) = 1 - q_c,    P_t(1, z) = q_c M_D(z),    Q_t(1, z) = q_c M_D'(z),
+with M the S local steps. The two outcomes are disjoint and observed, and the "absent" part is the same under D
+and D': the adversary's knowledge of who took part is exactly the coordinate I_t of the release, accounted for.
+- RDP: sum over outcomes of P^alpha Q^(1-alpha) = (1 - q_c) + q_c exp((alpha - 1) D_alpha(M_D || M_D')), so
+      eps_round(alpha) = log(q_c exp((alpha - 1) D_S(alpha)) + 1 - q_c) / (alpha - 1)
+  exactly, with D_S(alpha) = D_alpha(M_D || M_D'). The right side increases with D_S, so any bound on D_S gives a
+  bound: D_S(alpha) <= S eps_step(alpha) by adaptive RDP composition (Mironov 2017, Prop. 1), with eps_step
+  `dp_accounting`'s RDP of the Poisson-subsampled Gaussian, which bounds both orders of D and D' (Mironov,
+  Talwar, Zhang 2019, section 3). The bound holds whatever Y_<t is, so R rounds compose adaptively to
+  R eps_round(alpha); `dp_accounting`'s RDP -> (epsilon, delta) conversion (Canonne, Kamath, Steinke 2020,
+  Prop. 12) gives epsilon. Computed in log space (logaddexp): (alpha - 1) D_S reaches 1e5 at alpha = 1024.
+- PLD: the privacy loss log(P_t / Q_t) is 0 at (0, *) and M's loss at (1, z), so under P_t it is 0 with
+  probability 1 - q_c and the S-step loss otherwise (its mass at +infinity scaled by q_c too): the round's PLD
+  is (1 - q_c) delta_0 + q_c PLD_S, in each direction (remove: D = D' + x; add: D' = D + x). The hockey-stick
+  divergence of the round, q_c H_e^eps(M_D || M_D') + (1 - q_c) (1 - e^eps)_+, is increasing and affine in M's,
+  so a pair dominating M (Zhu, Dong, Wang 2022) mixed with the same null outcome dominates the round, and R
+  rounds compose adaptively by their Theorem 10: the R-fold convolution. Pessimism survives the mixing:
+  `dp_accounting`'s pessimistic (connect-the-dots) PMF of a step is the PLD of a pair that dominates the step
+  (Doroshenko et al. 2022), its S-fold convolution (with the truncated right tail moved to +infinity) that of a
+  pair dominating the S steps, and mixing it with a point mass at the grid point 0 is exactly the PLD of that
+  pair mixed with the null outcome: a valid PLD that dominates the round, with no new rounding.
+What the client sampling must be for this: uniform (every client's inclusion probability is q_c; with unequal
+probabilities use the largest), independent of the data (else I_t's law differs between D and D' and the null
+parts no longer cancel) and of earlier rounds (else, given the history, the inclusion probability is not q_c:
+round-robin or without-replacement-across-rounds schedules make it 0 or 1), with a fresh key every round. Any
+other selection needs "worst_case". A single round is (eps_S, q_c delta_S)-DP: observed participation shrinks
+delta, not epsilon; over many rounds the composition turns that into a smaller epsilon than the worst case.
+
+PLD discretisation: 1e-3 (`PLD_DISCRETIZATION`); measured in tests/test_privacy_accounting.py against 1e-4.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
-import dp_accounting
+import numpy as np
+from dp_accounting.pld import privacy_loss_distribution
+from dp_accounting.rdp import rdp_privacy_accountant
+from scipy import optimize
 
 from fedask_jax._checks import check_choice, check_int, check_real
 
 ACCOUNTANTS = ("rdp", "pld")
-PARTICIPATION = ("worst_case", "expected")
+PARTICIPATION = ("sampled", "worst_case", "expected")
+# PLD is tighter than RDP (after one round RDP's conversion states an epsilon far above what was spent) and, at
+# PLD_DISCRETIZATION, calibrates the quickstart's and the paper's schedules in seconds (README: privacy).
+DEFAULT_ACCOUNTANT = "pld"
+# Privacy losses are rounded (pessimistically) to multiples of this. In the paper's schedule (README: privacy)
+# dp_accounting's default 1e-4 took ~1 s per epsilon and 30 to 45 s per calibration of "sampled"; 1e-3 takes
+# 0.15 to 0.3 s and 1 to 3 s, for a calibrated sigma larger by 0.08% ("sampled", epsilon 1), 0.7% ("worst_case",
+# epsilon 1; its 8000 steps have no mass at loss 0) and at most 0.01% at epsilon 6; in the quickstart's,
+# epsilon moves by < 0.01%.
+PLD_DISCRETIZATION = 1e-3
+_PLD_MAX_STEP_POINTS = 2**17
 
-# The calibrated sigma is within this relative distance of the smallest sigma meeting the target (design:
-# 0.5%; 0.1% leaves room for the accountants' own numerical noise).
+# The calibrated sigma is within this relative distance above the smallest sigma meeting the target.
 _CALIBRATION_RTOL = 1e-3
 # Outside [1/64, 2^20] the RDP/PLD computations lose accuracy or the target is degenerate (see calibrate_noise).
 _SIGMA_RANGE = (2.0**-6, 2.0**20)
 
 
-def _check_accountant(accountant: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class DPSchedule:
+  """The DP schedule of one client over a run (module docstring), validated at construction.
+
+  Client sampling is expressed by `participation_rate` and `participation`, never folded into `sample_rate`:
+  q is the rate at which a local step Poisson-samples the client's own examples (batch_size / examples of the
+  client), and q_c = K / N the probability that a round includes the client. `from_federation` builds one from
+  K and N.
+
+  Attributes:
+    sample_rate: q in (0, 1], the per-local-step Poisson rate within the client.
+    local_steps: S >= 1, DP steps per round the client takes part in.
+    rounds: R >= 1.
+    participation_rate: q_c in (0, 1], the probability that a round includes the client (K / N).
+    participation: "sampled" (default), "worst_case" or "expected" (not a guarantee; module docstring).
+  """
+
+  sample_rate: float
+  local_steps: int
+  rounds: int
+  participation_rate: float = 1.0
+  participation: str = "sampled"
+
+  def __post_init__(self):
+    check_real("sample_rate", self.sample_rate, 0, 1, lo_open=True, what="the per-step Poisson rate q",
+               hint="; it is batch_size / the client's examples, not multiplied by the client-sampling fraction "
+                    "(pass that as participation_rate, or use DPSchedule.from_federation)")
+    check_int("local_steps", self.local_steps, 1)
+    check_int("rounds", self.rounds, 1)
+    check_real("participation_rate", self.participation_rate, 0, 1, lo_open=True,
+               what="the probability that a round includes the client", hint=" (clients_per_round / num_clients)")
+    check_choice("participation", self.participation, PARTICIPATION, what="unknown participation model")
+
+  @classmethod
+  def from_federation(
+      cls, *, sample_rate: float, local_steps: int, rounds: int, clients_per_round: int, num_clients: int,
+      participation: str | None = None) -> DPSchedule:
+    """The schedule of a run that draws `clients_per_round` (K) of `num_clients` (N) clients uniformly each round.
+
+    q_c = K / N. `participation` None: "sampled" when K < N, "worst_case" when K = N (the two agree there).
+    """
+    check_int("clients_per_round", clients_per_round, 1)
+    check_int("num_clients", num_clients, 1)
+    if clients_per_round > num_clients:
+      raise ValueError(
+          f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}: sample at most "
+          f"{num_clients} clients per round.")
+    if participation is None:
+      participation = "sampled" if clients_per_round < num_clients else "worst_case"
+    return cls(sample_rate, local_steps, rounds, clients_per_round / num_clients, participation)
+
+  def after(self, rounds: int) -> DPSchedule:
+    """The same schedule stopped after `rounds` rounds (the epsilon spent so far)."""
+    return dataclasses.replace(self, rounds=rounds)
+
+  @property
+  def guarantee(self) -> bool:
+    """False for the "expected" heuristic, whose epsilon is not a bound."""
+    return self.participation != "expected"
+
+  @property
+  def expected_steps(self) -> int:
+    """ceil(R S q_c): the "expected" heuristic's step count. R S q_c is rounded to 1e-9 first, so that float
+    noise in q_c = K / N cannot add a step."""
+    return math.ceil(round(self.rounds * self.local_steps * self.participation_rate, 9))
+
+  @property
+  def composition(self) -> tuple[int, int, float]:
+    """(steps per round, rounds, probability a round includes the client) that the accountants compose."""
+    if self.participation == "expected":
+      return self.expected_steps, 1, 1.0
+    if self.participation == "worst_case":
+      return self.local_steps, self.rounds, 1.0
+    return self.local_steps, self.rounds, self.participation_rate
+
+  def describe(self) -> str:
+    """One line, e.g. 'q 0.004, 800 rounds x 10 local steps, in each round w.p. 0.2 (sampled)'."""
+    steps, rounds, rate = self.composition
+    if self.participation == "expected":
+      return (f"q {self.sample_rate:.4g}, {steps} steps (expected participation of {self.rounds} rounds x "
+              f"{self.local_steps} local steps at rate {self.participation_rate:.4g}; NOT a guarantee)")
+    return (f"q {self.sample_rate:.4g}, {rounds} rounds x {steps} local steps, "
+            + (f"in each round w.p. {rate:.4g} (sampled)" if rate < 1 else "in every round (worst_case)"))
+
+
+def _check_schedule(schedule: Any) -> None:
+  if not isinstance(schedule, DPSchedule):
+    raise TypeError(f"schedule={schedule!r}: expected a DPSchedule (DPSchedule.from_federation builds one).")
+
+
+def _check_common(schedule: Any, delta: float, accountant: str) -> None:
+  _check_schedule(schedule)
+  check_real("delta", delta, 0, 1, lo_open=True, hi_open=True, what="delta",
+             hint=", and well below 1 / (examples per client), e.g. 1e-5")
   check_choice("accountant", accountant, ACCOUNTANTS, what="unknown accountant")
 
 
-def _check_common(delta: float, sample_rate: float, steps: int) -> None:
-  check_real("delta", delta, 0, 1, lo_open=True, hi_open=True, what="delta",
-             hint=", and well below 1 / (examples per client), e.g. 1e-5")
-  check_real("sample_rate", sample_rate, 0, 1, lo_open=True, what="the Poisson sampling rate q",
-             hint=" (q = batch_size / examples per client)")
-  check_int("steps", steps, 1, what="the number of DP steps", hint=" (see dp_steps)")
+def schedule_rdp(schedule: DPSchedule, noise_multiplier: float, orders: Any = None) -> np.ndarray:
+  """The run's Renyi DP at each order alpha > 1: R eps_round(alpha) (module docstring), float64 [len(orders)].
+
+  `orders` default to dp_accounting's `DEFAULT_RDP_ORDERS` (1.1 to 1024). Infinite where dp_accounting's step
+  RDP is (sigma = 0, or an order whose series did not converge).
+  """
+  steps, rounds, rate = schedule.composition
+  orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS if orders is None else orders, dtype=np.float64)
+  step_rdp = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(  # pylint: disable=protected-access
+      schedule.sample_rate, noise_multiplier, orders)
+  d_s = steps * np.asarray(step_rdp, dtype=np.float64)
+  if rate == 1.0:
+    return rounds * d_s
+  # log(q_c e^((alpha - 1) D_S) + 1 - q_c) without forming e^((alpha - 1) D_S), which overflows past ~709.
+  with np.errstate(over="ignore", invalid="ignore"):
+    return rounds * np.logaddexp(math.log(rate) + (orders - 1) * d_s, math.log1p(-rate)) / (orders - 1)
 
 
-def dp_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
-  """`steps` compositions of the Poisson-subsampled Gaussian mechanism (rate q, noise multiplier sigma)."""
-  return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
-
-
-def make_accountant(accountant: str = "rdp") -> dp_accounting.PrivacyAccountant:
-  """A fresh `dp_accounting` accountant by name ("rdp" or "pld"), add/remove-one neighbours."""
-  _check_accountant(accountant)
-  if accountant == "rdp":
-    return dp_accounting.rdp.RdpAccountant()
-  return dp_accounting.pld.PLDAccountant()
+def schedule_pld(schedule: DPSchedule, noise_multiplier: float) -> privacy_loss_distribution.PrivacyLossDistribution:
+  """The run's pessimistic privacy loss distribution (both directions; module docstring), sigma > 0: one step's
+  PLD, self-composed S times, mixed with the null outcome, self-composed R times."""
+  sigma = noise_multiplier
+  steps, rounds, rate = schedule.composition
+  # One step's losses span about (1 + 20 sigma) / sigma^2 (the Gaussian truncated at +-10 sigma, dp_accounting's
+  # log mass bound -50): at small sigma a coarser grid keeps it to ~2^17 points (at sigma = 1/64 the fixed grid
+  # took 4 minutes and 6 GB). Coarser rounding is still pessimistic, and there epsilon is in the hundreds.
+  discretization = max(PLD_DISCRETIZATION, (1 + 20 * sigma) / sigma**2 / _PLD_MAX_STEP_POINTS)
+  step = privacy_loss_distribution.from_gaussian_mechanism(
+      sigma, sampling_prob=schedule.sample_rate, value_discretization_interval=discretization,
+      pessimistic_estimate=True)
+  round_pld = step.self_compose(steps)
+  if rate < 1.0:
+    round_pld = round_pld.compute_mixture(privacy_loss_distribution.identity(discretization), rate)
+  # self_compose raises the round's characteristic function to the R-th power in one FFT, as cheap as
+  # repeated squaring and without its intermediate truncations.
+  return round_pld.self_compose(rounds)
 
 
 def epsilon_spent(
-    noise_multiplier: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
-  """Epsilon at `delta` after `steps` DP-SGD steps with Poisson rate q and noise multiplier sigma."""
-  _check_accountant(accountant)
-  _check_common(delta, sample_rate, steps)
+    schedule: DPSchedule, noise_multiplier: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+  """Epsilon at `delta` of the schedule's DP-SGD with noise multiplier sigma (inf at sigma = 0).
+
+  Under participation "expected" this is the heuristic's number, NOT a bound (module docstring).
+  """
+  _check_common(schedule, delta, accountant)
   check_real("noise_multiplier", noise_multiplier, 0, what="sigma", hint=" (0 gives epsilon = inf)")
-  return float(make_accountant(accountant).compose(dp_event(noise_multiplier, sample_rate, steps))
-               .get_epsilon(delta))
+  if noise_multiplier == 0:
+    return math.inf
+  if accountant == "rdp":
+    rdp = schedule_rdp(schedule, float(noise_multiplier))
+    return float(rdp_privacy_accountant.compute_epsilon(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, rdp, delta)[0])
+  return float(schedule_pld(schedule, float(noise_multiplier)).get_epsilon_for_delta(delta))
 
 
 def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
-  """The smallest noise multiplier sigma whose epsilon at `delta` is <= `target_epsilon` (within 0.1%).
+    schedule: DPSchedule, target_epsilon: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+  """The smallest noise multiplier sigma whose `epsilon_spent` at `delta` is <= `target_epsilon`, within 0.1%.
 
-  Uses `dp_accounting.calibrate_dp_mechanism` (Brent's method, guaranteed to return a sigma that meets the
-  target). Its tolerance is absolute, so a doubling/halving search first brackets sigma in [lo, 2 lo] and the
-  tolerance is set to 0.1% of lo, a relative guarantee whatever sigma's scale. Raises ValueError when the
-  target is met even at sigma = 1/64 (a target so loose that accounting there is unreliable) or missed at
-  sigma = 2^20.
+  A doubling/halving search from sigma = 1 brackets sigma in [lo, 2 lo] with epsilon(lo) > target >= epsilon
+  (2 lo); Brent's method (scipy's brentq, what `dp_accounting.calibrate_dp_mechanism` runs, which needs a
+  DpEvent and none expresses the mixture with an absent client) then finds the crossing to within xtol =
+  0.025% of lo, and the result is moved up by xtol until it meets the target (as dp_accounting does). The
+  returned sigma meets the target and sigma (1 - 0.001) misses it. Raises ValueError when the target is met
+  even at sigma = 1/64 (a target so loose that accounting there is unreliable) or missed at sigma = 2^20.
   """
-  _check_accountant(accountant)
-  _check_common(delta, sample_rate, steps)
+  _check_common(schedule, delta, accountant)
   check_real("target_epsilon", target_epsilon, 0, lo_open=True, what="the privacy target",
              hint=" (the paper uses 1, 3, 6)")
 
-  def epsilon(sigma: float) -> float:
-    return epsilon_spent(sigma, delta, sample_rate, steps, accountant)
+  def gap(sigma: float) -> float:
+    return epsilon_spent(schedule, sigma, delta, accountant) - target_epsilon
 
-  if epsilon(1.0) > target_epsilon:
+  where = f"(delta={delta:g}, {schedule.describe()}, {accountant})"
+  if gap(1.0) > 0:
     lo, hi = 1.0, 2.0
-    while epsilon(hi) > target_epsilon:
+    while gap(hi) > 0:
       if hi >= _SIGMA_RANGE[1]:
         raise ValueError(
-            f"target_epsilon={target_epsilon!r} is not met even at noise multiplier {hi:g} "
-            f"(delta={delta}, q={sample_rate}, steps={steps}): raise the target or lower q or steps.")
+            f"target_epsilon={target_epsilon!r} is not met even at noise multiplier {hi:g} {where}: raise the "
+            "target or lower q, the local steps or the rounds.")
       lo, hi = hi, 2 * hi
   else:
     lo, hi = 0.5, 1.0
-    while epsilon(lo) <= target_epsilon:
+    while gap(lo) <= 0:
       if lo <= _SIGMA_RANGE[0]:
         raise ValueError(
-            f"target_epsilon={target_epsilon!r} is met even at noise multiplier {lo:g} "
-            f"(delta={delta}, q={sample_rate}, steps={steps}): this target gives almost no privacy; lower it.")
+            f"target_epsilon={target_epsilon!r} is met even at noise multiplier {lo:g} {where}: this target "
+            "gives almost no privacy; lower it.")
       lo, hi = lo / 2, lo
-  return float(dp_accounting.calibrate_dp_mechanism(
-      lambda: make_accountant(accountant),
-      lambda sigma: dp_event(sigma, sample_rate, steps),
-      target_epsilon,
-      delta,
-      dp_accounting.ExplicitBracketInterval(lo, hi),
-      tol=_CALIBRATION_RTOL * lo,
-  ))
+  # A quarter of the 0.1%: brentq's root is within xtol of the crossing, the step up adds at most xtol more,
+  # and half the budget is left for the accountants' own jitter in epsilon(sigma).
+  xtol = _CALIBRATION_RTOL / 4 * lo
+  sigma = min(optimize.brentq(gap, lo, hi, xtol=xtol), hi)
+  while gap(sigma) > 0:
+    sigma = min(sigma + xtol, hi)
+  return float(sigma)
 
 
-def dp_steps(
-    rounds: int, local_steps: int, clients_per_round: int, num_clients: int, participation: str = "worst_case") -> int:
-  """Number of DP steps a client's data go through over a run (design.md section 4).
-
-  "worst_case" (default, rigorous): every round may include the client, steps = rounds x local_steps.
-  "expected" (the official code's heuristic, NOT a guarantee: it under-states epsilon):
-  steps = ceil(rounds x local_steps x clients_per_round / num_clients), the expected participation.
-  """
-  for name, value in [("rounds", rounds), ("local_steps", local_steps), ("clients_per_round", clients_per_round),
-                      ("num_clients", num_clients)]:
-    check_int(name, value, 1)
-  if clients_per_round > num_clients:
-    raise ValueError(
-        f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}: sample at most "
-        f"{num_clients} clients per round.")
-  check_choice("participation", participation, PARTICIPATION, what="unknown participation model")
-  if participation == "worst_case":
-    return rounds * local_steps
-  return math.ceil(rounds * local_steps * clients_per_round / num_clients)
-
-
-def overflow_delta(overflow_prob: float, steps: int, epsilon: float) -> float:
-  """Extra delta for truncated Poisson batches: (1 + e^epsilon) x steps x overflow_prob.
+def overflow_delta(overflow_prob: float, schedule: DPSchedule, epsilon: float) -> float:
+  """Extra delta for truncated Poisson batches: (1 + e^epsilon) x m x overflow_prob.
 
   The fixed-capacity sampler (`fedask_jax.privacy.sampling`) equals Poisson sampling except when a step's batch
-  overflows; over `steps` steps that happens with probability eta <= steps x overflow_prob, which bounds the
-  total variation distance between the two mechanisms, and an (epsilon, delta)-DP mechanism within total
-  variation eta of another makes that one (epsilon, delta + (1 + e^epsilon) eta)-DP.
+  of the client overflows. Union bound over the R S local steps the client could take: step s of round t
+  overflows with the client's data only if the round includes the client and the batch overflows, two
+  independent draws (client sampling and batch sampling use separate keys), probability <= q_c overflow_prob
+  under "sampled" and "expected" (uniform client sampling), overflow_prob under "worst_case" (any selection).
+  So eta <= m overflow_prob, m = R S q_c or R S: a proven bound, not an expected count standing in for one. eta
+  bounds the total variation distance between the two mechanisms' outputs, and an (epsilon, delta)-DP
+  mechanism within total variation eta of another makes that one (epsilon, delta + (1 + e^epsilon) eta)-DP.
   """
+  _check_schedule(schedule)
   check_real("overflow_prob", overflow_prob, 0, 1, what="a probability")
-  check_int("steps", steps, 1, what="the number of DP steps")
   check_real("epsilon", epsilon, 0, what="epsilon")
-  return (1.0 + math.exp(epsilon)) * steps * overflow_prob
+  rate = 1.0 if schedule.participation == "worst_case" else schedule.participation_rate
+  return (1.0 + math.exp(epsilon)) * schedule.rounds * schedule.local_steps * rate * overflow_prob
+
+
+def calculate(
+    schedule: DPSchedule, delta: float, accountant: str = DEFAULT_ACCOUNTANT, *,
+    target_epsilon: float | None = None, noise_multiplier: float | None = None) -> dict[str, Any]:
+  """The privacy calculator (`fedask-jax privacy`): sigma for a target epsilon, or epsilon for a sigma.
+
+  Exactly one of `target_epsilon` and `noise_multiplier`. Returns {noise_multiplier, epsilon, delta,
+  participation, accountant, guarantee (False for "expected"), sample_rate, local_steps, rounds,
+  participation_rate} (and target_epsilon when given).
+  """
+  if (target_epsilon is None) == (noise_multiplier is None):
+    raise ValueError("give exactly one of target_epsilon (to find sigma) and noise_multiplier (to find epsilon).")
+  if target_epsilon is not None:
+    noise_multiplier = calibrate_noise(schedule, target_epsilon, delta, accountant)
+  epsilon = epsilon_spent(schedule, noise_multiplier, delta, accountant)
+  out = {"noise_multiplier": float(noise_multiplier), "epsilon": epsilon, "delta": delta,
+         "participation": schedule.participation, "accountant": accountant, "guarantee": schedule.guarantee,
+         **{k: v for k, v in dataclasses.asdict(schedule).items() if k != "participation"}}
+  if target_epsilon is not None:
+    out["target_epsilon"] = target_epsilon
+  return out

@@ -10,15 +10,17 @@ Overflow. When more than `capacity` examples are sampled (probability `overflow_
 at most the `overflow_prob` that `batch_capacity` was asked for), a uniformly random subset of `capacity` of them
 is kept: truncated Poisson sampling, `jax_privacy.batch_selection.CyclicPoissonSampling(truncated_batch_size=
 capacity)`. What it means for the guarantee: under the natural coupling (same Bernoulli draws) the truncated
-mechanism equals Poisson DP-SGD except on the overflow events; over T steps their union has probability
-eta <= T * overflow_prob, the total variation distance between the two mechanisms' outputs is <= eta, and so an
-(epsilon, delta) guarantee accounted for Poisson DP-SGD becomes (epsilon, delta + (1 + e^epsilon) eta) for the
-truncated one (`fedask_jax.privacy.accounting.overflow_delta`). Under add/remove neighbours take the
-overflow probability at n + 1 examples. So pick `overflow_prob` from the delta budget, not the other way round:
-a per-step 1e-6 over 8000 steps at epsilon 3 adds 0.17 to delta; 1e-12 keeps it below delta / 10 at
-delta 1e-5, for a few more slots (the binomial tail falls off fast: in the paper's setting, n = 1500 and
-q = 0.004, the capacity goes from 21 to 30). (`dp_accounting.TruncatedSubsampledGaussianDpEvent` accounts for
-truncation exactly, arXiv 2508.15089, but only with the PLD accountant; the bound above serves both.)
+mechanism equals Poisson DP-SGD except on the overflow events; over a run their union has probability
+eta <= m * overflow_prob (m: the steps that may use the client's data, R S, weighted by the probability q_c that
+a round includes the client under uniform client sampling), the total variation distance between the two
+mechanisms' outputs is <= eta, and so an (epsilon, delta) guarantee accounted for Poisson DP-SGD becomes
+(epsilon, delta + (1 + e^epsilon) eta) for the truncated one (`fedask_jax.privacy.accounting.overflow_delta`).
+Under add/remove neighbours take the overflow probability at n + 1 examples. So pick `overflow_prob` from the
+delta budget, not the other way round: a per-step 1e-6 over 8000 steps at epsilon 3 adds 0.17 to delta; 1e-12
+keeps it below delta / 10 at delta 1e-5, for a few more slots (the binomial tail falls off fast: in the paper's
+setting, n = 1500 and q = 0.004, the capacity goes from 21 to 30).
+(`dp_accounting.TruncatedSubsampledGaussianDpEvent` accounts for truncation exactly, arXiv 2508.15089, but only
+with the PLD accountant; the bound above serves both.)
 
 Why not `jax_privacy.batch_selection`: its samplers are host-side NumPy iterators that yield variable-length
 index arrays, which cannot run inside the compiled, vmapped round; the tests use its truncated Poisson

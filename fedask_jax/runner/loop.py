@@ -66,8 +66,7 @@ def _epsilon(experiment: Experiment, round_index: int) -> float | None:
   plan, c = experiment.privacy, experiment.config
   if plan is None:
     return None
-  steps = privacy.dp_steps(round_index, c.local_steps, c.clients_per_round, c.num_clients, c.privacy.participation)
-  return privacy.epsilon_spent(plan.noise_multiplier, plan.accountant_delta, plan.sample_rate, steps,
+  return privacy.epsilon_spent(plan.schedule.after(round_index), plan.noise_multiplier, plan.accountant_delta,
                                c.privacy.accountant)
 
 
@@ -75,13 +74,11 @@ def _checkpoint_state(server: ServerState, key: jax.Array, round_index: int) -> 
   return {"server": server, "run_key": key, "round": jnp.asarray(round_index, jnp.int32)}
 
 
-def _ledger(experiment: Experiment, round_index: int) -> dict[str, Any]:
+def _ledger(experiment: Experiment, round_index: int, epsilon: float | None) -> dict[str, Any]:
   plan = experiment.privacy
   ledger: dict[str, Any] = {"round": round_index, "private": plan is not None}
   if plan is not None:
-    ledger.update(dataclasses.asdict(plan), epsilon=_epsilon(experiment, round_index),
-                  accountant=experiment.config.privacy.accountant,
-                  participation=experiment.config.privacy.participation)
+    ledger.update(dataclasses.asdict(plan), epsilon=epsilon, accountant=experiment.config.privacy.accountant)
   return ledger
 
 
@@ -173,10 +170,11 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
         left_out = [c for c, ok in zip(record["clients"], record["client_valid"]) if not ok]
         warn(f"round {t}: clients {left_out} had a NaN or Inf update and were left out of the aggregate")
       if t in (last, config.rounds) or (config.checkpoint.every and t % config.checkpoint.every == 0):
-        checkpoints.save(t, _checkpoint_state(state, key, t), _ledger(experiment, t))
+        checkpoints.save(t, _checkpoint_state(state, key, t), _ledger(experiment, t, record["epsilon"]))
       postfix = {"loss": f"{record['train_loss']:.4f}"}
       if record["epsilon"] is not None:
-        postfix["eps"] = f"{record['epsilon']:.3f}"
+        heuristic = experiment.privacy.schedule.participation == "expected"
+        postfix["eps (expected: no guarantee)" if heuristic else "eps"] = f"{record['epsilon']:.3f}"
       if "eval_loss" in record:
         postfix["eval"] = f"{record['eval_loss']:.4f}"
       bar.set_postfix(postfix)

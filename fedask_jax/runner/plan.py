@@ -7,12 +7,14 @@ capacity) and builds the federated round.
 Privacy (design.md section 4). Client k samples each local step's batch by Poisson sampling with rate
 q_k = batch_size / n_k. One noise multiplier serves all clients, calibrated for the largest rate
 q = batch_size / min_k n_k: every client's data, the smallest client's included, is then
-(target_epsilon, delta)-DP, and larger clients spend less. The number of DP steps follows
-`privacy.participation` (`fedask_jax.privacy.dp_steps`). Batches have a fixed capacity: the largest over
-clients of `batch_capacity(n_k + 1, q_k, overflow_prob)` (n_k + 1: the add-one neighbour); the overflow's
-cost in delta, `overflow_delta(overflow_prob, steps, target_epsilon)`, is taken out of delta before
-calibration, so the total is delta. The `epsilon` of each metrics line is the smallest client's epsilon after
-that round's DP steps at that reduced delta.
+(target_epsilon, delta)-DP, and larger clients spend less. The schedule accounted is
+`privacy.DPSchedule.from_federation` (q, local_steps, rounds, q_c = clients_per_round / num_clients) under
+`privacy.participation`: by default "sampled" when clients_per_round < num_clients (`sample_clients` draws
+them uniformly with a fresh key each round, which that bound needs) and "worst_case" when all take part.
+Batches have a fixed capacity: the largest over clients of `batch_capacity(n_k + 1, q_k, overflow_prob)`
+(n_k + 1: the add-one neighbour); the overflow's cost in delta, `overflow_delta(overflow_prob, schedule,
+target_epsilon)`, is taken out of delta before calibration, so the total is delta. The `epsilon` of each metrics
+line is the smallest client's epsilon after that many rounds (`schedule.after(t)`) at that reduced delta.
 """
 
 from __future__ import annotations
@@ -45,14 +47,13 @@ ADAPTER_INIT_STREAM = 0
 class PrivacyPlan:
   """The DP parameters of a run (module docstring).
 
-  noise_multiplier: sigma; sample_rate: q = batch_size / min_k n_k; steps: DP steps over the whole run;
-  delta: the total delta; accountant_delta: delta minus overflow_delta, what epsilon is computed at;
+  noise_multiplier: sigma; schedule: what is accounted (q = batch_size / min_k n_k, the participation model
+  resolved); delta: the total delta; accountant_delta: delta minus overflow_delta, what epsilon is computed at;
   overflow_delta: the truncated-Poisson cost; capacity: slots per local step.
   """
 
   noise_multiplier: float
-  sample_rate: float
-  steps: int
+  schedule: privacy.DPSchedule
   delta: float
   accountant_delta: float
   overflow_delta: float
@@ -147,16 +148,16 @@ def plan_privacy(config: Config, sizes: np.ndarray) -> tuple[PrivacyPlan | None,
         f"batch_size={b} exceeds the smallest client's {smallest} examples, so its Poisson rate "
         "q = batch_size / n would exceed 1: lower batch_size or num_clients, or raise data.min_client_size.")
   capacity = min(largest, max(privacy.batch_capacity(int(n) + 1, b / int(n), p.overflow_prob) for n in set(sizes)))
-  steps = privacy.dp_steps(config.rounds, config.local_steps, config.clients_per_round, config.num_clients,
-                           p.participation)
-  overflow = privacy.overflow_delta(p.overflow_prob, steps, p.target_epsilon)
+  schedule = privacy.DPSchedule.from_federation(
+      sample_rate=b / smallest, local_steps=config.local_steps, rounds=config.rounds,
+      clients_per_round=config.clients_per_round, num_clients=config.num_clients, participation=p.participation)
+  overflow = privacy.overflow_delta(p.overflow_prob, schedule, p.target_epsilon)
   if overflow >= p.delta / 2:
     raise ConfigError(
-        f"privacy.overflow_prob={p.overflow_prob:g} costs delta {overflow:.3g} over {steps} steps, at least half "
-        f"of privacy.delta={p.delta:g}: lower overflow_prob (e.g. 1e-12).")
-  q = b / smallest
-  sigma = privacy.calibrate_noise(p.target_epsilon, p.delta - overflow, q, steps, p.accountant)
-  return PrivacyPlan(sigma, q, steps, p.delta, p.delta - overflow, overflow, capacity), capacity
+        f"privacy.overflow_prob={p.overflow_prob:g} costs delta {overflow:.3g} over {schedule.describe()}, at "
+        f"least half of privacy.delta={p.delta:g}: lower overflow_prob (e.g. 1e-12).")
+  sigma = privacy.calibrate_noise(schedule, p.target_epsilon, p.delta - overflow, p.accountant)
+  return PrivacyPlan(sigma, schedule, p.delta, p.delta - overflow, overflow, capacity), capacity
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -248,8 +249,8 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
   if plan is not None:
     notes.append(
         f"privacy: ({config.privacy.target_epsilon:g}, {config.privacy.delta:g})-DP, noise multiplier "
-        f"{plan.noise_multiplier:.4f} ({config.privacy.accountant}, {config.privacy.participation}, "
-        f"q = {plan.sample_rate:.4g}, {plan.steps} steps), {capacity} slots per step")
+        f"{plan.noise_multiplier:.4f} ({config.privacy.accountant}, {plan.schedule.describe()}), {capacity} slots "
+        "per step")
   client_data = jax.device_put(fdata.stack_clients(encoded, parts))
   return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, client_data, capacity, plan, round_fn,
                     notes)

@@ -76,8 +76,9 @@ def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str
     summary.update(
         epsilon=records[-1].get("epsilon") if records else None, target_epsilon=config.privacy.target_epsilon,
         delta=plan.delta, accountant_delta=plan.accountant_delta, overflow_delta=plan.overflow_delta,
-        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, dp_steps=plan.steps,
-        accountant=config.privacy.accountant, participation=config.privacy.participation,
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.schedule.sample_rate,
+        accountant=config.privacy.accountant, participation=plan.schedule.participation,
+        participation_rate=plan.schedule.participation_rate,
         mechanism=config.privacy.mechanism, clip_norm=config.privacy.clip_norm)
   return summary
 
@@ -91,11 +92,12 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         f"{summary['eval_loss_after']:.4f} (perplexity {summary['perplexity_after']:.2f}) after, on "
         f"{summary['eval_examples']} examples")
   if summary["private"]:
+    heuristic = " (expected participation: NOT a guarantee)" if summary["participation"] == "expected" else ""
     lines.append(
-        f"privacy: epsilon spent {summary['epsilon']:.3f} (target {summary['target_epsilon']:g}) at delta "
+        f"privacy: epsilon spent {summary['epsilon']:.3f}{heuristic} (target {summary['target_epsilon']:g}) at delta "
         f"{summary['delta']:g}; noise multiplier {summary['noise_multiplier']:.4f}, q {summary['sample_rate']:.4g}, "
-        f"{summary['dp_steps']} steps ({summary['accountant']}, {summary['participation']}, "
-        f"{summary['mechanism']})")
+        f"participation {summary['participation']} (q_c {summary['participation_rate']:.4g}), "
+        f"{summary['accountant']}, {summary['mechanism']}")
   else:
     lines.append("privacy: off (non-private run)")
   if summary["invalid_clients"] or summary["skipped_rounds"]:
