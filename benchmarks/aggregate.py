@@ -1,9 +1,9 @@
 """Server aggregation time and per-client traffic: FedASK's two-stage sketch against dense aggregation.
 
 FedASK (`fedask_jax.sketch.aggregate_layer`): stages 1-2 and reconstruction, never forming an m x n matrix
-(design.md 1.2-1.4). Dense baseline: every client's product lora_a_k @ lora_b_k (m x n, what a dense-update
-scheme sends) is formed and the K products are averaged. Both are jitted and timed side by side in one process
-(alternating runs, so machine load hits both alike): compile time (lower + compile) separately, then the
+(docs/design.md, sections 1.3 and 1.4). Dense baseline: every client's product lora_a_k @ lora_b_k (m x n, what a
+dense-update scheme sends) is formed and the K products are averaged. Both are jitted and timed side by side in one
+process (alternating runs, so machine load hits both alike): compile time (lower + compile) separately, then the
 median of `repeats` runs after one warm-up call, each ended by `block_until_ready`.
 
 The factors are in DP mode (one factor shared by all clients, as FedASK's frozen lora_a), so the aggregate

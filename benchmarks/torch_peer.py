@@ -5,7 +5,7 @@ Structure of the official PyTorch code: a Python loop over the K sampled clients
 global adapters into a peft model, builds a fresh AdamW wrapped in Opacus's `DPOptimizer`, and runs tau local
 steps on an Opacus `GradSampleModule` (per-sample gradients by backward hooks, "flat" clipping to C over all
 trained parameters, Gaussian noise of std sigma C on the clipped sum, division by the expected batch size);
-the server then aggregates the clients' factors with the two-stage sketch (design.md 1.2-1.4, here in
+the server then aggregates the clients' factors with the two-stage sketch (docs/design.md, sections 1.3 and 1.4, here in
 `torch.linalg`). Same mathematics as `FederatedRound` with `DPConfig(mechanism="b_space")` and the "fedask"
 strategy: lora_A (the paper's A) frozen at the global value, lora_B trained, per-example loss the mean
 next-token cross-entropy on the loss-mask tokens (`fedask_jax.objectives.causal_lm_loss`), AdamW lr 5e-4,

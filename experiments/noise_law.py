@@ -6,7 +6,7 @@
 Writes noise_law.md (tables and findings), noise_law.json (every number, the configs, the command, versions)
 and noise_law.png (log-log plot) into --out (default experiments/results); --quick writes noise_law_quick.*.
 
-Notation (design.md section 3): Flax layout, a = lora_a [in, r] (the paper's A^T), b = lora_b [r, out] (B^T),
+Notation (docs/design.md, section 1.1): Flax layout, a = lora_a [in, r] (the paper's A^T), b = lora_b [r, out] (B^T),
 scaling s = alpha / r; an adapted layer adds s x a b, so its product in W-space is s a b [in, out].
 
 What is measured. One federated round of the quickstart config (experiments/configs/quickstart.yaml: the
@@ -21,10 +21,10 @@ curves of one seed are smooth in sigma). Noise power P(sigma) = E ||dW_noise||_F
 over noise seeds j (round key fold_in(round key, j)); sigma goes to the compiled round as its traced
 `noise_multiplier=` argument, so each strategy compiles once.
 
-The law (design.md, Lemma 1), for SGD with learning rate eta over S local steps, K clients with weights w_k,
-noise N(0, sigma^2 C^2) on the clipped sum normalised by the expected batch B_e: each trained factor's
-aggregated noise has i.i.d. entries of variance V = eta^2 S sum_k w_k^2 C^2 sigma^2 / B_e^2, and with
-noise-free aggregated factors (a0, b0),
+The law (docs/design.md, section 1.2: Lemma 1), for SGD with learning rate eta over S local steps, K clients with
+weights w_k, noise N(0, sigma^2 C^2) on the clipped sum normalised by the expected batch B_e: each trained factor's
+aggregated noise has i.i.d. entries of variance V = eta^2 S sum_k w_k^2 C^2 sigma^2 / B_e^2, and with noise-free
+aggregated factors (a0, b0),
 
     (b), (c)  P = s^2 V sum_layers out ||a0||_F^2                                           (slope 2)
     (a)       P = s^2 V sum_layers (out ||a0||_F^2 + in ||b0||_F^2) + s^2 V^2 sum_layers in r out
@@ -108,7 +108,7 @@ MODES = {
     "full": Mode("full", (), {"sgd": 8, "adamw": 4}, {"sgd": SIGMAS, "adamw": SIGMAS}),
 }
 
-# The paper's setting (design.md section 1, "Paper settings"): dolly-15k (15,011 records) split over 10 clients,
+# The paper's setting (docs/design.md, section 1.7): dolly-15k (15,011 records) split over 10 clients,
 # 2 per round, 10 local steps of batch 6, 800 rounds, delta 1e-5; LoRA r = 16 on q_proj / v_proj of Llama-2-7B
 # (in = out = 4096) and -13B (5120); AdamW lr 5e-4.
 PAPER = dict(dataset_size=15011, num_clients=10, clients_per_round=2, local_steps=10, batch_size=6, rounds=800,

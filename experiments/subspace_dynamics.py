@@ -8,7 +8,7 @@ Writes subspace_dynamics.md (tables and findings), subspace_dynamics.json (every
 command, versions) and subspace_dynamics.png (angles, the change and the scale of A vs round) into --out (default
 experiments/results); --quick writes subspace_dynamics_quick.*.
 
-Notation (design.md section 3): the paper's A [r x n] (y = W x, W = W0 + s B A) is lora_a^T, with lora_a [in, r]
+Notation (docs/design.md, section 1.1): the paper's A [r x n] (y = W x, W = W0 + s B A) is lora_a^T, with lora_a [in, r]
 in Flax layout, so A's row space is the column space of lora_a. The principal angles theta_1 <= ... <= theta_r
 between col(lora_a at round t) and col(lora_a at round 0) are 0 when the subspace has not moved and pi/2 for a
 direction orthogonal to the whole initial subspace.
@@ -274,7 +274,8 @@ def markdown(report: dict[str, Any]) -> str:
       "**Setup.** The embedded base model and GSM8K with quickstart.yaml (4 clients, 2 per round, LoRA r = "
       f"{results[0]['rank']} on q_proj and v_proj, lr 1e-2, (3, 1e-5)-DP when private), {s['rounds']} rounds of "
       f"{s['local_steps']} local steps of batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens. The "
-      "paper's A [r x n] is lora_a^T (design.md section 3), so its row space is col(lora_a). Per round and layer: "
+      "paper's A [r x n] is lora_a^T (docs/design.md, section 1.1), so its row space is col(lora_a). Per round "
+      "and layer: "
       "the principal angles between col(lora_a^t) and col(lora_a^0) (float64; checked against "
       "scipy.linalg.subspace_angles in the test), their largest and their mean, ||A_t - A_0||_F / ||A_0||_F and "
       "||A_t||_F / ||A_0||_F; with DP, the fraction of per-example gradients clipped in the round. "
@@ -321,7 +322,7 @@ def markdown(report: dict[str, Any]) -> str:
       f"{dp_first:.3g} already after round 1, where the balanced factors replace PEFT's initial scale): each "
       "reconstruction (the paper's A^t = S_r^{1/2} V_r^T; in our layout lora_a = Q U_r S_r^{1/2}) rescales and "
       "rotates it inside row(A^{t-1}), because with A frozen locally sum_k w_k B_k A has its row space inside "
-      "row(A) (design.md, 'an observation of ours'). "
+      "row(A) (docs/design.md, section 1.5). "
       + ("So in DP mode FedASK updates A, but only within the random subspace it started from, the subspace that "
          "FFA-LoRA fixes; the paper's 'beyond fixed-matrix' claim holds for A's values, not for its subspace."
          if dp_still else "The paper's 'beyond fixed-matrix' claim holds here for the subspace too."),

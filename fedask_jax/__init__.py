@@ -2,7 +2,7 @@
 
 The core is FedASK (Differentially Private Federated Low Rank Adaptation Beyond Fixed-Matrix, NeurIPS 2025):
 clients train LoRA adapters with DP-SGD and a two-stage randomized-SVD sketch lets the server aggregate the
-adapters exactly and update both factors. See `design.md`-level docstrings in each module.
+adapters exactly and update both factors. The method: docs/design.md, section 1; how the modules fit: section 2.
 """
 
 import logging as _logging

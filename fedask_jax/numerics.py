@@ -1,4 +1,4 @@
-"""Numerics shared by the sketch, the privacy mechanisms and the strategies (design.md section 3).
+"""Numerics shared by the sketch, the privacy mechanisms and the strategies (docs/design.md, section 5.1).
 
 - Linear algebra runs in float32 or wider whatever the inputs' dtype (`compute_dtype`), and contractions use
   `Precision.HIGHEST` (`einsum`), so GPUs and TPUs do not drop to TF32 or bfloat16 passes.

@@ -1,12 +1,12 @@
 """FedASK's two-stage sketch: exact aggregation of low-rank adapters without forming an m x n matrix.
 
-Notation (design.md section 3; factor names: `fedask_jax.lora`). One layer's update is `lora_a @ lora_b`,
+Notation (docs/design.md, section 1.1; factor names: `fedask_jax.lora`). One layer's update is `lora_a @ lora_b`,
 lora_a [m, r], lora_b [r, n], with m = in and n = out. K clients hold factors (lora_a_k, lora_b_k) stacked on a
 leading axis [K, ...], with weights w_k, and the aggregate is `T = sum_k w_k lora_a_k lora_b_k`. The weights
 are used as given: pass normalised ones (sum 1) for the weighted mean, as the round does
 (`fedask_jax.numerics.normalise_weights`).
 
-One round (design.md 1.2-1.4; paper Algorithm 1 and Theorem 2, applied to the kernel-layout product
+One round (docs/design.md, sections 1.3 and 1.4; paper Algorithm 1 and Theorem 2, applied to the kernel-layout product
 lora_a @ lora_b: the algorithm and the theorem hold for any product of two factors), `w = r + p` the sketch width:
 
 1. stage 1: client k sends `Y_k = lora_a_k (lora_b_k Omega)` [m, w], Omega [n, w] Gaussian shared by seed;
@@ -196,8 +196,8 @@ def aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, 
   lora_a [K, m, r], lora_b [K, r, n], weights [K] (used as given: normalised for the weighted mean; all zero
   gives a zero result), omega [n, w] with rank <= w (w = r + p; columns beyond min(m, n) are ignored), rank a
   static Python int. Returns the balanced factors of the rank-`rank` truncation of `Q Q^T T` (stages 1-2 and
-  reconstruction, module docstring), which is exactly T when its rank is <= min(rank, w) (design.md 1.4, paper
-  Theorem 2). Cast to the factors' dtype.
+  reconstruction, module docstring), which is exactly T when its rank is <= min(rank, w) (docs/design.md,
+  section 1.4; paper Theorem 2). Cast to the factors' dtype.
   """
   _, m, _, n = _check_clients(lora_a, lora_b, weights)
   return _aggregate_layer(lora_a, lora_b, weights, _check_omega(omega, m, n, rank), rank)

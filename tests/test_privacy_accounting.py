@@ -144,7 +144,7 @@ def test_pld_is_below_rdp(q, sigma, q_c, local_steps, rounds):
 
 
 def test_design_example_expected_vs_worst_case():
-  """design.md section 4: sigma=1, q=0.01, 100 rounds, 10 local steps, 2 of 10 clients, delta 1e-5, RDP:
+  """docs/design.md, section 4.3: sigma=1, q=0.01, 100 rounds, 10 local steps, 2 of 10 clients, delta 1e-5, RDP:
   epsilon 1.34 with expected participation vs 2.10 in the worst case (figures given to 2 decimals); the
   rigorous sampled bound lies between."""
   make = lambda p: DPSchedule.from_federation(sample_rate=0.01, local_steps=10, rounds=100, clients_per_round=2,

@@ -172,7 +172,7 @@ def max_principal_angle(x, y):
 
 
 def test_fedask_dp_keeps_the_column_space_of_lora_a_and_fedask_alt_moves_it():
-  """design.md's observation: with lora_a frozen during local DP training, sum_k w_k lora_a lora_b_k lies in
+  """docs/design.md, section 1.5: with lora_a frozen during local DP training, sum_k w_k lora_a lora_b_k lies in
   col(lora_a), so FedASK's reconstructed lora_a spans the initial col(lora_a) forever (principal angles ~0);
   fedask-alt trains lora_a in even rounds and leaves it. Bounds: float32 QR/SVD turn the subspace by ~1e-6 rad
   per round (the singular values of lora_a are well separated here); fedask-alt's noisy Adam steps of size 0.05
@@ -366,7 +366,7 @@ def test_client_weights_are_normalised_client_sizes():
 
 def test_client_keys_do_not_depend_on_the_other_sampled_clients():
   """A client's key is fold_in(round_key, id): the same client with the same data trains the same whatever
-  else is sampled (design.md section 3)."""
+  else is sampled (docs/design.md, section 3.2)."""
   rnd = make_round("fedavg", B_SPACE)
   state = random_state(rnd)
   batches = make_batches(0, num_clients=2)

@@ -4,9 +4,10 @@ A checkpoint of round t holds two items: `state`, a pytree of arrays (the global
 state such as SCAFFOLD's control variates or FedSA-LoRA's per-client factors, the run key, the round), and
 `ledger`, a JSON dict (the privacy ledger: noise multiplier, sampling rate, accountant, steps and epsilon spent,
 plus whatever else the runner records). Typed PRNG keys are stored as their raw key data and re-wrapped on
-restore, so a run resumes with the very same keys (design.md section 3).
+restore, so a run resumes with the very same keys (docs/design.md, section 6.2).
 
 Layout: `<directory>/<round>/{state,ledger}`. Faults:
+
 - A killed save: orbax writes each step to `<round>.orbax-checkpoint-tmp` and renames it when complete, so an
   interrupted save leaves no step behind and `rounds` only sees whole checkpoints; the next save of that round
   replaces the leftover temporary directory.

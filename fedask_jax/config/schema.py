@@ -97,7 +97,7 @@ class SketchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyConfig:
-  """Example-level DP of every client's data (design.md section 4).
+  """Example-level DP of every client's data (docs/design.md, section 4).
 
   Attributes:
     enabled: DP-SGD on (Poisson sampling, clipping, noise) or off (uniform minibatches, no noise).

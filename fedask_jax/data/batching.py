@@ -1,11 +1,11 @@
-"""Fixed-shape client batches for the compiled federated round (design.md sections 3-4).
+"""Fixed-shape client batches for the compiled federated round (docs/design.md, sections 3.3 and 4.4).
 
 All clients' encoded examples stay on device as one padded array `ClientData` [C, M, L] (C clients, M the
 largest client's size, L the sequence length) with `client_sizes` [C]; rows >= client_sizes[c] are padding.
 `client_batches` then draws, inside `jit`, the examples each sampled client uses at each local step:
 
 - "poisson" (DP-SGD): at every local step each of client k's n_k examples joins independently with rate
-  q_k = batch_size / n_k (design.md section 4), through `fedask_jax.privacy.sampling.poisson_sample`; the
+  q_k = batch_size / n_k (docs/design.md, section 4.5), through `fedask_jax.privacy.sampling.poisson_sample`; the
   sampled examples fill a prefix of `capacity` slots and `example_mask` marks them (overflow handling and its
   cost in delta: that module's doc; `batch_capacity` chooses the capacity). A client with n_k < batch_size
   has q_k = 1 (every example at every step); DP accounting should use batch_size <= min_k n_k.
@@ -13,7 +13,7 @@ largest client's size, L the sequence length) with `client_sizes` [C]; rows >= c
   uniformly without replacement at each step, independently across steps (no epochs).
 
 Keys: client k's key is `fold_in(key, k)` with k its client id (not its position among the sampled), and
-step s's key is `fold_in(client_key, s)` (design.md section 3), so a client's batches do not depend on which
+step s's key is `fold_in(client_key, s)` (docs/design.md, section 3.1), so a client's batches do not depend on which
 other clients were sampled with it.
 """
 

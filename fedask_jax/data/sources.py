@@ -2,7 +2,7 @@
 
 A source returns the whole dataset as a list of records (one dict per example, column name -> value), in the
 order the source stores them. Lists rather than streams because every later step needs the dataset size:
-partitions deal indices, and the DP sampling rate is q = batch_size / n_client (design.md section 4).
+partitions deal indices, and the DP sampling rate is q = batch_size / n_client (docs/design.md, section 4.5).
 Dataset-specific helpers (GSM8K categories, Tiny Shakespeare speakers) live in `fedask_jax.data.corpora`.
 """
 

@@ -1,6 +1,6 @@
 """Differential privacy for federated LoRA: per-example clipping, the B-space and W-space DP-SGD mechanisms,
-Poisson sampling over fixed-capacity batches, and accounting through `dp_accounting` (design.md sections 1.1,
-1.5 and 4).
+Poisson sampling over fixed-capacity batches, and accounting through `dp_accounting` (docs/design.md,
+sections 1.3 and 4).
 
 Factor names (lora_a, lora_b) and the paper's notation: `fedask_jax.lora`.
 

@@ -1,4 +1,4 @@
-"""Privacy accounting of a federated run's schedule through `dp_accounting` (design.md section 4).
+"""Privacy accounting of a federated run's schedule through `dp_accounting` (docs/design.md, section 4.3).
 
 Guarantee: example-level (epsilon, delta)-DP of each client's local dataset under add/remove-one neighbours
 (`dp_accounting`'s default relation), against a server and clients that see every message, who took part in

@@ -1,4 +1,4 @@
-"""Per-example clipping by the global L2 norm (DP-SGD, Abadi et al. 2016; design.md section 1, step 1).
+"""Per-example clipping by the global L2 norm (DP-SGD, Abadi et al. 2016; docs/design.md, section 4.2).
 
 A per-example gradient `g_i` is a pytree whose leaves carry a leading example axis [E, ...]; its norm is the
 global L2 norm over all leaves, and clipping scales it by `c_i = min(1, C / ||g_i||)`, so every clipped

@@ -1,7 +1,7 @@
 """DP-SGD gradients for LoRA: the B-space mechanism (clip and noise the trained factor's gradient) and the
 W-space mechanism (clip and noise the gradient of the effective weight, then project by the frozen factor).
 
-Notation (design.md section 1.1; factor names: `fedask_jax.lora`). An adapted layer computes
+Notation (docs/design.md, section 1.1; factor names: `fedask_jax.lora`). An adapted layer computes
 `y = x @ (W0 + s lora_a lora_b)`, lora_a [in, r], lora_b [r, out], s = alpha / r. FedASK trains lora_b with
 lora_a frozen (`frozen_side="lora_a"`); fedask-alt also trains lora_a with lora_b frozen
 (`frozen_side="lora_b"`).
@@ -11,7 +11,7 @@ Both mechanisms release, for one local step with a Poisson-sampled batch S (a ma
 
     g = (sum_{i in S} clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q n),
 
-normalised by the expected batch size q n, not by |S|: dividing by the realised count would make the
+normalised by the expected batch size q n, not by `|S|`: dividing by the realised count would make the
 sensitivity data-dependent, which the Poisson accounting (`fedask_jax.privacy.accounting`) does not allow.
 The clipped sum has L2 sensitivity C under add/remove-one, so each step is the subsampled Gaussian mechanism
 with noise multiplier sigma.
@@ -195,7 +195,7 @@ def projected_noise(
   Gaussian, so R^T Z (Z R) with Z standard normal has exactly the law of the projection. QR rather than
   Cholesky of the r x r Gram lora_a^T lora_a: it does not square the condition number and it works when the
   Gram is singular (lora_b = 0 at PEFT's initialisation, a rank-deficient factor), where Cholesky returns NaN.
-  In float32 or wider (design.md section 3).
+  In float32 or wider (docs/design.md, section 5.2).
   """
   _check_side(frozen_side)
   rank = jnp.shape(frozen_factor)[1] if frozen_side == "lora_a" else jnp.shape(frozen_factor)[0]
@@ -243,7 +243,7 @@ def wspace_dp_gradient(
   (`projected_noise`, key `fold_in(key, index)` of the layer in sorted-name order). No per-example or noise
   matrix of size in x out is formed.
 
-  Protocol with the model (plain functions; `fedask_jax.lora.Linear.wspace_probe` provides it under
+  Protocol with the model (plain functions; a `fedask_jax.lora.Linear` with `wspace_probe` on provides it under
   `nnx.capture(model, nnx.Intermediate, init=perturbations)`):
 
     per_example_fn(params, perturbations, example) -> (loss, inputs)
@@ -251,11 +251,11 @@ def wspace_dp_gradient(
   - params: {layer name: trained factor} (frozen_side "lora_a": lora_b [r, out]; "lora_b": lora_a [in, r]); the
     function puts them into the model. Every trained parameter must belong to a layer in `frozen`.
   - example: one example (the leaves of `batch` without the leading [capacity] axis).
-  - perturbations: {layer name: [*T, out] zeros} added to each adapter's output `s (h lora_a) lora_b` (T: the example's
-    token axes, e.g. [seq] or [1, seq]); so d loss / d perturbations[name] = G = dl/dy [*T, out]. The
+  - perturbations: {layer name: `[*T, out]` zeros} added to each adapter's output `s (h lora_a) lora_b` (T: the
+    example's token axes, e.g. [seq] or [1, seq]); so d loss / d perturbations[name] = G = dl/dy `[*T, out]`. The
     mechanism calls the function once with perturbations=None under `jax.eval_shape`, to learn the token
     shape: with None it must run without perturbing.
-  - inputs: {layer name: h [*T, in]}, the input of the adapter (after LoRA dropout, if any): dl/dW = h^T G.
+  - inputs: {layer name: h `[*T, in]`}, the input of the adapter (after LoRA dropout, if any): dl/dW = h^T G.
   - loss: scalar loss of the example.
 
   Args:

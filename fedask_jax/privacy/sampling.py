@@ -1,10 +1,10 @@
-"""Poisson sampling of a client's examples as a mask over a fixed-capacity batch (design.md sections 3-4).
+"""Poisson sampling of a client's examples as a mask over a fixed-capacity batch (docs/design.md, sections 3.3 and 4.4).
 
-DP-SGD's amplification by sampling (the accounting in `fedask_jax.privacy.accounting`) assumes Poisson
-sampling: each of the client's n examples joins a step's batch independently with probability q (design.md:
-q = batch_size / n, so the expected batch size q n = batch_size). The realised batch size is Binomial(n, q),
-but a compiled round needs static shapes, so a step holds `capacity` slots: the sampled examples fill a prefix
-of the slots and a bool mask marks them.
+DP-SGD's amplification by sampling (the accounting in `fedask_jax.privacy.accounting`) assumes Poisson sampling:
+each of the client's n examples joins a step's batch independently with probability q (docs/design.md, section 4.5:
+q = batch_size / n, so the expected batch size q n = batch_size). The realised batch size is Binomial(n, q), but a
+compiled round needs static shapes, so a step holds `capacity` slots: the sampled examples fill a prefix of the
+slots and a bool mask marks them.
 
 Overflow. When more than `capacity` examples are sampled (probability `overflow_probability(n, q, capacity)`,
 at most the `overflow_prob` that `batch_capacity` was asked for), a uniformly random subset of `capacity` of them

@@ -1,4 +1,4 @@
-"""The runner: from a `Config` to a finished run directory (design.md section 2, layer 4).
+"""The runner: from a `Config` to a finished run directory (docs/design.md, section 2.2).
 
     experiment = prepare(load_config("experiments/configs/quickstart.yaml"))   # loads, validates, plans
     summary = train(experiment)                                                 # the round loop

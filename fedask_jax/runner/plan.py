@@ -4,7 +4,7 @@
 model, tokenizer and data, partitions the clients, plans the privacy (noise multiplier, sampling rate, batch
 capacity) and builds the federated round.
 
-Privacy (design.md section 4). Client k samples each local step's batch by Poisson sampling with rate
+Privacy (docs/design.md, section 4.5). Client k samples each local step's batch by Poisson sampling with rate
 q_k = batch_size / n_k. One noise multiplier serves all clients, calibrated for the largest rate
 q = batch_size / min_k n_k: every client's data, the smallest client's included, is then
 (target_epsilon, delta)-DP, and larger clients spend less. The schedule accounted is

@@ -1,5 +1,5 @@
 """One compiled federated round: sampled clients' local (DP-)training, mapped over clients, and the strategy's
-server step, all under one `jax.jit` (design.md section 2, layer 3).
+server step, all under one `jax.jit` (docs/design.md, section 3).
 
 K clients are sampled per round out of N, each runs S = local_steps steps on batches of `capacity` slots of L
 tokens (`fedask_jax.adapters` for the adapters' pytree). Round t (1-based) of `FederatedRound` composes three
@@ -18,7 +18,7 @@ pure functions:
    `client_valid`, `invalid_clients`, `skipped`, and the strategy's own (FedASK: the exactness certificate
    `reconstruction_error`).
 
-Keys (design.md section 3): client k's key is `fold_in(round_key, client_id)` (its steps' keys: `client.py`).
+Keys (docs/design.md, section 3.1): client k's key is `fold_in(round_key, client_id)` (its steps' keys: `client.py`).
 The server's key (FedASK's Omega) is `server_key(round_key)` = `fold_in(round_key, SERVER_STREAM)`, client
 sampling uses `fold_in(round_key, SAMPLING_STREAM)`, and the batches should be drawn with `data_key(round_key)`
 (= `fold_in(round_key, DATA_STREAM)`): reusing the round key for `fedask_jax.data.client_batches` would make the

@@ -38,7 +38,7 @@ MECHANISMS = ("b_space", "w_space")
 
 @dataclasses.dataclass(frozen=True)
 class DPConfig:
-  """DP-SGD of the local steps (`fedask_jax.privacy`; privacy semantics: design.md section 4).
+  """DP-SGD of the local steps (`fedask_jax.privacy`; privacy semantics: docs/design.md, section 4).
 
   Attributes:
     clip_norm: C > 0, per-example L2 clipping norm (the paper: 1.0).

@@ -1,4 +1,4 @@
-"""FedASK (NeurIPS 2025, arXiv 2507.09990; design.md section 1): local training of one factor under DP, and
+"""FedASK (NeurIPS 2025, arXiv 2507.09990; docs/design.md, section 1.3): local training of one factor under DP, and
 exact aggregation of the clients' products by the two-stage randomized-SVD sketch (`fedask_jax.sketch`).
 
 Round t: under DP, clients train lora_b only with lora_a frozen at the global value; without DP they train

@@ -1,4 +1,4 @@
-"""fedask-alt (ours, design.md section 1): FedASK whose frozen factor alternates between rounds.
+"""fedask-alt (ours, docs/design.md, section 1.5): FedASK whose frozen factor alternates between rounds.
 
 Odd rounds t = 1, 3, ... train lora_b with lora_a frozen; even rounds train lora_a with lora_b frozen; with or
 without DP. Round 1 must train lora_b: PEFT initialises lora_b = 0, so the gradient of lora_a vanishes until

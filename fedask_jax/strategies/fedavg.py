@@ -2,7 +2,7 @@
 separately with the client weights, `lora_a = sum_k w_k lora_a_k`, `lora_b = sum_k w_k lora_b_k`.
 
 This is the aggregation that FedASK corrects: `mean(lora_a_k) mean(lora_b_k) != mean(lora_a_k lora_b_k)`
-(design.md section 1).
+(docs/design.md, section 1.2).
 """
 
 from __future__ import annotations

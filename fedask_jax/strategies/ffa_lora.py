@@ -2,7 +2,7 @@
 lora_b only and the server averages it, `lora_b = sum_k w_k lora_b_k`.
 
 With a shared frozen lora_a, `sum_k w_k lora_a lora_b_k = lora_a (sum_k w_k lora_b_k)`, so averaging lora_b is
-exact, and under DP the noise enters linearly (no quadratic term, design.md section 1); the price is that the
+exact, and under DP the noise enters linearly (no quadratic term, docs/design.md, section 1.2); the price is that the
 update never leaves the column space of the initial lora_a.
 """
 
