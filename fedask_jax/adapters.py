@@ -19,6 +19,7 @@ from fedask_jax._checks import check_choice
 Array = jax.Array
 
 Trained = Literal["lora_a", "lora_b", "both"]
+"""Which factor(s) a client trains in a round; the other stays frozen."""
 TRAINED: tuple[str, ...] = ("lora_a", "lora_b", "both")
 
 
@@ -30,6 +31,7 @@ class LoRAFactors(NamedTuple):
 
 
 Adapters = dict[str, LoRAFactors]
+"""{dotted module path: LoRAFactors} for every adapted layer (module docstring)."""
 
 
 def check_trained(trained: str) -> None:

@@ -5,6 +5,7 @@ An override is `key=value`, `key` a dotted path (`privacy.delta`), `value` parse
 collection (`lora.target_modules=[q_proj,v_proj]`, `eval.max_examples=null`).
 
 Building checks keys and types (item 1 of `fedask_jax.config.validation`'s rules; the ranges come after):
+
 - Unknown keys are errors, with a did-you-mean (difflib) from the section's keys; so are unknown `strategy_args`
   (from the strategy's signature).
 - Types follow the dataclass annotations (for `strategy_args`, the strategy's annotations). An int is accepted

@@ -3,13 +3,17 @@
 Every violation raises `ConfigError`, a ValueError whose message names the key, the value, the rule and the fix;
 `fedask-jax` prints it as one line `error: ...` and exits with code 2. It happens in two places, both before the
 federated round is built:
+
 1. `load_config` / `from_dict`, on the config alone (nothing loaded yet):
+
    - Keys and types (`fedask_jax.config.parsing`): unknown keys are errors, with a did-you-mean; values have
      the annotated types. `data.template_fields` keys are checked against the template's fields (`validate`).
    - Ranges and cross-field rules (`validate`): every numeric key has a range (e.g. 0 < privacy.delta < 1,
      0 <= seed < 2^32), and keys that depend on each other agree (clients_per_round <= num_clients,
      optimizer.warmup_steps < local_steps, data.eval_path only with data.source "jsonl", ...).
+
 2. `fedask_jax.runner.prepare`, against what the config names:
+
    - the run directory (`runner.check_run_dir`): one that holds another config is refused, naming the keys
      that differ (a run is resumed only with the config it started with: sigma depends on every round);
    - the model (`check_model`): lora.rank <= min(in, out) of every targeted layer, data.max_seq_len within a
@@ -21,6 +25,7 @@ federated round is built:
    - the batch size against the clients (below) and the privacy plan (`runner.plan_privacy`).
 
 Batch-size policy (against the partition's client sizes n_k):
+
 - With DP, batch_size is the expected Poisson batch, and q_k = batch_size / n_k must be a probability for every
   client: batch_size <= min_k n_k, or an error suggests lowering batch_size or num_clients or raising
   data.min_client_size.

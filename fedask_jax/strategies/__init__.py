@@ -23,6 +23,7 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedprox": fedprox.fedprox,
     "scaffold": scaffold.scaffold,
 }
+"""The strategies by name: `STRATEGIES[name](**hyper_parameters)` builds one (module docstring)."""
 
 
 def get_strategy(name: str, **hyper_parameters: Any) -> Strategy:

@@ -17,7 +17,7 @@ clients whose update is valid):
    mu (theta - theta_global). It depends on the client's data only through already-privatised quantities,
    so under DP it is post-processing and is neither clipped nor noised.
 4. `server_update(state, global_adapters, results, weights, client_ids, key) -> (adapters, state, metrics)`:
-   the server's step from the K clients' `ClientResult`s (stacked on a leading [K] axis), with normalised
+   the server's step from the K clients' results (`ClientResult`, stacked on a leading [K] axis), with normalised
    weights [K] (sum 1, or all zero when no client is valid).
 
 `init(adapters, num_clients) -> state` builds the strategy's server state; per-client state (FedSA-LoRA's
@@ -41,9 +41,10 @@ Array = jax.Array
 class ClientResult(NamedTuple):
   """What one client's local training hands to the server (a leading [K] axis after the round's vmap).
 
-  adapters: the client's final adapters, both factors (the frozen one equal to its start).
-  mean_gradient: trained subset (frozen factor None); the mean over local steps of the gradient the client
-    computed, privatised under DP, before the strategy's `gradient_correction` was added.
+  Attributes:
+    adapters: the client's final adapters, both factors (the frozen one equal to its start).
+    mean_gradient: trained subset (frozen factor None); the mean over local steps of the gradient the client
+      computed, privatised under DP, before the strategy's `gradient_correction` was added.
   """
 
   adapters: Adapters
