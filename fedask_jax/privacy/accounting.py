@@ -4,58 +4,33 @@ Guarantee: example-level (epsilon, delta)-DP of each client's local dataset unde
 (`dp_accounting`'s default relation), against a server and clients that see every message, who took part in
 each round included; the sketches and aggregates are post-processing (paper Theorem 1).
 
-The mechanism, for one example x of one client (D holds x, D' does not, or the other way round):
-- a local step is the Poisson-subsampled Gaussian mechanism: rate q, noise std sigma C on a sum of gradients
-  clipped to C (noise multiplier sigma);
-- a round in which the client takes part is S such steps, each starting from the previous one's output;
-- the client takes part in a round with probability q_c = K / N (K of N clients drawn uniformly), R rounds.
-A run's schedule is one value, `DPSchedule(q, S, R, q_c, participation)`; `epsilon_spent` and `calibrate_noise`
-work on it with either accountant, "rdp" (Renyi DP) or "pld" (privacy loss distributions; the default).
+The mechanism, for one example of one client: a local step is the Poisson-subsampled Gaussian mechanism (rate q,
+noise std sigma C on a sum of gradients clipped to C: noise multiplier sigma); a round in which the client takes
+part is S such steps, each starting from the previous one's output; a round includes the client with probability
+q_c = K / N (K of N clients drawn uniformly), R rounds. A run's schedule is one value, `DPSchedule(q, S, R, q_c,
+participation)`; `epsilon_spent` and `calibrate_noise` work on it with either accountant, "rdp" (Renyi DP) or
+"pld" (privacy loss distributions; the default).
 
 Participation models:
-- "sampled" (rigorous and tight): the client is in each round with probability q_c, independently; below.
+
+- "sampled" (rigorous and tight): each round includes the client with probability q_c, independently. A round is
+  then the mixture of the S steps M (with probability q_c) and an outcome that does not depend on the example,
+  so, exactly, with D_S(alpha) the S steps' Renyi divergence (bounded by S times a step's) and PLD_S their
+  privacy loss distribution::
+
+      eps_round(alpha) = log(q_c exp((alpha - 1) D_S(alpha)) + 1 - q_c) / (alpha - 1)
+      PLD_round = (1 - q_c) delta_0 + q_c PLD_S
+
+  and R rounds compose adaptively. It needs client sampling that is uniform, independent of the data and of the
+  earlier rounds, with a fresh key each round (`fedask_jax.simulation.sample_clients` with the round's key); the
+  derivation and these conditions: docs/design.md, section 4.3.
 - "worst_case" (rigorous for any client selection, even adversarial): every round may include the client,
   R x S steps. Equal to "sampled" with q_c = 1 (the same computation).
 - "expected" (the official code's heuristic, NOT a guarantee): ceil(R x S x q_c) steps, as if the client took
   part in exactly its expected number of rounds. It takes part in more rounds with substantial probability
   (Binomial(R, q_c) exceeds its mean about half of the time), so this under-states epsilon.
 
-Why "sampled" holds. Fix the releases Y_<t of the earlier rounds. Round t releases (I_t, Z_t, W_t): I_t = 1 when
-the client takes part (everyone sees it), Z_t its message (a fixed symbol * when I_t = 0), W_t everything else
-(other clients' messages, computed from Y_<t, their own data and fresh noise). When client sampling is uniform,
-independent of the data and of the earlier rounds (a fresh key per round: `simulation.sample_clients(
-fold_in(run_key, t))`), I_t ~ Bernoulli(q_c) under D and D' alike, and W_t's law given (Y_<t, I_t) does not
-depend on x, so W_t is post-processing with independent randomness and the round's divergence is that of
-P_t = law of (I_t, Z_t) under D against Q_t under D':
-    P_t(0, *) = Q_t(0, *) = 1 - q_c,    P_t(1, z) = q_c M_D(z),    Q_t(1, z) = q_c M_D'(z),
-with M the S local steps. The two outcomes are disjoint and observed, and the "absent" part is the same under D
-and D': the adversary's knowledge of who took part is exactly the coordinate I_t of the release, accounted for.
-- RDP: sum over outcomes of P^alpha Q^(1-alpha) = (1 - q_c) + q_c exp((alpha - 1) D_alpha(M_D || M_D')), so
-      eps_round(alpha) = log(q_c exp((alpha - 1) D_S(alpha)) + 1 - q_c) / (alpha - 1)
-  exactly, with D_S(alpha) = D_alpha(M_D || M_D'). The right side increases with D_S, so any bound on D_S gives a
-  bound: D_S(alpha) <= S eps_step(alpha) by adaptive RDP composition (Mironov 2017, Prop. 1), with eps_step
-  `dp_accounting`'s RDP of the Poisson-subsampled Gaussian, which bounds both orders of D and D' (Mironov,
-  Talwar, Zhang 2019, section 3). The bound holds whatever Y_<t is, so R rounds compose adaptively to
-  R eps_round(alpha); `dp_accounting`'s RDP -> (epsilon, delta) conversion (Canonne, Kamath, Steinke 2020,
-  Prop. 12) gives epsilon. Computed in log space (logaddexp): (alpha - 1) D_S reaches 1e5 at alpha = 1024.
-- PLD: the privacy loss log(P_t / Q_t) is 0 at (0, *) and M's loss at (1, z), so under P_t it is 0 with
-  probability 1 - q_c and the S-step loss otherwise (its mass at +infinity scaled by q_c too): the round's PLD
-  is (1 - q_c) delta_0 + q_c PLD_S, in each direction (remove: D = D' + x; add: D' = D + x). The hockey-stick
-  divergence of the round, q_c H_e^eps(M_D || M_D') + (1 - q_c) (1 - e^eps)_+, is increasing and affine in M's,
-  so a pair dominating M (Zhu, Dong, Wang 2022) mixed with the same null outcome dominates the round, and R
-  rounds compose adaptively by their Theorem 10: the R-fold convolution. Pessimism survives the mixing:
-  `dp_accounting`'s pessimistic (connect-the-dots) PMF of a step is the PLD of a pair that dominates the step
-  (Doroshenko et al. 2022), its S-fold convolution (with the truncated right tail moved to +infinity) that of a
-  pair dominating the S steps, and mixing it with a point mass at the grid point 0 is exactly the PLD of that
-  pair mixed with the null outcome: a valid PLD that dominates the round, with no new rounding.
-What the client sampling must be for this: uniform (every client's inclusion probability is q_c; with unequal
-probabilities use the largest), independent of the data (else I_t's law differs between D and D' and the null
-parts no longer cancel) and of earlier rounds (else, given the history, the inclusion probability is not q_c:
-round-robin or without-replacement-across-rounds schedules make it 0 or 1), with a fresh key every round. Any
-other selection needs "worst_case". A single round is (eps_S, q_c delta_S)-DP: observed participation shrinks
-delta, not epsilon; over many rounds the composition turns that into a smaller epsilon than the worst case.
-
-PLD discretisation: 1e-3 (`PLD_DISCRETIZATION`); measured in tests/test_privacy_accounting.py against 1e-4.
+PLD losses are rounded pessimistically to multiples of `PLD_DISCRETIZATION` (1e-3).
 """
 
 from __future__ import annotations
