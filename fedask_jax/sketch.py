@@ -12,10 +12,31 @@ lora_a @ lora_b: the algorithm and the theorem hold for any product of two facto
 1. stage 1: client k sends `Y_k = lora_a_k (lora_b_k Omega)` [m, w], Omega [n, w] Gaussian shared by seed;
    server `Y = sum_k w_k Y_k`, `Q = orth(Y)` [m, w] (thin QR).
 2. stage 2: client k sends `P_k = lora_b_k^T (lora_a_k^T Q)` [n, w]; server `P = sum_k w_k P_k`.
-3. reconstruction: `P^T = U S V^T`, `lora_a = Q U_r S_r^{1/2}`, `lora_b = S_r^{1/2} V_r^T`: the balanced factors
-   of the rank-r truncation of `Q Q^T T`. When the sketch covers the range of T (its rank <= w, e.g. any p >= 0
-   when one factor is shared by all clients), `Q Q^T` is the identity on it and the result is the
-   Eckart-Young best rank-r approximation of T, which is T itself when its rank is <= r.
+3. reconstruction: `P^T = U S V^T` and the rank-r truncation `(Q U_r) S_r V_r^T` of `Q Q^T T`, split into two
+   factors by a gauge (below); the paper's is the balanced split `lora_a = Q U_r S_r^{1/2}`,
+   `lora_b = S_r^{1/2} V_r^T`. When the sketch covers the range of T (its rank <= w, e.g. any p >= 0 when one
+   factor is shared by all clients), `Q Q^T` is the identity on it and the result is the Eckart-Young best
+   rank-r approximation of T, which is T itself when its rank is <= r.
+
+Gauge (`split_factors`, `GAUGES`). Any invertible G [r, r] gives the same product, (lora_a G, G^{-1} lora_b), so
+the aggregate, Theorem 2 and the exactness certificate do not depend on how the truncation is split; the next
+round's local training does. A client's gradient of the trained factor is proportional to the frozen one
+(dL/dlora_b = (x lora_a)^T dL/dy), so the frozen factor's scale acts on the product's step like a learning rate
+(AdamW's step of the trained factor has a size set by lr alone). Under DP it also sets the signal-to-noise ratio:
+the clip norm C and the noise sigma C are fixed in absolute terms, so a frozen factor that shrinks shrinks the
+per-example gradients, fewer of them reach C, and the same noise meets less signal. Without DP there is no clip
+and no noise, and the gauge only moves the effective step size. The balanced split sets the frozen factor's
+scale from the aggregate, ||lora_a||_F^2 = sum_i S_i: small after round 1 (lora_b starts at 0), growing later
+(experiments/README.md section 3 measures both). The other gauges hold the scale of the factor that the next
+round freezes (`fixed`) at a given Frobenius norm `scale` (the strategies pass the norm of the factor frozen in
+the round just finished, so it stays at the initial adapter's norm), and give the aggregate's scale to the
+trained factor:
+
+- "balanced": lora_a = Q U_r S_r^{1/2}, lora_b = S_r^{1/2} V_r^T (paper Algorithm 1, the official code).
+- "orthonormal": the fixed factor is (scale / sqrt(r)) Q U_r (or (scale / sqrt(r)) V_r^T for lora_b): orthonormal
+  columns (rows), all of one norm, like the near-orthogonal random initial lora_a; the other takes S_r.
+- "norm": the balanced factors with the fixed one rescaled to Frobenius norm `scale` and the other by the
+  inverse: the balanced shape (column i of lora_a proportional to S_i^{1/2}), the scale held.
 
 Precision (`fedask_jax.numerics`): all linear algebra (products, QR, SVD) runs in float32 or wider whatever the
 factors' dtype, with `Precision.HIGHEST`. The stage functions return that compute dtype (the messages feed QR
@@ -34,11 +55,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedask_jax._checks import check_int, check_ndim
+from fedask_jax._checks import check_choice, check_int, check_ndim, check_real
 from fedask_jax.adapters import Adapters, LoRAFactors
 from fedask_jax.numerics import compute_dtype, einsum
 
 Array = jax.Array
+
+#: The reconstruction's gauges (`split_factors`; module docstring, "Gauge"); "balanced" is the paper's.
+GAUGES = ("balanced", "orthonormal", "norm")
+#: The factors whose scale a gauge other than balanced may hold (`split_factors`'s `fixed`).
+FIXED = ("lora_a", "lora_b")
 
 
 def _check_rank(rank: Any, width: int, m: int, n: int, where: str = "") -> None:
@@ -164,14 +190,72 @@ def stage2_project(lora_a: Array, lora_b: Array, q: Array) -> Array:
   return einsum("rn,rw->nw", lora_b.astype(dtype), einsum("mr,mw->rw", lora_a.astype(dtype), q.astype(dtype)))
 
 
-def reconstruct(p: Array, q: Array, rank: int) -> tuple[Array, Array]:
-  """Balanced rank-`rank` factors from the stage-2 sum: (lora_a [m, rank], lora_b [rank, n]).
+def _check_gauge(gauge: Any, fixed: Any, scale: Any) -> None:
+  check_choice("gauge", gauge, GAUGES, what="the split of the reconstruction into factors")
+  check_choice("fixed", fixed, FIXED, what="the factor whose scale the gauge holds")
+  if gauge != "balanced":
+    if scale is None:
+      raise ValueError(f"gauge={gauge!r} needs scale, the Frobenius norm to hold the {fixed} factor at (e.g. the "
+                       "norm of the factor frozen in the round just finished).")
+    check_real("scale", scale, 0, lo_open=True, what="the fixed factor's Frobenius norm", traced_ok=True)
 
-  p [n, w] = sum_k w_k P_k, q [m, w] the stage-1 basis. With P^T = U S V^T (thin SVD): lora_a = Q U_r S_r^{1/2},
-  lora_b = S_r^{1/2} V_r^T, so lora_a @ lora_b is the rank-r truncation of Q P^T and
+
+def split_factors(left: Array, s: Array, right: Array, gauge: str = "balanced", scale: Array | float | None = None,
+                  fixed: str = "lora_a") -> tuple[Array, Array]:
+  """The rank-r matrix `left diag(s) right` as LoRA factors in the chosen gauge: (lora_a [m, r], lora_b [r, n]).
+
+  left [m, r] with orthonormal columns, s [r] >= 0, right [r, n] with orthonormal rows (a thin SVD's factors,
+  e.g. Q U_r, S_r, V_r^T of the reconstruction). The product lora_a @ lora_b is `left diag(s) right` for every
+  gauge, up to float32 round-off; the gauge only chooses how its scale is shared (module docstring, "Gauge"):
+  "balanced" (S^{1/2} on each side; `scale` and `fixed` unused), "orthonormal" or "norm" (the `fixed` factor,
+  "lora_a" or "lora_b", has Frobenius norm `scale`, a scalar > 0, traced or not). Degenerate inputs stay exact:
+  with s = 0 "norm" gives the orthonormal fixed factor (the balanced shape is 0 / 0), and a traced scale of 0
+  gives the balanced factors. Computed in float32 or wider.
+  """
+  check_ndim("left", left, 2, "[m, r]")
+  check_ndim("s", s, 1, "[r]")
+  check_ndim("right", right, 2, "[r, n]")
+  if jnp.shape(left)[1] != jnp.shape(s)[0] or jnp.shape(right)[0] != jnp.shape(s)[0]:
+    raise ValueError(f"left {jnp.shape(left)}, s {jnp.shape(s)} and right {jnp.shape(right)} do not chain: "
+                     "expected [m, r], [r] and [r, n].")
+  _check_gauge(gauge, fixed, scale)
+  return _split_factors(left, s, right, gauge, scale, fixed)
+
+
+def _split_factors(left: Array, s: Array, right: Array, gauge: str, scale: Array | float | None,
+                   fixed: str) -> tuple[Array, Array]:
+  dtype = compute_dtype(left, s, right)
+  left, s, right = left.astype(dtype), s.astype(dtype), right.astype(dtype)
+  # Column weights of lora_a and row weights of lora_b with w_a * w_b = s, so the product is left diag(s) right.
+  root = jnp.sqrt(s)
+  if gauge == "balanced":
+    w_fixed, w_other = root, root
+  else:
+    scale = jnp.asarray(scale, dtype)
+    positive = scale > 0
+    scale = jnp.where(positive, scale, 1)
+    column = scale / jnp.sqrt(jnp.asarray(jnp.shape(s)[0], dtype))  # norm of each orthonormal column times c
+    w_fixed, w_other = jnp.full_like(s, column), s / column
+    if gauge == "norm":
+      total = jnp.sqrt(jnp.sum(s))
+      safe = jnp.where(total > 0, total, 1)
+      w_fixed = jnp.where(total > 0, root * (scale / safe), w_fixed)
+      w_other = jnp.where(total > 0, root * (safe / scale), w_other)
+    w_fixed, w_other = jnp.where(positive, w_fixed, root), jnp.where(positive, w_other, root)
+  w_a, w_b = (w_fixed, w_other) if fixed == "lora_a" else (w_other, w_fixed)
+  return left * w_a[None, :], w_b[:, None] * right
+
+
+def reconstruct(p: Array, q: Array, rank: int, gauge: str = "balanced", scale: Array | float | None = None,
+                fixed: str = "lora_a") -> tuple[Array, Array]:
+  """Rank-`rank` factors from the stage-2 sum: (lora_a [m, rank], lora_b [rank, n]).
+
+  p [n, w] = sum_k w_k P_k, q [m, w] the stage-1 basis. With P^T = U S V^T (thin SVD), lora_a @ lora_b is the
+  rank-r truncation Q U_r S_r V_r^T of Q P^T, split by `split_factors(Q U_r, S_r, V_r^T, gauge, scale, fixed)`;
+  the default, balanced, gives lora_a = Q U_r S_r^{1/2}, lora_b = S_r^{1/2} V_r^T with
   lora_a^T lora_a = lora_b lora_b^T = diag(S_r) (paper Algorithm 1, server step). Exactly zero singular values
-  (a zero or low-rank aggregate) give zero columns, never NaN; round-off-level ones give columns of size
-  ~sqrt(eps ||P||). `rank` is static, 1 <= rank <= min(w, n). Returns the compute dtype (float32 or wider).
+  (a zero or low-rank aggregate) give zero columns (balanced), never NaN; round-off-level ones give columns of
+  size ~sqrt(eps ||P||). `rank` is static, 1 <= rank <= min(w, n). Returns the compute dtype (float32 or wider).
   """
   check_ndim("p", p, 2, "[n, w]")
   check_ndim("q", q, 2, "[m, w]")
@@ -179,31 +263,37 @@ def reconstruct(p: Array, q: Array, rank: int) -> tuple[Array, Array]:
   if w != wq:
     raise ValueError(f"p {(n, w)} and q {(m, wq)} have different sketch widths: expected p [n, w] and q [m, w].")
   _check_rank(rank, w, m, n)
-  return _reconstruct(p, q, rank)
+  _check_gauge(gauge, fixed, scale)
+  return _split_factors(*_decompose(p, q, rank), gauge, scale, fixed)
 
 
-def _reconstruct(p: Array, q: Array, rank: int) -> tuple[Array, Array]:
+def _decompose(p: Array, q: Array, rank: int) -> tuple[Array, Array, Array]:
+  """The rank-`rank` truncation of Q P^T as (Q U_r [m, r], S_r [r], V_r^T [r, n])."""
   dtype = compute_dtype(p, q)
   # P = V S U^T is the same SVD; LAPACK's gesdd is several times faster on the tall P [n, w] than on P^T.
   v, s, ut = jnp.linalg.svd(p.astype(dtype), full_matrices=False)
-  root = jnp.sqrt(s[:rank])
-  return einsum("mw,rw->mr", q.astype(dtype), ut[:rank] * root[:, None]), root[:, None] * v[:, :rank].T
+  return einsum("mw,rw->mr", q.astype(dtype), ut[:rank]), s[:rank], v[:, :rank].T
 
 
-def aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, rank: int) -> tuple[Array, Array]:
+def aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, rank: int, gauge: str = "balanced",
+                    scale: Array | float | None = None, fixed: str = "lora_a") -> tuple[Array, Array]:
   """FedASK's server aggregation of one layer's K client factors: (lora_a [m, rank], lora_b [rank, n]).
 
   lora_a [K, m, r], lora_b [K, r, n], weights [K] (used as given: normalised for the weighted mean; all zero
   gives a zero result), omega [n, w] with rank <= w (w = r + p; columns beyond min(m, n) are ignored), rank a
-  static Python int. Returns the balanced factors of the rank-`rank` truncation of `Q Q^T T` (stages 1-2 and
+  static Python int. Returns the factors of the rank-`rank` truncation of `Q Q^T T` (stages 1-2 and
   reconstruction, module docstring), which is exactly T when its rank is <= min(rank, w) (docs/design.md,
-  section 1.4; paper Theorem 2). Cast to the factors' dtype.
+  section 1.4; paper Theorem 2), split by `gauge` (`split_factors`; default balanced, the paper's). Cast to the
+  factors' dtype.
   """
   _, m, _, n = _check_clients(lora_a, lora_b, weights)
-  return _aggregate_layer(lora_a, lora_b, weights, _check_omega(omega, m, n, rank), rank)
+  omega = _check_omega(omega, m, n, rank)
+  _check_gauge(gauge, fixed, scale)
+  return _aggregate_layer(lora_a, lora_b, weights, omega, rank, gauge, scale, fixed)
 
 
-def _aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, rank: int) -> tuple[Array, Array]:
+def _aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, rank: int, gauge: str,
+                     scale: Array | float | None, fixed: str) -> tuple[Array, Array]:
   """`aggregate_layer` on checked arguments, omega already clipped to min(m, n) columns."""
   out_dtype = jnp.result_type(lora_a, lora_b)
   dtype = compute_dtype(lora_a, lora_b, omega)
@@ -213,7 +303,8 @@ def _aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array,
   sketched = einsum("k,krn,nw->krw", w, lora_b, omega.astype(dtype))
   q = _orthonormal_basis(einsum("kmr,krw->mw", lora_a, sketched))
   projected = einsum("k,kmr,mw->krw", w, lora_a, q)
-  new_a, new_b = _reconstruct(einsum("krn,krw->nw", lora_b, projected), q, rank)
+  truncation = _decompose(einsum("krn,krw->nw", lora_b, projected), q, rank)
+  new_a, new_b = _split_factors(*truncation, gauge, scale, fixed)
   return new_a.astype(out_dtype), new_b.astype(out_dtype)
 
 
@@ -276,25 +367,35 @@ def _check_adapters(adapters: Adapters, weights: Any, label: str) -> None:
     _check_clients(factors.lora_a, factors.lora_b, weights, where=f"{label}[{name!r}]: ")
 
 
-def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Array], rank: int) -> Adapters:
+def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Array], rank: int,
+                       gauge: str = "balanced", scales: dict[str, Array] | None = None,
+                       fixed: str = "lora_a") -> Adapters:
   """`aggregate_layer` on every layer: {name: LoRAFactors(lora_a [m, rank], lora_b [rank, n])}.
 
   adapters: the clients' {name: LoRAFactors(lora_a [K, m, r], lora_b [K, r, n])}; weights [K] (as in
-  `aggregate_layer`); omegas {name: [n, w]} (e.g. from `make_omegas`), one per layer; rank static. Every layer
-  is checked here, once; layers of equal shapes are aggregated by one `lax.map` (see `_map_layers`).
+  `aggregate_layer`); omegas {name: [n, w]} (e.g. from `make_omegas`), one per layer; rank static; gauge and
+  fixed as in `split_factors`, with scales {name: scalar} the per-layer `scale` (gauges other than balanced).
+  Every layer is checked here, once; layers of equal shapes are aggregated by one `lax.map` (see `_map_layers`).
   """
   if set(omegas) != set(adapters):
     raise ValueError(
         f"omegas has layers {sorted(omegas)} but adapters has {sorted(adapters)}: give one omega per adapted "
         f"layer (make_omegas(key, adapters, width) does).")
+  if gauge != "balanced" and (scales is None or set(scales) != set(adapters)):
+    raise ValueError(
+        f"gauge={gauge!r} needs scales with one entry per layer {sorted(adapters)}; got "
+        f"{None if scales is None else sorted(scales)}.")
   _check_adapters(adapters, weights, "adapters")
   layers = {}
   for name, factors in adapters.items():
     m, n = jnp.shape(factors.lora_a)[1], jnp.shape(factors.lora_b)[2]
     omega = _check_omega(omegas[name], m, n, rank, name=f"omegas[{name!r}]", where=f"layer {name!r}: ")
-    layers[name] = (factors.lora_a, factors.lora_b, omega)
+    scale = jnp.ones(()) if gauge == "balanced" else scales[name]
+    _check_gauge(gauge, fixed, scale)
+    layers[name] = (factors.lora_a, factors.lora_b, omega, jnp.asarray(scale, jnp.float32))
   weights = jnp.asarray(weights)
-  merged = _map_layers(lambda a, b, omega: _aggregate_layer(a, b, weights, omega, rank), layers)
+  merged = _map_layers(
+      lambda a, b, omega, scale: _aggregate_layer(a, b, weights, omega, rank, gauge, scale, fixed), layers)
   return {name: LoRAFactors(*merged[name]) for name in adapters}
 
 

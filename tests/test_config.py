@@ -118,6 +118,7 @@ def test_range_errors(overrides, match):
     (["data.template=plain"], r"data.template_fields: template 'plain' got fields"),
     (["strategy=fedprox", "strategy_args={m: 0.1}"], r"strategy_args.m: .*Did you mean 'mu'\?"),
     (["strategy_args={oversample: 4}"], r"set it as sketch.oversample"),
+    (["strategy_args={gauge: norm}"], r"set it as sketch.gauge"),
 ])
 def test_cross_field_rules(overrides, match):
   with pytest.raises(ConfigError, match=match):

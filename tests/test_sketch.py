@@ -278,6 +278,90 @@ def test_dp_mode_exact_for_any_oversampling(shared, p):
   assert float(_certificate(lora_a, lora_b, weights, new_a, new_b)) < tol
 
 
+GAUGE_CASES = [Case(18, 13, 4, 5, 2, "lora_a", 50), Case(13, 18, 3, 4, 0, "lora_b", 51),
+               Case(24, 16, 1, 3, 1, "lora_a", 52)]
+_gauged = jax.jit(sketch.aggregate_layer, static_argnames=("rank", "gauge", "fixed"))
+
+
+@pytest.mark.parametrize("case", GAUGE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("gauge", sketch.GAUGES)
+@pytest.mark.parametrize("fixed", sketch.FIXED)
+def test_every_gauge_is_exact_in_dp_mode(case, gauge, fixed):
+  """One factor shared (DP mode): every gauge's product is the aggregate to float32 round-off (the certificate
+  and the dense float64 mean agree, within the tolerance of the balanced split), and the fixed factor has the
+  shape the gauge promises (module docstring): orthonormal columns (rows) of norm scale / sqrt(r) for
+  "orthonormal"; Frobenius norm `scale` and a Gram matrix proportional to diag(S_r) for "norm"."""
+  lora_a, lora_b, weights, omega = case.arrays()
+  ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
+  scale = 0.37  # far from the aggregate's own scale, so a gauge that ignored it would fail the norm checks
+  new_a, new_b = _gauged(lora_a, lora_b, weights, omega, case.r, gauge, scale, fixed)
+  tol = _tolerance(ref, case.r)
+  assert _rel_error(new_a, new_b, ref.dense) < tol
+  assert float(_certificate(lora_a, lora_b, weights, new_a, new_b)) < tol
+  if gauge == "balanced":
+    _check_against_reference(case, new_a, new_b)
+    return
+  held = np.asarray(new_a if fixed == "lora_a" else np.asarray(new_b).T, np.float64)  # [m or n, r]
+  gram = held.T @ held
+  np.testing.assert_allclose(np.linalg.norm(held), scale, rtol=10 * EPS32 * case.r)
+  s = ref.s[:case.r]
+  expected = np.eye(case.r) / case.r if gauge == "orthonormal" else np.diag(s / s.sum())
+  np.testing.assert_allclose(gram / scale**2, expected, atol=tol)
+
+
+@pytest.mark.parametrize("gauge", sketch.GAUGES)
+def test_gauge_changes_the_split_not_the_product(gauge):
+  """split_factors on the same SVD factors: lora_a @ lora_b = left diag(s) right for every gauge, and each
+  gauge is a diagonal G between the factors: lora_a = left diag(g), lora_b = diag(s / g) right."""
+  rng = np.random.default_rng(60)
+  left = np.linalg.qr(rng.standard_normal((9, 3)))[0].astype(np.float32)
+  right = np.linalg.qr(rng.standard_normal((7, 3)))[0].T.astype(np.float32)
+  s = np.array([4.0, 1.0, 0.01], np.float32)
+  a, b = sketch.split_factors(left, s, right, gauge, scale=2.0)
+  product = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  np.testing.assert_allclose(product, (left * s) @ right, atol=10 * EPS32 * s.max())
+  g = np.linalg.norm(np.asarray(a), axis=0)
+  np.testing.assert_allclose(np.asarray(a), left * g, atol=10 * EPS32 * g.max())
+  np.testing.assert_allclose(np.asarray(b), (s / g)[:, None] * right, rtol=1e-5, atol=10 * EPS32 * s.max() / g.min())
+
+
+@pytest.mark.parametrize("gauge", sketch.GAUGES)
+def test_degenerate_splits_stay_finite_and_exact(gauge):
+  """A zero aggregate (s = 0) and a traced zero scale (a zero reference factor) never give NaN: "norm" then
+  holds the fixed factor orthonormal (the balanced shape would be 0 / 0), and a zero scale falls back to the
+  balanced split, so the product is still left diag(s) right."""
+  rng = np.random.default_rng(61)
+  left = np.linalg.qr(rng.standard_normal((8, 2)))[0].astype(np.float32)
+  right = np.linalg.qr(rng.standard_normal((5, 2)))[0].T.astype(np.float32)
+  split = jax.jit(sketch.split_factors, static_argnames=("gauge", "fixed"))
+  a, b = split(left, np.zeros(2, np.float32), right, gauge, 1.5)
+  assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+  np.testing.assert_array_equal(np.asarray(a) @ np.asarray(b), 0.0)
+  if gauge != "balanced":
+    np.testing.assert_allclose(np.asarray(a).T @ np.asarray(a), 1.5**2 / 2 * np.eye(2), atol=1e-6)
+  s = np.array([2.0, 0.5], np.float32)
+  a, b = split(left, s, right, gauge, jnp.float32(0.0))
+  balanced = sketch.split_factors(left, s, right)
+  np.testing.assert_allclose(a, balanced[0], rtol=1e-6)
+  np.testing.assert_allclose(b, balanced[1], rtol=1e-6)
+
+
+def test_aggregate_adapters_holds_each_layer_at_its_scale():
+  """Per-layer scales reach their layer (layers of equal shapes share one lax.map)."""
+  case = Case(12, 10, 2, 3, 1, "lora_a", 62)
+  lora_a, lora_b, weights, omega = case.arrays()
+  adapters = {"x": LoRAFactors(lora_a, lora_b), "y": LoRAFactors(lora_a, 2 * lora_b)}
+  new = sketch.aggregate_adapters(adapters, weights, {"x": omega, "y": omega}, case.r, "orthonormal",
+                                  {"x": 0.5, "y": 3.0})
+  for name, scale in (("x", 0.5), ("y", 3.0)):
+    np.testing.assert_allclose(np.linalg.norm(new[name].lora_a), scale, rtol=1e-5)
+    assert _rel_error(*new[name], wmean_product(*adapters[name], weights)) < 1e-5
+
+
+def wmean_product(lora_a, lora_b, weights):
+  return np.einsum("k,kmr,krn->mn", weights.astype(np.float64), lora_a.astype(np.float64), lora_b.astype(np.float64))
+
+
 def test_vmap_over_problems():
   case = Case(14, 9, 3, 4, 2, "none", 30)
   problems = [Case(**{**dataclasses.asdict(case), "seed": case.seed + i}).arrays() for i in range(3)]
@@ -392,6 +476,13 @@ def test_traced_rank_is_rejected():
     (lambda: sketch.make_omega(jax.random.key(0), 6, 0), r"width=0"),
     (lambda: sketch.make_omegas(jax.random.key(0), {}, 0), r"width=0"),
     (lambda: sketch.reconstruction_error(*_problem()[:3], np.ones((7, 2)), np.ones((2, 6))), r"do not match"),
+    (lambda: sketch.reconstruct(np.ones((6, 4)), np.ones((8, 4)), 2, "balnced"), r"gauge='balnced'.*choose one of"),
+    (lambda: sketch.reconstruct(np.ones((6, 4)), np.ones((8, 4)), 2, "norm"), r"gauge='norm' needs scale"),
+    (lambda: sketch.reconstruct(np.ones((6, 4)), np.ones((8, 4)), 2, "norm", 0.0), r"scale=0.0: .*must be a finite"),
+    (lambda: sketch.reconstruct(np.ones((6, 4)), np.ones((8, 4)), 2, "norm", 1.0, "a"), r"fixed='a'"),
+    (lambda: sketch.split_factors(np.ones((6, 2)), np.ones(3), np.ones((2, 5))), r"do not chain"),
+    (lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {"q": np.ones((6, 4))}, 2,
+                                       "orthonormal"), r"needs scales with one entry per layer"),
     (lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {}, 2), r"one omega per"),
     (lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {"q": np.ones((6, 1))}, 2),
      r"layer 'q': rank=2 exceeds the sketch width"),

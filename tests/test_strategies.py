@@ -182,6 +182,39 @@ class AggregationTest(parameterized.TestCase):
     np.testing.assert_allclose(metrics["reconstruction_error"], max(errors), rtol=1e-3)
 
 
+@pytest.mark.parametrize("gauge", ["orthonormal", "norm"])
+@pytest.mark.parametrize("name,trained,fixed", [
+    ("fedask", "lora_b", "lora_a"), ("fedask", "both", "lora_a"),
+    ("fedask-alt", "lora_b", "lora_b"), ("fedask-alt", "lora_a", "lora_a")])
+def test_gauges_hold_the_next_frozen_factor_at_the_frozen_factors_scale(gauge, name, trained, fixed):
+  """The server reads the trained factor from the clients' mean gradients (None for the frozen one); the factor
+  the next round freezes (FedASK: lora_a; fedask-alt: the one trained now) gets the Frobenius norm of the global
+  factor frozen this round (lora_a when both were trained), so that norm is carried from round to round. The
+  product is the exact aggregate as with the balanced split (one factor shared), or the same truncation."""
+  shared = {"lora_b": "lora_a", "lora_a": "lora_b", "both": None}[trained]
+  global_adapters, results, weights, ids = problem(shared=shared)
+  results = results._replace(mean_gradient=select(results.mean_gradient, trained))
+  frozen = shared or "lora_a"
+  key = jax.random.key(0)
+  new, _, metrics = jax.jit(strategies.get_strategy(name, gauge=gauge).server_update)(
+      (), global_adapters, results, weights, ids, key)
+  paper, _, _ = strategies.get_strategy(name).server_update((), global_adapters, results, weights, ids, key)
+  for n in new:
+    np.testing.assert_allclose(np.linalg.norm(getattr(new[n], fixed)),
+                               np.linalg.norm(getattr(global_adapters[n], frozen)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(new[n].lora_a, np.float64) @ np.asarray(new[n].lora_b, np.float64),
+                               np.asarray(paper[n].lora_a, np.float64) @ np.asarray(paper[n].lora_b, np.float64),
+                               **SKETCH)
+  if shared is not None:
+    assert float(metrics["reconstruction_error"]) < 1e-5
+
+
+def test_unknown_gauge_fails_with_the_choices():
+  for name in ("fedask", "fedask-alt"):
+    with pytest.raises(ValueError, match=r"gauge='paper'.*choose one of \('balanced', 'orthonormal', 'norm'\)"):
+      strategies.get_strategy(name, gauge="paper")
+
+
 def test_certificate_can_be_switched_off():
   global_adapters, results, weights, ids = problem(shared="lora_a")
   _, _, metrics = strategies.get_strategy("fedask", certify=False).server_update(

@@ -27,7 +27,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from fedask_jax.config.schema import Config, ConfigError
+from fedask_jax.config.schema import SKETCH_KEYS, Config, ConfigError
 from fedask_jax.strategies import STRATEGIES
 
 
@@ -148,7 +148,7 @@ def strategy_args(config: Config) -> dict[str, Any]:
   params = list(inspect.signature(STRATEGIES[name]).parameters)
   args = {}
   for key, value in config.strategy_args.items():
-    if key in ("oversample", "certify"):
+    if key in SKETCH_KEYS:
       raise ConfigError(f"strategy_args.{key}: set it as sketch.{key} instead.")
     if key not in params:
       raise ConfigError(f"strategy_args.{key}: strategy {name!r} takes no such hyper-parameter."

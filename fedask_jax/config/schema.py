@@ -89,10 +89,17 @@ class LoRASection:
 
 @dataclasses.dataclass(frozen=True)
 class SketchConfig:
-  """FedASK's sketch: width r + oversample; certify reports the aggregation error each round."""
+  """FedASK's sketch (fedask, fedask-alt): width r + oversample; certify reports the aggregation error each round;
+  gauge splits the reconstruction into factors (`fedask_jax.sketch.split_factors`: "balanced", the paper's, or
+  "orthonormal" / "norm", which hold the frozen factor at its initial scale)."""
 
   oversample: int = 2
   certify: bool = True
+  gauge: Literal["balanced", "orthonormal", "norm"] = "balanced"  # fedask_jax.sketch.GAUGES
+
+
+# The sketch section's keys, passed to the strategies that take them (fedask, fedask-alt).
+SKETCH_KEYS = ("oversample", "certify", "gauge")
 
 
 @dataclasses.dataclass(frozen=True)

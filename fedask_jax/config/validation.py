@@ -43,7 +43,7 @@ from typing import Any, Literal, Mapping, Sequence
 from flax import nnx
 
 from fedask_jax.config.parsing import strategy_args, suggest
-from fedask_jax.config.schema import Config, ConfigError
+from fedask_jax.config.schema import SKETCH_KEYS, Config, ConfigError, SketchConfig
 from fedask_jax.data.encoding import EncodedDataset
 from fedask_jax.data.templates import get_template
 from fedask_jax.lora import Linear, LoRAConfig, path_name
@@ -100,7 +100,11 @@ def _check_strategy(config: Config) -> None:
   fedprox's mu >= 0) fail here, before anything is loaded."""
   args = strategy_args(config)
   params = inspect.signature(STRATEGIES[config.strategy]).parameters
-  sketch = {k: getattr(config.sketch, k) for k in ("oversample", "certify") if k in params}
+  sketch = {k: getattr(config.sketch, k) for k in SKETCH_KEYS if k in params}
+  default = SketchConfig().gauge
+  if config.sketch.gauge != default and "gauge" not in params:
+    raise ConfigError(f"sketch.gauge={config.sketch.gauge!r} is read by the sketch strategies (fedask, fedask-alt) "
+                      f"only; strategy={config.strategy!r}: remove it (or set it to {default!r}).")
   try:
     STRATEGIES[config.strategy](**args, **sketch)
   except ValueError as error:

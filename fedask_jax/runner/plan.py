@@ -33,6 +33,7 @@ from flax import nnx
 from fedask_jax import data as fdata
 from fedask_jax import privacy
 from fedask_jax.config import Config, ConfigError, check_encoded, check_model, check_records, lora_config
+from fedask_jax.config.schema import SKETCH_KEYS
 from fedask_jax.lora import inject_lora
 from fedask_jax.models import load_pretrained, load_tokenizer
 from fedask_jax.runner.rundir import check_run_dir
@@ -175,10 +176,10 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 
 
 def make_strategy(config: Config) -> Strategy:
-  """The configured strategy; the sketch's oversample/certify go to those strategies that take them."""
+  """The configured strategy; the sketch section's keys go to those strategies that take them."""
   params = inspect.signature(STRATEGIES[config.strategy]).parameters
   kwargs = dict(config.strategy_args)
-  for key in ("oversample", "certify"):
+  for key in SKETCH_KEYS:
     if key in params:
       kwargs[key] = getattr(config.sketch, key)
   return get_strategy(config.strategy, **kwargs)
