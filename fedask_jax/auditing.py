@@ -28,6 +28,15 @@ Ceiling: with n evaluation runs per side even perfectly separated scores certify
 log(((alpha/2)^(1/n) - delta) / (1 - (alpha/2)^(1/n))) ~ log(n / log(2 / alpha)) (`max_certifiable_epsilon`):
 a broken mechanism (epsilon = infinity) is reported at this ceiling, which grows with log N.
 
+The sampled mechanism (`audit_dp_gradient` with `sampling`). Over R rounds the canary's client is drawn
+K of N by the runner's sampler (q_c = K / N per round, independently) and, when drawn, runs its S local steps
+from the last released factor and releases the result; the adversary sees every release and who took part, as
+the `sampled` accounting assumes (`fedask_jax.privacy.accounting`). The score is the transcript's Gaussian log
+likelihood ratio. The claim audited is the `sampled` epsilon at the q_c the accountant is told
+(`privacy.epsilon_spent(privacy.DPSchedule(q, S, R, q_c), sigma, delta)`): the real mechanism must stay below
+it, and a mechanism whose accountant is told a smaller q_c than K / N claims too little, which the audit shows
+when the gap is wide enough for its runs.
+
 The canary (`linear_canary_problem`) is a gradient canary (Nasr et al. 2023): a tiny LoRA-adapted
 `fedask_jax.lora.Linear`, y = x @ (W0 + s lora_a lora_b) with lora_a [in, r] frozen and lora_b [r, out]
 trained, whose frozen lora_a reserves its last column for an input coordinate that only the canary uses; with a
@@ -64,6 +73,8 @@ SPACES = ("b_space", "w_space")
 # Stream constants for fold_in: the in and out runs, and each step's Poisson sampling and noise.
 _OUT_STREAM, _IN_STREAM = 0, 1
 _SAMPLING_STREAM, _NOISE_STREAM = 0, 1
+# The canary's client id in `sampled_client_release` (any id is drawn with probability K / N).
+CANARY_CLIENT = 0
 
 
 def _check_confidence(confidence: Any) -> float:
@@ -204,6 +215,81 @@ def client_release(
   return theta
 
 
+class ClientSampling(NamedTuple):
+  """R rounds that each draw K of N clients: sample_clients(round_key, N, K) -> [K] int32 ids.
+
+  Pass the runner's `fedask_jax.simulation.sample_clients` to audit what runs (uniform without replacement from
+  a fresh key each round: a given client takes part with probability q_c = K / N, independently across rounds).
+  The sampler is an argument, not an import, because `auditing` sits beside the simulation in the package's
+  layers (docs/design.md, section 2.1).
+  """
+
+  rounds: int
+  clients_per_round: int
+  num_clients: int
+  sample_clients: Callable[[Array, int, int], Array]
+
+
+def _check_sampling(sampling: Any) -> None:
+  if not isinstance(sampling, ClientSampling):
+    raise TypeError(f"sampling={sampling!r}: expected a ClientSampling(rounds, clients_per_round, num_clients, "
+                    "sample_clients).")
+  if not callable(sampling.sample_clients):
+    raise TypeError(f"sampling.sample_clients={sampling.sample_clients!r}: expected the client sampler, e.g. "
+                    "fedask_jax.simulation.sample_clients.")
+  check_int("sampling.rounds", sampling.rounds, 1, what="the number of rounds R")
+  check_int("sampling.num_clients", sampling.num_clients, 1, what="the number of clients N")
+  check_int("sampling.clients_per_round", sampling.clients_per_round, 1, what="the clients drawn per round K")
+  if sampling.clients_per_round > sampling.num_clients:
+    raise ValueError(f"sampling.clients_per_round={sampling.clients_per_round} exceeds sampling.num_clients="
+                     f"{sampling.num_clients}: draw at most {sampling.num_clients} clients per round.")
+
+
+def sampled_client_release(
+    mechanism: Mechanism,
+    params: Any,
+    data: Any,
+    num_examples: int,
+    key: Array,
+    sampling: ClientSampling,
+    *,
+    steps: int,
+    sample_rate: float,
+    learning_rate: float = 1.0,
+) -> tuple[Any, Array]:
+  """The canary client's releases over R rounds of uniform client sampling (jit- and vmap-safe).
+
+  Round t (key k_t = fold_in(key, t)) draws K of N clients with `sampling.sample_clients(k_t, N, K)` (the
+  runner's sampler: `simulation.sample_clients`); the canary's client is id `CANARY_CLIENT` = 0, so it takes
+  part with probability q_c = K / N, independently across rounds. When it does, it runs `client_release` (S = `steps`
+  local DP-SGD steps, key fold_in(k_t, 0) as the runner keys client 0) from the current factor and releases
+  the result, which becomes the next round's starting point; when it does not, nothing of it is released and
+  the factor stays. Everyone sees who took part (the `sampled` participation model of
+  `fedask_jax.privacy.accounting`). The other clients' messages are computed without the canary's data from
+  what was released, so they are post-processing and left out: the audit sees the canary client's messages
+  alone, the strongest position.
+
+  Args:
+    sampling: R, K and N. Other arguments as in `client_release`.
+
+  Returns:
+    (theta_R like `params`, the number of rounds the client took part in, an int32 scalar).
+  """
+  _check_schedule(steps, sample_rate)
+  _check_sampling(sampling)
+
+  def one_round(theta, t):
+    round_key = jax.random.fold_in(key, t)
+    drawn = sampling.sample_clients(round_key, sampling.num_clients, sampling.clients_per_round)
+    present = jnp.any(drawn == CANARY_CLIENT)
+    released = client_release(mechanism, theta, data, num_examples, jax.random.fold_in(round_key, CANARY_CLIENT),
+                              steps=steps, sample_rate=sample_rate, learning_rate=learning_rate)
+    return jax.tree.map(lambda new, old: jnp.where(present, new, old), released, theta), present
+
+  theta, present = jax.lax.scan(one_round, params, jnp.arange(sampling.rounds))
+  return theta, jnp.sum(present, dtype=jnp.int32)
+
+
 def canary_scores(
     mechanism: Mechanism,
     params: Any,
@@ -216,8 +302,24 @@ def canary_scores(
     sample_rate: float,
     learning_rate: float = 1.0,
     chunk_size: int = 8192,
+    sampling: ClientSampling | None = None,
+    canary_step: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Scores s = <theta_T - theta_0, u> of N runs with the canary and N without (`client_release`).
+  """Scores of N runs with the canary and N without: one client update, or R rounds of client sampling.
+
+  `sampling` None: each run is `client_release` and its score s = <theta_T - theta_0, u>.
+
+  `sampling` given: each run is `sampled_client_release`; the adversary sees every released factor and who took
+  part. With m = `canary_step` (the canary's movement along u in a step that samples it: lr C / (q n), times s in
+  W-space), a round the client takes part in moves the factor along u by N(S q m, S sigma'^2) with the canary
+  (q = 1) and N(0, S sigma'^2) without, sigma' = sigma m, and a round it misses releases nothing. The log
+  likelihood ratio of the whole transcript is then proportional to
+
+      s = <theta_R - theta_0, u> - k S q m / 2,    k = the rounds it took part in,
+
+  the Neyman-Pearson score (absent rounds sit at ratio 1; a present round is a Gaussian shift judged from its
+  midpoint). Any score gives a valid bound; this one is the most powerful at q = 1 (at q < 1 it is the
+  midpoint of the means, still valid).
 
   `data` has n + 1 rows, the canary last: "in" runs sample from all n + 1 rows, "out" runs from the first n
   (add/remove neighbours; the normaliser q n inside `mechanism` is the same for both). Run i of side c uses
@@ -226,7 +328,10 @@ def canary_scores(
 
   Args:
     direction: u, a pytree like `params` (the canary's update direction; need not be unit norm).
-    num_runs: N per side. Other arguments as in `client_release`.
+    num_runs: N per side.
+    sampling: None, or R, K and N (`sampled_client_release`).
+    canary_step: m > 0 (`CanaryProblem.canary_step`), with `sampling` only.
+    Other arguments as in `client_release`.
 
   Returns:
     (scores_in [N], scores_out [N]) float64 NumPy arrays.
@@ -243,13 +348,26 @@ def canary_scores(
         f"data leaves have leading axes {sorted(rows)}: expected one example axis [n + 1, ...], n >= 1, with the "
         "canary in the last row.")
   (total,) = rows
+  if sampling is None:
+    if canary_step is not None:
+      raise ValueError("canary_step is the sampled score's offset: pass it with sampling, or leave it out.")
+  else:
+    _check_sampling(sampling)
+    check_real("canary_step", canary_step, 0, lo_open=True, what="the canary's movement along u per sampled step",
+               hint=" (CanaryProblem.canary_step)")
 
-  def one_run(side_key, num_examples, i):
-    theta = client_release(
-        mechanism, params, data, num_examples, jax.random.fold_in(side_key, i), steps=steps,
-        sample_rate=sample_rate, learning_rate=learning_rate)
+  def one_run(run_key, num_examples):
+    if sampling is None:
+      theta = client_release(mechanism, params, data, num_examples, run_key, steps=steps, sample_rate=sample_rate,
+                             learning_rate=learning_rate)
+      offset = 0.0
+    else:
+      theta, taken = sampled_client_release(mechanism, params, data, num_examples, run_key, sampling, steps=steps,
+                                            sample_rate=sample_rate, learning_rate=learning_rate)
+      offset = taken * steps * sample_rate * canary_step / 2
     moved = jax.tree.map(lambda new, old: new.astype(jnp.float32) - old.astype(jnp.float32), theta, params)
-    return sum(jnp.vdot(m, u.astype(jnp.float32)) for m, u in zip(jax.tree.leaves(moved), jax.tree.leaves(direction)))
+    return sum(jnp.vdot(m, u.astype(jnp.float32))
+               for m, u in zip(jax.tree.leaves(moved), jax.tree.leaves(direction))) - offset
 
   # Equal chunks covering N (a few spare runs, dropped): lax.map would compile a ragged last chunk apart. The
   # side (its key and n + 1 or n) is traced, so both sides share one compilation.
@@ -258,8 +376,8 @@ def canary_scores(
 
   @jax.jit
   def run_side(side_key, num_examples):
-    return jax.lax.map(functools.partial(one_run, side_key, num_examples), jnp.arange(num_chunks * size),
-                       batch_size=size)
+    return jax.lax.map(lambda i: one_run(jax.random.fold_in(side_key, i), num_examples),
+                       jnp.arange(num_chunks * size), batch_size=size)
 
   def scores(side: int, num_examples: int) -> np.ndarray:
     out = run_side(jax.random.fold_in(key, side), jnp.asarray(num_examples, jnp.int32))
@@ -269,7 +387,7 @@ def canary_scores(
 
 
 class AuditResult(NamedTuple):
-  """The outcome of `audit_dp_gradient`.
+  """The outcome of `audit_dp_gradient` (or `audit_scores`).
 
   epsilon_lower_bound: held-out Clopper-Pearson bound (`epsilon_lower_bound`), the audit's answer.
   bonferroni_epsilon: jax_privacy's all-threshold Bonferroni bound on all runs (heuristic; cross-check).
@@ -290,6 +408,29 @@ class AuditResult(NamedTuple):
   scores_out: np.ndarray
 
 
+def audit_scores(scores_in: Any, scores_out: Any, delta: float, confidence: float = 0.95) -> AuditResult:
+  """The audit's answer from N canary scores per side: `epsilon_lower_bound` (held-out threshold, seed 0) and
+  the cross-checks of `AuditResult`."""
+  scores_in = _as_scores("scores_in", scores_in)
+  scores_out = _as_scores("scores_out", scores_out)
+  if len(scores_in) != len(scores_out):
+    raise ValueError(f"{len(scores_in)} scores in and {len(scores_out)} out: run the same number on each side.")
+  delta = _check_delta(delta)
+  confidence = _check_confidence(confidence)
+  auditor = jp_auditing.CanaryScoreAuditor(scores_in, scores_out)
+  return AuditResult(
+      epsilon_lower_bound=epsilon_lower_bound(scores_in, scores_out, delta, confidence),
+      bonferroni_epsilon=float(auditor.epsilon_clopper_pearson(1 - confidence, delta)),
+      max_certifiable=max_certifiable_epsilon(len(scores_in), delta, confidence),
+      auroc=float(auditor.attack_auroc()),
+      num_runs=len(scores_in),
+      confidence=confidence,
+      delta=delta,
+      scores_in=scores_in,
+      scores_out=scores_out,
+  )
+
+
 def audit_dp_gradient(
     mechanism: Mechanism,
     params: Any,
@@ -297,37 +438,26 @@ def audit_dp_gradient(
     direction: Any,
     key: Array,
     *,
-    num_runs: int,
-    steps: int,
-    sample_rate: float,
     delta: float,
     confidence: float = 0.95,
-    learning_rate: float = 1.0,
-    chunk_size: int = 8192,
+    **score_options: Any,
 ) -> AuditResult:
-  """Audit a client's DP-SGD: `canary_scores` of N runs per side, then `epsilon_lower_bound` (module docstring).
+  """Audit a client's DP-SGD: `canary_scores` of N runs per side, then `audit_scores` (module docstring).
 
-  The claim audited is the epsilon the accountant gives for this mechanism's sigma, q, T and `delta`
-  (`privacy.epsilon_spent(privacy.DPSchedule(q, local_steps=T, rounds=1), sigma, delta)`); the audit passes
-  when `epsilon_lower_bound` <= that claim. Arguments as in `canary_scores` and `epsilon_lower_bound`.
+  The claim audited is the epsilon the accountant gives for this mechanism's sigma and schedule at `delta`:
+  `privacy.epsilon_spent(privacy.DPSchedule(q, local_steps=T, rounds=1), sigma, delta)` for one client update,
+  `privacy.epsilon_spent(privacy.DPSchedule(q, T, R, K / N), sigma, delta)` with `sampling`; the audit passes
+  when `epsilon_lower_bound` <= that claim.
+
+  Args:
+    delta, confidence: as in `epsilon_lower_bound`.
+    **score_options: `canary_scores`' keyword arguments (num_runs, steps, sample_rate, learning_rate,
+      chunk_size, sampling, canary_step).
   """
   delta = _check_delta(delta)
   confidence = _check_confidence(confidence)
-  scores_in, scores_out = canary_scores(
-      mechanism, params, data, direction, key, num_runs=num_runs, steps=steps, sample_rate=sample_rate,
-      learning_rate=learning_rate, chunk_size=chunk_size)
-  auditor = jp_auditing.CanaryScoreAuditor(scores_in, scores_out)
-  return AuditResult(
-      epsilon_lower_bound=epsilon_lower_bound(scores_in, scores_out, delta, confidence),
-      bonferroni_epsilon=float(auditor.epsilon_clopper_pearson(1 - confidence, delta)),
-      max_certifiable=max_certifiable_epsilon(num_runs, delta, confidence),
-      auroc=float(auditor.attack_auroc()),
-      num_runs=num_runs,
-      confidence=confidence,
-      delta=delta,
-      scores_in=scores_in,
-      scores_out=scores_out,
-  )
+  scores = canary_scores(mechanism, params, data, direction, key, **score_options)
+  return audit_scores(*scores, delta, confidence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +518,14 @@ class CanaryProblem:
 
     return functools.partial(
         privacy.wspace_dp_gradient, per_example_fn, frozen={"linear": self.frozen}, scaling=self.scaling, **kwargs)
+
+  def canary_step(
+      self, space: str, *, clip_norm: float, expected_batch_size: float, learning_rate: float = 1.0) -> float:
+    """m: how far a step that samples the canary moves lora_b along u, lr C / (q n) in B-space and s lr C / (q n)
+    in W-space (its W-space gradient, clipped to C, maps to s C u; `linear_canary_problem`), while the canary's
+    gradient is far above C and its direction u."""
+    check_choice("space", space, SPACES)
+    return (1.0 if space == "b_space" else self.scaling) * learning_rate * clip_norm / expected_batch_size
 
 
 def linear_canary_problem(
