@@ -229,6 +229,36 @@ def test_privacy_calculator_human_output_through_the_console_script():
     assert f" 3.0000 {epsilon:>9.4f}  " in line
 
 
+def test_privacy_calculator_human_output_finds_each_models_sigma(capsys):
+  """--target-epsilon without --json: one row per participation model, each with its own calibrated sigma and
+  the epsilon that sigma spends; the asked model (worst_case here) first and marked."""
+  assert cli.main([*CALCULATOR, "--target-epsilon", "2", "--participation", "worst_case"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("schedule: q 0.02 per local step, 5 local steps, 40 rounds, 2 of 10 clients")
+  assert [line.split()[0] for line in lines[2:5]] == ["worst_case", "sampled", "expected"]
+  assert "worst_case *" in lines[2]
+  assert lines[5] == "* the asked model; each row's sigma is the smallest meeting the target epsilon"
+  sigmas = {}
+  for line in lines[2:5]:
+    participation = line.split()[0]
+    schedule = privacy.DPSchedule(0.02, 5, 40, 0.2, participation)
+    sigma = privacy.calibrate_noise(schedule, 2.0, 1e-5, "pld")
+    sigmas[participation] = sigma
+    assert f"{sigma:>16.4f} {privacy.epsilon_spent(schedule, sigma, 1e-5, 'pld'):>9.4f}  " in line
+  # The rigorous models in their order: sampled needs less noise than the worst case.
+  assert sigmas["sampled"] < sigmas["worst_case"]
+
+
+def test_privacy_calculator_exit_code_2_through_the_console_script():
+  # An argument error, refused before JAX is imported: the process's exit code and its one stderr line.
+  script = os.path.join(os.path.dirname(sys.executable), "fedask-jax")
+  result = subprocess.run([script, *CALCULATOR, "--target-epsilon", "one"], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2 and result.stdout == ""
+  assert result.stderr == ("error: argument --target-epsilon: invalid float value: 'one' (see fedask-jax privacy "
+                           "--help)\n")
+
+
 @pytest.mark.parametrize("args, match", [
     (["--target-epsilon", "1", "--noise-multiplier", "1"],
      "error: argument --noise-multiplier: not allowed with argument --target-epsilon"),
