@@ -2,6 +2,7 @@
 
     python experiments/exact_aggregation.py            # full: 10 rounds per case, 10 Omega draws (~150 s of CPU)
     python experiments/exact_aggregation.py --quick    # 2 rounds, 3 draws (~40 s of CPU); the CI smoke test runs it
+    python experiments/exact_aggregation.py --report   # rebuild the .md and .png from the .json (with --quick: *_quick)
 
 (Wall time on a quiet 2-core machine is about the CPU time: the compilations and the per-example gradients
 mostly use one core. Under load from other jobs it grows accordingly.)
@@ -29,35 +30,25 @@ Factor names: `fedask_jax.lora`; m = in, n = out.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import platform
-import shlex
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import absl.logging
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
-from fedask_jax import runner, simulation, sketch
+from fedask_jax import simulation, sketch
 from fedask_jax.adapters import Adapters
 from fedask_jax.config import load_config
 from fedask_jax.numerics import normalise_weights
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import _common  # experiments/_common.py
+from _common import plt
 
-REPO = Path(__file__).resolve().parents[1]
 NAME = "exact_aggregation"
-BASE_CONFIG = REPO / "experiments/configs/quickstart.yaml"
 OVERSAMPLES = (0, 1, 2, 4, 8)
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 # Relative errors below this count as float32 round-off: eps32 = 1.2e-7 amplified by the conditioning of the
@@ -101,18 +92,14 @@ CASES = (Case("a", True, "(a) DP: clients train B only, A frozen and shared"),
          Case("b", False, "(b) no DP: clients train both A and B"))
 
 
-def overrides(settings: Settings, private: bool, run_dir: str) -> list[str]:
-  """quickstart.yaml overrides for one case (the run directory is never written: no `train` call)."""
+def overrides(settings: Settings, private: bool) -> list[str]:
+  """quickstart.yaml overrides for one case."""
   s = settings
-  return [
-      f"rounds={s.rounds}", f"num_clients={s.num_clients}", f"clients_per_round={s.clients_per_round}",
-      f"local_steps={s.local_steps}", f"batch_size={s.batch_size}",
-      f"data.max_train_examples={'null' if s.max_train_examples is None else s.max_train_examples}",
-      f"data.max_seq_len={s.max_seq_len}", f"privacy.enabled={'true' if private else 'false'}",
-      "eval.max_examples=10", f"run_dir={run_dir}",
-      # One client at a time is the fastest on a CPU (simulation.FederatedRound); accelerators want them all.
-      f"client_chunk={1 if jax.default_backend() == 'cpu' else 'null'}",
-  ]
+  return _common.overrides({
+      "rounds": s.rounds, "num_clients": s.num_clients, "clients_per_round": s.clients_per_round,
+      "local_steps": s.local_steps, "batch_size": s.batch_size, "data.max_train_examples": s.max_train_examples,
+      "data.max_seq_len": s.max_seq_len, "privacy.enabled": private, "eval.max_examples": 10,
+      "client_chunk": _common.cpu_client_chunk()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,44 +193,34 @@ def measure_round(adapters: Adapters, weights: np.ndarray, rank: int, oversample
 def run_case(case: Case, settings: Settings, oversamples: tuple[int, ...], key: jax.Array) -> dict[str, Any]:
   """Prepare the case's run, capture every round's client adapters and measure them; the run advances with the
   library's server step."""
-  with tempfile.TemporaryDirectory(prefix=f"{NAME}_") as run_dir:
-    config = load_config(BASE_CONFIG, overrides(settings, case.private, run_dir))
-    began = time.perf_counter()
-    experiment = runner.prepare(config)
-    round_fn = experiment.round_fn
-    rank = config.lora.rank
-    sample = runner.round_sampler(config, experiment.capacity)
-    server_step = jax.jit(functools.partial(simulation.server_step, round_fn.strategy))
-    state = round_fn.init(config.num_clients)
-    rounds = []
-    for t in range(1, config.rounds + 1):
-      trained = round_fn.trained(t)
-      round_key = jax.random.fold_in(runner.run_key(config), t)
-      ids, weights, batches = sample(round_key, experiment.client_data)
-      results, _ = round_fn.client_results(state, batches, ids, round_key, t)
-      if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(results.adapters)):
-        raise RuntimeError(f"case {case.name}, round {t}: a client's adapters are not finite.")
-      measured = measure_round(results.adapters, np.asarray(weights), rank, oversamples, settings.seeds,
-                               jax.random.fold_in(key, t))
-      state, metrics = server_step(state, results, weights, ids, simulation.server_key(round_key))
-      measured.update(round=t, trained=trained, clients=np.asarray(ids).tolist(),
-                      library_certificate=float(metrics["reconstruction_error"]))
-      rounds.append(measured)
-      worst = max(max(max(e) for e in layer["errors"]) for layer in measured["layers"].values())
-      print(f"case {case.name} round {t}/{config.rounds}: trained {trained}, max error over p and layers "
-            f"{worst:.3g}, library certificate (p = {config.sketch.oversample}) "
-            f"{measured['library_certificate']:.3g} ({time.perf_counter() - began:.0f} s)", flush=True)
-    seconds = time.perf_counter() - began
+  began = time.perf_counter()
+  experiment = _common.prepare(overrides(settings, case.private))
+  config, round_fn = experiment.config, experiment.round_fn
+  rank = config.lora.rank
+  server_step = jax.jit(functools.partial(simulation.server_step, round_fn.strategy))
+  state = round_fn.init(config.num_clients)
+  rounds = []
+  for t, round_key, ids, weights, batches in _common.host_rounds(experiment):
+    trained = round_fn.trained(t)
+    results, _ = round_fn.client_results(state, batches, ids, round_key, t)
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(results.adapters)):
+      raise RuntimeError(f"case {case.name}, round {t}: a client's adapters are not finite.")
+    measured = measure_round(results.adapters, np.asarray(weights), rank, oversamples, settings.seeds,
+                             jax.random.fold_in(key, t))
+    state, metrics = server_step(state, results, weights, ids, simulation.server_key(round_key))
+    measured.update(round=t, trained=trained, clients=np.asarray(ids).tolist(),
+                    library_certificate=float(metrics["reconstruction_error"]))
+    rounds.append(measured)
+    worst = max(max(max(e) for e in layer["errors"]) for layer in measured["layers"].values())
+    print(f"case {case.name} round {t}/{config.rounds}: trained {trained}, max error over p and layers "
+          f"{worst:.3g}, library certificate (p = {config.sketch.oversample}) "
+          f"{measured['library_certificate']:.3g} ({time.perf_counter() - began:.0f} s)", flush=True)
   plan = experiment.privacy
   return dict(
-      case=case.name, label=case.label, private=case.private, rank=rank, rounds=rounds, seconds=seconds,
-      overrides=overrides(settings, case.private, "<temporary>"), notes=experiment.notes,
+      case=case.name, label=case.label, private=case.private, rank=rank, rounds=rounds,
+      seconds=time.perf_counter() - began, overrides=overrides(settings, case.private), notes=experiment.notes,
       noise_multiplier=None if plan is None else plan.noise_multiplier, capacity=experiment.capacity,
       oversample_in_run=config.sketch.oversample)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Summaries, report and plot.
 
 
 def summarize(case_result: dict[str, Any], oversamples: tuple[int, ...]) -> dict[str, Any]:
@@ -277,10 +254,16 @@ def summarize(case_result: dict[str, Any], oversamples: tuple[int, ...]) -> dict
               certificate_max=max(r["library_certificate"] for r in rounds))
 
 
-def plot(cases: list[dict[str, Any]], oversamples: tuple[int, ...], covering: int, path: Path) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# The plot and the report, from the results file alone.
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+  """Error against oversampling per case: mean, min-max band, case (b)'s floor, float32 epsilon, tolerance."""
+  oversamples, covering = report["config"]["oversamples"], report["config"]["covering_oversample"]
   fig, ax = plt.subplots(figsize=(7.5, 6))
   x = np.arange(len(oversamples))
-  for result, color in zip(cases, ("tab:blue", "tab:red")):
+  for result, color in zip(report["cases"], ("tab:blue", "tab:red")):
     summary = result["summary"]
     ax.plot(x, [p["mean"] for p in summary["per_p"]], "o-", color=color, label=f"{result['label']}: mean")
     ax.fill_between(x, [p["min"] for p in summary["per_p"]], [p["max"] for p in summary["per_p"]], color=color,
@@ -303,172 +286,214 @@ def plot(cases: list[dict[str, Any]], oversamples: tuple[int, ...], covering: in
   plt.close(fig)
 
 
-def markdown(report: dict[str, Any]) -> str:
-  config, cases = report["config"], report["cases"]
-  oversamples, covering = tuple(config["oversamples"]), config["covering_oversample"]
-  s, r, k = config["settings"], cases[0]["rank"], config["settings"]["clients_per_round"]
-  dp, both = (c["summary"] for c in cases)
-  eps = FLOAT32_EPS
-  shapes = {}
-  for name, layer in both["per_layer"].items():
+def layer_shapes(report: dict[str, Any]) -> dict[str, tuple[int, int]]:
+  """{module name (q_proj, ...): (m, n)}, from the first layer of each module."""
+  shapes: dict[str, tuple[int, int]] = {}
+  for name, layer in report["cases"][1]["summary"]["per_layer"].items():
     shapes.setdefault(name.rsplit(".", 1)[-1], tuple(layer["shape"]))
-  layout = " and ".join(f"{module} [{m} x {n}]" for module, (m, n) in shapes.items())
-  top_ranks = " or ".join(f"{min(k * r, m, n)} ({module})" for module, (m, n) in shapes.items())
-  lines = [
-      "# Exact aggregation (Theorem 2): the FedASK sketch against the exact weighted mean",
-      "",
-      f"Generated by `{config['command']}` ({config['total_seconds']:.0f} s on {config['device']}).",
-      "",
+  return shapes
+
+
+def setup_text(report: dict[str, Any]) -> str:
+  """The setting: model, federation, sizes, and how the error is measured."""
+  config, case = report["config"], report["cases"][0]
+  s, rank = config["settings"], case["rank"]
+  layout = " and ".join(f"{module} [{m} x {n}]" for module, (m, n) in layer_shapes(report).items())
+  return (
       "**Setup.** A FedASK run on the embedded base model (1.05M-parameter Llama) and GSM8K "
-      f"(quickstart.yaml: LoRA r = {r} on {layout} of every layer, lr 1e-2), with "
-      f"{s['num_clients']} clients, K = {k} per round, {s['local_steps']} local steps of batch {s['batch_size']}, "
-      f"sequences of {s['max_seq_len']} tokens, {s['rounds']} rounds per case. Every round the K clients' trained "
-      "adapters are captured before the server step; for each adapted layer and each oversampling p the "
-      f"sketch aggregate (`sketch.aggregate_layer`, float32, {s['seeds']} Omega draws) is compared with the exact "
-      "weighted mean T = sum_k w_k B_k A_k formed densely in float64 numpy; the run then advances with the "
-      f"library's own server step (`simulation.server_step`, p = {cases[0]['oversample_in_run']}). "
-      f"Error = ||B A - T||_F / ||T||_F. p = {covering} = (K - 1) r is added as a control: a width r + p = K r "
-      "that covers the rank of T.",
-      "",
+      f"(quickstart.yaml: LoRA r = {rank} on {layout} of every layer, lr 1e-2), with "
+      f"{s['num_clients']} clients, K = {s['clients_per_round']} per round, {s['local_steps']} local steps of "
+      f"batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens, {s['rounds']} rounds per case. Every round "
+      "the K clients' trained adapters are captured before the server step; for each adapted layer and each "
+      f"oversampling p the sketch aggregate (`sketch.aggregate_layer`, float32, {s['seeds']} Omega draws) is "
+      "compared with the exact weighted mean T = sum_k w_k B_k A_k formed densely in float64 numpy; the run then "
+      f"advances with the library's own server step (`simulation.server_step`, p = {case['oversample_in_run']}). "
+      f"Error = ||B A - T||_F / ||T||_F. p = {config['covering_oversample']} = (K - 1) r is added as a control: a "
+      "width r + p = K r that covers the rank of T.")
+
+
+def prediction_text(report: dict[str, Any]) -> str:
+  """What Theorem 2 and randomized-SVD theory predict for the two cases."""
+  config, rank = report["config"], report["cases"][0]["rank"]
+  k, covering = config["settings"]["clients_per_round"], config["covering_oversample"]
+  top_ranks = " or ".join(f"{min(k * rank, m, n)} ({module})" for module, (m, n) in layer_shapes(report).items())
+  widest = rank + max(p for p in config["oversamples"] if p != covering)
+  return (
       "**What Theorem 2 predicts.** B A = T whenever the sketch width r + p covers the rank of T. "
       "(a) With DP the clients train B only and share the frozen A, so T = (sum_k w_k B_k) A has rank <= r <= "
       "r + p: exact for every p >= 0, in floating point up to round-off. (b) Without DP both factors differ "
-      f"between clients and T has rank up to min(K r, m, n) = {top_ranks}, far above r + p <= "
-      f"{r + max(p for p in oversamples if p != covering)}: the hypothesis fails, and no rank-r result can be "
-      "better than the truncated SVD of T (the floor). With p = (K - 1) r the sketch covers T and the result is "
-      "exactly that truncation. For p >= 2 randomized-SVD theory bounds the mean square error by "
-      "(2 + r / (p - 1)) floor^2 (Halko, Martinsson, Tropp 2011, Thm 10.5, plus the truncation; "
-      "`halko_ratio_bound` in the script).",
-      "",
-      "| case | p | width r + p | mean error | max error | max / eps32 | max cond(V_r^T Omega) "
-      "| max error / (eps32 cond) | RMS error / floor | bound on RMS / floor |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
-  for c in cases:
+      f"between clients and T has rank up to min(K r, m, n) = {top_ranks}, far above r + p <= {widest}: the "
+      "hypothesis fails, and no rank-r result can be better than the truncated SVD of T (the floor). With "
+      "p = (K - 1) r the sketch covers T and the result is exactly that truncation. For p >= 2 randomized-SVD "
+      "theory bounds the mean square error by (2 + r / (p - 1)) floor^2 (Halko, Martinsson, Tropp 2011, "
+      "Thm 10.5, plus the truncation; `halko_ratio_bound` in the script).")
+
+
+def error_table(report: dict[str, Any]) -> list[str]:
+  """One row per (case, p); the round-off columns for case (a), the floor columns for case (b)."""
+  rows = []
+  for c in report["cases"]:
     for p in c["summary"]["per_p"]:
-      in_eps = f"{p['max'] / eps:.0f}" if c["private"] else "-"
-      kappa = f"{p['condition_max']:.3g}" if c["private"] else "-"
-      per_kappa = f"{p['error_per_eps_condition_max']:.2g}" if c["private"] else "-"
-      ratio = "-" if c["private"] or p["rms_over_floor"] is None else f"{p['rms_over_floor']:.2f}"
-      bound = "-" if c["private"] or p["halko_bound"] is None else f"{p['halko_bound']:.2f}"
-      lines.append(f"| {c['case']} | {p['oversample']} | {p['width']} | {p['mean']:.3g} | {p['max']:.3g} | "
-                   f"{in_eps} | {kappa} | {per_kappa} | {ratio} | {bound} |")
-  lines += [
-      "",
-      "Per layer (mean over rounds and Omega draws; floor = best rank-r approximation's error, mean over rounds; "
-      "rank = the largest numerical rank of T over rounds):",
-      "",
-      "| layer | m x n | (a) rank | (a) max error, all p | (b) rank | (b) floor | "
-      + " | ".join(f"(b) p = {p}" for p in oversamples) + " |",
-      "|---|---|---:|---:|---:|---:|" + "---:|" * len(oversamples),
-  ]
-  for name in dp["per_layer"]:
-    a_layer, b_layer = dp["per_layer"][name], both["per_layer"][name]
-    lines.append(
-        f"| {name} | {b_layer['shape'][0]} x {b_layer['shape'][1]} | {a_layer['rank']} | {max(a_layer['max']):.2g} "
-        f"| {b_layer['rank']} | {b_layer['floor']:.3g} | " + " | ".join(f"{e:.3g}" for e in b_layer["mean"]) + " |")
-  a_by_p = {p["oversample"]: p for p in dp["per_p"]}
-  b_by_p = {p["oversample"]: p for p in both["per_p"]}
+      dp = c["private"]
+      rows.append([
+          c["case"], p["oversample"], p["width"], f"{p['mean']:.3g}", f"{p['max']:.3g}",
+          f"{p['max'] / FLOAT32_EPS:.0f}" if dp else "-",
+          f"{p['condition_max']:.3g}" if dp else "-",
+          f"{p['error_per_eps_condition_max']:.2g}" if dp else "-",
+          "-" if dp or p["rms_over_floor"] is None else f"{p['rms_over_floor']:.2f}",
+          "-" if dp or p["halko_bound"] is None else f"{p['halko_bound']:.2f}"])
+  header = ["case", "p", "width r + p", "mean error", "max error", "max / eps32", "max cond(V_r^T Omega)",
+            "max error / (eps32 cond)", "RMS error / floor", "bound on RMS / floor"]
+  return _common.table(header, rows, "l" + "r" * 9)
+
+
+def layer_table(report: dict[str, Any]) -> list[str]:
+  """One row per layer: its shape, case (a)'s rank and worst error, case (b)'s rank, floor and mean error per p."""
+  oversamples = report["config"]["oversamples"]
+  dp, both = (c["summary"]["per_layer"] for c in report["cases"])
+  rows = [[name, f"{both[name]['shape'][0]} x {both[name]['shape'][1]}", dp[name]["rank"],
+           f"{max(dp[name]['max']):.2g}", both[name]["rank"], f"{both[name]['floor']:.3g}",
+           *(f"{e:.3g}" for e in both[name]["mean"])] for name in dp]
+  header = ["layer", "m x n", "(a) rank", "(a) max error, all p", "(b) rank", "(b) floor",
+            *(f"(b) p = {p}" for p in oversamples)]
+  return _common.table(header, rows, "ll" + "r" * (4 + len(oversamples)))
+
+
+def dp_finding(report: dict[str, Any]) -> str:
+  """Case (a): exact up to round-off for every p, and why p = 0 has the longer tail."""
+  rank = report["cases"][0]["rank"]
+  dp = report["cases"][0]["summary"]
+  by_p = {p["oversample"]: p for p in dp["per_p"]}
+  oversampled = [p for p in dp["per_p"] if p["oversample"] >= 1]
+  worst_oversampled = max(p["max"] for p in oversampled)
+  worst_condition_oversampled = max(p["condition_max"] for p in oversampled)
+  worst_per_condition = max(p["error_per_eps_condition_max"] for p in dp["per_p"])
   inexact = [p["oversample"] for p in dp["per_p"] if p["max"] >= ROUNDOFF_TOLERANCE]
-  oversampled_max = max(p["max"] for p in dp["per_p"] if p["oversample"] >= 1)
-  within = [p for p in both["per_p"] if p["halko_bound"] is not None and p["oversample"] != covering]
-  holds = all(p["rms_over_floor"] <= p["halko_bound"] for p in within)
-  covering_gap = max(abs(b["mean"][oversamples.index(covering)] - b["floor"]) / b["floor"]
-                     for b in both["per_layer"].values())
+  if not inexact:
+    verdict = (f"Theorem 2 holds: every error is below {ROUNDOFF_TOLERANCE:g} "
+               f"({ROUNDOFF_TOLERANCE / FLOAT32_EPS:.0f} eps, the script's float32 round-off tolerance) for every "
+               "p, p = 0 included.")
+  else:
+    verdict = (f"For p = {', '.join(map(str, inexact))} some errors reach {ROUNDOFF_TOLERANCE:g} or more: beyond "
+               "float32 round-off there.")
+  return (
+      f"- (a) DP, A frozen: the aggregate's numerical rank is at most {dp['rank_max']} (<= r = {rank}), and the "
+      f"sketch error is at most {worst_oversampled:.2g} ({worst_oversampled / FLOAT32_EPS:.0f} float32 machine "
+      f"epsilons) for every p >= 1 over all layers, rounds and Omega draws, and at most {by_p[0]['max']:.2g} "
+      f"({by_p[0]['max'] / FLOAT32_EPS:.0f} eps) for p = 0 (mean {by_p[0]['mean']:.2g}); forming T itself in "
+      f"float32 errs by {dp['float32_mean_error']:.2g} (median). {verdict} The larger tail at p = 0 is "
+      "numerical, not a failure of the theorem: the sketch Y = U_r S_r (V_r^T Omega) carries round-off into "
+      "range(Q) in proportion to the condition number of its r x (r + p) Gaussian factor, which reaches "
+      f"{by_p[0]['condition_max']:.3g} for the square p = 0 factor (a heavy-tailed law) and at most "
+      f"{worst_condition_oversampled:.3g} for p >= 1; every error is at most {worst_per_condition:.2g} eps32 x "
+      "that condition number. One extra column tames it, the reason randomized SVD oversamples. Averaging B alone "
+      f"is exact here too (FedAvg's error {dp['fedavg_mean']:.2g}, float64): with a shared A the sketch gives the "
+      "product that FFA-LoRA's averaging gives; what it adds is the rebalanced factors, whose A changes within "
+      "the same row space (subspace_dynamics.md).")
+
+
+def both_finding(report: dict[str, Any]) -> str:
+  """Case (b): a rank-r approximation, against the truncation floor, the randomized-SVD bound and FedAvg."""
+  oversamples, covering = report["config"]["oversamples"], report["config"]["covering_oversample"]
+  both = report["cases"][1]["summary"]
+  by_p = {p["oversample"]: p for p in both["per_p"]}
   swept = [p for p in oversamples if p != covering]
+  bounded = [p for p in both["per_p"] if p["halko_bound"] is not None and p["oversample"] != covering]
+  within_bound = all(p["rms_over_floor"] <= p["halko_bound"] for p in bounded)
+  covering_gap = max(abs(layer["mean"][oversamples.index(covering)] - layer["floor"]) / layer["floor"]
+                     for layer in both["per_layer"].values())
   ranks = (f"{both['rank_min']}" if both["rank_min"] == both["rank_max"]
            else f"{both['rank_min']} to {both['rank_max']}")
-  beats_fedavg = [p for p in swept if b_by_p[p]["mean"] < both["fedavg_mean"]]
+  beats_fedavg = [p for p in swept if by_p[p]["mean"] < both["fedavg_mean"]]
   fedavg_note = (f"below the sketch's mean error for every p <= {max(swept)}" if not beats_fedavg else
                  f"the sketch's mean error is below it for p = {', '.join(map(str, beats_fedavg))} only")
-  verdict = (f"Theorem 2 holds: every error is below {ROUNDOFF_TOLERANCE:g} ({ROUNDOFF_TOLERANCE / eps:.0f} eps, "
-             "the script's float32 round-off tolerance) for every p, p = 0 included." if not inexact else
-             f"For p = {', '.join(map(str, inexact))} some errors reach {ROUNDOFF_TOLERANCE:g} or more: beyond "
-             "float32 round-off there.")
-  lines += [
-      "",
-      "## Findings",
-      "",
-      f"- (a) DP, A frozen: the aggregate's numerical rank is at most {dp['rank_max']} (<= r = {r}), and the "
-      f"sketch error is at most {oversampled_max:.2g} ({oversampled_max / eps:.0f} float32 machine epsilons) for "
-      f"every p >= 1 over all layers, rounds and Omega draws, and at most {a_by_p[0]['max']:.2g} "
-      f"({a_by_p[0]['max'] / eps:.0f} eps) for p = 0 (mean {a_by_p[0]['mean']:.2g}); forming T itself in float32 "
-      f"errs by {dp['float32_mean_error']:.2g} (median). " + verdict
-      + " The larger tail at p = 0 is numerical, not a failure of the theorem: the sketch Y = U_r S_r "
-      "(V_r^T Omega) carries round-off into range(Q) in proportion to the condition number of its r x (r + p) "
-      f"Gaussian factor, which reaches {a_by_p[0]['condition_max']:.3g} for the square p = 0 factor (a "
-      f"heavy-tailed law) and at most {max(p['condition_max'] for p in dp['per_p'] if p['oversample'] >= 1):.3g} "
-      "for p >= 1; every error is at most "
-      f"{max(p['error_per_eps_condition_max'] for p in dp['per_p']):.2g} eps32 x that condition number. One "
-      "extra column tames it, the reason randomized SVD oversamples. Averaging B alone is exact here too "
-      "(FedAvg's error "
-      f"{dp['fedavg_mean']:.2g}, float64): with a shared A the sketch gives the product that FFA-LoRA's averaging "
-      "gives; what it adds is the rebalanced factors, whose A changes within the same row space "
-      "(subspace_dynamics.md).",
-      f"- (b) both factors trained: T has numerical rank {ranks}, above r + p for "
-      f"every p <= {max(swept)}, so the hypothesis of Theorem 2 does not hold and the result is not exact: the "
-      "mean error is " + ", ".join(f"{b_by_p[p]['mean']:.3g} (p = {p})" for p in swept)
-      + f", against a floor of {both['floor_mean']:.3g} (mean) for any rank-r aggregate; the RMS error is "
-      + ", ".join(f"{p['rms_over_floor']:.2f}x" for p in within) + " the floor for p = "
-      + ", ".join(str(p["oversample"]) for p in within)
-      + (", consistent with the randomized-SVD bound." if holds else ", NOT within the randomized-SVD bound.")
-      + f" With p = {covering} (width K r) the error equals the floor to {covering_gap:.1g} (relative): the sketch "
-      "is exact and only the rank-r truncation remains. Averaging the factors separately (FedAvg) errs by "
+  mean_errors = ", ".join(f"{by_p[p]['mean']:.3g} (p = {p})" for p in swept)
+  ratios = ", ".join(f"{p['rms_over_floor']:.2f}x" for p in bounded)
+  bounded_ps = ", ".join(str(p["oversample"]) for p in bounded)
+  bound_verdict = "consistent with" if within_bound else "NOT within"
+  default_p_verdict = (
+      "so in this regime, at the library's default p = 2, the sketch's rank-r approximation of T is less "
+      "accurate than plain averaging." if 2 not in beats_fedavg else "the sketch improves on it from p = 2.")
+  return (
+      f"- (b) both factors trained: T has numerical rank {ranks}, above r + p for every p <= {max(swept)}, so the "
+      "hypothesis of Theorem 2 does not hold and the result is not exact: the mean error is "
+      f"{mean_errors}, against a floor of {both['floor_mean']:.3g} (mean) for any rank-r aggregate; the RMS error "
+      f"is {ratios} the floor for p = {bounded_ps}, {bound_verdict} the randomized-SVD bound. With p = {covering} "
+      f"(width K r) the error equals the floor to {covering_gap:.1g} (relative): the sketch is exact and only the "
+      "rank-r truncation remains. Averaging the factors separately (FedAvg) errs by "
       f"{both['fedavg_mean']:.3g} (mean) on the same clients, {fedavg_note}: its error is the clients' "
-      "second-order drift sum_k w_k (B_k - mean B)(A_k - mean A), small when one round of local training "
-      "moves A little from the common start; " + (
-          "so in this regime, at the library's default p = 2, the sketch's rank-r approximation of T is less "
-          "accurate than plain averaging." if 2 not in beats_fedavg else "the sketch improves on it from p = 2."),
+      "second-order drift sum_k w_k (B_k - mean B)(A_k - mean A), small when one round of local training moves A "
+      f"little from the common start; {default_p_verdict}")
+
+
+def certificate_finding(report: dict[str, Any]) -> str:
+  """The library's own exactness certificate, per case."""
+  dp, both = (c["summary"] for c in report["cases"])
+  return (
       "- The library's own exactness certificate (`sketch.reconstruction_error`, QR-based, float32, "
-      f"p = {cases[0]['oversample_in_run']}, the round's Omega) agrees: at most {dp['certificate_max']:.2g} in "
-      f"case (a), up to {both['certificate_max']:.3g} in case (b).",
+      f"p = {report['cases'][0]['oversample_in_run']}, the round's Omega) agrees: at most "
+      f"{dp['certificate_max']:.2g} in case (a), up to {both['certificate_max']:.3g} in case (b).")
+
+
+def verdict(report: dict[str, Any]) -> str:
+  """The paper's claim against both cases."""
+  by_p = {p["oversample"]: p for p in report["cases"][1]["summary"]["per_p"]}
+  return (
       "- So the paper's exact-aggregation claim reproduces in the setting it is stated for (one factor shared: "
       "the DP mode FedASK is built for), at float32 precision. When both factors are trained (FedASK without DP) "
       "the aggregation is a rank-r approximation, at best the truncated SVD of the exact mean, and oversampling "
-      "p = 2..4 (the paper's recommendation) brings it within "
-      f"{b_by_p[2]['rms_over_floor']:.1f}x..{b_by_p[4]['rms_over_floor']:.1f}x of that floor here.",
-      "",
-      f"![error vs oversampling]({report['stem']}.png)",
-      "",
+      f"p = 2..4 (the paper's recommendation) brings it within {by_p[2]['rms_over_floor']:.1f}x.."
+      f"{by_p[4]['rms_over_floor']:.1f}x of that floor here.")
+
+
+def markdown(report: dict[str, Any]) -> str:
+  config = report["config"]
+  lines = [
+      "# Exact aggregation (Theorem 2): the FedASK sketch against the exact weighted mean", "",
+      _common.generated_by(config["command"], config["total_seconds"], config["device"]), "",
+      setup_text(report), "",
+      prediction_text(report), "",
+      *error_table(report), "",
+      "Per layer (mean over rounds and Omega draws; floor = best rank-r approximation's error, mean over rounds; "
+      "rank = the largest numerical rank of T over rounds):", "",
+      *layer_table(report), "",
+      "## Findings", "",
+      dp_finding(report), both_finding(report), certificate_finding(report), verdict(report), "",
+      f"![error vs oversampling]({report['stem']}.png)", "",
   ]
   return "\n".join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="2 rounds per case, 3 Omega draws (< 90 s on 2 cores)")
-  parser.add_argument("--out", type=Path, default=REPO / "experiments/results", help="output folder")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the Omega draws (the run's seed is the config's)")
-  args = parser.parse_args()
-  absl.logging.set_verbosity(absl.logging.ERROR)  # dp_accounting's RDP warnings on orders it skips
-  args.out.mkdir(parents=True, exist_ok=True)
-  stem = NAME + ("_quick" if args.quick else "")
-
+def measure(quick: bool, seed: int, stem: str, command: str) -> dict[str, Any]:
+  """Both cases' runs and summaries, with the settings and provenance: the results file's content."""
   start = time.perf_counter()
-  settings = SETTINGS[args.quick]
-  rank = load_config(BASE_CONFIG).lora.rank
+  settings = SETTINGS[quick]
+  rank = load_config(_common.QUICKSTART).lora.rank
   covering = (settings.clients_per_round - 1) * rank
   oversamples = OVERSAMPLES + (covering,)
-  key = jax.random.key(args.seed)
+  key = jax.random.key(seed)
   cases = []
   for i, case in enumerate(CASES):
     result = run_case(case, settings, oversamples, jax.random.fold_in(key, i))
     result["summary"] = summarize(result, oversamples)
     cases.append(result)
-  report = dict(
-      stem=stem,
-      config=dict(
-          command="python " + " ".join(shlex.quote(a) for a in [f"experiments/{NAME}.py", *sys.argv[1:]]),
-          quick=args.quick, seed=args.seed, base_config=str(BASE_CONFIG.relative_to(REPO)),
-          settings=dataclasses.asdict(settings), oversamples=list(oversamples), covering_oversample=covering,
-          device=f"{jax.devices()[0].device_kind} ({jax.default_backend()} backend, {platform.machine()})",
-          versions=dict(jax=jax.__version__, numpy=np.__version__, python=platform.python_version()),
-          total_seconds=time.perf_counter() - start),
-      cases=cases)
-  plot(cases, oversamples, covering, args.out / f"{stem}.png")
-  (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-  (args.out / f"{stem}.md").write_text(markdown(report))
-  print(f"wrote {args.out}/{stem}.{{md,json,png}} in {report['config']['total_seconds']:.0f} s")
+  config = dict(
+      command=command, quick=quick, seed=seed, base_config=str(_common.QUICKSTART.relative_to(_common.REPO)),
+      settings=dataclasses.asdict(settings), oversamples=list(oversamples), covering_oversample=covering,
+      device=_common.device_report(), total_seconds=time.perf_counter() - start)
+  return dict(stem=stem, config=config, cases=cases)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = _common.parser(__doc__, "2 rounds per case, 3 Omega draws (< 90 s on 2 cores)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the Omega draws (the run's seed is the config's)")
+  args = parser.parse_args(argv)
+  stem = _common.stem(NAME, args.quick)
+  path = (args.out or _common.RESULTS) / f"{stem}.json"
+  if not args.report:
+    _common.quiet_accounting()
+    _common.save(path, measure(args.quick, args.seed, stem, _common.command(NAME, argv)))
+  _common.render(path, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ round t and at round 0, for FedASK (DP and non-DP), fedask-alt (DP) and FFA-LoRA
 
     python experiments/subspace_dynamics.py            # full: 30 rounds per method (~400 s of CPU)
     python experiments/subspace_dynamics.py --quick    # 6 rounds per method (~65 s of CPU, ~45 s wall)
+    python experiments/subspace_dynamics.py --report   # rebuild the .md and .png from the .json (with --quick: *_quick)
 
 Writes subspace_dynamics.md (tables and findings), subspace_dynamics.json (every number, the configs, the
 command, versions) and subspace_dynamics.png (angles, the change and the scale of A vs round) into --out (default
@@ -21,31 +22,17 @@ and the global adapters are read after every round.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import platform
-import shlex
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import absl.logging
-import jax
-import matplotlib
 import numpy as np
 
-from fedask_jax import runner
-from fedask_jax.config import load_config
+import _common  # experiments/_common.py
+from _common import plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-
-REPO = Path(__file__).resolve().parents[1]
 NAME = "subspace_dynamics"
-BASE_CONFIG = REPO / "experiments/configs/quickstart.yaml"
 # Angles below this (radians) are float32 round-off of the reconstruction (lora_a = Q U_r S_r^{1/2} from a float32
 # QR and SVD each round), not motion: eps32 = 1.2e-7 times the conditioning of the r columns, over rounds.
 ROUNDOFF_ANGLE = 1e-4
@@ -84,17 +71,13 @@ SETTINGS = {
 }
 
 
-def overrides(method: Method, settings: Settings, run_dir: str) -> list[str]:
-  """quickstart.yaml overrides for one method (the run directory is never written: no `train` call)."""
+def overrides(method: Method, settings: Settings) -> list[str]:
+  """quickstart.yaml overrides for one method."""
   s = settings
-  return [
-      f"strategy={method.strategy}", f"privacy.enabled={'true' if method.private else 'false'}",
-      f"rounds={s.rounds}", f"local_steps={s.local_steps}", f"batch_size={s.batch_size}",
-      f"data.max_train_examples={'null' if s.max_train_examples is None else s.max_train_examples}",
-      f"data.max_seq_len={s.max_seq_len}", "eval.max_examples=10", f"run_dir={run_dir}",
-      # One client at a time is the fastest on a CPU (simulation.FederatedRound); accelerators want them all.
-      f"client_chunk={1 if jax.default_backend() == 'cpu' else 'null'}",
-  ]
+  return _common.overrides({
+      "strategy": method.strategy, "privacy.enabled": method.private, "rounds": s.rounds,
+      "local_steps": s.local_steps, "batch_size": s.batch_size, "data.max_train_examples": s.max_train_examples,
+      "data.max_seq_len": s.max_seq_len, "eval.max_examples": 10, "client_chunk": _common.cpu_client_chunk()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,34 +128,28 @@ def lora_a(adapters) -> dict[str, np.ndarray]:
 
 def run_method(method: Method, settings: Settings) -> dict[str, Any]:
   """Prepare the method's run and loop its compiled rounds, measuring lora_a after each."""
-  with tempfile.TemporaryDirectory(prefix=f"{NAME}_") as run_dir:
-    config = load_config(BASE_CONFIG, overrides(method, settings, run_dir))
-    began = time.perf_counter()
-    experiment = runner.prepare(config)
-    round_fn = experiment.round_fn
-    sample = runner.round_sampler(config, experiment.capacity)
-    state = round_fn.init(config.num_clients)
-    initial = lora_a(state.adapters)
-    rounds = []
-    for t in range(1, config.rounds + 1):
-      round_key = jax.random.fold_in(runner.run_key(config), t)
-      ids, weights, batches = sample(round_key, experiment.client_data)
-      state, metrics = round_fn(state, batches, ids, weights, round_key, t)
-      # Read before the next round: its call donates this state's buffers.
-      current = lora_a(state.adapters)
-      layers = angle_summary(initial, current)
-      rounds.append(dict(round=t, trained=round_fn.trained(t), train_loss=float(metrics["train_loss"]),
-                         clipped_fraction=float(metrics["clipped_fraction"]) if method.private else None,
-                         a_unchanged=all(np.array_equal(current[n], a0) for n, a0 in initial.items()),
-                         layers=layers))
-      largest = max(v["largest"] for v in layers.values())
-      print(f"{method.name} round {t}/{config.rounds}: trained {rounds[-1]['trained']}, largest angle "
-            f"{largest:.3g} rad, train loss {rounds[-1]['train_loss']:.4f} "
-            f"({time.perf_counter() - began:.0f} s)", flush=True)
-    seconds = time.perf_counter() - began
+  began = time.perf_counter()
+  experiment = _common.prepare(overrides(method, settings))
+  config, round_fn = experiment.config, experiment.round_fn
+  state = round_fn.init(config.num_clients)
+  initial = lora_a(state.adapters)
+  rounds = []
+  for t, round_key, ids, weights, batches in _common.host_rounds(experiment):
+    state, metrics = round_fn(state, batches, ids, weights, round_key, t)
+    # Read before the next round: its call donates this state's buffers.
+    current = lora_a(state.adapters)
+    layers = angle_summary(initial, current)
+    rounds.append(dict(round=t, trained=round_fn.trained(t), train_loss=float(metrics["train_loss"]),
+                       clipped_fraction=float(metrics["clipped_fraction"]) if method.private else None,
+                       a_unchanged=all(np.array_equal(current[n], a0) for n, a0 in initial.items()),
+                       layers=layers))
+    largest = max(v["largest"] for v in layers.values())
+    print(f"{method.name} round {t}/{config.rounds}: trained {rounds[-1]['trained']}, largest angle "
+          f"{largest:.3g} rad, train loss {rounds[-1]['train_loss']:.4f} "
+          f"({time.perf_counter() - began:.0f} s)", flush=True)
   plan = experiment.privacy
   return dict(method=method.name, strategy=method.strategy, private=method.private, label=method.label,
-              rounds=rounds, seconds=seconds, overrides=overrides(method, settings, "<temporary>"),
+              rounds=rounds, seconds=time.perf_counter() - began, overrides=overrides(method, settings),
               notes=experiment.notes, noise_multiplier=None if plan is None else plan.noise_multiplier,
               rank=config.lora.rank)
 
@@ -196,13 +173,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Report and plot.
+# The plot and the report, from the results file alone.
 
 
 COLORS = {"fedask-dp": "tab:blue", "fedask": "tab:green", "fedask-alt-dp": "tab:red", "ffa-lora-dp": "tab:gray"}
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
+  """Per method against the round: the angles, A's change and A's scale."""
+  results = report["results"]
   fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
   for result in results:
     summary, color = result["summary"], COLORS[result["method"]]
@@ -245,6 +224,98 @@ def round_two(per_round: list[dict[str, Any]]) -> dict[str, Any]:
   return per_round[min(1, len(per_round) - 1)]
 
 
+def setup_text(report: dict[str, Any]) -> str:
+  """The setting and what is measured per round and layer."""
+  s, rank = report["config"]["settings"], report["results"][0]["rank"]
+  return (
+      "**Setup.** The embedded base model and GSM8K with quickstart.yaml (4 clients, 2 per round, LoRA r = "
+      f"{rank} on q_proj and v_proj, lr 1e-2, (3, 1e-5)-DP when private), {s['rounds']} rounds of "
+      f"{s['local_steps']} local steps of batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens. The "
+      "paper's A [r x n] is lora_a^T (docs/design.md, section 1.1), so its row space is col(lora_a). Per round "
+      "and layer: the principal angles between col(lora_a^t) and col(lora_a^0) (float64; checked against "
+      "scipy.linalg.subspace_angles in the test), their largest and their mean, ||A_t - A_0||_F / ||A_0||_F and "
+      "||A_t||_F / ||A_0||_F; with DP, the fraction of per-example gradients clipped in the round. "
+      f"Angles below {ROUNDOFF_ANGLE:g} rad count as float32 round-off.")
+
+
+def method_table(report: dict[str, Any]) -> list[str]:
+  """One row per method: sigma, the final and largest angles, A's change and scale, clipping, train loss."""
+  rows = []
+  for r in report["results"]:
+    per_round = r["summary"]["per_round"]
+    first, last = per_round[0], per_round[-1]
+    sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
+    clipped = "-" if first["clipped_fraction"] is None else " / ".join(
+        f"{p['clipped_fraction']:.2f}" for p in (first, round_two(per_round), last))
+    rows.append([
+        r["label"], sigma, f"{np.degrees(last['largest_mean']):.3g}", f"{r['summary']['max_largest']:.3g}",
+        f"{np.degrees(last['mean_angle']):.3g}", f"{last['change']:.3g}",
+        f"{first['scale']:.3g} / {last['scale']:.3g}", clipped, f"{r['rounds'][-1]['train_loss']:.4f}"])
+  header = ["method", "noise multiplier", "final largest angle, mean over layers (deg)",
+            "max over layers and rounds (rad)", "final mean angle (deg)", "final ‖A_t - A_0‖ / ‖A_0‖",
+            "‖A_t‖ / ‖A_0‖ after round 1 / last", "clipped fraction in round 1 / 2 / last", "final train loss"]
+  return _common.table(header, rows, "l" + "r" * 8)
+
+
+def layer_table(report: dict[str, Any]) -> list[str]:
+  """One row per layer: each method's largest / mean angle after the last round, in degrees."""
+  results = report["results"]
+
+  def angles(r: dict[str, Any], name: str) -> str:
+    final = r["summary"]["final_layers"][name]
+    return f"{np.degrees(final['largest']):.3g} / {np.degrees(final['mean']):.3g}"
+
+  rows = [[name, *(angles(r, name) for r in results)] for name in results[0]["summary"]["final_layers"]]
+  return _common.table(["layer", *(r["method"] for r in results)], rows, "l" + "r" * len(results))
+
+
+def dp_finding(dp: dict[str, Any], rounds: int) -> str:
+  """FedASK under DP: A changes as a matrix; does its row space move beyond round-off?"""
+  still = dp["max_largest"] < ROUNDOFF_ANGLE
+  change_last, change_first = dp["per_round"][-1]["change"], dp["per_round"][0]["change"]
+  movement = ("float32 round-off: A does not leave its initial row space. " if still else
+              f"above the {ROUNDOFF_ANGLE:g} rad round-off level: A moves. ")
+  claim = ("So in DP mode FedASK updates A, but only within the random subspace it started from, the subspace "
+           "that FFA-LoRA fixes; the paper's 'beyond fixed-matrix' claim holds for A's values, not for its "
+           "subspace." if still else "The paper's 'beyond fixed-matrix' claim holds here for the subspace too.")
+  return (
+      f"- FedASK under DP: the largest principal angle stays at most {dp['max_largest']:.2g} rad over all layers "
+      f"and rounds, {movement}Yet A changes as a matrix (||A_t - A_0|| / ||A_0|| = {change_last:.3g} after round "
+      f"{rounds}, {change_first:.3g} already after round 1, where the balanced factors replace PEFT's initial "
+      "scale): each reconstruction (the paper's A^t = S_r^{1/2} V_r^T; in our layout lora_a = Q U_r S_r^{1/2}) "
+      "rescales and rotates it inside row(A^{t-1}), because with A frozen locally sum_k w_k B_k A has its row "
+      f"space inside row(A) (docs/design.md, section 1.5). {claim}")
+
+
+def free_finding(free: dict[str, Any], rounds: int) -> str:
+  """FedASK without DP: clients train A, and its subspace moves."""
+  last = free["per_round"][-1]
+  return (
+      f"- FedASK without DP (both factors trained): the largest angle reaches "
+      f"{np.degrees(last['largest_mean']):.3g} degrees (mean over layers) after round {rounds}, the mean angle "
+      f"{np.degrees(last['mean_angle']):.3g} degrees: A's subspace moves when clients train A.")
+
+
+def alt_finding(alt: dict[str, Any]) -> str:
+  """fedask-alt under DP: alternating the frozen factor moves A's subspace."""
+  last = alt["per_round"][-1]
+  return (
+      "- fedask-alt under DP (ours: A trained in even rounds, with noise on one factor per round): the largest "
+      f"angle reaches {np.degrees(last['largest_mean']):.3g} degrees, the mean angle "
+      f"{np.degrees(last['mean_angle']):.3g} degrees: alternating the frozen factor does move A's subspace under "
+      "DP, while keeping the noise linear and the aggregation exact. Whether that improves the model is a "
+      "separate experiment; the train losses above are single noisy runs, not a comparison.")
+
+
+def ffa_finding(ffa: dict[str, Any]) -> str:
+  """FFA-LoRA: A must never change."""
+  if ffa["a_never_changed"]:
+    return ("- FFA-LoRA (the baseline): A is bit-identical to A_0 after every round; the angles computed, at most "
+            f"{ffa['max_largest']:.2g} rad, are the float64 round-off of the angle computation itself.")
+  return (f"- FFA-LoRA (the baseline): A CHANGED (largest angle {ffa['max_largest']:.2g} rad), which FFA-LoRA "
+          "should never do.")
+
+
 def scale_finding(dp: dict[str, Any], ffa: dict[str, Any], rounds: int) -> str:
   """A sentence on FedASK's rescaling of A under DP and what it does to clipping, against FFA-LoRA (A fixed)."""
   first, second, last = dp["per_round"][0], round_two(dp["per_round"]), dp["per_round"][-1]
@@ -263,121 +334,49 @@ def scale_finding(dp: dict[str, Any], ffa: dict[str, Any], rounds: int) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-  config, results = report["config"], report["results"]
-  s = config["settings"]
-  by_name = {r["method"]: r for r in results}
+  config = report["config"]
+  rounds = config["settings"]["rounds"]
+  by_name = {r["method"]: r["summary"] for r in report["results"]}
+  dp, free, alt, ffa = (by_name[m.name] for m in METHODS)
   lines = [
-      "# Subspace dynamics: principal angles between the row space of A at round t and at round 0",
-      "",
-      f"Generated by `{config['command']}` ({config['total_seconds']:.0f} s on {config['device']}).",
-      "",
-      "**Setup.** The embedded base model and GSM8K with quickstart.yaml (4 clients, 2 per round, LoRA r = "
-      f"{results[0]['rank']} on q_proj and v_proj, lr 1e-2, (3, 1e-5)-DP when private), {s['rounds']} rounds of "
-      f"{s['local_steps']} local steps of batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens. The "
-      "paper's A [r x n] is lora_a^T (docs/design.md, section 1.1), so its row space is col(lora_a). Per round "
-      "and layer: "
-      "the principal angles between col(lora_a^t) and col(lora_a^0) (float64; checked against "
-      "scipy.linalg.subspace_angles in the test), their largest and their mean, ||A_t - A_0||_F / ||A_0||_F and "
-      "||A_t||_F / ||A_0||_F; with DP, the fraction of per-example gradients clipped in the round. "
-      f"Angles below {ROUNDOFF_ANGLE:g} rad count as float32 round-off.",
-      "",
-      "| method | noise multiplier | final largest angle, mean over layers (deg) | max over layers and rounds "
-      "(rad) | final mean angle (deg) | final ‖A_t - A_0‖ / ‖A_0‖ | ‖A_t‖ / ‖A_0‖ after round 1 / last | "
-      "clipped fraction in round 1 / 2 / last | final train loss |",
-      "|---|" + "---:|" * 8,
-  ]
-  for r in results:
-    per_round = r["summary"]["per_round"]
-    last = per_round[-1]
-    sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
-    clipped = "-" if per_round[0]["clipped_fraction"] is None else " / ".join(
-        f"{p['clipped_fraction']:.2f}" for p in (per_round[0], round_two(per_round), last))
-    lines.append(
-        f"| {r['label']} | {sigma} | {np.degrees(last['largest_mean']):.3g} | {r['summary']['max_largest']:.3g} | "
-        f"{np.degrees(last['mean_angle']):.3g} | {last['change']:.3g} | {per_round[0]['scale']:.3g} / "
-        f"{last['scale']:.3g} | {clipped} | {r['rounds'][-1]['train_loss']:.4f} |")
-  names = list(results[0]["summary"]["final_layers"])
-  lines += [
-      "",
-      f"Per layer, after round {s['rounds']}: largest / mean principal angle (degrees).",
-      "",
-      "| layer | " + " | ".join(r["method"] for r in results) + " |",
-      "|---|" + "---:|" * len(results),
-  ]
-  for name in names:
-    cells = [f"{np.degrees(r['summary']['final_layers'][name]['largest']):.3g} / "
-             f"{np.degrees(r['summary']['final_layers'][name]['mean']):.3g}" for r in results]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  dp, free, alt, ffa = (by_name[m.name]["summary"] for m in METHODS)
-  dp_still = dp["max_largest"] < ROUNDOFF_ANGLE
-  dp_change, dp_first = dp["per_round"][-1]["change"], dp["per_round"][0]["change"]
-  lines += [
-      "",
-      "## Findings",
-      "",
-      f"- FedASK under DP: the largest principal angle stays at most {dp['max_largest']:.2g} rad over all layers "
-      f"and rounds, " + ("float32 round-off: A does not leave its initial row space. " if dp_still else
-                        f"above the {ROUNDOFF_ANGLE:g} rad round-off level: A moves. ")
-      + f"Yet A changes as a matrix (||A_t - A_0|| / ||A_0|| = {dp_change:.3g} after round {s['rounds']}, "
-      f"{dp_first:.3g} already after round 1, where the balanced factors replace PEFT's initial scale): each "
-      "reconstruction (the paper's A^t = S_r^{1/2} V_r^T; in our layout lora_a = Q U_r S_r^{1/2}) rescales and "
-      "rotates it inside row(A^{t-1}), because with A frozen locally sum_k w_k B_k A has its row space inside "
-      "row(A) (docs/design.md, section 1.5). "
-      + ("So in DP mode FedASK updates A, but only within the random subspace it started from, the subspace that "
-         "FFA-LoRA fixes; the paper's 'beyond fixed-matrix' claim holds for A's values, not for its subspace."
-         if dp_still else "The paper's 'beyond fixed-matrix' claim holds here for the subspace too."),
-      f"- FedASK without DP (both factors trained): the largest angle reaches "
-      f"{np.degrees(free['per_round'][-1]['largest_mean']):.3g} degrees (mean over layers) after round "
-      f"{s['rounds']}, the mean angle {np.degrees(free['per_round'][-1]['mean_angle']):.3g} degrees: A's subspace "
-      "moves when clients train A.",
-      f"- fedask-alt under DP (ours: A trained in even rounds, with noise on one factor per round): the largest "
-      f"angle reaches {np.degrees(alt['per_round'][-1]['largest_mean']):.3g} degrees, the mean angle "
-      f"{np.degrees(alt['per_round'][-1]['mean_angle']):.3g} degrees: alternating the frozen factor does move A's "
-      "subspace under DP, while keeping the noise linear and the aggregation exact. Whether that improves the "
-      "model is a separate experiment; the train losses above are single noisy runs, not a comparison.",
-      "- FFA-LoRA (the baseline): " + (
-          "A is bit-identical to A_0 after every round; the angles computed, at most "
-          f"{ffa['max_largest']:.2g} rad, are the float64 round-off of the angle computation itself."
-          if ffa["a_never_changed"] else f"A CHANGED (largest angle {ffa['max_largest']:.2g} rad), which FFA-LoRA "
-          "should never do."),
-      scale_finding(dp, ffa, s["rounds"]),
-      "",
-      f"![angles vs round]({report['stem']}.png)",
-      "",
+      "# Subspace dynamics: principal angles between the row space of A at round t and at round 0", "",
+      _common.generated_by(config["command"], config["total_seconds"], config["device"]), "",
+      setup_text(report), "",
+      *method_table(report), "",
+      f"Per layer, after round {rounds}: largest / mean principal angle (degrees).", "",
+      *layer_table(report), "",
+      "## Findings", "",
+      dp_finding(dp, rounds), free_finding(free, rounds), alt_finding(alt), ffa_finding(ffa),
+      scale_finding(dp, ffa, rounds), "",
+      f"![angles vs round]({report['stem']}.png)", "",
   ]
   return "\n".join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="6 rounds per method (~1 min on 2 cores)")
-  parser.add_argument("--out", type=Path, default=REPO / "experiments/results", help="output folder")
-  args = parser.parse_args()
-  absl.logging.set_verbosity(absl.logging.ERROR)  # dp_accounting's RDP warnings on orders it skips
-  args.out.mkdir(parents=True, exist_ok=True)
-  stem = NAME + ("_quick" if args.quick else "")
-
+def measure(quick: bool, stem: str, command: str) -> dict[str, Any]:
+  """Every method's run and summary, with the settings and provenance: the results file's content."""
   start = time.perf_counter()
-  settings = SETTINGS[args.quick]
+  settings = SETTINGS[quick]
   results = []
   for method in METHODS:
     result = run_method(method, settings)
     result["summary"] = summarize(result)
     results.append(result)
-  report = dict(
-      stem=stem,
-      config=dict(
-          command="python " + " ".join(shlex.quote(a) for a in [f"experiments/{NAME}.py", *sys.argv[1:]]),
-          quick=args.quick, base_config=str(BASE_CONFIG.relative_to(REPO)), settings=dataclasses.asdict(settings),
-          methods=[dataclasses.asdict(m) for m in METHODS],
-          device=f"{jax.devices()[0].device_kind} ({jax.default_backend()} backend, {platform.machine()})",
-          versions=dict(jax=jax.__version__, numpy=np.__version__, python=platform.python_version()),
-          total_seconds=time.perf_counter() - start),
-      results=results)
-  plot(results, args.out / f"{stem}.png")
-  (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-  (args.out / f"{stem}.md").write_text(markdown(report))
-  print(f"wrote {args.out}/{stem}.{{md,json,png}} in {report['config']['total_seconds']:.0f} s")
+  config = dict(
+      command=command, quick=quick, base_config=str(_common.QUICKSTART.relative_to(_common.REPO)),
+      settings=dataclasses.asdict(settings), methods=[dataclasses.asdict(m) for m in METHODS],
+      device=_common.device_report(), total_seconds=time.perf_counter() - start)
+  return dict(stem=stem, config=config, results=results)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = _common.parser(__doc__, "6 rounds per method (~1 min on 2 cores)").parse_args(argv)
+  stem = _common.stem(NAME, args.quick)
+  path = (args.out or _common.RESULTS) / f"{stem}.json"
+  if not args.report:
+    _common.quiet_accounting()
+    _common.save(path, measure(args.quick, stem, _common.command(NAME, argv)))
+  _common.render(path, markdown, plot)
 
 
 if __name__ == "__main__":
