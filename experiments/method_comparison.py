@@ -26,8 +26,8 @@ epsilon (sigma is a traced argument), partition and seed:
 - the batch capacity of DP rounds is `batch_capacity(N + 1, b / N, overflow_prob)`, at least what
   `runner.plan_privacy` gives for any partition of the N examples (the binomial tail at a fixed mean b grows
   with n), checked against each run's plan; non-private rounds use b slots, as the runner does.
-The script counts the compilations (the jit caches of the rounds, the sampler and the evaluation) and stores
-them with each invocation.
+The script counts the compilations (the calls of each round variant, sampler and the evaluation during which XLA
+compiled, through `jax.monitoring`) and stores them with each invocation.
 
 Modes. quick: 7 methods x epsilon {1, inf} x IID x 3 seeds, 6 rounds of 4 clients. cpu: the whole grid (every
 method, epsilon and partition, 3 seeds) on the paper's federation (10 clients, 2 per round) with runs a quarter of
@@ -59,39 +59,34 @@ Files (in --out, default experiments/results; --quick / --mode cpu write `method
 
 from __future__ import annotations
 
-import argparse
+import collections
+import contextlib
 import dataclasses
 import json
-import logging
 import math
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 from flax import nnx
 
 from fedask_jax import data as fdata
 from fedask_jax import evaluation, privacy, runner
-from fedask_jax.adapters import TRAINED, Adapters
+from fedask_jax.adapters import Adapters
 from fedask_jax.config import Config, load_config, to_dict
 from fedask_jax.lora import from_adapters, to_adapters
 from fedask_jax.models import load_tokenizer
 from fedask_jax.simulation import DPConfig, FederatedRound
 from fedask_jax.strategies import get_strategy
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import _common  # experiments/_common.py
+from _common import plt
 
-REPO = Path(__file__).resolve().parents[1]
 NAME = "method_comparison"
-BASE_CONFIG = REPO / "experiments/configs/quickstart.yaml"
 METHODS = ("fedask", "fedask-alt", "fedavg", "ffa-lora", "fedsa-lora", "fedprox", "scaffold")
 # name -> (data.partition, data.dirichlet_alpha); the paper's non-IID settings are Dirichlet(0.1) and (0.5).
 PARTITIONS = {"iid": ("iid", None), "dir0.5": ("dirichlet", 0.5), "dir0.1": ("dirichlet", 0.1)}
@@ -165,36 +160,68 @@ def eps_label(epsilon: float | None) -> str:
 
 
 def run_overrides(settings: Settings, method: str, epsilon: float, partition: str, seed: int) -> list[str]:
-  """The overrides of `BASE_CONFIG` (the quickstart) that make one run's config: the settings and the grid point."""
+  """The overrides of the quickstart that make one run's config: the settings and the grid point."""
   s = settings
   scheme, alpha = PARTITIONS[partition]
-  overrides = [
-      f"strategy={method}", f"rounds={s.rounds}", f"num_clients={s.num_clients}",
-      f"clients_per_round={s.clients_per_round}", f"local_steps={s.local_steps}", f"batch_size={s.batch_size}",
-      f"seed={seed}", f"model.path={REPO / 'experiments/base_model'}", f"data.path={REPO / 'data/gsm8k'}",
-      f"data.max_seq_len={s.max_seq_len}",
-      f"data.max_train_examples={'null' if s.max_train_examples is None else s.max_train_examples}",
-      f"data.partition={scheme}", f"data.min_client_size={s.min_client_size}",
-      f"eval.max_examples={s.eval_examples}", f"eval.batch_size={s.eval_batch_size}",
-      f"privacy.enabled={str(not math.isinf(epsilon)).lower()}",
-      f"client_chunk={'null' if jax.default_backend() != 'cpu' else 1}",
-  ]
+  values = {
+      "strategy": method, "rounds": s.rounds, "num_clients": s.num_clients, "clients_per_round": s.clients_per_round,
+      "local_steps": s.local_steps, "batch_size": s.batch_size, "seed": seed,
+      "model.path": _common.REPO / "experiments/base_model", "data.path": _common.REPO / "data/gsm8k",
+      "data.max_seq_len": s.max_seq_len, "data.max_train_examples": s.max_train_examples, "data.partition": scheme,
+      "data.min_client_size": s.min_client_size, "eval.max_examples": s.eval_examples,
+      "eval.batch_size": s.eval_batch_size, "privacy.enabled": not math.isinf(epsilon),
+      "client_chunk": _common.cpu_client_chunk(),
+  }
   if alpha is not None:
-    overrides.append(f"data.dirichlet_alpha={alpha}")
+    values["data.dirichlet_alpha"] = alpha
   if not math.isinf(epsilon):
-    overrides.append(f"privacy.target_epsilon={epsilon}")
-  return overrides
+    values["privacy.target_epsilon"] = epsilon
+  return _common.overrides(values)
 
 
 def run_config(settings: Settings, method: str, epsilon: float, partition: str, seed: int) -> Config:
   """The config of one run (`run_overrides` applied to the quickstart's), as `fedask-jax train` would load it."""
-  return load_config(BASE_CONFIG, run_overrides(settings, method, epsilon, partition, seed))
+  return load_config(_common.QUICKSTART, run_overrides(settings, method, epsilon, partition, seed))
+
+
+def round_label(method: str, private: bool, trained: str) -> str:
+  """The compile counts' name of a round variant, e.g. "round fedask dp lora_b"."""
+  return f"round {method} {'dp' if private else 'nodp'} {trained}"
+
+
+def sampler_label(private: bool) -> str:
+  """The compile counts' name of a sampler: Poisson batches with DP, uniform without."""
+  return f"sampler {'poisson' if private else 'uniform'}"
 
 
 def _pad_clients(data: fdata.ClientData, rows: int) -> fdata.ClientData:
   """`data` [C, M, L] padded with empty rows (masks False) to [C, rows, L]."""
   pad = lambda x: np.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0)))
   return fdata.ClientData(pad(data.input_ids), pad(data.attention_mask), pad(data.loss_mask), data.client_sizes)
+
+
+class Compilations:
+  """Calls that compiled, per label, seen through `jax.monitoring`'s compilation events: a `counting(label)` block
+  around one call counts 1 under `label` if XLA compiled anything during it (a first evaluation also compiles two
+  small eager flax ops beside its jitted step), 0 if it reused what was compiled before."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"  # one per XLA compilation (a cache hit has none)
+
+  def __init__(self):
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.events = 0
+    jax.monitoring.register_event_duration_secs_listener(self.record)
+
+  def record(self, event: str, duration: float, **kwargs: Any) -> None:
+    del duration, kwargs
+    self.events += event == self.EVENT
+
+  @contextlib.contextmanager
+  def counting(self, label: str) -> Iterator[None]:
+    before = self.events
+    yield
+    if self.events > before:
+      self.counts[label] += 1
 
 
 class Grid:
@@ -220,7 +247,7 @@ class Grid:
     self._clients: dict[tuple[str, int], tuple[fdata.ClientData, np.ndarray]] = {}
     self._plans: dict[tuple[float, str, int], tuple[runner.PrivacyPlan | None, float | None]] = {}
     self._adapters: dict[int, Adapters] = {}
-    self._eval_cache_before = evaluation._batch_sums._cache_size()
+    self.compilations = Compilations()
     self.base_eval_loss = self.evaluate(self.initial_adapters(settings.seeds[0]))
 
   # ----- shared, built once -----
@@ -280,7 +307,8 @@ class Grid:
 
   def evaluate(self, adapters: Adapters) -> float:
     nnx.update(self.model, from_adapters(nnx.state(self.model, nnx.LoRAParam), adapters))
-    return evaluation.evaluate(self.model, self.eval_data, batch_size=self.settings.eval_batch_size).eval_loss
+    with self.compilations.counting("evaluate"):
+      return evaluation.evaluate(self.model, self.eval_data, batch_size=self.settings.eval_batch_size).eval_loss
 
   def accuracy(self, adapters: Adapters) -> float | None:
     """GSM8K exact match on the first `accuracy_problems` test problems (greedy), or None when not asked for."""
@@ -293,27 +321,19 @@ class Grid:
                                   batch_size=len(self.problems)).accuracy
 
   def compile_counts(self) -> dict[str, int]:
-    """Compilations so far: each round variant's jit cache (variants never compiled left out), each sampler's,
-    and the evaluation's since this grid was built (its jit is module-level, shared with other callers)."""
-    counts = {}
-    for (m, p), rnd in self._rounds.items():
-      for t in TRAINED:
-        size = rnd.compiled(t)._cache_size()
-        if size:
-          counts[f"round {m} {'dp' if p else 'nodp'} {t}"] = size
-    counts.update({f"sampler {'poisson' if p else 'uniform'}": fn._cache_size() for p, fn in self._samplers.items()})
-    counts["evaluate"] = evaluation._batch_sums._cache_size() - self._eval_cache_before
-    return counts
+    """Compilations since this grid was built (`Compilations`): of each round variant (`round_label`), each
+    sampler and the evaluation (GSM8K generation not counted)."""
+    return dict(sorted(self.compilations.counts.items()))
 
   def expected_compiles(self) -> dict[str, int]:
     """One compilation per (method, DP, trained factor) used, sampler and evaluation: what reuse should give."""
     expected = {}
     for (m, p), rnd in self._rounds.items():
       for t in {rnd.trained(i) for i in range(1, min(self.settings.rounds, 2) + 1)}:
-        expected[f"round {m} {'dp' if p else 'nodp'} {t}"] = 1
-    expected.update({f"sampler {'poisson' if p else 'uniform'}": 1 for p in self._samplers})
+        expected[round_label(m, p, t)] = 1
+    expected.update({sampler_label(p): 1 for p in self._samplers})
     expected["evaluate"] = 1
-    return expected
+    return dict(sorted(expected.items()))
 
   # ----- one run -----
 
@@ -333,8 +353,10 @@ class Grid:
     losses, clipped = [], []
     for t in range(1, s.rounds + 1):
       round_key = jax.random.fold_in(key, t)
-      ids, weights, batches = sample(round_key, client_data)
-      state, metrics = round_fn(state, batches, ids, weights, round_key, t, **sigma)
+      with self.compilations.counting(sampler_label(private)):
+        ids, weights, batches = sample(round_key, client_data)
+      with self.compilations.counting(round_label(method, private, round_fn.trained(t))):
+        state, metrics = round_fn(state, batches, ids, weights, round_key, t, **sigma)
       losses.append(metrics["train_loss"])
       clipped.append(metrics["clipped_fraction"])
     eval_loss = self.evaluate(state.adapters)
@@ -385,12 +407,6 @@ def grid_points(settings: Settings) -> list[tuple[str, float, str, int]]:
           for m in settings.methods]
 
 
-def device_info() -> dict[str, Any]:
-  return {"jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
-          "python": platform.python_version(), "machine": platform.machine()}
-
-
 def run_grid(settings: Settings, path: Path, *, grid: Grid | None = None, progress: bool = True,
              command: str = "") -> tuple[Grid | None, int]:
   """Runs every point of `settings` not yet in the runs file `path`, appending one line per run and one for
@@ -414,7 +430,7 @@ def run_grid(settings: Settings, path: Path, *, grid: Grid | None = None, progre
   runner.MetricsLog(path).append({
       "kind": "invocation", "command": command, "runs": len(todo), "seconds": time.perf_counter() - began,
       "compile_counts": counts, "expected_compile_counts": expected, "base_eval_loss": grid.base_eval_loss,
-      "capacity": grid.capacity, "device": device_info(), "settings": settings.as_json()})
+      "capacity": grid.capacity, "device": _common.device_report(), "settings": settings.as_json()})
   if progress:
     print(f"compilations: {sum(counts.values())} (expected {sum(expected.values())}): {counts}", file=sys.stderr)
   return grid, len(todo)
@@ -448,12 +464,30 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return rows
 
 
-def _order(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str], list]:
-  """Methods, partitions and epsilons present, in the grid's order."""
-  methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-  partitions = [p for p in PARTITIONS if any(r["partition"] == p for r in rows)]
-  epsilons = sorted({r["target_epsilon"] for r in rows}, key=lambda e: math.inf if e is None else e)
-  return methods, partitions, epsilons
+class Cells(NamedTuple):
+  """The summary rows by (method, partition, target epsilon), and the methods, partitions and epsilons present,
+  in the grid's order (the non-private epsilon, None, last)."""
+
+  cell: dict[tuple[str, str, float | None], dict[str, Any]]
+  methods: list[str]
+  partitions: list[str]
+  epsilons: list[float | None]
+
+  @property
+  def points(self) -> list[tuple[str, float | None]]:
+    """(partition, epsilon) of every column of the table, partition-major."""
+    return [(p, e) for p in self.partitions for e in self.epsilons]
+
+  def loss(self, method: str, partition: str, epsilon: float | None) -> float:
+    return self.cell[method, partition, epsilon]["eval_loss_mean"]
+
+
+def cells(rows: Sequence[dict[str, Any]]) -> Cells:
+  return Cells(
+      cell={(r["method"], r["partition"], r["target_epsilon"]): r for r in rows},
+      methods=[m for m in METHODS if any(r["method"] == m for r in rows)],
+      partitions=[p for p in PARTITIONS if any(r["partition"] == p for r in rows)],
+      epsilons=sorted({r["target_epsilon"] for r in rows}, key=lambda e: math.inf if e is None else e))
 
 
 def paired_gap(runs: Sequence[dict[str, Any]], a: str, b: str, partition: str, epsilon: float | None
@@ -471,105 +505,153 @@ def paired_gap(runs: Sequence[dict[str, Any]], a: str, b: str, partition: str, e
   return float(d.mean()), se, len(d)
 
 
-def findings(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], base_loss: float | None) -> list[str]:
-  """Sentences on the paper's claims, generated from the numbers."""
-  methods, partitions, epsilons = _order(rows)
-  cell = {(r["method"], r["partition"], r["target_epsilon"]): r for r in rows}
-  out = []
-  cells = [(p, e) for p in partitions for e in epsilons]
-  if "fedask" in methods and len(methods) > 1:
-    wins, clear_wins, clear_losses, gaps = 0, 0, 0, []
-    for p, e in cells:
-      others = [m for m in methods if m != "fedask" and (m, p, e) in cell]
-      if ("fedask", p, e) not in cell or not others:
-        continue
-      best = min(others, key=lambda m: cell[m, p, e]["eval_loss_mean"])
-      gap = paired_gap(runs, "fedask", best, p, e)
-      if gap is None:
-        continue
-      gaps.append((p, e, best, gap))
-      wins += gap[0] < 0
-      # "Clear": the paired mean gap exceeds two standard errors (a rough 95% two-sided t-band would need
-      # 4.3 standard errors at 3 seeds; 2 is a lenient screen, stated as such).
-      clear_wins += gap[0] < -2 * gap[1]
-      clear_losses += gap[0] > 2 * gap[1]
-    if gaps:
-      out.append(
-          f"**Claim: FedASK outperforms the baselines in every privacy setting and data distribution.** FedASK has "
-          f"a lower mean held-out loss than the best other method in {wins} of {len(gaps)} (partition, epsilon) "
-          f"cells; by more than two paired standard errors in {clear_wins}, and is worse by more than two in "
-          f"{clear_losses}. " + ("The claim holds here." if wins == len(gaps) else "The claim does not hold here.")
-          + " Per cell, FedASK minus the best other method (paired by seed, mean +- standard error): "
-          + "; ".join(f"{PARTITION_LABELS[p]}, eps {eps_label(e)}: {g[0]:+.4f} +- {g[1]:.4f} vs {best}"
-                      for p, e, best, g in gaps) + ".")
-  for rival in ("fedavg", "ffa-lora"):
-    if "fedask" not in methods or rival not in methods:
+def where(partition: str, epsilon: float | None) -> str:
+  """A cell's name in the findings, e.g. "IID eps 1"."""
+  return f"{PARTITION_LABELS[partition]} eps {eps_label(epsilon)}"
+
+
+def fedask_claim(runs: Sequence[dict[str, Any]], c: Cells) -> str | None:
+  """The paper's claim: FedASK against the best other method of each cell, paired by seed."""
+  if "fedask" not in c.methods or len(c.methods) < 2:
+    return None
+  gaps = []  # (partition, epsilon, best other method, (mean, standard error, n) of fedask minus it)
+  for p, e in c.points:
+    others = [m for m in c.methods if m != "fedask" and (m, p, e) in c.cell]
+    if ("fedask", p, e) not in c.cell or not others:
       continue
-    parts = []
-    for p, e in cells:
-      gap = paired_gap(runs, "fedask", rival, p, e)
-      if gap is not None:
-        parts.append(f"{PARTITION_LABELS[p]} eps {eps_label(e)}: {gap[0]:+.4f} +- {gap[1]:.4f}")
-    if parts:
-      better = sum(1 for p, e in cells if (g := paired_gap(runs, "fedask", rival, p, e)) and g[0] < 0)
-      out.append(f"FedASK vs {rival} (loss difference, negative = FedASK better): lower in {better} of {len(parts)} "
-                 f"cells; " + "; ".join(parts) + ".")
-  if "fedask" in methods and "fedask-alt" in methods:
-    parts = [(p, e, g) for p, e in cells if (g := paired_gap(runs, "fedask-alt", "fedask", p, e))]
-    if parts:
-      better = sum(g[0] < 0 for _, _, g in parts)
-      out.append(f"fedask-alt (our extension: the frozen factor alternates) vs fedask: lower loss in {better} of "
-                 f"{len(parts)} cells (" + "; ".join(f"{PARTITION_LABELS[p]} eps {eps_label(e)}: {g[0]:+.4f}"
-                                                     for p, e, g in parts) + ").")
-  # Clients of these methods train (and noise) one factor per DP round; the others train both.
-  one = [m for m in methods if get_strategy(m).trained(1, True) != "both"]
-  both = [m for m in methods if m not in one]
-  if one and both:
-    parts = []
-    for e in [e for e in epsilons if e is not None]:
-      mean = lambda group: np.mean([cell[m, p, e]["eval_loss_mean"] for m in group for p in partitions
-                                    if (m, p, e) in cell])
-      parts.append(f"eps {eps_label(e)}: {mean(one):.4f} vs {mean(both):.4f}")
-    if parts:
-      out.append(
-          "Noise on one factor vs on both (the paper's Lemma 1: noising both factors adds a term quadratic in "
-          f"sigma): mean loss of the methods that train one factor under DP ({', '.join(one)}) vs those that "
-          f"train both ({', '.join(both)}), over partitions: " + "; ".join(parts) + ".")
+    best = min(others, key=lambda m: c.loss(m, p, e))
+    gap = paired_gap(runs, "fedask", best, p, e)
+    if gap is not None:
+      gaps.append((p, e, best, gap))
+  if not gaps:
+    return None
+  wins = sum(gap[0] < 0 for *_, gap in gaps)
+  # "Clear": the paired mean gap exceeds two standard errors (a rough 95% two-sided t-band would need 4.3 standard
+  # errors at 3 seeds; 2 is a lenient screen, stated as such).
+  clear_wins = sum(gap[0] < -2 * gap[1] for *_, gap in gaps)
+  clear_losses = sum(gap[0] > 2 * gap[1] for *_, gap in gaps)
+  verdict = "The claim holds here." if wins == len(gaps) else "The claim does not hold here."
+  per_cell = "; ".join(f"{PARTITION_LABELS[p]}, eps {eps_label(e)}: {gap[0]:+.4f} +- {gap[1]:.4f} vs {best}"
+                       for p, e, best, gap in gaps)
+  return (
+      "**Claim: FedASK outperforms the baselines in every privacy setting and data distribution.** FedASK has a "
+      f"lower mean held-out loss than the best other method in {wins} of {len(gaps)} (partition, epsilon) cells; "
+      f"by more than two paired standard errors in {clear_wins}, and is worse by more than two in {clear_losses}. "
+      f"{verdict} Per cell, FedASK minus the best other method (paired by seed, mean +- standard error): "
+      f"{per_cell}.")
+
+
+def cell_gaps(runs: Sequence[dict[str, Any]], c: Cells, a: str, b: str) -> list[tuple[str, float | None, tuple]]:
+  """(partition, epsilon, `paired_gap` of a minus b) for every cell where both ran; [] if either is absent."""
+  if a not in c.methods or b not in c.methods:
+    return []
+  return [(p, e, gap) for p, e in c.points if (gap := paired_gap(runs, a, b, p, e)) is not None]
+
+
+def rival_finding(runs: Sequence[dict[str, Any]], c: Cells, rival: str) -> str | None:
+  """FedASK minus `rival` in every cell, paired by seed."""
+  gaps = cell_gaps(runs, c, "fedask", rival)
+  if not gaps:
+    return None
+  better = sum(gap[0] < 0 for *_, gap in gaps)
+  per_cell = "; ".join(f"{where(p, e)}: {gap[0]:+.4f} +- {gap[1]:.4f}" for p, e, gap in gaps)
+  return (f"FedASK vs {rival} (loss difference, negative = FedASK better): lower in {better} of {len(gaps)} cells; "
+          f"{per_cell}.")
+
+
+def alternating_finding(runs: Sequence[dict[str, Any]], c: Cells) -> str | None:
+  """fedask-alt (ours) minus fedask in every cell."""
+  gaps = cell_gaps(runs, c, "fedask-alt", "fedask")
+  if not gaps:
+    return None
+  better = sum(gap[0] < 0 for *_, gap in gaps)
+  per_cell = "; ".join(f"{where(p, e)}: {gap[0]:+.4f}" for p, e, gap in gaps)
+  return (f"fedask-alt (our extension: the frozen factor alternates) vs fedask: lower loss in {better} of "
+          f"{len(gaps)} cells ({per_cell}).")
+
+
+def factors_finding(c: Cells) -> str | None:
+  """Lemma 1's direction: the methods that noise one factor per DP round against those that noise both."""
+  one = [m for m in c.methods if get_strategy(m).trained(1, True) != "both"]
+  both = [m for m in c.methods if m not in one]
+  private = [e for e in c.epsilons if e is not None]
+  if not (one and both and private):
+    return None
+
+  def mean(group: list[str], e: float) -> float:
+    return np.mean([c.loss(m, p, e) for m in group for p in c.partitions if (m, p, e) in c.cell])
+
+  per_epsilon = "; ".join(f"eps {eps_label(e)}: {mean(one, e):.4f} vs {mean(both, e):.4f}" for e in private)
+  return (
+      "Noise on one factor vs on both (the paper's Lemma 1: noising both factors adds a term quadratic in "
+      f"sigma): mean loss of the methods that train one factor under DP ({', '.join(one)}) vs those that train "
+      f"both ({', '.join(both)}), over partitions: {per_epsilon}.")
+
+
+def privacy_cost_finding(c: Cells) -> str | None:
+  """How much of the non-private result survives DP: per method, loss at epsilon minus the non-private loss."""
+  if None not in c.epsilons or all(e is None for e in c.epsilons):
+    return None
+  costs = []
+  for m in c.methods:
+    for e in [e for e in c.epsilons if e is not None]:
+      diffs = [c.loss(m, p, e) - c.loss(m, p, None) for p in c.partitions
+               if (m, p, e) in c.cell and (m, p, None) in c.cell]
+      if diffs:
+        costs.append(f"{m} eps {eps_label(e)}: {float(np.mean(diffs)):+.4f}")
+  if not costs:
+    return None
+  return ("Privacy cost (mean over partitions of loss at epsilon minus the non-private loss): "
+          + "; ".join(costs) + ".")
+
+
+def dp_gain_finding(rows: Sequence[dict[str, Any]], base_loss: float | None) -> str | None:
+  """The best DP cell's loss reduction from the base model, per epsilon: how far the DP runs moved at all."""
   private = [r for r in rows if r["target_epsilon"] is not None]
-  if private and None in epsilons:
-    # How much of the non-private gain survives DP: the privacy cost per method, averaged over partitions.
-    costs = []
-    for m in methods:
-      for e in [e for e in epsilons if e is not None]:
-        diffs = [cell[m, p, e]["eval_loss_mean"] - cell[m, p, None]["eval_loss_mean"]
-                 for p in partitions if (m, p, e) in cell and (m, p, None) in cell]
-        if diffs:
-          costs.append((m, e, float(np.mean(diffs))))
-    if costs:
-      out.append("Privacy cost (mean over partitions of loss at epsilon minus the non-private loss): "
-                 + "; ".join(f"{m} eps {eps_label(e)}: {c:+.4f}" for m, e, c in costs) + ".")
-  if base_loss is not None and private:
-    gains = []
-    for e in sorted({r["target_epsilon"] for r in private}):
-      top = min((r for r in private if r["target_epsilon"] == e), key=lambda r: r["eval_loss_mean"])
-      gains.append(f"eps {eps_label(e)}: {base_loss - top['eval_loss_mean']:.4f} ({top['method']}, "
-                   f"{PARTITION_LABELS[top['partition']]})")
-    out.append("Largest loss reduction from the base model under DP: " + "; ".join(gains) + ". Where it is small, "
-               "the DP cells compare methods that barely moved, and differences smaller than the seed spread are "
-               "not evidence either way.")
-  if base_loss is not None and rows:
-    best = min(rows, key=lambda r: r["eval_loss_mean"])
-    worst = max(rows, key=lambda r: r["eval_loss_mean"])
-    out.append(f"Every run starts from the base model's held-out loss {base_loss:.4f}; the best cell reaches "
-               f"{best['eval_loss_mean']:.4f} ({best['method']}, {PARTITION_LABELS[best['partition']]}, eps "
-               f"{eps_label(best['target_epsilon'])}), the worst {worst['eval_loss_mean']:.4f} ({worst['method']}, "
-               f"{PARTITION_LABELS[worst['partition']]}, eps {eps_label(worst['target_epsilon'])}).")
+  if base_loss is None or not private:
+    return None
+  gains = []
+  for e in sorted({r["target_epsilon"] for r in private}):
+    top = min((r for r in private if r["target_epsilon"] == e), key=lambda r: r["eval_loss_mean"])
+    gains.append(f"eps {eps_label(e)}: {base_loss - top['eval_loss_mean']:.4f} ({top['method']}, "
+                 f"{PARTITION_LABELS[top['partition']]})")
+  return ("Largest loss reduction from the base model under DP: " + "; ".join(gains) + ". Where it is small, the "
+          "DP cells compare methods that barely moved, and differences smaller than the seed spread are not "
+          "evidence either way.")
+
+
+def range_finding(rows: Sequence[dict[str, Any]], base_loss: float | None) -> str | None:
+  """The base model's loss and the best and worst cells."""
+  if base_loss is None or not rows:
+    return None
+  best = min(rows, key=lambda r: r["eval_loss_mean"])
+  worst = max(rows, key=lambda r: r["eval_loss_mean"])
+
+  def name(r: dict[str, Any]) -> str:
+    return f"{r['method']}, {PARTITION_LABELS[r['partition']]}, eps {eps_label(r['target_epsilon'])}"
+
+  return (f"Every run starts from the base model's held-out loss {base_loss:.4f}; the best cell reaches "
+          f"{best['eval_loss_mean']:.4f} ({name(best)}), the worst {worst['eval_loss_mean']:.4f} ({name(worst)}).")
+
+
+def spent_finding(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> str | None:
+  """The epsilon actually spent against the target."""
   spent = [r for r in rows if r["epsilon_spent_max"] is not None]
-  if spent:
-    ratio = max(r["epsilon_spent_max"] / r["target_epsilon"] for r in spent)
-    out.append(f"Epsilon actually spent (the smallest client, {accounting(runs)}) is at most {ratio:.4f} x the "
-               "target in every private cell.")
-  return out
+  if not spent:
+    return None
+  ratio = max(r["epsilon_spent_max"] / r["target_epsilon"] for r in spent)
+  return (f"Epsilon actually spent (the smallest client, {accounting(runs)}) is at most {ratio:.4f} x the target in "
+          "every private cell.")
+
+
+def findings(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], base_loss: float | None) -> list[str]:
+  """Sentences on the paper's claims, generated from the numbers (each finding is left out where its methods or
+  cells are missing)."""
+  c = cells(rows)
+  candidates = [fedask_claim(runs, c), rival_finding(runs, c, "fedavg"), rival_finding(runs, c, "ffa-lora"),
+                alternating_finding(runs, c), factors_finding(c), privacy_cost_finding(c),
+                dp_gain_finding(rows, base_loss), range_finding(rows, base_loss), spent_finding(runs, rows)]
+  return [f for f in candidates if f is not None]
 
 
 def accounting(runs: Sequence[dict[str, Any]]) -> str:
@@ -583,22 +665,21 @@ def accounting(runs: Sequence[dict[str, Any]]) -> str:
 
 def plot(rows: Sequence[dict[str, Any]], base_loss: float | None, path: Path, title: str) -> None:
   """Eval loss vs epsilon per method, one panel per partition, error bars = sample std over seeds."""
-  methods, partitions, epsilons = _order(rows)
-  cell = {(r["method"], r["partition"], r["target_epsilon"]): r for r in rows}
-  fig, axes = plt.subplots(1, len(partitions), figsize=(5 * len(partitions), 4), sharey=True, squeeze=False)
-  x = np.arange(len(epsilons))
-  for ax, p in zip(axes[0], partitions):
-    for i, m in enumerate(methods):
-      pts = [(j, cell[m, p, e]) for j, e in enumerate(epsilons) if (m, p, e) in cell]
+  c = cells(rows)
+  fig, axes = plt.subplots(1, len(c.partitions), figsize=(5 * len(c.partitions), 4), sharey=True, squeeze=False)
+  x = np.arange(len(c.epsilons))
+  for ax, p in zip(axes[0], c.partitions):
+    for i, m in enumerate(c.methods):
+      pts = [(j, c.cell[m, p, e]) for j, e in enumerate(c.epsilons) if (m, p, e) in c.cell]
       if not pts:
         continue
-      offset = (i - (len(methods) - 1) / 2) * 0.04
+      offset = (i - (len(c.methods) - 1) / 2) * 0.04
       ax.errorbar([j + offset for j, _ in pts], [r["eval_loss_mean"] for _, r in pts],
                   yerr=[r["eval_loss_std"] for _, r in pts], marker="o", capsize=3, label=m,
                   linewidth=2.2 if m == "fedask" else 1.2)
     if base_loss is not None:
       ax.axhline(base_loss, color="gray", linestyle="--", linewidth=1, label="base model")
-    ax.set_xticks(x, [eps_label(e) for e in epsilons])
+    ax.set_xticks(x, [eps_label(e) for e in c.epsilons])
     ax.set_xlabel("target epsilon (delta = 1e-5; inf = non-private)")
     ax.set_title(PARTITION_LABELS[p])
     ax.grid(alpha=0.3)
@@ -610,98 +691,120 @@ def plot(rows: Sequence[dict[str, Any]], base_loss: float | None, path: Path, ti
   plt.close(fig)
 
 
-def markdown(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], invocations: Sequence[dict[str, Any]],
-             settings: Settings, command: str, stem: str) -> str:
-  methods, partitions, epsilons = _order(rows)
-  cell = {(r["method"], r["partition"], r["target_epsilon"]): r for r in rows}
-  base_loss = invocations[-1]["base_eval_loss"] if invocations else None
+def provenance(runs: Sequence[dict[str, Any]], invocations: Sequence[dict[str, Any]], command: str, stem: str) -> str:
+  """The report's command and the invocations that made its runs (runs, minutes, device, jax)."""
+  made = ", ".join(f"{i['runs']} runs in {i['seconds'] / 60:.1f} min on {i['device']['device_kind']} "
+                   f"(jax {i['device']['jax']})" for i in invocations)
+  return f"Generated by `{command}` from `{stem}_runs.jsonl` ({len(runs)} runs; {made})."
+
+
+def setup_text(runs: Sequence[dict[str, Any]], c: Cells, settings: Settings) -> str:
+  """Model, data, federation, training, DP, seeds and the held-out loss."""
   s = settings
+  examples = "all" if s.max_train_examples is None else f"the first {s.max_train_examples}"
+  dirichlet = (f" (Dirichlet clients hold at least {s.min_client_size} examples)"
+               if any(p != "iid" for p in c.partitions) else "")
   seeds = sorted({r["seed"] for r in runs})
-  has_acc = any(r["accuracy_mean"] is not None for r in rows)
-  lines = [
-      "# Method comparison: held-out loss by method, privacy level and data distribution",
-      "",
-      f"Generated by `{command}` from `{stem}_runs.jsonl` ({len(runs)} runs; "
-      + ", ".join(f"{i['runs']} runs in {i['seconds'] / 60:.1f} min on {i['device']['device_kind']} "
-                  f"(jax {i['device']['jax']})" for i in invocations) + ").",
-      "",
-      f"**Setup.** Embedded base model (1.05M-parameter Llama, `experiments/base_model`), GSM8K question -> worked "
-      f"answer (plain template, calculator annotations stripped, {s.max_seq_len} tokens), "
-      f"{'all' if s.max_train_examples is None else f'the first {s.max_train_examples}'} training problems over "
-      f"{s.num_clients} clients, {s.clients_per_round} per round, {s.rounds} rounds of {s.local_steps} local AdamW "
-      f"steps (lr 1e-2, the quickstart's), batch {s.batch_size} (the expected Poisson batch under DP), LoRA r 8 "
-      f"on q_proj and v_proj, sketch oversampling 2, FedProx mu 0.01. DP: example-level (epsilon, 1e-5) for every "
-      f"client, B-space DP-SGD with C = 1, sigma calibrated ({accounting(runs)}; {s.rounds} rounds of "
-      f"{s.local_steps} steps, {s.clients_per_round} of {s.num_clients} clients per round) for the smallest "
-      f"client's rate q = {s.batch_size} / min_k n_k"
-      + (f" (Dirichlet clients hold at least {s.min_client_size} examples)" if any(p != "iid" for p in partitions)
-         else "") + f". Seeds {seeds}: the seed sets the partition, the initial adapters and every "
-      f"random draw; for one seed all methods see the same partition, start and client sampling. Held-out loss: "
+  return (
+      "**Setup.** Embedded base model (1.05M-parameter Llama, `experiments/base_model`), GSM8K question -> worked "
+      f"answer (plain template, calculator annotations stripped, {s.max_seq_len} tokens), {examples} training "
+      f"problems over {s.num_clients} clients, {s.clients_per_round} per round, {s.rounds} rounds of "
+      f"{s.local_steps} local AdamW steps (lr 1e-2, the quickstart's), batch {s.batch_size} (the expected Poisson "
+      "batch under DP), LoRA r 8 on q_proj and v_proj, sketch oversampling 2, FedProx mu 0.01. DP: example-level "
+      f"(epsilon, 1e-5) for every client, B-space DP-SGD with C = 1, sigma calibrated ({accounting(runs)}; "
+      f"{s.rounds} rounds of {s.local_steps} steps, {s.clients_per_round} of {s.num_clients} clients per round) for "
+      f"the smallest client's rate q = {s.batch_size} / min_k n_k{dirichlet}. Seeds {seeds}: the seed sets the "
+      "partition, the initial adapters and every random draw; for one seed all methods see the same partition, "
+      "start and client sampling. Held-out loss: "
       f"token-mean cross-entropy on the answers of the first {s.eval_examples} GSM8K test problems. FedSA-LoRA is "
-      "evaluated with its global adapters (the mean lora_b of the last round's clients). Nothing was tuned: "
-      "every hyper-parameter is the quickstart's, fixed before any run.",
-      "",
-  ]
-  header = "| method | epsilon | " + " | ".join(PARTITION_LABELS[p] for p in partitions) + " | sigma | eps spent |"
-  lines += [
-      "Held-out loss, mean +- sample std over seeds (bold: the lowest mean of the column's epsilon); sigma: mean "
-      "noise multiplier over partitions and seeds; eps spent: the largest over partitions and seeds.",
-      "", header, "|---|---:|" + "---:|" * len(partitions) + "---:|---:|"]
-  best = {(p, e): min((m for m in methods if (m, p, e) in cell), key=lambda m: cell[m, p, e]["eval_loss_mean"])
-          for p in partitions for e in epsilons if any((m, p, e) in cell for m in methods)}
-  for e in epsilons:
-    for m in methods:
-      present = [cell.get((m, p, e)) for p in partitions]
+      "evaluated with its global adapters (the mean lora_b of the last round's clients). Nothing was tuned: every "
+      "hyper-parameter is the quickstart's, fixed before any run.")
+
+
+def loss_table(c: Cells) -> list[str]:
+  """One row per (epsilon, method): the loss per partition (bold: the column's best), mean sigma, eps spent."""
+  best = {(p, e): min((m for m in c.methods if (m, p, e) in c.cell), key=lambda m: c.loss(m, p, e))
+          for p, e in c.points if any((m, p, e) in c.cell for m in c.methods)}
+  rows = []
+  for e in c.epsilons:
+    for m in c.methods:
+      present = [c.cell.get((m, p, e)) for p in c.partitions]
       if not any(present):
         continue
-      cells = []
-      for p, r in zip(partitions, present):
-        if r is None:
-          cells.append("-")
-          continue
-        text = f"{r['eval_loss_mean']:.4f} +- {r['eval_loss_std']:.4f}"
-        cells.append(f"**{text}**" if best.get((p, e)) == m else text)
-      sig = [r["noise_multiplier_mean"] for r in present if r and r["noise_multiplier_mean"] is not None]
+      losses = []
+      for p, r in zip(c.partitions, present):
+        text = "-" if r is None else f"{r['eval_loss_mean']:.4f} +- {r['eval_loss_std']:.4f}"
+        losses.append(f"**{text}**" if r is not None and best.get((p, e)) == m else text)
+      sigma = [r["noise_multiplier_mean"] for r in present if r and r["noise_multiplier_mean"] is not None]
       spent = [r["epsilon_spent_max"] for r in present if r and r["epsilon_spent_max"] is not None]
-      lines.append(f"| {m} | {eps_label(e)} | " + " | ".join(cells) + " | "
-                   + (f"{np.mean(sig):.3g}" if sig else "-") + " | " + (f"{max(spent):.3f}" if spent else "-") + " |")
-  lines += ["", "## What the numbers show", ""]
-  lines += [f"- {f}" for f in findings(runs, rows, base_loss)]
-  lines += [
-      "- Scale: the paper fine-tunes Llama-2-7B/13B for 800 rounds and scores task accuracy (MMLU 46.15 vs FedAvg "
-      "45.13 non-private; 45.80 vs 42.07 at eps 1; GSM8K 22.7 vs FFA-LoRA 14.2 at eps 1). This is a 1M-parameter "
-      "model for a few rounds, measured by held-out loss: it tests the direction of the claims at small scale, "
-      "not their size.",
-  ]
-  if has_acc:
-    scored = [r for r in rows if r["accuracy_mean"] is not None]
-    top = max(scored, key=lambda r: r["accuracy_mean"])
-    solved = sum(round(r["accuracy"] * s.accuracy_problems) for r in runs if r.get("accuracy") is not None)
-    best_cell = (f"the best cell mean is {top['accuracy_mean']:.3f} ({top['method']}, "
-                 f"{PARTITION_LABELS[top['partition']]}, eps {eps_label(top['target_epsilon'])}); " if solved else "")
-    lines.append(
-        f"- Task accuracy, GSM8K exact match (`fedask_jax.evaluation.exact_match`: greedy, up to "
-        f"{s.accuracy_tokens} new tokens, the first {s.accuracy_problems} test problems): {best_cell}{solved} "
-        f"problems solved over all {len(runs)} runs together. A 1M-parameter model does not do grade-school "
-        "arithmetic, so accuracy cannot separate the methods here (per-run values are in the JSON); the held-out "
-        "loss does.")
-  else:
-    lines.append("- Task accuracy (GSM8K exact match) was not measured in these runs (settings.accuracy_problems = "
-                 "0).")
-  if invocations:
-    lines += ["", "Compile reuse (one compilation per round variant used, per sampler and for the evaluation; "
-              "GSM8K generation not counted):"]
-    for inv in invocations:
-      if "compile_counts" not in inv:  # an invocation cut off before its closing line (its "note" says how)
-        lines.append(f"- `{inv['command']}`: {inv['runs']} runs; compilations not recorded: {inv['note']}.")
-        continue
-      ok = inv["compile_counts"] == inv["expected_compile_counts"]
-      lines.append(
-          f"- `{inv['command']}`: {inv['runs']} runs, {sum(inv['compile_counts'].values())} compilations, "
-          f"{'as expected' if ok else 'NOT as expected'} (" + ", ".join(
-              f"{k}: {v}" for k, v in inv["compile_counts"].items()) + ").")
-  lines += ["", f"![held-out loss vs epsilon]({stem}.png)", ""]
-  return "\n".join(lines)
+      rows.append([m, eps_label(e), *losses, f"{np.mean(sigma):.3g}" if sigma else "-",
+                   f"{max(spent):.3f}" if spent else "-"])
+  header = ["method", "epsilon", *(PARTITION_LABELS[p] for p in c.partitions), "sigma", "eps spent"]
+  return _common.table(header, rows, "lr" + "r" * len(c.partitions) + "rr")
+
+
+def accuracy_note(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], settings: Settings) -> str:
+  """GSM8K exact match: how many problems were solved at all, and the best cell."""
+  s = settings
+  scored = [r for r in rows if r["accuracy_mean"] is not None]
+  if not scored:
+    return ("- Task accuracy (GSM8K exact match) was not measured in these runs (settings.accuracy_problems = "
+            "0).")
+  top = max(scored, key=lambda r: r["accuracy_mean"])
+  solved = sum(round(r["accuracy"] * s.accuracy_problems) for r in runs if r.get("accuracy") is not None)
+  best_cell = (f"the best cell mean is {top['accuracy_mean']:.3f} ({top['method']}, "
+               f"{PARTITION_LABELS[top['partition']]}, eps {eps_label(top['target_epsilon'])}); " if solved else "")
+  return (
+      "- Task accuracy, GSM8K exact match (`fedask_jax.evaluation.exact_match`: greedy, up to "
+      f"{s.accuracy_tokens} new tokens, the first {s.accuracy_problems} test problems): {best_cell}{solved} "
+      f"problems solved over all {len(runs)} runs together. A 1M-parameter model does not do grade-school "
+      "arithmetic, so accuracy cannot separate the methods here (per-run values are in the JSON); the held-out "
+      "loss does.")
+
+
+def compile_notes(invocations: Sequence[dict[str, Any]]) -> list[str]:
+  """Per invocation: its compilations against one per round variant, sampler and evaluation."""
+  if not invocations:
+    return []
+  lines = ["", "Compile reuse (one compilation per round variant used, per sampler and for the evaluation; "
+           "GSM8K generation not counted):"]
+  for inv in invocations:
+    if "compile_counts" not in inv:  # an invocation cut off before its closing line (its "note" says how)
+      lines.append(f"- `{inv['command']}`: {inv['runs']} runs; compilations not recorded: {inv['note']}.")
+      continue
+    counts = inv["compile_counts"]
+    verdict = "as expected" if counts == inv["expected_compile_counts"] else "NOT as expected"
+    detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+    lines.append(f"- `{inv['command']}`: {inv['runs']} runs, {sum(counts.values())} compilations, {verdict} "
+                 f"({detail}).")
+  return lines
+
+
+SCALE_NOTE = (
+    "- Scale: the paper fine-tunes Llama-2-7B/13B for 800 rounds and scores task accuracy (MMLU 46.15 vs FedAvg "
+    "45.13 non-private; 45.80 vs 42.07 at eps 1; GSM8K 22.7 vs FFA-LoRA 14.2 at eps 1). This is a 1M-parameter "
+    "model for a few rounds, measured by held-out loss: it tests the direction of the claims at small scale, not "
+    "their size.")
+
+
+def markdown(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], invocations: Sequence[dict[str, Any]],
+             settings: Settings, command: str, stem: str) -> str:
+  c = cells(rows)
+  base_loss = invocations[-1]["base_eval_loss"] if invocations else None
+  return "\n".join([
+      "# Method comparison: held-out loss by method, privacy level and data distribution", "",
+      provenance(runs, invocations, command, stem), "",
+      setup_text(runs, c, settings), "",
+      "Held-out loss, mean +- sample std over seeds (bold: the lowest mean of the column's epsilon); sigma: mean "
+      "noise multiplier over partitions and seeds; eps spent: the largest over partitions and seeds.", "",
+      *loss_table(c), "",
+      "## What the numbers show", "",
+      *(f"- {f}" for f in findings(runs, rows, base_loss)),
+      SCALE_NOTE,
+      accuracy_note(runs, rows, settings),
+      *compile_notes(invocations), "",
+      f"![held-out loss vs epsilon]({stem}.png)", "",
+  ])
 
 
 def write_report(settings: Settings, out: Path, stem: str, command: str) -> dict[str, Any]:
@@ -716,15 +819,15 @@ def write_report(settings: Settings, out: Path, stem: str, command: str) -> dict
   rows = summarize(runs)
   base_loss = invocations[-1]["base_eval_loss"] if invocations else None
   example = (settings.methods[0], settings.epsilons[0], settings.partitions[-1], settings.seeds[0])
-  config = {"base": str(BASE_CONFIG.relative_to(REPO)),
+  config = {"base": str(_common.QUICKSTART.relative_to(_common.REPO)),
             "overrides": "run_overrides(settings, method, epsilon, partition, seed), e.g. example",
             "example": {"run": [example[0], eps_key(example[1]), *example[2:]],
                         "overrides": run_overrides(settings, *example),
                         "resolved": to_dict(run_config(settings, *example))}}
-  result = {"command": command, "settings": settings.as_json(), "config": config, "device": device_info(),
+  result = {"command": command, "settings": settings.as_json(), "config": config, "device": _common.device_report(),
             "base_eval_loss": base_loss, "summary": rows, "runs": runs, "invocations": invocations,
             "findings": findings(runs, rows, base_loss)}
-  (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+  _common.save(out / f"{stem}.json", result)
   (out / f"{stem}.md").write_text(markdown(runs, rows, invocations, settings, command, stem), encoding="utf-8")
   plot(rows, base_loss, out / f"{stem}.png",
        f"Held-out loss after {settings.rounds} rounds, mean +- std over {len({r['seed'] for r in runs})} seeds")
@@ -732,18 +835,16 @@ def write_report(settings: Settings, out: Path, stem: str, command: str) -> dict
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = _common.parser(__doc__, "the same as --mode quick",
+                          report_help="only rebuild the report from the runs file")
   parser.add_argument("--mode", choices=tuple(MODES), default=None,
                       help="quick: a small grid (< 20 min on a 2-core CPU); cpu: the whole grid with short runs "
                            "(~70 min on a 2-core CPU); full (the default): the whole grid at full size (a GPU)")
-  parser.add_argument("--quick", action="store_true", help="the same as --mode quick")
-  parser.add_argument("--out", type=Path, default=REPO / "experiments/results", help="output folder")
   parser.add_argument("--only-methods", default=None, help="comma-separated subset of the methods")
   parser.add_argument("--only-partitions", default=None, help="comma-separated subset of iid,dir0.5,dir0.1")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the mode's)")
-  parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
   args = parser.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP order warnings, one per calibration step
+  _common.quiet_accounting()
   if args.quick and args.mode not in (None, "quick"):
     parser.error(f"--quick is --mode quick: it contradicts --mode {args.mode}")
   mode = "quick" if args.quick else args.mode or "full"
@@ -762,12 +863,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.seeds:
     settings = dataclasses.replace(settings, seeds=tuple(int(s) for s in args.seeds.split(",")))
   stem = NAME + ("" if mode == "full" else f"_{mode}")
-  args.out.mkdir(parents=True, exist_ok=True)
-  command = "python experiments/method_comparison.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+  out = args.out or _common.RESULTS
+  out.mkdir(parents=True, exist_ok=True)
+  command = _common.command(NAME, argv)
   if not args.report:
-    run_grid(settings, args.out / f"{stem}_runs.jsonl", command=command.strip())
-  write_report(MODES[mode], args.out, stem, command.strip())
-  print(f"wrote {args.out}/{stem}.{{md,json,png}} and {stem}_runs.jsonl")
+    run_grid(settings, out / f"{stem}_runs.jsonl", command=command)
+  write_report(MODES[mode], out, stem, command)
+  print(f"wrote {out}/{stem}.{{md,json,png}} and {stem}_runs.jsonl")
 
 
 if __name__ == "__main__":
