@@ -17,20 +17,10 @@ does not depend on the values.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
-import statistics
-import time
 
-# JAX's CPU QR and SVD call OpenBLAS LAPACK (through scipy), whose threads busy-wait when cores are shared: on
-# our loaded 2-core machine a 4096 x 20 QR took 0.2-0.6 s with the default threads and 0.5 ms with one. The
-# sketch's QR/SVD are on thin matrices that gain nothing from threads (the dense baseline's products run on
-# XLA's own thread pool, unaffected). This must precede jax's first LAPACK call; an explicit
-# OPENBLAS_NUM_THREADS in the environment wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
+import harness  # benchmarks/harness.py, before jax: it sets the OpenBLAS threads
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,28 +37,17 @@ def dense_aggregate(lora_a: jax.Array, lora_b: jax.Array, weights: jax.Array) ->
   return jnp.tensordot(weights, products, axes=1)
 
 
-def _compile(fn, *args):
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return compiled, time.perf_counter() - start
-
-
-def _run_time(compiled, *args) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(*args))
-  return time.perf_counter() - start
-
-
 def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, repeats: int = 7,
             seed: int = 0) -> dict:
   """Times jitted FedASK and dense aggregation of K float32 clients' (lora_a [m, r], lora_b [r, n]).
 
-  Returns a JSON-ready dict: the problem, compile and median run seconds of each scheme, the speed-up
-  (dense / FedASK median), the bytes one client sends per round in each scheme (FedASK: Y_k [m, w] +
-  P_k [n, w]; dense: [m, n]; w = min(r + p, m, n)), and FedASK's exactness certificate.
+  Returns a JSON-ready dict: the problem, each scheme's figures (`harness.summary`), the speed-up (dense / FedASK
+  median), the bytes one client sends per round in each scheme (FedASK: Y_k [m, w] + P_k [n, w]; dense: [m, n];
+  w = min(r + p, m, n)), FedASK's exactness certificate, and the machine.
   """
   if repeats < 1:
     raise ValueError(f"repeats={repeats}: time at least one run (the median of >= 5 is the intended use).")
+  load_before = os.getloadavg()
   key = jax.random.key(seed)
   lora_a = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, 1), (m, r)), (k, m, r)) / np.sqrt(m)
   lora_b = jax.random.normal(jax.random.fold_in(key, 0), (k, r, n)) / np.sqrt(n)
@@ -76,30 +55,25 @@ def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, 
   omega = sketch.make_omega(jax.random.fold_in(key, 3), n, r + p)
   width = min(r + p, m, n)
 
-  fedask, fedask_compile = _compile(jax.jit(sketch.aggregate_layer, static_argnames="rank"),
-                                    lora_a, lora_b, weights, omega, r)
-  dense, dense_compile = _compile(jax.jit(dense_aggregate), lora_a, lora_b, weights)
+  fedask, fedask_compile = harness.compile_timed(jax.jit(sketch.aggregate_layer, static_argnames="rank"),
+                                                 lora_a, lora_b, weights, omega, r)
+  dense, dense_compile = harness.compile_timed(jax.jit(dense_aggregate), lora_a, lora_b, weights)
   fedask_args, dense_args = (lora_a, lora_b, weights, omega), (lora_a, lora_b, weights)
+  times = harness.time_alternating({
+      "fedask": (lambda: fedask_args, lambda args: jax.block_until_ready(fedask(*args))),
+      "dense": (lambda: dense_args, lambda args: jax.block_until_ready(dense(*args)))}, repeats)
   new_a, new_b = fedask(*fedask_args)
-  jax.block_until_ready(dense(*dense_args))
-  fedask_times, dense_times = [], []
-  for _ in range(repeats):
-    fedask_times.append(_run_time(fedask, *fedask_args))
-    dense_times.append(_run_time(dense, *dense_args))
-  fedask_s, dense_s = statistics.median(fedask_times), statistics.median(dense_times)
-  return {
+  result = {
       "problem": {"m": m, "n": n, "r": r, "p": p, "k": k, "width": width, "dtype": "float32",
                   "repeats": repeats, "seed": seed},
-      "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
-      "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
-               "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS")},
-      "jax": jax.__version__,
-      "fedask": {"compile_s": fedask_compile, "median_s": fedask_s, "times_s": fedask_times},
-      "dense": {"compile_s": dense_compile, "median_s": dense_s, "times_s": dense_times},
-      "speedup": dense_s / fedask_s,
+      "fedask": harness.summary(times["fedask"], fedask_compile),
+      "dense": harness.summary(times["dense"], dense_compile),
       "client_bytes_per_round": {"fedask": (m + n) * width * FLOAT32_BYTES, "dense": m * n * FLOAT32_BYTES},
       "fedask_reconstruction_error": float(sketch.reconstruction_error(lora_a, lora_b, weights, new_a, new_b)),
   }
+  result["speedup"] = result["dense"]["median_s"] / result["fedask"]["median_s"]
+  result["machine"] = harness.machine(load_before)
+  return result
 
 
 def _table(result: dict) -> str:
@@ -110,7 +84,7 @@ def _table(result: dict) -> str:
                  f"{traffic[scheme]:,}"))
   widths = [max(len(row[i]) for row in rows) for i in range(4)]
   lines = [f"m={prob['m']} n={prob['n']} r={prob['r']} p={prob['p']} K={prob['k']} float32, "
-           f"{result['device']}, median of {prob['repeats']}"]
+           f"{result['machine']['device']}, median of {prob['repeats']}"]
   lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
   lines.append(f"speed-up (dense / fedask): {result['speedup']:.1f}x; traffic ratio (dense / fedask): "
                f"{traffic['dense'] / traffic['fedask']:.1f}x; fedask relative error "
@@ -131,9 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   result = measure(args.m, args.n, args.r, args.p, args.k, args.repeats, args.seed)
   print(_table(result))
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {args.out}")
+  harness.write(result, args.out)
   return result
 
 

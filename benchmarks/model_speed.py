@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import pathlib
-import platform
-import statistics
 import tempfile
-import time
 
+import harness  # benchmarks/harness.py, before jax: it sets the OpenBLAS threads
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,24 +95,17 @@ def main() -> None:
   compile_s, jax_fns = {}, {}
   for name, model, trainable in (("jax full", ours_full, nnx.Param), ("jax lora", ours_lora, nnx.LoRAParam)):
     step, (params, rest) = jax_step(model, trainable)
-    start = time.perf_counter()
-    compiled = step.lower(params, rest, ids).compile()
-    compile_s[name] = time.perf_counter() - start
+    compiled, compile_s[name] = harness.compile_timed(step, params, rest, ids)
     jax_fns[name] = lambda compiled=compiled, params=params, rest=rest: jax.block_until_ready(
         compiled(params, rest, ids))
   fns = {**jax_fns, "torch full": torch_step(hf_model, ids_torch), "torch lora": torch_step(peft_model, ids_torch)}
 
+  # The first call of each is the first warm-up pass, and gives the losses that show both hold the same weights.
   losses = {name: float(fn()[0]) if name.startswith("jax") else fn().item() for name, fn in fns.items()}
-  for _ in range(args.warmup - 1):
-    for fn in fns.values():
-      fn()
-  times: dict[str, list[float]] = {name: [] for name in fns}
-  for _ in range(args.runs):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  median = {name: statistics.median(t) for name, t in times.items()}
+  times = harness.time_alternating({name: (lambda: None, lambda _, fn=fn: fn()) for name, fn in fns.items()},
+                                   args.runs, warmup=args.warmup - 1)
+  timing = {name: harness.summary(t, compile_s.get(name)) for name, t in times.items()}
+  median = {name: v["median_s"] for name, v in timing.items()}
 
   print(f"Llama-style {ARCH['num_hidden_layers']} layers, d={ARCH['hidden_size']}, heads "
         f"{ARCH['num_attention_heads']}/{ARCH['num_key_value_heads']}, ffn {ARCH['intermediate_size']}, vocab "
@@ -123,7 +113,7 @@ def main() -> None:
   print(f"{'variant':<12}{'median ms':>12}{'min ms':>10}{'compile s':>11}{'loss':>10}")
   for name in fns:
     compile_text = f"{compile_s[name]:.2f}" if name in compile_s else "-"
-    print(f"{name:<12}{1e3 * median[name]:>12.1f}{1e3 * min(times[name]):>10.1f}{compile_text:>11}"
+    print(f"{name:<12}{1e3 * median[name]:>12.1f}{1e3 * timing[name]['min_s']:>10.1f}{compile_text:>11}"
           f"{losses[name]:>10.4f}")
   ratios = {kind: median[f"torch {kind}"] / median[f"jax {kind}"] for kind in ("full", "lora")}
   print(f"speed-up of ours over transformers (torch median / jax median): full {ratios['full']:.2f}x, "
@@ -131,19 +121,12 @@ def main() -> None:
 
   result = {
       "architecture": ARCH, "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.target_modules)},
-      "batch": args.batch, "seq": args.seq, "runs": args.runs, "warmup": args.warmup,
-      "median_s": median, "min_s": {n: min(t) for n, t in times.items()}, "times_s": times,
-      "compile_s": compile_s, "losses": losses, "speedup_torch_over_jax": ratios,
+      "batch": args.batch, "seq": args.seq, "runs": args.runs, "warmup": args.warmup, "timing": timing,
+      "losses": losses, "speedup_torch_over_jax": ratios,
       "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "devices": [str(d) for d in jax.devices()], "torch_threads": torch.get_num_threads(),
-                  # 1-minute load averages: the machine is shared, and other processes slow both sides.
-                  "load_average_before_after": [load_before[0], os.getloadavg()[0]]},
+      "machine": dict(harness.machine(load_before), torch_threads=torch.get_num_threads()),
   }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+  harness.write(result, pathlib.Path(args.out))
 
 
 if __name__ == "__main__":

@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
-import time
 
-# The sketch's thin QR/SVD call OpenBLAS, whose threads busy-wait on a shared machine (see aggregate.py).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # jaxlib 0.10.2's batched LAPACK kernels (QR/SVD under vmap: the sketch's layer groups and its certificate)
 # split a batch over XLA's intra-op thread pool and block the calling pool thread until the pieces finish
 # (jaxlib/cpu/lapack_kernels.cc, ParallelBatchMap). With two pool threads (this 2-core machine) and the
@@ -47,14 +42,15 @@ ALL_CPUS = "--all-cpus" in sys.argv
 if not ALL_CPUS:
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
 
-import jax
-import jax.numpy as jnp
+import harness  # noqa: E402  (benchmarks/harness.py, before jax: it sets the OpenBLAS threads)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-from fedask_jax import simulation
-from fedask_jax.data.batching import Batch
-from fedask_jax.lora import LoRAConfig, inject_lora
-from fedask_jax.models import LlamaConfig, LlamaForCausalLM, init_random
-from fedask_jax.strategies import get_strategy
+from fedask_jax import simulation  # noqa: E402
+from fedask_jax.data.batching import Batch  # noqa: E402
+from fedask_jax.lora import LoRAConfig, inject_lora  # noqa: E402
+from fedask_jax.models import LlamaConfig, LlamaForCausalLM, init_random  # noqa: E402
+from fedask_jax.strategies import get_strategy  # noqa: E402
 
 MODEL = LlamaConfig(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688,
                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=64)
@@ -77,16 +73,6 @@ def make_batches(num_clients: int) -> Batch:
   return Batch(ids, jnp.ones(shape, bool), loss_mask, jnp.ones(shape[:3], bool))
 
 
-def _timed(fn, *args) -> tuple[object, float]:
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - start
-
-
-def _summary(compile_s: float, runs: list[float]) -> dict:
-  return {"compile_s": compile_s, "median_s": statistics.median(runs), "runs_s": runs}
-
-
 def measure(num_clients: int, repeats: int = 3, client_chunks: tuple[int | None, ...] = (None,)) -> dict:
   """Compile and median run seconds of the vmapped round (per `client_chunk`, None = all K at once) and of the
   Python loop, for K = num_clients, all runs interleaved."""
@@ -101,13 +87,14 @@ def measure(num_clients: int, repeats: int = 3, client_chunks: tuple[int | None,
   round_key = jax.random.key(3)
   fresh_state = lambda: jax.block_until_ready(jax.tree.map(jnp.copy, state0))  # the round donates its state
 
-  vmapped, compile_s = {}, {}
+  def round_variant(chunk_round: simulation.FederatedRound) -> tuple[harness.Variant, float]:
+    args = lambda: (fresh_state(), chunk_round.frozen_state, batches, ids, weights, round_key)
+    compiled, compile_s = harness.compile_timed(chunk_round.compiled(trained), *args())
+    return (args, lambda a: jax.block_until_ready(compiled(*a))), compile_s
+
+  variants, compile_s = {}, {}
   for chunk, chunk_round in rounds.items():
-    start = time.perf_counter()
-    vmapped[chunk] = chunk_round.compiled(trained).lower(
-        fresh_state(), chunk_round.frozen_state, batches, ids, weights, round_key).compile()
-    compile_s[chunk] = time.perf_counter() - start
-    _timed(vmapped[chunk], fresh_state(), chunk_round.frozen_state, batches, ids, weights, round_key)  # warm-up
+    variants[chunk], compile_s[chunk] = round_variant(chunk_round)
 
   update = jax.jit(functools.partial(simulation.client_update, rnd.training, trained))
   server_step = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
@@ -116,27 +103,19 @@ def measure(num_clients: int, repeats: int = 3, client_chunks: tuple[int | None,
   def loop(state):
     results = [update(state, rnd.frozen_state, client_batch(k), ids[k], jax.random.fold_in(round_key, k))[0]
                for k in range(num_clients)]
-    return server_step(state, jax.tree.map(lambda *xs: jnp.stack(xs), *results), weights, ids,
-                       simulation.server_key(round_key))
+    return jax.block_until_ready(server_step(state, jax.tree.map(lambda *xs: jnp.stack(xs), *results), weights, ids,
+                                             simulation.server_key(round_key)))
 
-  start = time.perf_counter()
-  jax.block_until_ready(loop(state0))  # compiles the one-client update and the aggregation
-  loop_compile = time.perf_counter() - start
-
-  vmapped_runs, loop_runs = {chunk: [] for chunk in chunks}, []
-  for _ in range(repeats):
-    for chunk in chunks:
-      (_, metrics), seconds = _timed(
-          vmapped[chunk], fresh_state(), rounds[chunk].frozen_state, batches, ids, weights, round_key)
-      vmapped_runs[chunk].append(seconds)
-    loop_runs.append(_timed(loop, state0)[1])
-  loop_summary = _summary(loop_compile, loop_runs)
+  loop_compile = harness.seconds(lambda: loop(state0))  # compiles the one-client update and the aggregation
+  times = harness.time_alternating({**variants, "loop": (lambda: state0, loop)}, repeats)
+  prepare, run = variants[chunks[0]]
+  _, metrics = run(prepare())
+  loop_summary = harness.summary(times["loop"], loop_compile)
   return {
       "clients": num_clients,
       "loop": loop_summary,
-      "vmapped": [dict(_summary(compile_s[c], vmapped_runs[c]), client_chunk=c,
-                       loop_over_vmapped=loop_summary["median_s"] / statistics.median(vmapped_runs[c]))
-                  for c in chunks],
+      "vmapped": [dict(harness.summary(times[c], compile_s[c]), client_chunk=c,
+                       loop_over_vmapped=loop_summary["median_s"] / statistics.median(times[c])) for c in chunks],
       "train_loss": float(metrics["train_loss"]),
       "reconstruction_error": float(metrics["reconstruction_error"]),
   }
@@ -157,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
   if any(c < 0 for c in args.client_chunks):
     parser.error(f"--client-chunks={args.client_chunks}: chunk sizes are >= 1, or 0 for all clients at once.")
   chunks = tuple(c or None for c in args.client_chunks)
+  load_before = os.getloadavg()
   rows = [measure(k, args.repeats, chunks) for k in args.clients]
   print(f"{'clients':>7} | {'client_chunk':>12} | {'vmapped s/round':>15} | {'loop s/round':>12} | "
         f"{'loop / vmapped':>14} | {'compile vmapped / loop (s)':>26}")
@@ -171,16 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "lora_targets": list(LORA.target_modules), "sequence": SEQUENCE, "batch": BATCH,
                 "local_steps": LOCAL_STEPS, "strategy": "fedask", "dp": vars(DP), "optimizer": "adamw 5e-4",
                 "repeats": args.repeats},
-      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                  "cpus_used": len(os.sched_getaffinity(0)), "jax": jax.__version__,
-                  "devices": [str(d) for d in jax.devices()],
-                  "note": "CPU shared with other processes: compare ratios, not absolute seconds"},
+      "machine": dict(harness.machine(load_before), cpus_used=len(os.sched_getaffinity(0))),
       "results": rows,
   }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+  harness.write(result, pathlib.Path(args.out))
   return result
 
 

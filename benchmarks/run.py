@@ -50,27 +50,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
 from typing import Any, Callable
 
-# The sketch's thin QR/SVD call OpenBLAS, whose threads busy-wait on a shared machine (see aggregate.py).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # PyTorch's OpenMP threads spin-wait by default: on a loaded machine the peer's 2-thread round varied from 2 s
 # to 33 s run to run (quick setup), against 0.5 s with passive waiting. Must precede torch's import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402  (benchmarks/harness.py, before jax: it sets the OpenBLAS threads)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
 import aggregate  # noqa: E402  (benchmarks/aggregate.py)
 import torch_peer  # noqa: E402  (benchmarks/torch_peer.py)
 
@@ -251,41 +249,15 @@ def flops(compiled: Any) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
-def _seconds(fn: Callable[[], Any]) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
-Variant = tuple[Callable[[], Any], Callable[[Any], Any]]
-
-
-def time_alternating(variants: dict[str, Variant], repeats: int) -> dict[str, list[float]]:
-  """{name: (prepare, run)}: one untimed warm-up pass, then `repeats` passes in which every variant runs once,
-  in turn; only `run(prepare())` is timed (prepare makes what the run consumes, e.g. a fresh copy of a donated
-  state). `run` must block until its results are ready."""
-  times: dict[str, list[float]] = {name: [] for name in variants}
-  for timed in [False] + [True] * repeats:
-    for name, (prepare, run_fn) in variants.items():
-      args = prepare()
-      seconds = _seconds(lambda: run_fn(args))
-      if timed:
-        times[name].append(seconds)
-  return times
-
-
 def matmul_flops_per_s(n: int = 2048, repeats: int = MIN_REPEATS) -> float:
   """Attainable float32 FLOP/s of one jitted n x n x n matmul (2 n^3 FLOPs) at XLA's default precision, the
   median of `repeats`: what this device delivers to dense GEMMs right now (load included)."""
   x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   product = jax.jit(jnp.matmul).lower(x, x).compile()
   jax.block_until_ready(product(x, x))
-  seconds = time_alternating({"matmul": (lambda: x, lambda a: jax.block_until_ready(product(a, a)))}, repeats)
+  seconds = harness.time_alternating({"matmul": (lambda: x, lambda a: jax.block_until_ready(product(a, a)))},
+                                     repeats)
   return 2 * n**3 / statistics.median(seconds["matmul"])
-
-
-def _summary(times: list[float], compile_s: float) -> dict[str, Any]:
-  return {"median_s": statistics.median(times), "min_s": min(times), "runs_s": times, "compile_s": compile_s}
 
 
 class Rounds:
@@ -328,33 +300,29 @@ class Bench:
     state = jax.block_until_ready(jax.tree.map(jnp.copy, self.state0))
     return (state, self.rounds.dp.frozen_state, self.batches, self.ids, self.weights, self.round_key)
 
-  def round(self, name: str, rnd: simulation.FederatedRound, trained: str) -> Variant:
+  def round(self, name: str, rnd: simulation.FederatedRound, trained: str) -> harness.Variant:
     """A compiled round (lower + compile timed as its compile time)."""
-    start = time.perf_counter()
-    compiled = rnd.compiled(trained).lower(*self.round_args()).compile()
-    self.compile_s[name] = time.perf_counter() - start
+    compiled, self.compile_s[name] = harness.compile_timed(rnd.compiled(trained), *self.round_args())
     self.compiled[name] = compiled
     return self.round_args, lambda args: jax.block_until_ready(compiled(*args))
 
-  def loop(self) -> Variant:
+  def loop(self) -> harness.Variant:
     """The Python loop over clients (first call, which compiles what is not yet compiled, as compile time)."""
     run_loop = self.rounds.loop
     inputs = loop_inputs(self.batches, self.ids, self.weights, self.round_key)
-    self.compile_s["loop"] = _seconds(lambda: jax.block_until_ready(run_loop(self.state0, inputs)))
+    self.compile_s["loop"] = harness.seconds(lambda: jax.block_until_ready(run_loop(self.state0, inputs)))
     return lambda: inputs, lambda args: jax.block_until_ready(run_loop(self.state0, args))
 
-  def limit(self) -> Variant:
+  def limit(self) -> harness.Variant:
     """The centralised forward + backward of the round's K tau b examples as one batch."""
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[3:]), self.batches)
     step, lora_b, frozen_state = self.rounds.limit
     args = (lora_b, frozen_state, flat)
-    start = time.perf_counter()
-    compiled = step.lower(*args).compile()
-    self.compile_s["limit"] = time.perf_counter() - start
+    compiled, self.compile_s["limit"] = harness.compile_timed(step, *args)
     self.compiled["limit"] = compiled
     return lambda: args, lambda a: jax.block_until_ready(compiled(*a))
 
-  def torch(self, threads: int | None) -> Variant:
+  def torch(self, threads: int | None) -> harness.Variant:
     """The PyTorch peer on the same batches with `threads` intra-op threads (None on a GPU)."""
     import torch
     peer = self.rounds.peer
@@ -370,7 +338,7 @@ class Bench:
 
     name = "torch_round" if threads is None else f"torch_round_{threads}t"
     prepare()
-    self.compile_s[name] = _seconds(lambda: peer(adapters, batches, weights, 0))
+    self.compile_s[name] = harness.seconds(lambda: peer(adapters, batches, weights, 0))
     return prepare, lambda _: peer(adapters, batches, weights, 0)
 
 
@@ -398,8 +366,8 @@ def measure_main(rounds: Rounds, repeats: int, profile: str | None,
       variants["torch_round" if threads is None else f"torch_round_{threads}t"] = bench.torch(threads)
   if profile is not None:
     _profile(profile, {name: variants[name] for name in ("round", "loop", "limit")})
-  times = time_alternating(variants, repeats)
-  out = {name: _summary(t, bench.compile_s[name]) for name, t in times.items()}
+  times = harness.time_alternating(variants, repeats)
+  out = {name: harness.summary(t, bench.compile_s[name]) for name, t in times.items()}
   if rounds.peer is None:
     out["torch_round"] = {"missing": rounds.torch_missing}
   else:
@@ -422,7 +390,7 @@ def measure_main(rounds: Rounds, repeats: int, profile: str | None,
   return out
 
 
-def _profile(directory: str, variants: dict[str, Variant]) -> None:
+def _profile(directory: str, variants: dict[str, harness.Variant]) -> None:
   """One run of each variant inside `jax.profiler.trace` (TensorBoard and Perfetto files under `directory`)."""
   with jax.profiler.trace(directory, create_perfetto_trace=True):
     for name, (prepare, run_fn) in variants.items():
@@ -437,8 +405,8 @@ def measure_scaling(rounds: Rounds, clients: int, repeats: int) -> dict:
   variants = {"round": bench.round("round", rounds.dp, rounds.trained), "loop": bench.loop()}
   if clients > rounds.setup.chunk:
     variants["chunked_round"] = bench.round("chunked_round", rounds.chunked, rounds.trained)
-  times = time_alternating(variants, repeats)
-  summaries = {name: _summary(t, bench.compile_s[name]) for name, t in times.items()}
+  times = harness.time_alternating(variants, repeats)
+  summaries = {name: harness.summary(t, bench.compile_s[name]) for name, t in times.items()}
   return scaling_row(clients, summaries, {name: memory_bytes(c) for name, c in bench.compiled.items()})
 
 
@@ -490,8 +458,7 @@ def run(setup: Setup, repeats: int = MIN_REPEATS, with_torch: bool = True, profi
   `torch_threads` the CPU thread counts to run the peer with (default: 1 and all cores)."""
   if repeats < MIN_REPEATS:
     raise ValueError(f"repeats={repeats}: every time is a median of at least {MIN_REPEATS} runs; pass >= 5.")
-  load_before = os.getloadavg()
-  started = time.perf_counter()
+  load_before, started = os.getloadavg(), time.perf_counter()
   rounds = Rounds(setup, with_torch)
   main = measure_main(rounds, repeats, profile, torch_threads)
   # The main comparison's K is not measured twice: its row reuses the main figures.
@@ -499,7 +466,6 @@ def run(setup: Setup, repeats: int = MIN_REPEATS, with_torch: bool = True, profi
              else measure_scaling(rounds, clients, repeats) for clients in sorted(setup.scaling)]
   problem = dict(m=4096, n=4096, r=16, p=4, k=10) if agg_problem is None else agg_problem
   agg = aggregate.measure(**problem, repeats=repeats, seed=0)
-  device = jax.devices()[0]
   result = {
       "benchmark": "run", "mode": mode,
       "setup": dict(dataclasses.asdict(setup), strategy="fedask", dp_mechanism="b_space", trained=rounds.trained,
@@ -516,11 +482,7 @@ def run(setup: Setup, repeats: int = MIN_REPEATS, with_torch: bool = True, profi
                 "matmul_per_s": main["matmul_flops_per_s"], "peak_per_s": peak_flops,
                 "round_utilisation": None if not (peak_flops and main["achieved_flops_per_s"]["round"])
                 else main["achieved_flops_per_s"]["round"] / peak_flops},
-      "main": main, "aggregation": agg, "scaling": scaling,
-      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                  "device": f"{device.platform}: {device.device_kind}", "devices": len(jax.devices()),
-                  "jax": jax.__version__, "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-                  "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())},
+      "main": main, "aggregation": agg, "scaling": scaling, "machine": harness.machine(load_before),
   }
   result["ratios"], result["goals"] = ratios_and_goals(result)
   result["wall_s"] = time.perf_counter() - started
@@ -548,7 +510,7 @@ def table(result: dict) -> str:
                  f"{'' if achieved is None else f'{achieved / 1e9:.1f}':>9}")
   agg = result["aggregation"]
   for name in ("fedask", "dense"):
-    lines.append(f"{'agg_' + name:<18}{agg[name]['median_s']:>10.4f}{min(agg[name]['times_s']):>10.4f}"
+    lines.append(f"{'agg_' + name:<18}{agg[name]['median_s']:>10.4f}{agg[name]['min_s']:>10.4f}"
                  f"{agg[name]['compile_s']:>11.2f}   client sends {result['agg_client_bytes'][name]:,} B")
   lines.append(f"model FLOPs per round {fl['model_flops_per_round'] / 1e9:.1f} G; a {2048}^3 matmul runs at "
                f"{fl['matmul_per_s'] / 1e9:.1f} GFLOP/s here" + (
@@ -594,10 +556,7 @@ def main(argv: list[str] | None = None) -> dict:
   result = run(setup, args.repeats, with_torch=not args.no_torch, profile=args.profile, mode=mode,
                peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12)
   print(table(result))
-  out = args.out or pathlib.Path(__file__).parent / "results" / f"run_{mode}.json"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out} ({result['wall_s']:.0f} s)")
+  harness.write(result, args.out or pathlib.Path(__file__).parent / "results" / f"run_{mode}.json")
   return result
 
 

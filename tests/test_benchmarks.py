@@ -13,6 +13,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # noqa: E402  (benchmarks/harness.py)
 import run as bench  # noqa: E402  (benchmarks/run.py)
 import torch_peer  # noqa: E402
 
@@ -129,12 +130,15 @@ def test_json_has_every_figure(result, tmp_path):
   assert "ratios:" in bench.table(result)
 
 
-def test_time_alternating_warms_up_and_interleaves():
+@pytest.mark.parametrize("warmup", [0, 1, 2])
+def test_time_alternating_warms_up_and_interleaves(warmup):
   calls = []
   variants = {name: (lambda name=name: name, lambda arg: calls.append(arg)) for name in ("x", "y")}
-  times = bench.time_alternating(variants, repeats=3)
-  assert calls == ["x", "y"] * 4  # one untimed warm-up pass, then 3 timed ones, alternating
+  times = harness.time_alternating(variants, repeats=3, warmup=warmup)
+  assert calls == ["x", "y"] * (warmup + 3)  # the untimed warm-up passes, then 3 timed ones, alternating
   assert {name: len(t) for name, t in times.items()} == {"x": 3, "y": 3}
+  summary = harness.summary(times["x"], compile_s=0.5)
+  assert summary["median_s"] == np.median(times["x"]) and summary["min_s"] == min(times["x"])
 
 
 def test_memory_bytes_counts_arguments_outputs_and_donations():
