@@ -73,6 +73,7 @@ import aggregate  # noqa: E402  (benchmarks/aggregate.py)
 import torch_peer  # noqa: E402  (benchmarks/torch_peer.py)
 
 from fedask_jax import simulation  # noqa: E402
+from fedask_jax.adapters import LoRAFactors  # noqa: E402
 from fedask_jax.data import Batch, ClientData, client_batches  # noqa: E402
 from fedask_jax.lora import LoRAConfig, from_adapters, inject_lora, split_lora, to_adapters  # noqa: E402
 from fedask_jax.models import LlamaConfig, LlamaForCausalLM, init_random  # noqa: E402
@@ -219,7 +220,7 @@ def limit_step(model: nnx.Module) -> tuple[Callable[..., Any], dict[str, jax.Arr
   start = to_adapters(lora_state)
 
   def loss(lora_b, frozen_state, batch):
-    adapters = {name: factors._replace(lora_b=lora_b[name]) for name, factors in start.items()}
+    adapters = {name: LoRAFactors(factors.lora_a, lora_b[name]) for name, factors in start.items()}
     merged = nnx.merge(graphdef, from_adapters(lora_state, adapters), frozen_state)
     logits = merged(batch.input_ids, batch.attention_mask)
     return jnp.mean(causal_lm_loss(logits, batch.input_ids, batch.loss_mask).per_example)
