@@ -541,33 +541,36 @@ def fedask_claim(runs: Sequence[dict[str, Any]], c: Cells) -> str | None:
       f"{per_cell}.")
 
 
-def cell_gaps(runs: Sequence[dict[str, Any]], c: Cells, a: str, b: str) -> list[tuple[str, float | None, tuple]]:
-  """(partition, epsilon, `paired_gap` of a minus b) for every cell where both ran; [] if either is absent."""
+def cell_gaps(runs: Sequence[dict[str, Any]], c: Cells, a: str, b: str,
+              with_se: bool) -> tuple[int, int, str] | None:
+  """`paired_gap` of a minus b in every cell where both ran: (cells where a is lower, cells, the per-cell gaps as
+  text, with their standard errors if `with_se`); None if no cell has both."""
   if a not in c.methods or b not in c.methods:
-    return []
-  return [(p, e, gap) for p, e in c.points if (gap := paired_gap(runs, a, b, p, e)) is not None]
+    return None
+  gaps = [(p, e, gap) for p, e in c.points if (gap := paired_gap(runs, a, b, p, e)) is not None]
+  if not gaps:
+    return None
+  se = lambda gap: f" +- {gap[1]:.4f}" if with_se else ""
+  per_cell = "; ".join(f"{where(p, e)}: {gap[0]:+.4f}{se(gap)}" for p, e, gap in gaps)
+  return sum(gap[0] < 0 for *_, gap in gaps), len(gaps), per_cell
 
 
 def rival_finding(runs: Sequence[dict[str, Any]], c: Cells, rival: str) -> str | None:
   """FedASK minus `rival` in every cell, paired by seed."""
-  gaps = cell_gaps(runs, c, "fedask", rival)
-  if not gaps:
+  if (gaps := cell_gaps(runs, c, "fedask", rival, with_se=True)) is None:
     return None
-  better = sum(gap[0] < 0 for *_, gap in gaps)
-  per_cell = "; ".join(f"{where(p, e)}: {gap[0]:+.4f} +- {gap[1]:.4f}" for p, e, gap in gaps)
-  return (f"FedASK vs {rival} (loss difference, negative = FedASK better): lower in {better} of {len(gaps)} cells; "
+  better, count, per_cell = gaps
+  return (f"FedASK vs {rival} (loss difference, negative = FedASK better): lower in {better} of {count} cells; "
           f"{per_cell}.")
 
 
 def alternating_finding(runs: Sequence[dict[str, Any]], c: Cells) -> str | None:
   """fedask-alt (ours) minus fedask in every cell."""
-  gaps = cell_gaps(runs, c, "fedask-alt", "fedask")
-  if not gaps:
+  if (gaps := cell_gaps(runs, c, "fedask-alt", "fedask", with_se=False)) is None:
     return None
-  better = sum(gap[0] < 0 for *_, gap in gaps)
-  per_cell = "; ".join(f"{where(p, e)}: {gap[0]:+.4f}" for p, e, gap in gaps)
-  return (f"fedask-alt (our extension: the frozen factor alternates) vs fedask: lower loss in {better} of "
-          f"{len(gaps)} cells ({per_cell}).")
+  better, count, per_cell = gaps
+  return (f"fedask-alt (our extension: the frozen factor alternates) vs fedask: lower loss in {better} of {count} "
+          f"cells ({per_cell}).")
 
 
 def factors_finding(c: Cells) -> str | None:
