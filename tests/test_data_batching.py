@@ -109,6 +109,16 @@ class ClientBatchesTest(chex.TestCase):
       seen = np.asarray(batch.input_ids[position, :, :, 0])[np.asarray(batch.example_mask[position])]
       assert set(seen.tolist()) == set(CLIENT_INDICES[client].tolist())
 
+  def test_a_public_sample_rate_does_not_depend_on_the_client_size(self):
+    steps = 400
+    sample = jax.jit(functools.partial(
+        batching.client_batches, local_steps=steps, batch_size=4, capacity=16, sample_rate=0.25))
+    batch = sample(jax.random.key(3), make_client_data(), jnp.array([1, 3]))
+    sizes = np.asarray(batch.example_mask).sum(-1)
+    # Binomial(9, 0.25) and Binomial(20, 0.25): means 2.25 and 5 whatever batch_size; sds 1.30 and 1.94, of the
+    # mean of 400 steps 0.065 and 0.097: a 0.5 tolerance is > 5 sd.
+    np.testing.assert_allclose(sizes.mean(1), [9 * 0.25, 20 * 0.25], atol=0.5)
+
   def test_uniform_minibatches_have_fixed_size(self):
     sample = jax.jit(functools.partial(
         batching.client_batches, local_steps=50, batch_size=5, capacity=7, sampling="uniform"))
@@ -126,6 +136,8 @@ class ClientBatchesTest(chex.TestCase):
     (dict(local_steps=1, batch_size=4, capacity=3, sampling="uniform"), "capacity=3 < batch_size=4"),
     (dict(local_steps=1, batch_size=2, capacity=4, sampling="shuffle"), "sampling='shuffle'"),
     (dict(local_steps=0, batch_size=2, capacity=4), "local_steps=0"),
+    (dict(local_steps=1, batch_size=2, capacity=4, sampling="uniform", sample_rate=0.5), "sample_rate=0.5 with"),
+    (dict(local_steps=1, batch_size=2, capacity=4, sample_rate=1.5), "sample_rate=1.5 with"),
 ])
 def test_client_batches_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):

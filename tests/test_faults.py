@@ -168,8 +168,8 @@ def test_server_step_leaves_out_a_nonfinite_client(name):
 def test_round_leaves_out_a_client_whose_loss_is_nan():
   """Through the compiled round: client 0's first example has a NaN loss factor, so its (non-private) update is
   NaN; the round must equal the same round run on the other clients only, and with every client poisoned return
-  the state bit-identical. (Under DP a NaN example does not get this far: jax_privacy's nan_safe clipping
-  zeroes its gradient, and the client's update stays finite.)"""
+  the state bit-identical. (Under DP a NaN example does not get this far: `test_dp_round_counts_nonfinite_examples`.)
+  """
   name = "scaffold"  # per-client state, and a gradient correction that the NaN client must not reach
   rnd = simulation.FederatedRound(TinyMLP(), get_strategy(name), per_example_loss=scaled_squared_error,
                                   optimizer=optax.adam(0.05))
@@ -177,12 +177,36 @@ def test_round_leaves_out_a_client_whose_loss_is_nan():
   new, metrics = run_round(rnd, start, make_batches({POISONED: float("nan")}), [0, 1, 2])
   reference, reference_metrics = run_round(rnd, start, make_batches({}), [0, 2])
   assert np.isnan(metrics["client_loss"][POISONED])
+  # Counted: the poisoned example, and (without DP its NaN gradient reaches the client's adapters) every later
+  # example of that client; none of the others'.
+  counts = metrics["nonfinite_examples"]
+  assert counts[POISONED] >= 1 and np.delete(counts, POISONED).sum() == 0
   np.testing.assert_allclose(metrics["train_loss"], reference_metrics["train_loss"], **CLOSE)
   assert_left_out(new, reference, start, metrics)
 
   skipped_state, skipped = run_round(rnd, start, make_batches({k: float("nan") for k in range(3)}), [0, 1, 2])
   assert skipped["skipped"] == 1 and skipped["invalid_clients"] == 3 and np.isnan(skipped["train_loss"])
   jax.tree.map(np.testing.assert_array_equal, skipped_state, start)
+
+
+@pytest.mark.parametrize("mechanism", ["b_space", "w_space"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_dp_round_counts_nonfinite_examples(mechanism, value):
+  """Under DP a non-finite example's gradient is zeroed by the clipping, so its client stays valid and its update
+  finite; the round counts it (nonfinite_examples) where it would otherwise show only as a NaN client loss. The
+  clipped fraction is over the round's real examples: the poisoned one counts as clipped (its norm is not
+  finite), every other as unclipped under C = 1e6."""
+  dp = simulation.DPConfig(clip_norm=1e6, noise_multiplier=0.0, expected_batch_size=3.0, mechanism=mechanism)
+  rnd = simulation.FederatedRound(TinyMLP(), get_strategy("fedask"), dp=dp, per_example_loss=scaled_squared_error,
+                                  optimizer=optax.sgd(0.1))
+  batches = make_batches({POISONED: value})
+  new, metrics = run_round(rnd, random_state(rnd), batches, [0, 1, 2])
+  np.testing.assert_array_equal(metrics["client_valid"], [True, True, True])
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(new))
+  np.testing.assert_array_equal(metrics["nonfinite_examples"], np.arange(3) == POISONED)
+  assert not np.isfinite(metrics["client_loss"][POISONED])
+  assert np.isfinite(np.delete(metrics["client_loss"], POISONED)).all()
+  assert metrics["clipped_fraction"] == pytest.approx(1 / int(np.asarray(batches.example_mask).sum()))
 
 
 # ---------------------------------------------------------------------------------------------------------------

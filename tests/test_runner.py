@@ -2,6 +2,7 @@
 plan, and the eval command on an interrupted run."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ from run_fixtures import make_tiny_setup
 from safetensors.numpy import load_file
 
 from fedask_jax import cli, privacy, runner
+from fedask_jax import data as fdata
 from fedask_jax.config import ConfigError, from_dict
 
 # DP FedASK with adapter dropout: every random stream of a round (client sampling, Poisson batches, DP noise,
@@ -159,6 +161,82 @@ def test_capacity_bounds_the_overflow():
     runner.plan_privacy(from_dict({"privacy": {"overflow_prob": 1e-3}}), sizes)
 
 
+@pytest.mark.parametrize("sizes, batch_size, fix", [([9, 9, 9], 8, "no batch size does"),
+                                                    ([20, 20], 16, "lower batch_size to at most 5")])
+def test_rates_near_one_that_overflow_the_slots_are_refused(sizes, batch_size, fix):
+  """A batch has at most as many slots as the largest client has examples (n), so its add-one neighbour's batch
+  overflows them when all n + 1 examples are drawn: P(Binomial(n + 1, q) > n), 0.31 and 9.2e-3 per step for the
+  issue's two examples, far above overflow_prob = 1e-12. Refused, with the largest batch size that fits."""
+  n = max(sizes)
+  config = from_dict({"batch_size": batch_size, "num_clients": len(sizes), "clients_per_round": 1})
+  real = scipy.stats.binom.sf(n, n + 1, batch_size / n)
+  with pytest.raises(ConfigError, match=rf"q\^{n + 1} = {real:.3g} per step, above privacy.overflow_prob=1e-12.*{fix}"):
+    runner.plan_privacy(config, np.array(sizes))
+  if "at most 5" in fix:
+    for b, fits in ((5, True), (6, False)):
+      assert (scipy.stats.binom.sf(n, n + 1, b / n) <= 1e-12) == fits
+    _, capacity = runner.plan_privacy(from_dict({"batch_size": 5, "num_clients": 2, "clients_per_round": 1}),
+                                      np.array(sizes))
+    assert capacity <= n and scipy.stats.binom.sf(capacity, n + 1, 5 / n) <= 1e-12
+
+
+def _dp_sizes_config(client_sizes, **privacy_keys):
+  return from_dict({"batch_size": 10, "num_clients": 3, "clients_per_round": 3, "local_steps": 20, "rounds": 4,
+                    "privacy": {"client_sizes": client_sizes, **privacy_keys}})
+
+
+def test_private_client_sizes_make_nothing_depend_on_a_client_size():
+  """privacy.client_sizes: 'private': adding an example to a client (D -> D') changes neither sigma, the rate
+  accounted, the weights, nor which of the client's other examples each step samples (same keys: the same
+  uniforms against the same rate). 'public' (q_k = batch_size / n_k, weights n_k) changes all of them: the
+  guarantee it gives is for neighbours of equal sizes."""
+  sizes_d, sizes_d1 = np.array([50, 60, 80]), np.array([51, 60, 80])
+  rows, length = 80, 2
+  ids = np.broadcast_to(np.arange(rows, dtype=np.int32)[None, :, None], (3, rows, length)).copy()
+
+  def client_data(sizes):
+    valid = np.arange(rows)[None, :, None] < sizes[:, None, None]
+    return fdata.ClientData(ids, np.broadcast_to(valid, ids.shape), np.broadcast_to(valid, ids.shape),
+                            sizes.astype(np.int32))
+
+  def draws(config, sizes, capacity):
+    sample = runner.round_sampler(config, capacity)
+    out = []
+    for t in range(1, 4):
+      client_ids, weights, batches = sample(jax.random.fold_in(jax.random.key(0), t), client_data(sizes))
+      first = int(np.flatnonzero(np.asarray(client_ids) == 0)[0])
+      steps = zip(np.asarray(batches.input_ids[first, :, :, 0]), np.asarray(batches.example_mask[first]))
+      chosen = [frozenset(int(i) for i in step[mask] if i < 50) for step, mask in steps]
+      out.append((chosen, dict(zip(np.asarray(client_ids).tolist(), np.asarray(weights).tolist()))))
+    return out
+
+  private = _dp_sizes_config("private", sample_rate=0.2)
+  plan_d, capacity = runner.plan_privacy(private, sizes_d)
+  plan_d1, _ = runner.plan_privacy(private, sizes_d1)
+  assert (plan_d.noise_multiplier, plan_d.schedule) == (plan_d1.noise_multiplier, plan_d1.schedule)
+  assert plan_d.schedule.sample_rate == 0.2
+  assert draws(private, sizes_d, capacity) == draws(private, sizes_d1, capacity)
+  assert all(w == 1.0 for _, weights in draws(private, sizes_d, capacity) for w in weights.values())
+
+  public = _dp_sizes_config("public")
+  plan_d, capacity = runner.plan_privacy(public, sizes_d)
+  plan_d1, _ = runner.plan_privacy(public, sizes_d1)
+  assert plan_d.schedule.sample_rate == 10 / 50 and plan_d1.schedule.sample_rate == 10 / 51
+  assert plan_d.noise_multiplier != plan_d1.noise_multiplier
+  d, d1 = draws(public, sizes_d, capacity), draws(public, sizes_d1, capacity)
+  assert [chosen for chosen, _ in d] != [chosen for chosen, _ in d1]
+  assert [weights for _, weights in d] != [weights for _, weights in d1]
+
+
+@pytest.mark.parametrize("privacy_keys, match", [
+    ({"client_sizes": "private"}, "privacy.sample_rate=None: privacy.client_sizes='private' needs a public"),
+    ({"client_sizes": "private", "sample_rate": 1.5}, "privacy.sample_rate=1.5"),
+    ({"sample_rate": 0.1}, "privacy.sample_rate=0.1 is the public rate of privacy.client_sizes='private'")])
+def test_client_size_keys_are_checked(privacy_keys, match):
+  with pytest.raises(ConfigError, match=re.escape(match)):
+    from_dict({"privacy": privacy_keys})
+
+
 def test_metrics_log_truncate_and_partial_line(tmp_path):
   log = runner.MetricsLog(tmp_path / "metrics.jsonl")
   for t in range(4):
@@ -191,6 +269,68 @@ def test_summary_counts_left_out_clients_and_skipped_rounds(straight):
   assert (counted["invalid_clients"], counted["skipped_rounds"]) == (3, 1)
   assert "faults: 3 client updates left out for non-finite values, 1 rounds skipped" in runner.format_summary(
       counted, straight_dir)
+
+
+def test_summary_counts_truncated_sequences(tmp_path):
+  """Every tiny-task sequence is 11 tokens (<s>, four letters, "->", four letters, </s>): at max_seq_len 8 all
+  240 training and 40 held-out sequences are cut, and summary.json says so (the straight run, at 16, cuts none)."""
+  raw = make_tiny_setup(tmp_path)
+  raw["data"]["max_seq_len"] = 8
+  experiment = runner.prepare(from_dict(raw))
+  summary = runner.summarize(experiment, [])
+  assert (summary["train_examples"], summary["train_truncated"], summary["eval_truncated"]) == (240, 240, 40)
+  assert summary["train_without_targets"] == 0
+
+
+class _Poisoned:
+  """A prepared run's round that reports one non-finite example for its first client in rounds 2 and 3."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def __call__(self, *args):
+    state, metrics = self.inner(*args)
+    if args[-1] in (2, 3):
+      metrics = dict(metrics, nonfinite_examples=metrics["nonfinite_examples"].at[0].set(1))
+    return state, metrics
+
+
+def test_nonfinite_warning_and_withheld_diagnostics(tmp_path, capsys):
+  """Non-finite examples: one warning, naming the first round and the client, and the counts in the metrics
+  and summary. privacy.release_diagnostics false withholds those and every other statistic of the raw
+  training data (losses, clipped fraction) from metrics.jsonl, summary.json and the progress bar, and
+  changes nothing else."""
+  raw = make_tiny_setup(tmp_path)
+  runs = {}
+  for release in (True, False):
+    config = from_dict(dict(raw, run_dir=str(tmp_path / f"release_{release}"),
+                            privacy=dict(raw["privacy"], release_diagnostics=release)))
+    experiment = runner.prepare(config)
+    experiment.round_fn = _Poisoned(experiment.round_fn)
+    summary = runner.train(experiment, progress=True)
+    runs[release] = (summary, metrics_without_timing(tmp_path / f"release_{release}"), capsys.readouterr().err)
+
+  summary, records, err = runs[True]
+  first_client = records[2]["clients"][0]
+  assert err.count("warning:") == 1
+  assert f"warning: round 2: training examples with a non-finite loss or gradient (client {first_client}: 1)" in err
+  assert [sum(r["nonfinite_examples"]) for r in records[1:]] == [0, 1, 1, 0]
+  assert summary["nonfinite_examples"] == 2 and "loss=" in err and "train: 240 examples" in err
+  assert "2 training examples with a non-finite loss" in runner.format_summary(summary, tmp_path)
+
+  withheld_summary, withheld, err = runs[False]
+  assert "warning:" not in err and "loss=" not in err and "train: 240 examples" not in err
+  assert withheld == [{k: v for k, v in r.items() if k not in runner.DIAGNOSTICS} for r in records]
+  for key in ("train_truncated", "train_examples", "nonfinite_examples", "capacity"):
+    assert key in summary and key not in withheld_summary
+  assert withheld_summary["final_train_loss"] is None
+  # The rest is the same run's: eval losses, faults, ... (timings aside).
+  same = lambda s: {k: v for k, v in s.items() if k in withheld_summary and "seconds" not in k
+                    and k != "final_train_loss"}
+  assert same(withheld_summary) == same(summary)
 
 
 @pytest.mark.parametrize("clients_per_round,configured,expected", [

@@ -128,7 +128,8 @@ def looped_round(rnd, state, batches, client_ids, weights, round_key, round_inde
   server_step = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
   new_state, round_metrics = server_step(state, stacked, weights, client_ids, simulation.server_key(round_key))
   return new_state, dict(round_metrics, client_loss=client.loss, update_norm=client.update_norm,
-                         train_loss=jnp.mean(client.loss), clipped_fraction=jnp.mean(client.clipped_fraction))
+                         nonfinite_examples=client.nonfinite_examples, train_loss=jnp.mean(client.loss),
+                         clipped_fraction=jnp.sum(client.clipped_examples) / jnp.sum(client.examples))
 
 
 @pytest.mark.parametrize("strategy,dp,round_index,client_chunk", [
@@ -242,7 +243,7 @@ def test_dp_noise_reaches_only_the_trained_factor(strategy, dp, round_index, fro
     final = result.adapters[name]
     np.testing.assert_array_equal(np.asarray(getattr(final, frozen)), np.asarray(getattr(start, frozen)))
     assert not np.allclose(np.asarray(getattr(final, trained)), np.asarray(getattr(start, trained)))
-  assert float(metrics.loss) == 0.0 and float(metrics.clipped_fraction) == 0.0
+  assert float(metrics.loss) == 0.0 and int(metrics.examples) == int(metrics.clipped_examples) == 0
 
 
 def test_lora_dropout_masks_follow_the_client_key():
@@ -339,7 +340,8 @@ def test_llama_round_with_both_dp_mechanisms_matches_per_example_reference(mecha
   counts = np.asarray(batches.example_mask).reshape(2, LLAMA_CAPACITY).sum(1)
   np.testing.assert_allclose(metrics["client_loss"], losses.sum(1) / counts, **REFERENCE)
   clipped = (norms > clip_norm).reshape(2, LLAMA_CAPACITY) & np.asarray(batches.example_mask).reshape(2, -1)
-  np.testing.assert_allclose(metrics["clipped_fraction"], np.mean(clipped.sum(1) / counts), atol=1e-6)
+  # Over the round's real examples (not a mean of per-client or per-step fractions).
+  np.testing.assert_allclose(metrics["clipped_fraction"], clipped.sum() / counts.sum(), atol=1e-6)
   assert 0 < float(metrics["clipped_fraction"]) < 1
 
 

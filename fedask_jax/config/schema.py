@@ -123,6 +123,22 @@ class PrivacyConfig:
     overflow_prob: per-step probability that a Poisson batch overflows its fixed capacity. Its cost in delta
       (`fedask_jax.privacy.overflow_delta`) is taken out of `delta` before calibration, so the run as a whole
       is (target_epsilon, delta)-DP; 1e-12 costs a few slots and almost none of delta.
+    client_sizes: "public" (default, as the official code) or "private"; which neighbouring relation the
+      guarantee covers (README: privacy). "public": client k samples at q_k = batch_size / n_k, sigma is
+      calibrated for q = batch_size / min_k n_k and the server weights clients by n_k / sum_j n_j, so the sizes
+      n_k are public metadata: the guarantee covers replacing one example (not adding or removing one, which
+      changes n_k). "private": nothing that touches a client's examples depends on its size: every client
+      samples at the public rate `sample_rate`, the noisy sum is divided by batch_size, sigma depends on the
+      config only, and the server weights the sampled clients equally; the guarantee covers adding or
+      removing one example.
+    sample_rate: the public Poisson rate q of client_sizes "private" (required there, and only there), e.g.
+      batch_size over a public estimate of a client's size; a client of batch_size / q examples then has
+      batches of batch_size examples on average.
+    release_diagnostics: true (default: a simulation's diagnostics) writes statistics of the raw training data,
+      outside the guarantee, to metrics.jsonl, summary.json, the plots and the progress bar: the per-client
+      and mean training losses, the clipped fraction, the non-finite example counts, the training set's
+      truncation counts; false withholds them (what remains is covered by the guarantee or describes the
+      public held-out set; README: privacy).
   """
 
   enabled: bool = True
@@ -133,6 +149,9 @@ class PrivacyConfig:
   participation: Literal["sampled", "worst_case", "expected"] | None = None
   mechanism: Literal["b_space", "w_space"] = "b_space"
   overflow_prob: float = 1e-12
+  client_sizes: Literal["public", "private"] = "public"
+  sample_rate: float | None = None
+  release_diagnostics: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,9 +26,12 @@ federated round is built:
 
 Batch-size policy (against the partition's client sizes n_k):
 
-- With DP, batch_size is the expected Poisson batch, and q_k = batch_size / n_k must be a probability for every
-  client: batch_size <= min_k n_k, or an error suggests lowering batch_size or num_clients or raising
-  data.min_client_size.
+- With DP and privacy.client_sizes "public", batch_size is the expected Poisson batch, and q_k = batch_size / n_k
+  must be a probability for every client: batch_size <= min_k n_k, or an error suggests lowering batch_size or
+  num_clients or raising data.min_client_size. With "private", every client samples at privacy.sample_rate.
+- With DP, the largest client's rate must leave its add-one neighbour's batch room in the slots (at most the
+  largest client's size) with probability 1 - privacy.overflow_prob (`runner.plan_privacy`), or an error names
+  the rate to lower to.
 - Without DP, each local step draws min(batch_size, n_k) distinct examples uniformly: a client smaller than
   batch_size trains on all its examples at every step; batch_size may not exceed the largest client.
 """
@@ -196,6 +199,14 @@ def validate(config: Config) -> None:
            "to train without DP set privacy.enabled=false.")
   _positive(c, "privacy.clip_norm", " (the paper: 1.0)", what="the clipping norm")
   _in_unit_interval(c, "privacy.overflow_prob", ", e.g. 1e-12")
+  if p.client_sizes == "private":
+    _require(p.sample_rate is not None and 0 < p.sample_rate <= 1,
+             f"privacy.sample_rate={p.sample_rate}: privacy.client_sizes='private' needs a public Poisson rate in "
+             f"(0, 1], e.g. batch_size={c.batch_size} over a public estimate of a client's number of examples.")
+  else:
+    _require(p.sample_rate is None,
+             f"privacy.sample_rate={p.sample_rate} is the public rate of privacy.client_sizes='private'; with "
+             "'public' each client's rate is batch_size / n_k: remove it, or set privacy.client_sizes=private.")
 
   o = c.optimizer
   _at_least(c, "optimizer.weight_decay", 0)

@@ -5,10 +5,12 @@ largest client's size, L the sequence length) with `client_sizes` [C]; rows >= c
 `client_batches` then draws, inside `jit`, the examples each sampled client uses at each local step:
 
 - "poisson" (DP-SGD): at every local step each of client k's n_k examples joins independently with rate
-  q_k = batch_size / n_k (docs/design.md, section 4.5), through `fedask_jax.privacy.sampling.poisson_sample`; the
-  sampled examples fill a prefix of `capacity` slots and `example_mask` marks them (overflow handling and its
-  cost in delta: that module's doc; `batch_capacity` chooses the capacity). A client with n_k < batch_size
-  has q_k = 1 (every example at every step); DP accounting should use batch_size <= min_k n_k.
+  q_k = batch_size / n_k (docs/design.md, section 4.5), or with a public rate q that does not depend on n_k
+  (`sample_rate`; the runner's privacy.client_sizes "private"), through
+  `fedask_jax.privacy.sampling.poisson_sample`; the sampled examples fill a prefix of `capacity` slots and
+  `example_mask` marks them (overflow handling and its cost in delta: that module's doc; `batch_capacity`
+  chooses the capacity). A client with n_k < batch_size has q_k = 1 (every example at every step); DP
+  accounting should use batch_size <= min_k n_k.
 - "uniform" (non-private runs): a fixed-size minibatch of min(batch_size, n_k) distinct examples drawn
   uniformly without replacement at each step, independently across steps (no epochs).
 
@@ -100,6 +102,7 @@ def client_batches(
     batch_size: int,
     capacity: int,
     sampling: str = "poisson",
+    sample_rate: float | None = None,
 ) -> Batch:
   """The batches of the sampled clients for one round (module doc); pure, jit- and vmap-safe.
 
@@ -113,6 +116,7 @@ def client_batches(
     capacity: B, the static number of slots per step (`fedask_jax.privacy.sampling.batch_capacity`);
       1 <= B <= M, and B >= batch_size for "uniform".
     sampling: "poisson" (DP) or "uniform" (non-private).
+    sample_rate: "poisson" only: the rate q of every client, static; None (default): q_k = batch_size / n_k.
 
   Returns:
     A `Batch` with arrays [K, S, B, L] and example_mask [K, S, B].
@@ -125,6 +129,9 @@ def client_batches(
   if capacity > max_size:
     raise ValueError(
         f"capacity={capacity} exceeds the largest client's {max_size} examples: use capacity <= {max_size}.")
+  if sample_rate is not None and (sampling != "poisson" or not 0 < sample_rate <= 1):
+    raise ValueError(f"sample_rate={sample_rate!r} with sampling={sampling!r}: a Poisson rate in (0, 1], for "
+                     "sampling='poisson' only (None: batch_size / n_k per client).")
   if sampling == "uniform" and capacity < batch_size:
     raise ValueError(
         f"capacity={capacity} < batch_size={batch_size}: uniform minibatches need capacity >= batch_size "
@@ -132,6 +139,8 @@ def client_batches(
 
   def sample_step(step_key: Array, num_examples: Array) -> tuple[Array, Array]:
     if sampling == "poisson":
+      if sample_rate is not None:
+        return poisson_sample(step_key, num_examples, sample_rate, capacity, max_examples=max_size)
       rate = jnp.minimum(batch_size / num_examples.astype(jnp.float32), 1.0)
       return poisson_sample(step_key, num_examples, rate, capacity, max_examples=max_size)
     # Rate 1 selects every example, and poisson_sample keeps a uniformly random subset of the selected ones

@@ -48,11 +48,16 @@ class DPStats(NamedTuple):
   loss: mean loss over the real (sampled) examples, 0 when there are none.
   clipped_fraction: fraction of the real examples whose gradient norm exceeded C (NaN norms count as clipped).
   num_examples: number of real examples (int32).
+  num_clipped: number of real examples whose gradient norm exceeded C, or was not finite (int32).
+  num_nonfinite: number of real examples whose loss or gradient norm is not finite (int32): the clipping zeroes
+  their gradients, and they make `loss` NaN.
   """
 
   loss: Array
   clipped_fraction: Array
   num_examples: Array
+  num_clipped: Array
+  num_nonfinite: Array
 
 
 def check_noise_multiplier(noise_multiplier: Any, name: str = "noise_multiplier") -> None:
@@ -91,8 +96,9 @@ def _stats(losses: Array, norms: Array, example_mask: Array, clip_norm: Any) -> 
   count = jnp.sum(mask, dtype=jnp.int32)
   denominator = jnp.maximum(count, 1).astype(jnp.float32)
   loss = jnp.sum(jnp.where(mask, losses.astype(jnp.float32), 0.0)) / denominator
-  clipped = jnp.sum(mask & ~(norms <= clip_norm)) / denominator
-  return DPStats(loss, clipped, count)
+  clipped = jnp.sum(mask & ~(norms <= clip_norm), dtype=jnp.int32)
+  nonfinite = jnp.sum(mask & ~(jnp.isfinite(losses) & jnp.isfinite(norms)), dtype=jnp.int32)
+  return DPStats(loss, clipped / denominator, count, clipped, nonfinite)
 
 
 def gaussian_noise(key: Array, tree: Any, stddev: float | Array) -> Any:

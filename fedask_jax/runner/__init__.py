@@ -16,14 +16,14 @@ from fedask_jax.runner.loop import evaluate_run, latest_adapters, round_sampler,
 from fedask_jax.runner.plan import (
     ADAPTER_INIT_STREAM, CPU_CLIENT_CHUNK, Experiment, PrivacyPlan, client_chunk, load_eval_data, load_model,
     load_records, make_optimizer, make_strategy, partition, plan_privacy, prepare, run_key)
-from fedask_jax.runner.report import format_summary, summarize, write_plots
+from fedask_jax.runner.report import DIAGNOSTICS, format_summary, summarize, write_plots
 from fedask_jax.runner.rundir import (
     ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, check_run_dir)
 
 __all__ = [
-    "ADAPTER_DIR", "ADAPTER_INIT_STREAM", "CHECKPOINT_DIR", "CONFIG_FILE", "CPU_CLIENT_CHUNK", "METRICS_FILE",
-    "SUMMARY_FILE", "Experiment", "MetricsLog", "PrivacyPlan", "check_run_dir", "client_chunk", "evaluate_run",
-    "format_summary", "latest_adapters", "load_eval_data", "load_model", "load_records", "make_optimizer",
-    "make_strategy", "partition", "plan_privacy", "prepare", "round_sampler", "run_key", "summarize", "train",
-    "write_plots",
+    "ADAPTER_DIR", "ADAPTER_INIT_STREAM", "CHECKPOINT_DIR", "CONFIG_FILE", "CPU_CLIENT_CHUNK", "DIAGNOSTICS",
+    "METRICS_FILE", "SUMMARY_FILE", "Experiment", "MetricsLog", "PrivacyPlan", "check_run_dir", "client_chunk",
+    "evaluate_run", "format_summary", "latest_adapters", "load_eval_data", "load_model", "load_records",
+    "make_optimizer", "make_strategy", "partition", "plan_privacy", "prepare", "round_sampler", "run_key",
+    "summarize", "train", "write_plots",
 ]

@@ -16,7 +16,13 @@ run resumes from the previous one, to the same result; with none readable `train
 Faults in a round. A sampled client whose update has a NaN or Inf is left out of that round's aggregate, the
 other clients' weights renormalised; a round with no valid client leaves the state unchanged
 (`fedask_jax.simulation`, module docstring). Both show in the metrics line (`client_valid`, `invalid_clients`,
-`skipped`) and as a warning line on stderr, printed even with progress off.
+`skipped`) and as a warning line on stderr, printed even with progress off. Training examples with a non-finite
+loss or gradient are counted per client in every metrics line (`nonfinite_examples`; under DP the clipping
+zeroes their gradients, so their clients stay valid) and warned about once, naming the round and the clients.
+
+Diagnostics. `privacy.release_diagnostics: false` withholds the statistics of the raw training data
+(`report.DIAGNOSTICS`: the train and client losses, the clipped fraction, the non-finite counts) from the
+metrics lines and the progress bar, and with them the non-finite warning.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from fedask_jax.config import Config, ConfigError, from_dict, read_yaml, to_dict
 from fedask_jax.evaluation import EvalResult, evaluate
 from fedask_jax.lora import from_adapters, to_adapters
 from fedask_jax.runner.plan import Experiment, make_strategy, prepare, run_key
-from fedask_jax.runner.report import summarize, write_plots
+from fedask_jax.runner.report import DIAGNOSTICS, summarize, write_plots
 from fedask_jax.runner.rundir import (
     ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, to_json)
 from fedask_jax.simulation import ServerState, client_weights, data_key, sample_clients
@@ -86,15 +92,21 @@ def round_sampler(config: Config, capacity: int):
   """The runner's draw of a round's clients and batches, jitted: (round_key, client data) -> (client ids [K],
   weights [K], batches [K, S, capacity, L]); ids from `sample_clients(round_key)`, batches (Poisson with DP,
   uniform without) from `data_key(round_key)`. Experiments that drive `FederatedRound` themselves use it to
-  draw exactly what `train` draws."""
+  draw exactly what `train` draws. With DP and privacy.client_sizes "private" neither the Poisson rate nor the
+  weights depend on the clients' sizes: every client samples at privacy.sample_rate and the sampled clients
+  weigh the same; otherwise client k samples at batch_size / n_k and weighs n_k (`client_weights`)."""
   sampling = "poisson" if config.privacy.enabled else "uniform"
+  private_sizes = config.privacy.enabled and config.privacy.client_sizes == "private"
+  rate = config.privacy.sample_rate if private_sizes else None
 
   @jax.jit
   def sample(round_key, client_data):
     ids = sample_clients(round_key, config.num_clients, config.clients_per_round)
     batches = fdata.client_batches(data_key(round_key), client_data, ids, local_steps=config.local_steps,
-                                   batch_size=config.batch_size, capacity=capacity, sampling=sampling)
-    return ids, client_weights(client_data.client_sizes, ids), batches
+                                   batch_size=config.batch_size, capacity=capacity, sampling=sampling,
+                                   sample_rate=rate)
+    weights = jnp.ones(ids.shape, jnp.float32) if private_sizes else client_weights(client_data.client_sizes, ids)
+    return ids, weights, batches
 
   return sample
 
@@ -143,6 +155,7 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
     write(f"resuming {run_dir} from the checkpoint of round {start}")
 
   sample = round_sampler(config, experiment.capacity)
+  release, warned_nonfinite = config.privacy.release_diagnostics, False
   compiled: set[str] = set()
   bar = tqdm(total=config.rounds, initial=start, desc="rounds", unit="round", file=sys.stderr, disable=not progress)
   try:
@@ -159,6 +172,16 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
       seconds = time.perf_counter() - began
       record = {"round": t, "train_loss": to_json(metrics.pop("train_loss")), "epsilon": _epsilon(experiment, t),
                 "clients": to_json(ids), **{k: to_json(v) for k, v in sorted(metrics.items())}}
+      if not release:
+        for name in DIAGNOSTICS:
+          del record[name]
+      elif not warned_nonfinite and any(record["nonfinite_examples"]):
+        warned_nonfinite = True
+        counts = ", ".join(f"client {c}: {n}" for c, n in zip(record["clients"], record["nonfinite_examples"]) if n)
+        effect = ("the clipping zeroed their gradients, and their clients' losses are NaN" if experiment.privacy
+                  else "their clients' updates are NaN")
+        warn(f"round {t}: training examples with a non-finite loss or gradient ({counts}); {effect}. metrics.jsonl "
+             "counts them every round (nonfinite_examples); this warning is not repeated")
       if t == config.rounds or (config.eval.every and t % config.eval.every == 0):
         record.update(_eval_fields(_evaluate(experiment, state.adapters)))
       record["timing"] = {"seconds": seconds, "compiled": first}
@@ -171,7 +194,7 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
         warn(f"round {t}: clients {left_out} had a NaN or Inf update and were left out of the aggregate")
       if t in (last, config.rounds) or (config.checkpoint.every and t % config.checkpoint.every == 0):
         checkpoints.save(t, _checkpoint_state(state, key, t), _ledger(experiment, t, record["epsilon"]))
-      postfix = {"loss": f"{record['train_loss']:.4f}"}
+      postfix = {"loss": f"{record['train_loss']:.4f}"} if release else {}
       if record["epsilon"] is not None:
         heuristic = experiment.privacy.schedule.participation == "expected"
         postfix["eps (expected: no guarantee)" if heuristic else "eps"] = f"{record['epsilon']:.3f}"

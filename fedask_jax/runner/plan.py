@@ -4,17 +4,23 @@
 model, tokenizer and data, partitions the clients, plans the privacy (noise multiplier, sampling rate, batch
 capacity) and builds the federated round.
 
-Privacy (docs/design.md, section 4.5). Client k samples each local step's batch by Poisson sampling with rate
-q_k = batch_size / n_k. One noise multiplier serves all clients, calibrated for the largest rate
-q = batch_size / min_k n_k: every client's data, the smallest client's included, is then
-(target_epsilon, delta)-DP, and larger clients spend less. The schedule accounted is
+Privacy (docs/design.md, section 4.5). Under `privacy.client_sizes` "public" (default) client k samples each
+local step's batch by Poisson sampling with rate q_k = batch_size / n_k, one noise multiplier serves all clients,
+calibrated for the largest rate q = batch_size / min_k n_k (every client's data, the smallest client's included,
+is then (target_epsilon, delta)-DP, and larger clients spend less), and the server weights clients by n_k. The
+sizes are then public metadata, and the guarantee is for neighbours of equal sizes (README: privacy). Under
+"private" every client samples at the public rate q = `privacy.sample_rate`, the noisy sum is divided by
+batch_size and the sampled clients weigh the same (`round_sampler`): nothing that touches a client's examples
+depends on n_k, and the guarantee covers adding or removing an example. The schedule accounted is
 `privacy.DPSchedule.from_federation` (q, local_steps, rounds, q_c = clients_per_round / num_clients) under
 `privacy.participation`: by default "sampled" when clients_per_round < num_clients (`sample_clients` draws
 them uniformly with a fresh key each round, which that bound needs) and "worst_case" when all take part.
 Batches have a fixed capacity: the largest over clients of `batch_capacity(n_k + 1, q_k, overflow_prob)`
-(n_k + 1: the add-one neighbour); the overflow's cost in delta, `overflow_delta(overflow_prob, schedule,
-target_epsilon)`, is taken out of delta before calibration, so the total is delta. The `epsilon` of each metrics
-line is the smallest client's epsilon after that many rounds (`schedule.after(t)`) at that reduced delta.
+(n_k + 1: the add-one neighbour). A batch cannot have more slots than the largest client has rows, so a rate
+at which that client's add-one neighbour overflows them with probability above overflow_prob is refused. The
+overflow's cost in delta, `overflow_delta(overflow_prob, schedule, target_epsilon)`, is taken out of delta
+before calibration, so the total is delta. The `epsilon` of each metrics line is the smallest client's epsilon
+after that many rounds (`schedule.after(t)`) at that reduced delta.
 """
 
 from __future__ import annotations
@@ -48,9 +54,10 @@ ADAPTER_INIT_STREAM = 0
 class PrivacyPlan:
   """The DP parameters of a run (module docstring).
 
-  noise_multiplier: sigma; schedule: what is accounted (q = batch_size / min_k n_k, the participation model
-  resolved); delta: the total delta; accountant_delta: delta minus overflow_delta, what epsilon is computed at;
-  overflow_delta: the truncated-Poisson cost; capacity: slots per local step.
+  noise_multiplier: sigma; schedule: what is accounted (q = batch_size / min_k n_k, or privacy.sample_rate
+  with private client sizes; the participation model resolved); delta: the total delta; accountant_delta: delta
+  minus overflow_delta, what epsilon is computed at; overflow_delta: the truncated-Poisson cost; capacity: slots
+  per local step.
   """
 
   noise_multiplier: float
@@ -63,7 +70,8 @@ class PrivacyPlan:
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything `prepare` loaded and planned; `train` runs it."""
+  """Everything `prepare` loaded and planned; `train` runs it. train_counts: the training set's
+  train_examples, train_truncated (cut to data.max_seq_len) and train_without_targets (empty without training)."""
 
   config: Config
   run_dir: Path
@@ -75,6 +83,7 @@ class Experiment:
   privacy: PrivacyPlan | None
   round_fn: FederatedRound | None
   notes: list[str]
+  train_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def run_key(config: Config) -> jax.Array:
@@ -136,6 +145,42 @@ def partition(config: Config, records: list[dict[str, Any]]) -> fdata.Partition:
   return parts
 
 
+def _client_rates(config: Config, sizes: np.ndarray) -> np.ndarray:
+  """Each client's Poisson rate [C] under DP: batch_size / n_k with privacy.client_sizes "public", the public
+  privacy.sample_rate for every client with "private"."""
+  if config.privacy.client_sizes == "private":
+    return np.full(len(sizes), config.privacy.sample_rate)
+  return config.batch_size / np.asarray(sizes, np.float64)
+
+
+def _check_slots(config: Config, sizes: np.ndarray, rates: np.ndarray) -> None:
+  """Refuse a rate at which an add-one neighbour's batch overflows the slots more often than overflow_prob.
+
+  Slots cannot outnumber the largest client's n examples (the padded rows), and the add-one neighbour of that
+  client has n + 1: all n + 1 are sampled, which no capacity of n slots holds, with probability q^(n + 1) (the
+  smaller clients' neighbours fit). The delta charged for overflow assumes at most overflow_prob per step.
+  """
+  p, largest = config.privacy, int(sizes.max())
+  q = float(rates[np.argmax(sizes)])
+  real = privacy.overflow_probability(largest + 1, q, largest)
+  if real <= p.overflow_prob:
+    return
+  # q^(n + 1) <= overflow_prob  <=>  q <= overflow_prob^(1 / (n + 1)).
+  ceiling = p.overflow_prob ** (1 / (largest + 1))
+  if p.client_sizes == "private":
+    fix = f"lower privacy.sample_rate to at most {ceiling:.3g}"
+  elif int(largest * ceiling) >= 1:
+    fix = f"lower batch_size to at most {int(largest * ceiling)}"
+  else:
+    fix = "no batch size does at these client sizes: use larger clients (fewer num_clients)"
+  raise ConfigError(
+      f"the largest client ({largest} examples) samples at the Poisson rate q = {q:.4g}: its add-one neighbour's "
+      f"batch overflows the {largest} slots a batch can have (one per example row) with probability "
+      f"q^{largest + 1} = {real:.3g} per step, above privacy.overflow_prob={p.overflow_prob:g}, so the delta charged "
+      f"for overflow would not hold: {fix}, or raise privacy.overflow_prob (its cost in delta is checked against "
+      "privacy.delta).")
+
+
 def plan_privacy(config: Config, sizes: np.ndarray) -> tuple[PrivacyPlan | None, int]:
   """(privacy plan or None without DP, batch capacity) for clients of `sizes` (module docstring)."""
   b, smallest, largest = config.batch_size, int(sizes.min()), int(sizes.max())
@@ -144,13 +189,15 @@ def plan_privacy(config: Config, sizes: np.ndarray) -> tuple[PrivacyPlan | None,
       raise ConfigError(f"batch_size={b} exceeds the largest client's {largest} examples: lower batch_size.")
     return None, b
   p = config.privacy
-  if b > smallest:
+  if p.client_sizes == "public" and b > smallest:
     raise ConfigError(
         f"batch_size={b} exceeds the smallest client's {smallest} examples, so its Poisson rate "
         "q = batch_size / n would exceed 1: lower batch_size or num_clients, or raise data.min_client_size.")
-  capacity = min(largest, max(privacy.batch_capacity(int(n) + 1, b / int(n), p.overflow_prob) for n in set(sizes)))
+  rates = _client_rates(config, sizes)
+  _check_slots(config, sizes, rates)
+  capacity = max(privacy.batch_capacity(int(n) + 1, float(q), p.overflow_prob) for n, q in set(zip(sizes, rates)))
   schedule = privacy.DPSchedule.from_federation(
-      sample_rate=b / smallest, local_steps=config.local_steps, rounds=config.rounds,
+      sample_rate=float(rates.max()), local_steps=config.local_steps, rounds=config.rounds,
       clients_per_round=config.clients_per_round, num_clients=config.num_clients, participation=p.participation)
   overflow = privacy.overflow_delta(p.overflow_prob, schedule, p.target_epsilon)
   if overflow >= p.delta / 2:
@@ -244,15 +291,21 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
   for t in range(1, min(config.rounds, 2) + 1):
     round_fn.trained(t)
   sizes = parts.sizes
-  notes.append(f"train: {encoded.num_examples} examples, {encoded.num_truncated} truncated to "
-               f"{config.data.max_seq_len} tokens, {encoded.num_without_targets} without targets; "
-               f"{parts.num_clients} clients of {int(sizes.min())} to {int(sizes.max())} examples")
+  if config.privacy.release_diagnostics:
+    notes.append(f"train: {encoded.num_examples} examples, {encoded.num_truncated} truncated to "
+                 f"{config.data.max_seq_len} tokens, {encoded.num_without_targets} without targets; "
+                 f"{parts.num_clients} clients of {int(sizes.min())} to {int(sizes.max())} examples")
+  else:
+    notes.append("train: statistics of the training data withheld (privacy.release_diagnostics=false)")
   if plan is not None:
+    slots = f", {capacity} slots per step" if config.privacy.release_diagnostics else ""
     notes.append(
         f"privacy: ({config.privacy.target_epsilon:g}, {config.privacy.delta:g})-DP, noise multiplier "
-        f"{plan.noise_multiplier:.4f} ({config.privacy.accountant}, {plan.schedule.describe()}), {capacity} slots "
-        "per step")
+        f"{plan.noise_multiplier:.4f} ({config.privacy.accountant}, {plan.schedule.describe()}), client sizes "
+        f"{config.privacy.client_sizes}{slots}")
   client_data = jax.device_put(fdata.stack_clients(encoded, parts))
+  train_counts = {"train_examples": encoded.num_examples, "train_truncated": encoded.num_truncated,
+                  "train_without_targets": encoded.num_without_targets}
   return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, client_data, capacity, plan, round_fn,
-                    notes)
+                    notes, train_counts)
 

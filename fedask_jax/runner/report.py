@@ -10,6 +10,10 @@ import numpy as np
 from fedask_jax.runner.plan import Experiment
 from fedask_jax.runner.rundir import ADAPTER_DIR, METRICS_FILE, SUMMARY_FILE
 
+# Metrics computed from the raw training data, outside the DP guarantee: withheld from the metrics lines,
+# the progress bar and the summary with privacy.release_diagnostics false.
+DIAGNOSTICS = ("train_loss", "client_loss", "clipped_fraction", "nonfinite_examples")
+
 
 def write_plots(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
   """loss.png (train loss per round, held-out loss where evaluated) and, with DP, epsilon.png (epsilon spent)."""
@@ -65,20 +69,27 @@ def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str
       # Rounds that compiled (the first of each trained-factor choice in a process) are excluded.
       "seconds_per_round": float(np.mean(timed)) if timed else None,
       "compile_round_seconds": float(np.mean(compiled)) if compiled else None,
-      "capacity": experiment.capacity,
       "private": plan is not None,
       # Faults (`fedask_jax.runner.loop`, module docstring): clients left out of an aggregate for a non-finite
       # update, and rounds with no valid client (the state left unchanged).
       "invalid_clients": sum(int(r.get("invalid_clients", 0)) for r in records),
       "skipped_rounds": sum(int(r.get("skipped", 0)) for r in records),
+      "eval_truncated": experiment.eval_data.num_truncated,
   }
+  if config.privacy.release_diagnostics:
+    # Statistics of the raw training data: sequences cut to data.max_seq_len, the batch capacity (from the
+    # largest client's size), and examples with a non-finite loss or gradient over the rounds
+    # (`fedask_jax.runner.loop`, module docstring).
+    summary.update(experiment.train_counts, capacity=experiment.capacity,
+                   nonfinite_examples=sum(sum(r.get("nonfinite_examples", ())) for r in records))
   if plan is not None:
     summary.update(
         epsilon=records[-1].get("epsilon") if records else None, target_epsilon=config.privacy.target_epsilon,
         delta=plan.delta, accountant_delta=plan.accountant_delta, overflow_delta=plan.overflow_delta,
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.schedule.sample_rate,
         accountant=config.privacy.accountant, participation=plan.schedule.participation,
-        participation_rate=plan.schedule.participation_rate,
+        participation_rate=plan.schedule.participation_rate, guarantee=plan.schedule.guarantee,
+        client_sizes=config.privacy.client_sizes,
         mechanism=config.privacy.mechanism, clip_norm=config.privacy.clip_norm)
   return summary
 
@@ -100,9 +111,11 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         f"{summary['accountant']}, {summary['mechanism']}")
   else:
     lines.append("privacy: off (non-private run)")
-  if summary["invalid_clients"] or summary["skipped_rounds"]:
+  if summary["invalid_clients"] or summary["skipped_rounds"] or summary.get("nonfinite_examples"):
     lines.append(f"faults: {summary['invalid_clients']} client updates left out for non-finite values, "
-                 f"{summary['skipped_rounds']} rounds skipped (no valid client)")
+                 f"{summary['skipped_rounds']} rounds skipped (no valid client), "
+                 f"{summary.get('nonfinite_examples', 'withheld')} training examples with a non-finite loss or "
+                 "gradient")
   if summary["seconds_per_round"] is not None:
     lines.append(f"seconds per round: {summary['seconds_per_round']:.3f} (excluding compilation; rounds that "
                  f"compiled took {summary['compile_round_seconds']:.1f} s)")

@@ -14,7 +14,8 @@ pure functions:
    K clients (vmapped in chunks, sharded over devices).
 3. `server_step` (`server.py`): the strategy's `server_update` on the clients' results, leaving out clients
    whose result is not finite. `round_step` (`round.py`) composes 2 and 3 and adds the clients' metrics:
-   mean train loss and clipped fraction over the valid clients, per-client losses and update norms,
+   the mean train loss over the valid clients, the fraction of their real examples clipped, per-client losses,
+   non-finite example counts and update norms,
    `client_valid`, `invalid_clients`, `skipped`, and the strategy's own (FedASK: the exactness certificate
    `reconstruction_error`).
 

@@ -43,8 +43,9 @@ class DPConfig:
   Attributes:
     clip_norm: C > 0, per-example L2 clipping norm (the paper: 1.0).
     noise_multiplier: sigma >= 0 (noise std sigma C on the clipped sum; `privacy.calibrate_noise`).
-    expected_batch_size: q n, the normaliser of the noisy sum: the configured batch size, for clients with
-      n_k >= batch size (Poisson rate q_k = batch_size / n_k).
+    expected_batch_size: the normaliser of the noisy sum, a public constant: the runner passes the configured
+      batch size, the expected batch q_k n_k of every client at the rate q_k = batch_size / n_k (public client
+      sizes), or of a client of batch_size / q examples at a public rate q (private client sizes).
     mechanism: "b_space" (default: clip and noise the trained factor's gradient, as the official code) or
       "w_space" (clip and noise dl/dW, project by the frozen factor, the paper's formula; needs a frozen
       factor, so strategies that train both factors cannot use it).
@@ -61,12 +62,16 @@ class DPConfig:
 
 
 class ClientMetrics(NamedTuple):
-  """One client's round: loss (mean over local steps of the mean loss of the real examples), clipped_fraction
-  (mean over steps of the fraction of real examples clipped; 0 without DP), update_norm (global L2 norm of
-  final minus start adapters)."""
+  """One client's round, over the real (sampled) examples of all its local steps: loss (their mean loss, 0
+  without any; NaN when one is not finite), examples (their number, int32), clipped_examples (those whose
+  gradient was clipped, int32; 0 without DP), nonfinite_examples (those whose loss or gradient norm is not
+  finite, int32; under DP the clipping zeroes their gradients), update_norm (global L2 norm of final minus
+  start adapters). A step whose Poisson batch is empty adds nothing to any of them."""
 
   loss: Array
-  clipped_fraction: Array
+  examples: Array
+  clipped_examples: Array
+  nonfinite_examples: Array
   update_norm: Array
 
 
@@ -154,9 +159,9 @@ def _local_model(training: LocalTraining, subset: Adapters, start: Adapters, fro
 
 
 def _gradient(training: LocalTraining, trained: Trained, params: Adapters, start: Adapters, frozen_state: Any,
-              batch: Any, key: Array, noise_multiplier: Array | None = None) -> tuple[Adapters, Array, Array]:
-  """(gradient of the trained subset `params`, mean loss, clipped fraction) on one step's batch [capacity];
-  `noise_multiplier` (traced) overrides `dp.noise_multiplier`."""
+              batch: Any, key: Array, noise_multiplier: Array | None = None) -> tuple[Adapters, privacy.DPStats]:
+  """(gradient of the trained subset `params`, its `DPStats`: without DP nothing is clipped) on one step's batch
+  [capacity]; `noise_multiplier` (traced) overrides `dp.noise_multiplier`."""
   capacity = batch.example_mask.shape[0]
   examples = (batch, jax.random.split(jax.random.fold_in(key, 1), capacity))
   noise_key = jax.random.fold_in(key, 0)
@@ -171,15 +176,16 @@ def _gradient(training: LocalTraining, trained: Trained, params: Adapters, start
 
     def mean_loss(subset):
       losses = jax.vmap(example_loss, in_axes=(None, 0))(subset, examples)
-      return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+      return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(jnp.sum(mask), 1), losses
 
-    loss, grad = jax.value_and_grad(mean_loss)(params)
-    return grad, loss, jnp.zeros((), jnp.float32)
+    (loss, losses), grad = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    zero = jnp.zeros((), jnp.int32)
+    nonfinite = jnp.sum(mask & ~jnp.isfinite(losses), dtype=jnp.int32)
+    return grad, privacy.DPStats(loss, jnp.zeros((), jnp.float32), jnp.sum(mask, dtype=jnp.int32), zero, nonfinite)
   sigma = dp.noise_multiplier if noise_multiplier is None else noise_multiplier
   kwargs = dict(clip_norm=dp.clip_norm, noise_multiplier=sigma, expected_batch_size=dp.expected_batch_size)
   if dp.mechanism == "b_space":
-    grad, stats = privacy.dp_gradient(example_loss, params, examples, batch.example_mask, noise_key, **kwargs)
-    return grad, stats.loss, stats.clipped_fraction
+    return privacy.dp_gradient(example_loss, params, examples, batch.example_mask, noise_key, **kwargs)
   frozen_side = "lora_a" if trained == "lora_b" else "lora_b"
   as_subset = lambda factors: {
       n: LoRAFactors(x, None) if trained == "lora_a" else LoRAFactors(None, x) for n, x in factors.items()}
@@ -203,7 +209,7 @@ def _gradient(training: LocalTraining, trained: Trained, params: Adapters, start
       per_example_fn, {n: getattr(f, trained) for n, f in params.items()}, examples, batch.example_mask,
       noise_key, frozen={n: getattr(f, frozen_side) for n, f in start.items()}, scaling=training.scalings,
       frozen_side=frozen_side, **kwargs)
-  return as_subset(grad), stats.loss, stats.clipped_fraction
+  return as_subset(grad), stats
 
 
 def client_update(training: LocalTraining, trained: Trained, state: ServerState, frozen_state: Any, batch: Any,
@@ -226,16 +232,21 @@ def client_update(training: LocalTraining, trained: Trained, state: ServerState,
   def step(carry, xs):
     params, opt_state, grad_sum = carry
     step_batch, index = xs
-    grad, loss, clipped = _gradient(
+    grad, stats = _gradient(
         training, trained, params, start, frozen_state, step_batch, jax.random.fold_in(key, index), noise_multiplier)
     grad_sum = jax.tree.map(jnp.add, grad_sum, grad)
     if correction is not None:
       grad = jax.tree.map(jnp.add, grad, correction(context, params, params0))
     updates, opt_state = optimizer.update(grad, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, grad_sum), (loss, clipped)
+    return (optax.apply_updates(params, updates), opt_state, grad_sum), stats
 
   carry = (params0, optimizer.init(params0), jax.tree.map(jnp.zeros_like, params0))
-  (params, _, grad_sum), (losses, clipped) = jax.lax.scan(step, carry, (batch, jnp.arange(num_steps)))
+  (params, _, grad_sum), stats = jax.lax.scan(step, carry, (batch, jnp.arange(num_steps)))
   result = ClientResult(combine(params, start), jax.tree.map(lambda g: g / num_steps, grad_sum))
   update_norm = optax.global_norm(jax.tree.map(jnp.subtract, params, params0))
-  return result, ClientMetrics(jnp.mean(losses), jnp.mean(clipped), update_norm)
+  examples = jnp.sum(stats.num_examples)
+  # Each step's mean loss times its count is its sum: the mean over the round's real examples, not over steps
+  # (a step with an empty Poisson batch would count as loss 0).
+  loss = jnp.sum(stats.loss * stats.num_examples) / jnp.maximum(examples, 1)
+  return result, ClientMetrics(loss, examples, jnp.sum(stats.num_clipped), jnp.sum(stats.num_nonfinite),
+                               update_norm)

@@ -100,17 +100,21 @@ def round_step(training: LocalTraining, trained: Trained, state: ServerState, fr
                ) -> tuple[ServerState, dict[str, Array]]:
   """One round (pure): `map_clients`, then `server_step` with `server_key(round_key)`.
 
-  Returns the new state and the metrics: `server_step`'s, plus train_loss [] and clipped_fraction []
-  (unweighted means over the valid clients), client_loss [K] and update_norm [K] (`ClientMetrics`).
+  Returns the new state and the metrics: `server_step`'s, plus train_loss [] (the unweighted mean of the valid
+  clients' losses), clipped_fraction [] (the fraction of the valid clients' real examples of the round whose
+  gradient was clipped; NaN without any), client_loss [K], nonfinite_examples [K] and update_norm [K]
+  (`ClientMetrics`).
   """
   results, client = map_clients(training, trained, state, frozen_state, batches, client_ids, round_key,
                                 noise_multiplier, client_chunk=client_chunk, mesh=mesh)
   new_state, metrics = server_step(training.strategy, state, results, weights, client_ids, server_key(round_key))
   valid = metrics["client_valid"]
   # Over the valid clients only: 0 / 0 = NaN in a skipped round says there was no valid client to average.
-  mean_valid = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / jnp.sum(valid)
-  return new_state, dict(metrics, train_loss=mean_valid(client.loss), client_loss=client.loss,
-                         update_norm=client.update_norm, clipped_fraction=mean_valid(client.clipped_fraction))
+  sum_valid = lambda x: jnp.sum(jnp.where(valid, x, 0))
+  return new_state, dict(
+      metrics, train_loss=sum_valid(client.loss) / jnp.sum(valid), client_loss=client.loss,
+      update_norm=client.update_norm, nonfinite_examples=client.nonfinite_examples,
+      clipped_fraction=sum_valid(client.clipped_examples) / sum_valid(client.examples))
 
 
 class FederatedRound:
