@@ -1,5 +1,5 @@
-"""LoRA for Flax NNX: a LoRA-capable linear layer, injection by PEFT's module-name rules, and the state helpers
-the federated round is built on.
+"""LoRA for Flax NNX: a LoRA-capable linear layer, injection by PEFT's module-name rules into the library's
+models and into a user's own, and the state helpers the federated round is built on.
 
 Factor names. The package names the factors as Flax and PEFT do, everywhere. A `Linear` computes
 `y = x @ kernel + bias` with `kernel` [in, out] (Flax layout; the transpose of PyTorch's `nn.Linear.weight`);
@@ -18,14 +18,23 @@ The factors are `nnx.LoRAParam` variables, so `split_lora` (`nnx.split(model, nn
 what trains from what stays frozen, and `nnx.merge(graphdef, lora_state, frozen_state)` puts them back. The
 federated round works on `fedask_jax.adapters.Adapters`, {dotted module path: LoRAFactors(lora_a, lora_b)};
 `to_adapters` and `from_adapters` convert.
+
+Layers. The library's models are built from `Linear`, which carries the adapter itself. A user's model built from
+`nnx.Linear`, `nnx.LinearGeneral` (without batch_axis) or `nnx.Einsum` (when its kernel is one in x out matrix)
+gets the same adapter through `inject_lora`, which puts a `LoRAWrapper` around each selected layer: the layer
+keeps its kernel, bias and call, and in, out are the kernel's contracted and produced axes, flattened. Both
+kinds are `LoRALayer`s, and everything downstream (`lora_layers`, the round, the DP mechanisms, PEFT export)
+treats them alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from typing import Any, Iterable, Sequence
+import string
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,33 +98,22 @@ def peft_lora_a_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32)
   return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
 
 
-class Linear(nnx.Module):
-  """A linear layer `y = x @ kernel + bias` that can carry a LoRA adapter.
+class LoRALayer(nnx.Module):
+  """The adapter part that `Linear` and `LoRAWrapper` share: a linear map of in_features -> out_features
+  (flattened) that can carry `y += dropout(h) @ lora_a @ lora_b * scaling`, h the input [..., in].
 
-  kernel: [in, out] `nnx.Param` (frozen in LoRA training); bias: [out] `nnx.Param` or None;
   lora_a: [in, r] and lora_b: [r, out] `nnx.LoRAParam`, or None when the layer is not adapted.
 
   `wspace_probe` (static, default False) makes the layer record what the W-space DP mechanism needs to clip
-  per-example gradients of the full weight without forming them (see `fedask_jax.privacy`): its input is
-  sown as `nnx.Intermediate` `lora_input` and its adapter output perturbed as `nnx.Perturbation`
+  per-example gradients of the full weight without forming them (see `fedask_jax.privacy`): its adapter input h
+  is sown as `nnx.Intermediate` `lora_input` and its adapter output perturbed as `nnx.Perturbation`
   `lora_output`, so that inside `nnx.capture` the gradient w.r.t. the perturbation is dl/dy.
   """
 
-  def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      *,
-      use_bias: bool = False,
-      dtype: Any = jnp.float32,
-      rngs: nnx.Rngs | None = None,
-  ):
+  def _init_adapter(self, in_features: int, out_features: int) -> None:
     self.in_features = in_features
     self.out_features = out_features
-    # Weights are overwritten by the loader; zeros keep construction cheap and deterministic.
-    self.kernel = nnx.Param(jnp.zeros((in_features, out_features), dtype))
     # nnx.data: these attributes hold variables or submodules once set, even when they start as None.
-    self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None)
     self.lora_a: nnx.LoRAParam | None = nnx.data(None)
     self.lora_b: nnx.LoRAParam | None = nnx.data(None)
     self.scaling = 0.0
@@ -135,20 +133,201 @@ class Linear(nnx.Module):
     if config.dropout > 0:
       self.lora_dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=jax.random.fold_in(key, 1)))
 
+  def adapter_output(self, h: Array) -> Array:
+    """s (dropout(h) lora_a) lora_b [..., out] for the adapter input h [..., in], in h's dtype."""
+    if self.lora_dropout is not None:
+      h = self.lora_dropout(h)
+    if self.wspace_probe:
+      self.sow(nnx.Intermediate, "lora_input", h)
+    delta = (h @ self.lora_a[...].astype(h.dtype)) @ self.lora_b[...].astype(h.dtype) * self.scaling
+    if self.wspace_probe:
+      delta = self.perturb("lora_output", delta)
+    return delta
+
+  def merged_update(self) -> Array:
+    """lora_a @ lora_b * scaling [in, out] in float32 (the update `merge_and_unload` folds into the weight)."""
+    return (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.scaling
+
+  def _drop_adapter(self) -> None:
+    self.lora_a = None
+    self.lora_b = None
+    self.lora_dropout = None
+
+
+class Linear(LoRALayer):
+  """A linear layer `y = x @ kernel + bias` that can carry a LoRA adapter (`LoRALayer`), the layer of the
+  library's own models (`fedask_jax.models`), whose loaders write the checkpoint's weights into it.
+
+  kernel: [in, out] `nnx.Param` (frozen in LoRA training); bias: [out] `nnx.Param` or None. With `rngs` the
+  kernel is drawn as `nnx.Linear` draws it (LeCun normal from `rngs.params()`, bias zeros: the same values as
+  `nnx.Linear(in, out, rngs=rngs)`); without, it starts at zero for a loader to fill.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      use_bias: bool = False,
+      dtype: Any = jnp.float32,
+      rngs: nnx.Rngs | None = None,
+  ):
+    if rngs is None:
+      kernel = jnp.zeros((in_features, out_features), dtype)
+    else:
+      kernel = nnx.initializers.lecun_normal()(rngs.params(), (in_features, out_features), dtype)
+      if use_bias:
+        rngs.params()  # nnx.Linear draws a bias key too: keep the stream in step with it
+    self.kernel = nnx.Param(kernel)
+    self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None)
+    self._init_adapter(in_features, out_features)
+
   def __call__(self, x: Array) -> Array:
-    kernel = self.kernel[...]
-    y = jnp.matmul(x, kernel.astype(x.dtype))
+    y = jnp.matmul(x, self.kernel[...].astype(x.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     if self.lora_a is not None:
-      h = self.lora_dropout(x) if self.lora_dropout is not None else x
-      if self.wspace_probe:
-        self.sow(nnx.Intermediate, "lora_input", h)
-      delta = (h @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype) * self.scaling
-      if self.wspace_probe:
-        delta = self.perturb("lora_output", delta)
-      y = y + delta
+      y = y + self.adapter_output(x)
     return y
+
+  def merge_adapter(self) -> None:
+    kernel = self.kernel[...]
+    self.kernel = nnx.Param((kernel.astype(jnp.float32) + self.merged_update()).astype(kernel.dtype))
+    self._drop_adapter()
+
+
+class _Contraction(NamedTuple):
+  """A kernel's einsum `inputs,kernel->outputs` read as a linear map of in = prod(contracted axes) features to
+  out = prod(produced axes) features; `rest` is the input's spec without the contracted axes."""
+
+  inputs: str
+  kernel: str
+  outputs: str
+  contracted: str
+  produced: str
+  rest: str
+
+
+def _contraction(spec: str) -> _Contraction:
+  """Parse `spec` ("inputs,kernel->outputs", '...' allowed outside the kernel); ValueError naming why the
+  kernel is not one in x out matrix."""
+  operands, _, outputs = spec.partition("->")
+  inputs, _, kernel = operands.partition(",")
+  letters = lambda part: part.replace("...", "")
+  if "." in kernel or not outputs or any(len(set(letters(p))) != len(letters(p)) for p in (inputs, kernel, outputs)):
+    raise ValueError(f"einsum {spec!r} is not of the form 'inputs,kernel->outputs' with distinct axis letters")
+  if ("..." in inputs) != ("..." in outputs):
+    raise ValueError(f"einsum {spec!r} sums over the input's '...' axes")
+  shared = [c for c in kernel if c in inputs and c in outputs]
+  if shared:
+    raise ValueError(f"kernel axes {shared} of einsum {spec!r} are also in the input and the output (a batch of "
+                     "weights, one matrix per entry): no single in x out matrix to adapt")
+  dropped = [c for c in letters(inputs) + kernel if c not in outputs and not (c in inputs and c in kernel)]
+  if dropped:
+    raise ValueError(f"einsum {spec!r} sums over axes {dropped} that are not contracted with the kernel")
+  contracted = "".join(c for c in kernel if c in inputs)
+  produced = "".join(c for c in kernel if c in outputs)
+  if not contracted or not produced:
+    raise ValueError(f"einsum {spec!r} has no {'input' if not contracted else 'output'} feature axis in the kernel")
+  rest = "".join(c for c in inputs if c not in contracted)
+  return _Contraction(inputs, kernel, outputs, contracted, produced, rest)
+
+
+def _base_contraction(base: nnx.Module, ndim: int) -> _Contraction:
+  """The einsum of `base` (nnx.Linear, nnx.LinearGeneral, nnx.Einsum) on an input of rank `ndim`."""
+  if isinstance(base, nnx.LinearGeneral):
+    axes = [a % ndim for a in base.axis]
+    names = string.ascii_letters[:ndim]
+    produced = string.ascii_letters[ndim:ndim + len(base.out_features)]
+    kernel = "".join(names[a] for a in axes) + produced
+    outputs = "".join(c for i, c in enumerate(names) if i not in axes) + produced
+    return _contraction(f"{names},{kernel}->{outputs}")
+  if isinstance(base, nnx.Einsum):
+    return _contraction(base.einsum_str)
+  return _contraction("...i,io->...o")
+
+
+def _kernel_axes(base: nnx.Module) -> tuple[str, str, str]:
+  """(kernel spec, contracted axes, produced axes) of `base`'s kernel, the axes in the kernel's order."""
+  if isinstance(base, nnx.LinearGeneral):  # kernel [*in_features, *out_features]
+    kernel = string.ascii_letters[:len(base.in_features) + len(base.out_features)]
+    return kernel, kernel[:len(base.in_features)], kernel[len(base.in_features):]
+  c = _base_contraction(base, 1)
+  return c.kernel, c.contracted, c.produced
+
+
+def _unsupported(module: nnx.Module) -> str | None:
+  """Why LoRA cannot wrap `module` (a layer with a kernel), or None when `LoRAWrapper` can."""
+  kind = type(module).__name__
+  if isinstance(module, nnx.LoRALinear):
+    return ("nnx.LoRALinear carries Flax's own LoRA: build the model with nnx.Linear and let inject_lora add the "
+            "adapter")
+  if isinstance(module, nnx.LinearGeneral):
+    if module.batch_axis:
+      return (f"nnx.LinearGeneral with batch_axis={dict(module.batch_axis)} holds one matrix per batch entry: no "
+              "single in x out matrix to adapt")
+    return None
+  if isinstance(module, nnx.Einsum):
+    if module.einsum_str is None:
+      return "nnx.Einsum without a constructor einsum_str: its contraction is only known at call time"
+    try:
+      _contraction(module.einsum_str)
+    except ValueError as err:
+      return f"nnx.Einsum: {err}"
+    return None
+  if isinstance(module, nnx.Linear):
+    return None
+  return (f"{kind} is not a linear map that LoRA here knows (fedask_jax.lora.Linear, nnx.Linear, "
+          "nnx.LinearGeneral, nnx.Einsum)")
+
+
+class LoRAWrapper(LoRALayer):
+  """A LoRA adapter around a user's linear layer, `inject_lora`'s replacement for `nnx.Linear`,
+  `nnx.LinearGeneral` (without batch_axis) and `nnx.Einsum` (when its kernel is one matrix: every kernel axis
+  either contracted with the input or produced in the output).
+
+  `base_module` is the original layer, called unchanged (its kernel, bias, dtype and precision as the user built
+  them; its variables stay `nnx.Param`, frozen). The kernel, read as a matrix [in, out] with in = the product of
+  the contracted axes and out = the product of the produced axes (in the kernel's axis order), gets the
+  adapter: `y = base_module(x) + s (h lora_a) lora_b`, h [..., in] the input with its contracted axes moved last
+  and flattened, the adapter output [..., out] unflattened and moved to the output's layout. For nnx.Linear
+  that is `x @ kernel + bias + s (x lora_a) lora_b`, lora_a [in, r], lora_b [r, out], as `Linear`.
+  """
+
+  def __init__(self, base_module: nnx.Module):
+    reason = _unsupported(base_module)
+    if reason is not None:
+      raise ValueError(f"LoRAWrapper({type(base_module).__name__}): {reason}.")
+    self.base_module = base_module
+    kernel, contracted, produced = _kernel_axes(base_module)
+    dims = dict(zip(kernel, base_module.kernel.shape))
+    self._init_adapter(math.prod(dims[a] for a in contracted), math.prod(dims[a] for a in produced))
+
+  def __call__(self, x: Array, **kwargs: Any) -> Array:
+    if kwargs.get("einsum_str") is not None:
+      raise ValueError("LoRAWrapper(nnx.Einsum) applies the einsum_str it was built with; do not pass one per call.")
+    y = self.base_module(x, **kwargs)
+    if self.lora_a is None:
+      return y
+    c = _base_contraction(self.base_module, x.ndim)
+    h = jnp.einsum(f"{c.inputs}->{c.rest}{c.contracted}", x)
+    h = h.reshape(*h.shape[:h.ndim - len(c.contracted)], self.in_features)
+    delta = self.adapter_output(h)
+    dims = dict(zip(c.kernel, self.base_module.kernel.shape))
+    delta = delta.reshape(*delta.shape[:-1], *(dims[a] for a in c.produced))
+    return y + jnp.einsum(f"{c.rest}{c.produced}->{c.outputs}", delta).astype(y.dtype)
+
+  def kernel_update(self) -> Array:
+    """The merged update `lora_a @ lora_b * scaling` in the base kernel's layout and shape (float32)."""
+    kernel, contracted, produced = _kernel_axes(self.base_module)
+    dims = dict(zip(kernel, self.base_module.kernel.shape))
+    update = self.merged_update().reshape(*(dims[a] for a in contracted + produced))
+    return jnp.einsum(f"{contracted}{produced}->{kernel}", update)
+
+  def merge_adapter(self) -> None:
+    kernel = self.base_module.kernel
+    kernel[...] = (kernel[...].astype(jnp.float32) + self.kernel_update()).astype(kernel.dtype)
+    self._drop_adapter()
 
 
 def path_name(path: Iterable[Any]) -> str:
@@ -156,28 +335,79 @@ def path_name(path: Iterable[Any]) -> str:
   return ".".join(str(p) for p in path)
 
 
-def lora_layers(model: nnx.Module) -> dict[str, Linear]:
-  """Every adapted `Linear` of `model`, by dotted path, in a deterministic (graph) order."""
-  return {path_name(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.lora_a is not None}
+def lora_layers(model: nnx.Module) -> dict[str, LoRALayer]:
+  """Every adapted layer (`Linear` or `LoRAWrapper`) of `model`, by dotted path, in a deterministic (graph)
+  order."""
+  return {path_name(p): m for p, m in nnx.iter_modules(model) if isinstance(m, LoRALayer) and m.lora_a is not None}
+
+
+def _child(node: Any, key: Any) -> Any:
+  return node[key] if isinstance(key, int) or isinstance(node, Mapping) else getattr(node, key)
+
+
+def _replace(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> None:
+  """Put `new` at `path` of `model` (a Module attribute, or an entry of an nnx.List / nnx.Dict)."""
+  if not path:
+    raise ValueError(
+        f"the model itself is a {type(new.base_module).__name__}: wrap it, fedask_jax.lora.LoRAWrapper(layer), and "
+        "call add_lora on the wrapper.")
+  parent = functools.reduce(_child, path[:-1], model)
+  if isinstance(path[-1], int) or isinstance(parent, Mapping):
+    parent[path[-1]] = new
+  else:
+    setattr(parent, path[-1], new)
 
 
 def inject_lora(model: nnx.Module, config: LoRAConfig, key: Array, dtype: Any = jnp.float32) -> list[str]:
-  """Add adapters to every `Linear` of `model` whose dotted path matches `config` (PEFT's rule).
+  """Add adapters to every linear layer of `model` whose dotted path matches `config` (PEFT's rule).
 
-  Each layer's key is `fold_in(key, index)` in graph order, so the same seed gives the same adapters.
-  Returns the adapted paths. Raises ValueError naming the available linear layers when nothing matches.
+  The library's `Linear` layers get the adapter in place; a user's `nnx.Linear`, `nnx.LinearGeneral` or
+  `nnx.Einsum` is replaced, at every path it is reachable by, with a `LoRAWrapper` around it (its kernel and
+  bias untouched), so its LoRA variables live at `path.lora_a` / `path.lora_b` and its own at
+  `path.base_module.kernel`. Each layer's key is `fold_in(key, index)`, index over the model's adaptable layers
+  in graph order, so the same seed gives the same adapters. Returns the adapted paths.
+
+  Raises ValueError when nothing matches (naming the model's adaptable layers), or when a matched layer has a
+  kernel that LoRA cannot adapt (naming it and why: nnx.Conv, nnx.LinearGeneral with batch_axis, an nnx.Einsum
+  whose kernel is not one matrix).
   """
-  linears = [(path_name(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, Linear)]
-  adapted = []
-  for i, (name, layer) in enumerate(linears):
-    if config.matches(name):
-      layer.add_lora(config, jax.random.fold_in(key, i), dtype)
-      adapted.append(name)
-  if not adapted:
-    names = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+  modules = list(nnx.iter_modules(model))
+  wrapped = {p for p, m in modules if isinstance(m, LoRAWrapper)}
+  adaptable, refused = [], {}
+  for p, m in modules:
+    if p[:-1] in wrapped and p[-1:] == ("base_module",):
+      continue
+    name = path_name(p)
+    if isinstance(m, LoRALayer) or (hasattr(m, "kernel") and _unsupported(m) is None):
+      adaptable.append((p, name, m))
+    elif hasattr(m, "kernel") and config.matches(name):
+      refused[name] = _unsupported(m)
+  if refused:
     raise ValueError(
-        f"lora.target_modules={config.target_modules!r} matches no linear layer of this model; "
-        f"available module names: {names}.")
+        f"lora.target_modules={config.target_modules!r} selects layers that LoRA cannot adapt: "
+        + "; ".join(f"{name} ({reason})" for name, reason in refused.items())
+        + ". Leave them out of target_modules.")
+  aliases = {tuple(p): [tuple(q) for q in group] for group in nnx.find_duplicates(model) for p in group}
+  adapted = []
+  for i, (p, name, m) in enumerate(adaptable):
+    if not config.matches(name):
+      continue
+    layer = m if isinstance(m, LoRALayer) else LoRAWrapper(m)
+    layer.add_lora(config, jax.random.fold_in(key, i), dtype)
+    if layer is not m:
+      for q in aliases.get(tuple(p), [tuple(p)]):
+        _replace(model, q, layer)
+    adapted.append(name)
+  if not adapted:
+    names = sorted({name.rsplit(".", 1)[-1] for _, name, _ in adaptable})
+    others = sorted({type(m).__name__ for p, m in modules if p and not isinstance(m, LoRALayer) and
+                     not any(m is a for _, _, a in adaptable)})
+    raise ValueError(
+        f"lora.target_modules={config.target_modules!r} matches no linear layer of this model; available module "
+        f"names: {names} (the last components of the paths of its layers that LoRA can adapt: "
+        "fedask_jax.lora.Linear, nnx.Linear, nnx.LinearGeneral, nnx.Einsum; its other modules are "
+        f"{others}). A name matches a layer whose dotted path equals it or ends with '.' + name: choose among "
+        "these, or pass a regular expression over the whole path.")
   return adapted
 
 
@@ -217,12 +447,8 @@ def from_adapters(lora_state: nnx.State, adapters: Adapters) -> nnx.State:
 
 
 def merge_and_unload(model: nnx.Module) -> None:
-  """Fold every adapter into its base kernel (`kernel += lora_a @ lora_b * scaling`, float32 math) and drop it
-  (PEFT's `merge_and_unload`)."""
+  """Fold every adapter into its base kernel (`kernel += lora_a @ lora_b * scaling`, float32 math, in the
+  kernel's layout for a `LoRAWrapper`) and drop it (PEFT's `merge_and_unload`; a wrapper stays, calling its base
+  module alone)."""
   for layer in lora_layers(model).values():
-    kernel = layer.kernel[...]
-    delta = (layer.lora_a[...].astype(jnp.float32) @ layer.lora_b[...].astype(jnp.float32)) * layer.scaling
-    layer.kernel = nnx.Param((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
-    layer.lora_a = None
-    layer.lora_b = None
-    layer.lora_dropout = None
+    layer.merge_adapter()

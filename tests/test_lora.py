@@ -1,6 +1,7 @@
 """Tests of fedask_jax.lora against PEFT / torch references and hand-written LoRA algebra."""
 
 import math
+import re
 
 import chex
 import jax
@@ -440,3 +441,163 @@ def test_wspace_probe_off_records_nothing():
   lora.set_wspace_probe(model, False)
   _, sown = nnx.capture(lambda m, x: m(x), nnx.Intermediate)(model, _inputs(d=6))
   assert len(nnx.to_flat_state(sown)) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A user's own layers: nnx.Linear, nnx.LinearGeneral, nnx.Einsum
+
+
+def test_linear_with_rngs_initialises_its_kernel_like_nnx_linear():
+  ours, theirs = nnx.Rngs(0), nnx.Rngs(0)
+  for use_bias in (True, False):
+    layer, reference = Linear(8, 16, use_bias=use_bias, rngs=ours), nnx.Linear(8, 16, use_bias=use_bias, rngs=theirs)
+    # Same initializer and the same key stream (a bias key drawn too): the same values, exactly.
+    np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
+    assert np.std(np.asarray(layer.kernel[...])) > 0.1
+    if use_bias:
+      np.testing.assert_array_equal(layer.bias[...], reference.bias[...])
+  assert not np.any(Linear(8, 16).kernel[...]), "without rngs the kernel waits for a loader, at zero"
+
+
+class UserMLP(nnx.Module):
+  """A user's model built from nnx.Linear (the issue's example: fc1, fc2)."""
+
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(6, 12, rngs=rngs)
+    self.fc2 = nnx.Linear(12, 5, use_bias=False, rngs=rngs)
+    self.norm = nnx.LayerNorm(12, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.norm(self.fc1(x))))
+
+
+def test_inject_wraps_nnx_linear_keeping_its_kernel_and_bias():
+  model = UserMLP(nnx.Rngs(0))
+  fc1, fc2 = model.fc1, model.fc2
+  kernel, bias = np.asarray(fc1.kernel[...]), np.asarray(fc1.bias[...])
+  x = _inputs(d=6)
+  before = model(x)
+  assert lora.inject_lora(model, LoRAConfig(rank=2, alpha=4.0, target_modules=("fc1", "fc2")),
+                          jax.random.key(0)) == ["fc1", "fc2"]
+  assert isinstance(model.fc1, lora.LoRAWrapper) and model.fc1.base_module is fc1 and model.fc2.base_module is fc2
+  np.testing.assert_array_equal(model.fc1.base_module.kernel[...], kernel)
+  np.testing.assert_array_equal(model.fc1.base_module.bias[...], bias)
+  chex.assert_shape([model.fc1.lora_a[...], model.fc1.lora_b[...]], [(6, 2), (2, 12)])
+  np.testing.assert_array_equal(model(x), before)  # lora_b = 0
+  _randomize_adapters(model, seed=3)
+  # Reference: the layer written out in numpy, y = x W + b + s (x a) b, s = alpha / r = 2.
+  a, b = np.asarray(model.fc1.lora_a[...]), np.asarray(model.fc1.lora_b[...])
+  np.testing.assert_allclose(model.fc1(x), np.asarray(x) @ kernel + bias + 2.0 * (np.asarray(x) @ a) @ b,
+                             rtol=1e-5, atol=1e-5)
+  # Only the factors are LoRA state; the user's kernel, bias and norm stay frozen.
+  _, lora_state, frozen_state = lora.split_lora(model)
+  assert sorted(lora.to_adapters(lora_state)) == ["fc1", "fc2"]
+  frozen_paths = {path for path, _ in nnx.to_flat_state(frozen_state)}
+  assert ("fc1", "base_module", "kernel") in frozen_paths and ("norm", "scale") in frozen_paths
+
+
+def test_a_shared_layer_is_wrapped_once_at_every_path():
+  model = UserMLP(nnx.Rngs(0))
+  model.tied = model.fc1
+  lora.inject_lora(model, LoRAConfig(rank=2, alpha=4.0, target_modules=("fc1",)), jax.random.key(0))
+  assert model.tied is model.fc1 and isinstance(model.fc1, lora.LoRAWrapper)
+  assert list(lora.lora_layers(model)) == ["fc1"]
+
+
+class _Wrapped(nnx.Module):
+
+  def __init__(self, layer):
+    self.layer = layer
+
+  def __call__(self, x):
+    return self.layer(x)
+
+
+# (layer, input shape, numpy reference y(x, kernel, bias), kernel [in, out] of the update as the kernel's layout)
+_GENERAL_LAYERS = {
+    "linear_general": (
+        lambda: nnx.LinearGeneral((2, 3), (4, 5), axis=(1, -1), rngs=nnx.Rngs(0)), (7, 2, 6, 3),
+        lambda x, k, b: np.tensordot(x, k, axes=([1, 3], [0, 1])) + b,
+        lambda update: update.reshape(2, 3, 4, 5)),
+    "einsum_heads": (
+        lambda: nnx.Einsum("btd,dho->btho", (6, 2, 3), (2, 3), rngs=nnx.Rngs(0)), (3, 4, 6),
+        lambda x, k, b: np.einsum("btd,dho->btho", x, k) + b,
+        lambda update: update.reshape(6, 2, 3)),
+    "einsum_transposed": (
+        lambda: nnx.Einsum("bti,oi->bot", (5, 6), rngs=nnx.Rngs(0)), (3, 4, 6),
+        lambda x, k, b: np.einsum("bti,oi->bot", x, k),
+        lambda update: update.T),
+    "einsum_ellipsis": (
+        lambda: nnx.Einsum("...ij,jik->...k", (3, 2, 5), (5,), rngs=nnx.Rngs(0)), (2, 4, 2, 3),
+        lambda x, k, b: np.einsum("...ij,jik->...k", x, k) + b,
+        lambda update: update.reshape(3, 2, 5)),  # contracted axes in the kernel's order: j, i
+}
+
+
+@pytest.mark.parametrize("case", sorted(_GENERAL_LAYERS))
+def test_wrapped_layers_apply_the_update_of_the_kernel_read_as_a_matrix(case):
+  """A LinearGeneral or Einsum with a LoRA adapter computes the base layer with kernel + s a b, the update laid
+  out on the kernel's axes (contracted axes flattened into `in`, produced ones into `out`, in kernel order)."""
+  make, shape, reference, layout = _GENERAL_LAYERS[case]
+  model = _Wrapped(make())
+  kernel = np.asarray(model.layer.kernel[...])
+  bias = 0.0 if model.layer.bias is None else np.asarray(model.layer.bias[...])
+  lora.inject_lora(model, LoRAConfig(rank=2, alpha=2.0, target_modules=("layer",)), jax.random.key(0))
+  _randomize_adapters(model, seed=4)
+  layer = model.layer
+  update = np.asarray(layer.lora_a[...]) @ np.asarray(layer.lora_b[...])  # s = 1
+  x = np.asarray(jax.random.normal(jax.random.key(1), shape))
+  # float32 contractions of length <= 6 with O(1) entries.
+  np.testing.assert_allclose(model(jnp.asarray(x)), reference(x, kernel + layout(update), bias), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layer.kernel_update(), layout(update), rtol=1e-6, atol=1e-6)
+  expected = model(jnp.asarray(x))
+  lora.merge_and_unload(model)
+  np.testing.assert_allclose(model(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(_GENERAL_LAYERS))
+def test_wspace_probe_of_a_wrapped_layer_gives_the_gradient_of_its_matrix(case):
+  """dl/dW = h^T G from the probes (the W-space mechanism's input) equals the gradient w.r.t. the kernel, read in
+  the adapter's [in, out] layout."""
+  make, shape, _, layout = _GENERAL_LAYERS[case]
+  model = _Wrapped(make())
+  lora.inject_lora(model, LoRAConfig(rank=2, alpha=2.0, target_modules=("layer",)), jax.random.key(0))
+  _randomize_adapters(model, seed=4)
+  lora.set_wspace_probe(model)
+  x = jax.random.normal(jax.random.key(1), shape)
+  loss = lambda y: jnp.sum(jnp.sin(y))
+
+  def probed(m, perturbations):
+    out, sown = nnx.capture(lambda m: m(x), nnx.Intermediate, init=perturbations)(m)
+    return loss(out), sown
+
+  _, perturbations = nnx.capture(lambda m: m(x), nnx.Perturbation)(model)
+  probe_grads, sown = nnx.grad(probed, argnums=1, has_aux=True)(model, perturbations)
+  h = sown["layer"]["lora_input"].get_value()[0]
+  g = probe_grads["layer"]["lora_output"][...]
+  from_probes = h.reshape(-1, h.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+  lora.set_wspace_probe(model, False)
+  graphdef, lora_state, frozen_state = lora.split_lora(model)
+  grad_frozen = jax.grad(lambda frozen: loss(nnx.merge(graphdef, lora_state, frozen)(x)))(frozen_state)
+  grad_kernel = grad_frozen["layer"]["base_module"]["kernel"][...]
+  # The layout map is linear and a permutation of entries: apply it to the probe gradient and compare.
+  np.testing.assert_allclose(layout(np.asarray(from_probes)), grad_kernel, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (lambda: nnx.Einsum("bhi,hio->bho", (2, 3, 4), rngs=nnx.Rngs(0)), "also in the input and the output"),
+    (lambda: nnx.LinearGeneral(3, 4, batch_axis={0: 2}, rngs=nnx.Rngs(0)), "batch_axis"),
+    (lambda: nnx.Conv(3, 4, kernel_size=(3,), rngs=nnx.Rngs(0)), "Conv is not a linear map"),
+    (lambda: nnx.LoRALinear(3, 4, lora_rank=2, rngs=nnx.Rngs(0)), "Flax's own LoRA"),
+])
+def test_a_selected_layer_that_lora_cannot_adapt_is_named_with_the_reason(layer, reason):
+  model = _Wrapped(layer())
+  with pytest.raises(ValueError, match=f"selects layers that LoRA cannot adapt: layer \\(.*{re.escape(reason)}"):
+    lora.inject_lora(model, LoRAConfig(rank=1, alpha=1.0, target_modules=("layer",)), jax.random.key(0))
+
+
+def test_no_match_in_a_user_model_names_its_layers():
+  model = UserMLP(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="matches no linear layer") as err:
+    lora.inject_lora(model, LoRAConfig(rank=1, alpha=1.0, target_modules=("q_proj",)), jax.random.key(0))
+  assert "'fc1'" in str(err.value) and "'fc2'" in str(err.value) and "LayerNorm" in str(err.value)

@@ -26,7 +26,7 @@ from flax import nnx
 from fedask_jax import privacy
 from fedask_jax._checks import check_choice
 from fedask_jax.adapters import Adapters, LoRAFactors, Trained, combine, select
-from fedask_jax.lora import Linear, from_adapters, path_name, set_wspace_probe, split_lora, to_adapters
+from fedask_jax.lora import LoRALayer, from_adapters, path_name, set_wspace_probe, split_lora, to_adapters
 from fedask_jax.objectives import causal_lm_loss
 from fedask_jax.simulation.server import ServerState
 from fedask_jax.strategies.base import ClientResult, Strategy
@@ -123,10 +123,10 @@ class LocalTraining:
 def local_training(model: nnx.Module, strategy: Strategy, optimizer: optax.GradientTransformation,
                    dp: DPConfig | None, per_example_loss: Callable[[nnx.Module, Any], Array]
                    ) -> tuple[LocalTraining, Adapters, nnx.State]:
-  """Split `model` (adapted layers `fedask_jax.lora.Linear`) once: (its `LocalTraining`, its adapters, its
+  """Split `model` (adapted layers: `fedask_jax.lora.lora_layers`) once: (its `LocalTraining`, its adapters, its
   frozen (non-LoRA) state)."""
   layers = [(path_name(p), tuple(p), m.scaling) for p, m in nnx.iter_modules(model)
-            if isinstance(m, Linear) and m.lora_a is not None]
+            if isinstance(m, LoRALayer) and m.lora_a is not None]
   if not layers:
     raise ValueError("the model has no LoRA adapters: call fedask_jax.lora.inject_lora (or load it with lora=...).")
   # The probe is a static attribute: the graphdef keeps it, and the caller's model gets it switched off
