@@ -334,9 +334,10 @@ def test_nonfinite_warning_and_withheld_diagnostics(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("clients_per_round,configured,expected", [
-    (2, None, 2), (8, None, 4), (6, None, 3), (7, None, 1), (8, 8, 8), (8, 2, 2)])
+    (2, None, 2), (8, None, 4), (6, None, 4), (7, None, 4), (8, 8, 8), (8, 3, 3)])
 def test_client_chunk_defaults_to_small_chunks_on_cpu(clients_per_round, configured, expected):
-  """Unset: on a CPU the largest divisor of K up to 4, elsewhere all clients at once; a configured value is kept."""
+  """Unset: on a CPU chunks of min(K, 4), elsewhere all clients at once; a configured value is kept (it need not
+  divide K: `FederatedRound` runs the rest as a last, smaller chunk)."""
   config = from_dict({"num_clients": 8, "clients_per_round": clients_per_round, "client_chunk": configured})
   on_cpu = jax.default_backend() == "cpu"
   assert runner.client_chunk(config) == (expected if on_cpu or configured is not None else None)

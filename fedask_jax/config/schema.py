@@ -204,8 +204,9 @@ class Config:
     lr: the local learning rate.
     seed: run seed; every random draw derives from it (round keys `fold_in(run_key, round)`).
     run_dir: where metrics, checkpoints, plots and the adapter go.
-    client_chunk: clients trained at once inside the round (memory); None: all K at once on an accelerator,
-      chunks of up to 4 on a CPU (`fedask_jax.runner.client_chunk`).
+    client_chunk: clients trained at once inside the round (memory), any value >= 1 (it need not divide
+      clients_per_round); None: all K at once on an accelerator, chunks of 4 on a CPU
+      (`fedask_jax.runner.client_chunk`).
   """
 
   strategy: str = "fedask"

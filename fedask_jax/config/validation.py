@@ -176,10 +176,9 @@ def validate(config: Config) -> None:
            "larger seed repeats a smaller one's draws).")
   _require(bool(c.run_dir), "run_dir is empty: name the directory for metrics and checkpoints.")
   _require(bool(c.model.path), "model.path is empty: name a checkpoint directory or a hub id.")
-  if c.client_chunk is not None:
-    _require(1 <= c.client_chunk <= c.clients_per_round and c.clients_per_round % c.client_chunk == 0,
-             f"client_chunk={c.client_chunk}: must divide clients_per_round={c.clients_per_round} "
-             "(or be null: all clients at once).")
+  _require(c.client_chunk is None or c.client_chunk >= 1,
+           f"client_chunk={c.client_chunk}: must be >= 1 (or null: the backend's default); it need not divide "
+           "clients_per_round (the last chunk holds the rest).")
 
   _check_data(c)
 

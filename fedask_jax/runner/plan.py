@@ -249,12 +249,12 @@ CPU_CLIENT_CHUNK = 4
 
 def client_chunk(config: Config) -> int | None:
   """`config.client_chunk`, or when it is None: all clients at once on an accelerator, and on a CPU chunks of
-  the largest divisor of K up to `CPU_CLIENT_CHUNK`. On a CPU all K clients at once make every intermediate K
-  times larger, past the caches. Results do not depend on the chunk beyond float32 summation order."""
+  min(K, `CPU_CLIENT_CHUNK`) (the last chunk of a K that 4 does not divide holds the rest). On a CPU all K clients
+  at once make every intermediate K times larger, past the caches. Results do not depend on the chunk beyond
+  float32 summation order."""
   if config.client_chunk is not None or jax.default_backend() != "cpu":
     return config.client_chunk
-  k = config.clients_per_round
-  return max(c for c in range(1, min(k, CPU_CLIENT_CHUNK) + 1) if k % c == 0)
+  return min(config.clients_per_round, CPU_CLIENT_CHUNK)
 
 
 def prepare(config: Config, *, for_training: bool = True) -> Experiment:

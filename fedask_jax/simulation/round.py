@@ -120,10 +120,12 @@ def round_step(training: LocalTraining, trained: Trained, state: ServerState, fr
 class FederatedRound:
   """A compiled federated round for one model, strategy and training configuration (`fedask_jax.simulation`).
 
-  Build with the model (an `nnx.Module` whose adapted layers are `fedask_jax.lora.Linear`); it is split once
+  Build with the model (an `nnx.Module` adapted by `fedask_jax.lora.inject_lora`); it is split once
   into (graphdef, LoRA state, frozen state), and the frozen state is passed to every compiled round unbatched.
   `state = rnd.init(num_clients)`, then `state, metrics = rnd(state, batches, client_ids, weights, round_key,
-  round_index)` per round; the previous state's buffers are donated (do not reuse it).
+  round_index)` per round; the previous state's buffers are donated (do not reuse it). Inside a program of your
+  own (several rounds in one `jax.jit`, a `lax.scan` over rounds) use the pure `step` instead; `lower` and
+  `compile` give the compiled round for inspection and timing.
 
   Args:
     model: the base model with LoRA adapters (its adapters are the initial global adapters).
@@ -131,9 +133,10 @@ class FederatedRound:
     optimizer: the local optax optimiser (default `default_optimizer()`), fresh state every round.
     dp: `DPConfig` for DP-SGD, or None for non-private training.
     per_example_loss: `(model, example) -> scalar`; default `causal_lm_example_loss`.
-    client_chunk: clients trained at once per device (None: all); results do not depend on it. It trades memory
-      for parallelism: accelerators want large chunks, while on CPU, compute-bound anyway, small chunks keep the
-      working set in cache (`benchmarks/round_speed.py`).
+    client_chunk: clients trained at once per device (None: all K at once); results do not depend on it beyond
+      float32 summation order, and it need not divide K (the last chunk holds the rest). It trades memory for
+      parallelism: accelerators want large chunks (leave it None on a GPU), while on a CPU, compute-bound
+      anyway, small chunks keep the working set in cache (the runner uses 4 there: `benchmarks/README.md`).
     mesh: a 1-D mesh with axis "clients" to shard the client axis over; default: all devices when there are
       several, none with one.
 
@@ -184,10 +187,31 @@ class FederatedRound:
       state = jax.device_put(state, NamedSharding(self.mesh, P()))
     return state
 
-  def trained(self, round_index: int) -> Trained:
-    """The strategy's trained factor(s) in round `round_index` (1-based), checked against the mechanism."""
-    check_int("round_index", round_index, 1, what="the round index (rounds are numbered from 1)")
-    trained = self.strategy.trained(round_index, self.dp is not None)
+  def trained(self, round_index: int | Array) -> Trained:
+    """The strategy's trained factor(s) in round `round_index` (1-based), checked against the mechanism.
+
+    `round_index` may be an int array, traced inside the caller's jit or scan, when the strategy's choice does
+    not depend on it (every strategy but fedask-alt); a strategy that needs its value (fedask-alt's alternation)
+    raises a ValueError saying how to scan it."""
+    private = self.dp is not None
+    if hasattr(round_index, "dtype") and (jnp.shape(round_index) != () or
+                                          not jnp.issubdtype(round_index.dtype, jnp.integer)):
+      raise ValueError(f"round_index: {round_index.dtype}{list(jnp.shape(round_index))} array; expected an int "
+                       "scalar (the round's number t >= 1).")
+    if isinstance(round_index, jax.core.Tracer):
+      try:
+        trained = self.strategy.trained(round_index, private)
+      except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        raise ValueError(
+            f"strategy {self.strategy.name!r} chooses its trained factor from the round index, which is traced "
+            "here, but the factor is static (one compiled round per choice). Pass a Python int: the round index "
+            "only picks the factor, so any round with the same factor will do. To lax.scan fedask-alt, run two "
+            "rounds per scan step, with round_index=1 (lora_b) and round_index=2 (lora_a), each with its own "
+            "round key (README, 'Bring your own model').") from None
+    else:
+      round_index = check_int("round_index", int(round_index) if hasattr(round_index, "dtype") else round_index,
+                              1, what="the round index (rounds are numbered from 1)")
+      trained = self.strategy.trained(round_index, private)
     check_trained(trained)
     if self.dp is not None and self.dp.mechanism == "w_space" and trained == "both":
       raise ValueError(
@@ -238,6 +262,38 @@ class FederatedRound:
       shard = NamedSharding(self.mesh, P(CLIENT_AXIS))
       batches, client_ids, weights = jax.device_put((batches, client_ids, weights), shard)
     return batches, client_ids, weights, () if noise_multiplier is None else (noise_multiplier,)
+
+  def step(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
+           round_index: int | Array, *, noise_multiplier: float | Array | None = None,
+           frozen_state: Any = None) -> tuple[ServerState, dict[str, Array]]:
+    """The round as a pure function, for the caller's own `jax.jit` / `lax.scan` (arguments as `__call__`).
+
+    Not jitted and nothing donated: it traces `round_step` into the caller's program, so R rounds can run as one
+    compiled `lax.scan`. `round_index` (1-based) only picks the trained factor (`trained`): a traced int array
+    is fine for strategies whose choice does not depend on it; fedask-alt needs a Python int (1 or 2 pick its
+    factors; the round's randomness is all in `round_key`). `frozen_state` defaults to `self.frozen_state`,
+    which a jitted caller then closes over and XLA embeds as a constant: for a large model pass
+    `rnd.frozen_state` through an argument of your jitted function instead. `noise_multiplier` may be traced.
+    """
+    trained = self.trained(round_index)
+    batches, client_ids, weights, noise = self._inputs(batches, client_ids, weights, noise_multiplier)
+    return round_step(self.training, trained, state, self.frozen_state if frozen_state is None else frozen_state,
+                      batches, client_ids, weights, round_key, *noise, client_chunk=self.client_chunk, mesh=self.mesh)
+
+  def lower(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
+            round_index: int, *, noise_multiplier: float | None = None) -> jax.stages.Lowered:
+    """The compiled round that `__call__` with these arguments runs, lowered (`jax.stages.Lowered`: `.as_text()`,
+    `.cost_analysis()`, `.compile()`); nothing runs and nothing is donated."""
+    trained = self.trained(round_index)
+    batches, client_ids, weights, noise = self._inputs(batches, client_ids, weights, noise_multiplier)
+    return self.compiled(trained).lower(state, self.frozen_state, batches, client_ids, weights, round_key, *noise)
+
+  def compile(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
+              round_index: int, *, noise_multiplier: float | None = None) -> jax.stages.Compiled:
+    """`lower(...).compile()`: time compilation apart from the run, read `.memory_analysis()` or
+    `.cost_analysis()`. Calling the result runs the round with the explicit arguments of `compiled`."""
+    return self.lower(state, batches, client_ids, weights, round_key, round_index,
+                      noise_multiplier=noise_multiplier).compile()
 
   def client_results(self, state: ServerState, batches: Any, client_ids: Array, round_key: Array, round_index: int,
                      *, noise_multiplier: float | None = None) -> tuple[ClientResult, ClientMetrics]:
