@@ -154,6 +154,13 @@ RULES = [
      r"privacy.overflow_prob=0.0: must be in \(0, 1\)"),
     ("privacy.overflow_prob", ["privacy.overflow_prob=1"], ["privacy.overflow_prob=0.5"],
      r"privacy.overflow_prob=1.0: must be in \(0, 1\)"),
+    ("privacy.sample_rate", ["privacy.client_sizes=private"],
+     ["privacy.client_sizes=private", "privacy.sample_rate=0.1"],
+     r"privacy.sample_rate=None: privacy.client_sizes='private' needs a public Poisson rate in \(0, 1\]"),
+    ("privacy.sample_rate", ["privacy.client_sizes=private", "privacy.sample_rate=1.5"],
+     ["privacy.client_sizes=private", "privacy.sample_rate=1"], r"privacy.sample_rate=1.5: .* in \(0, 1\]"),
+    ("privacy.sample_rate", ["privacy.sample_rate=0.1"], ["privacy.client_sizes=private", "privacy.sample_rate=0.1"],
+     r"privacy.sample_rate=0.1 is the public rate of privacy.client_sizes='private'"),
     ("optimizer.weight_decay", ["optimizer.weight_decay=-0.1"], ["optimizer.weight_decay=0"],
      r"optimizer.weight_decay=-0.1: must be >= 0"),
     ("optimizer.weight_decay", ["optimizer.name=sgd", "optimizer.weight_decay=0.1"],
@@ -290,8 +297,12 @@ PREPARE_RULES = [
      r"data.partition='dirichlet': every draw of Dirichlet\(data.dirichlet_alpha=0.01\) over the 8 values of "
      r"'category' left some of the num_clients=10 clients with fewer than data.min_client_size=20 records: raise "
      r"data.dirichlet_alpha"),
-    (["privacy.enabled=true", "batch_size=61"], ["privacy.enabled=true", "batch_size=60"],
+    # The tiny setup's clients hold 60 examples each: 61 exceeds every client, while 39 fits a client but not the
+    # overflow rule (q^61 <= 1e-12 needs q <= 0.636, i.e. batch_size <= 38).
+    (["privacy.enabled=true", "batch_size=61"], ["privacy.enabled=true", "batch_size=38"],
      r"batch_size=61 exceeds the smallest client's 60 examples"),
+    (["privacy.enabled=true", "batch_size=39"], ["privacy.enabled=true", "batch_size=38"],
+     r"the largest client \(60 examples\) samples at the Poisson rate q = 0.65: .* lower batch_size to at most 38"),
     (["batch_size=61"], ["batch_size=60"], r"batch_size=61 exceeds the largest client's 60 examples"),
     (["data.max_seq_len=6"], ["data.max_seq_len=7"],
      r"data.max_seq_len=6: the prompt fills all 6 tokens in every one of the 40 eval examples"),
