@@ -41,8 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fedask_jax._checks import check_int
+from fedask_jax.data.batching import shard_rows
 from fedask_jax.data.corpora import GSM8K_ALPACA, gsm8k_final_answer
 from fedask_jax.data.encoding import EncodedDataset, encode_pairs
 from fedask_jax.data.templates import Template
@@ -121,25 +124,37 @@ def _batch_sums(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, atte
   return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def evaluate(model: nnx.Module, data: EncodedDataset, *, batch_size: int = 16) -> EvalResult:
+def evaluate(model: nnx.Module, data: EncodedDataset, *, batch_size: int = 16,
+             mesh: jax.sharding.Mesh | None = None) -> EvalResult:
   """Token-mean cross-entropy of `model` on the targets of `data` [N, L] (module docstring).
 
   `model(input_ids [b, L], attention_mask [b, L]) -> logits [b, L, V]`, evaluated as it is (adapters included,
   dropout off). `data` is an instruction set (`fedask_jax.data.encode`, response targets) or plain text
   (`text_windows`, every token a target). Sums are accumulated in float64 on the host across batches.
+
+  mesh: split each batch's rows over the devices of this 1-D mesh (`fedask_jax.simulation.client_mesh`), the
+    model replicated, batch_size rounded up to a multiple of the device count; with several processes
+    (`jax.distributed`) every process calls it with the same data, feeds the rows of its devices, and gets the
+    result.
   """
   _check_batch_size(batch_size)
   n = data.num_examples
   if n == 0:
     raise ValueError("evaluate got an empty held-out set: check the eval split and eval.max_examples.")
   graphdef, state = _eval_split(model)
+  place = lambda *arrays: tuple(map(jnp.asarray, arrays))
+  if mesh is not None:
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    place = lambda *arrays: shard_rows(arrays, mesh)
   total, count = 0.0, 0.0
   for rows, valid in _batches(n, batch_size):
     batch_total, batch_count = _batch_sums(
-        graphdef, state, jnp.asarray(data.input_ids[rows]), jnp.asarray(data.attention_mask[rows]),
-        jnp.asarray(data.loss_mask[rows] & valid[:, None]))
-    total += float(batch_total)
-    count += float(batch_count)
+        graphdef, state,
+        *place(data.input_ids[rows], data.attention_mask[rows], data.loss_mask[rows] & valid[:, None]))
+    # Scalars are whole on every device, the addressable ones included.
+    total += float(batch_total.addressable_data(0))
+    count += float(batch_count.addressable_data(0))
   if count == 0:
     raise ValueError(
         f"the held-out set's {n} examples have no target tokens (all truncated away?): raise data.max_seq_len.")

@@ -10,9 +10,15 @@ stratify on.
 import gzip
 import json
 import random
+import signal
+import subprocess
 from pathlib import Path
 
+import numpy as np
+
+import pytest
 import transformers
+from safetensors.numpy import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 LETTERS = list("abcdefgh")
@@ -63,3 +69,49 @@ def make_tiny_setup(root: Path) -> dict:
       "eval": {"max_examples": 40, "batch_size": 20},
       "checkpoint": {"every": 2, "keep": 3},
   }
+
+
+def compilation_cache_env(root: Path) -> dict:
+  """Environment variables that give the CLI runs of a test module one persistent compilation cache: it only
+  saves the later runs their compilations (a cached executable computes what a fresh one does)."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+  """metrics.jsonl's records, asserting that every line is whole."""
+  text = (run_dir / "metrics.jsonl").read_text()
+  assert text.endswith("\n")
+  return [json.loads(line) for line in text.splitlines()]
+
+
+def assert_same_run(run_dir: Path, reference: Path, rounds: int) -> None:
+  """Same metrics lines (timings aside), one per round 0..rounds, and bit-identical final adapters."""
+  without_timing = lambda records: [{k: v for k, v in r.items() if k != "timing"} for r in records]
+  records = metrics_lines(run_dir)
+  assert [r["round"] for r in records] == list(range(rounds + 1))
+  assert without_timing(records) == without_timing(metrics_lines(reference))
+  a = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+  b = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def signal_on_line(process: subprocess.Popen, prefix: str, signum: int, timeout: float) -> str:
+  """Sends `signum` to `process` (text stderr piped) once a line of its stderr starts with `prefix`; returns the
+  rest of its stderr once it has exited (within `timeout` seconds), killing it if it is still running."""
+  try:
+    for line in process.stderr:
+      if line.startswith(prefix):
+        process.send_signal(signum)
+        break
+    else:
+      pytest.fail(f"the run exited with {process.wait()} without printing {prefix!r}")
+    err = process.stderr.read()
+    process.wait(timeout=timeout)
+  finally:
+    if process.poll() is None:
+      process.send_signal(signal.SIGKILL)
+      process.wait(timeout=timeout)
+  return err

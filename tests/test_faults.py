@@ -1,6 +1,6 @@
 """Fault tests: non-finite clients in the compiled round (fedask_jax.simulation), damaged checkpoints
-(fedask_jax.checkpoint.state), and runs killed with SIGKILL inside a round and inside a checkpoint write that
-resume to the uninterrupted run's result (fedask_jax.runner through the CLI).
+(fedask_jax.checkpoint.state), runs killed with SIGKILL inside a round and inside a checkpoint write, and runs
+stopped by SIGINT / SIGTERM, that resume to the uninterrupted run's result (fedask_jax.runner through the CLI).
 
 Tolerances. The round tests compare a round with a poisoned client against the same round run on the other
 clients only: the clients' local training is the same program on the same inputs (bit-identical), but the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,8 +31,7 @@ import optax
 import pytest
 import yaml
 from flax import nnx
-from run_fixtures import make_tiny_setup
-from safetensors.numpy import load_file
+from run_fixtures import assert_same_run, compilation_cache_env, make_tiny_setup, metrics_lines, signal_on_line
 
 from fedask_jax import cli, runner, simulation
 from fedask_jax.adapters import combine, select
@@ -343,32 +343,10 @@ def checkpoint_dirs(run_dir: Path) -> list[str]:
   return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
 
 
-def metrics_lines(run_dir: Path) -> list[dict]:
-  """metrics.jsonl's records, asserting that every line is whole."""
-  text = (run_dir / "metrics.jsonl").read_text()
-  assert text.endswith("\n")
-  return [json.loads(line) for line in text.splitlines()]
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-  """Same metrics lines (timings aside), one per round, and bit-identical final adapters."""
-  without_timing = lambda records: [{k: v for k, v in r.items() if k != "timing"} for r in records]
-  records = metrics_lines(run_dir)
-  assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
-  assert without_timing(records) == without_timing(metrics_lines(reference))
-  a = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
-  b = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-  assert a.keys() == b.keys()
-  for name in a:
-    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
   root = tmp_path_factory.mktemp("faults")
-  # The cache only saves the later runs their compilations; a cached executable computes what a fresh one does.
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  env = {**os.environ, **compilation_cache_env(root)}
   runs = Runs(root, {**make_tiny_setup(root), **OVERRIDES}, root / "straight", env)
   run_cli(runs, config_file(runs, "straight"))
   return runs
@@ -410,7 +388,7 @@ def test_a_run_killed_in_a_checkpoint_write_and_in_a_round_resumes_to_the_same_r
 
   run_cli(runs, config)
   assert checkpoint_dirs(run_dir) == ["2", "3", "4"]
-  assert_same_run(run_dir, runs.straight)
+  assert_same_run(run_dir, runs.straight, 4)
 
 
 def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_same_result(runs, capsys):
@@ -421,7 +399,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_same_r
   err = run_cli(runs, config)
   assert "UserWarning: checkpoint of round 4 in" in err
   assert "warning: the checkpoint of round 4 is unreadable (ValueError:" in err and "falling back to round 3" in err
-  assert_same_run(run_dir, runs.straight)
+  assert_same_run(run_dir, runs.straight, 4)
 
   # None readable: a clear error, before anything is trained.
   for step in ("2", "3", "4"):
@@ -435,3 +413,30 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_to_the_same_r
     assert cli.main(["train", "--config", str(config), "--quiet"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: no readable checkpoint in") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_a_checkpointed_round_and_the_run_resumes_to_the_same_result(runs, signum):
+  """Ctrl-C (SIGINT) or a scheduler's SIGTERM during the rounds: the round in progress finishes and is checkpointed,
+  one line says where the run stopped and the command that resumes it, the exit code is 128 + the signal's number
+  (130, 143); the resumed run ends as the uninterrupted one, bit for bit."""
+  name = signal.Signals(signum).name
+  config, run_dir = config_file(runs, name), runs.root / name
+  # With progress on, the notes are printed once the signals are caught, before round 0's evaluation: the signal
+  # lands in that evaluation or in round 1 (the rounds are what a test of Ctrl-C must reach).
+  process = cli_process(runs, config, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  err = signal_on_line(process, "eval: ", signum, WAIT)
+  assert process.returncode == 128 + signum, err
+  assert "Traceback" not in err
+  stopped = [line for line in err.splitlines() if line.startswith("stopped by")]
+  assert len(stopped) == 1, err
+  match = re.fullmatch(rf"stopped by {name} after round (\d) of 4 \(checkpoint (.*)\); resume with: fedask-jax train "
+                       rf"--config {re.escape(str(config))}", stopped[0])
+  assert match, stopped[0]
+  last = int(match[1])
+  assert last < 4 and Path(match[2]) == run_dir / "checkpoints" / str(last)
+  assert checkpoint_dirs(run_dir) == [str(t) for t in range(max(1, last - 2), last + 1)]
+  assert [r["round"] for r in metrics_lines(run_dir)] == list(range(last + 1))
+
+  run_cli(runs, config)
+  assert_same_run(run_dir, runs.straight, 4)

@@ -74,6 +74,9 @@ def test_every_key_rejects_values_of_the_wrong_type(key):
 
 # One row per range or cross-field rule: (key, overrides that break it, overrides at the boundary that pass,
 # the message). The passing row proves the rule is not stricter than stated.
+# A valid distributed section for two processes, as overrides.
+DISTRIBUTED = ("distributed.coordinator_address=10.0.0.1:1234", "distributed.num_processes=2",
+               "distributed.process_id=1")
 RULES = [
     ("rounds", ["rounds=0"], ["rounds=1"], r"rounds=0: must be >= 1"),
     ("num_clients", ["num_clients=0"], ["num_clients=2"], r"num_clients=0: must be >= 1"),
@@ -175,6 +178,20 @@ RULES = [
     ("eval.batch_size", ["eval.batch_size=0"], ["eval.batch_size=1"], r"eval.batch_size=0: must be >= 1"),
     ("checkpoint.every", ["checkpoint.every=-1"], ["checkpoint.every=0"], r"checkpoint.every=-1: must be >= 0"),
     ("checkpoint.keep", ["checkpoint.keep=0"], ["checkpoint.keep=1"], r"checkpoint.keep=0: must be >= 1"),
+    ("distributed.num_processes", ["distributed.num_processes=2"], [DISTRIBUTED[0], DISTRIBUTED[1], DISTRIBUTED[2]],
+     r"distributed.num_processes set without the others: .*coordinator_address, num_processes and process_id"),
+    ("distributed.num_processes", [DISTRIBUTED[0], "distributed.num_processes=0", "distributed.process_id=0"],
+     [DISTRIBUTED[0], "distributed.num_processes=1", "distributed.process_id=0"],
+     r"distributed.num_processes=0: must be >= 1"),
+    ("distributed.process_id", [DISTRIBUTED[0], DISTRIBUTED[1], "distributed.process_id=2"], list(DISTRIBUTED),
+     r"distributed.process_id=2: must be in \[0, distributed.num_processes=2\)"),
+    ("distributed.process_id", ["distributed.auto=true", "distributed.process_id=0"], ["distributed.auto=true"],
+     r"distributed.auto=true lets JAX read the processes from the cluster .*: remove distributed.process_id"),
+    ("distributed.coordinator_address", ["distributed.coordinator_address=node1", *DISTRIBUTED[1:]],
+     ["distributed.coordinator_address=node1:1234", *DISTRIBUTED[1:]],
+     r"distributed.coordinator_address='node1': expected host:port"),
+    ("distributed.heartbeat_timeout", ["distributed.heartbeat_timeout=0"], ["distributed.heartbeat_timeout=1"],
+     r"distributed.heartbeat_timeout=0: must be >= 1 \(seconds\)"),
     ("unknown key", ["privacy.delt=1e-6"], ["privacy.delta=1e-6"],
      r"unknown key 'privacy.delt'.*Did you mean 'delta'\?"),
 ]
@@ -355,6 +372,13 @@ def test_resume_with_the_same_config_passes(setup, tmp_path):
   config = config_for(setup, tmp_path, [])
   store_config(tmp_path / "run", config)
   runner.check_run_dir(config)
+
+
+def test_resume_under_other_processes_passes(setup, tmp_path):
+  # The distributed section says how a run is executed (its processes, a coordinator port that changes with every
+  # launch), not what it computes.
+  store_config(tmp_path / "run", config_for(setup, tmp_path, []))
+  runner.check_run_dir(config_for(setup, tmp_path, list(DISTRIBUTED)))
 
 
 @pytest.mark.parametrize("changes, match", [

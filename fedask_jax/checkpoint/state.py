@@ -6,6 +6,11 @@ state such as SCAFFOLD's control variates or FedSA-LoRA's per-client factors, th
 plus whatever else the runner records). Typed PRNG keys are stored as their raw key data and re-wrapped on
 restore, so a run resumes with the very same keys (docs/design.md, section 6.2).
 
+Several processes (`jax.distributed`): every process calls `save` and `restore` together, with the same state;
+arrays over every process's devices are written through orbax's multi-process support (each shard once, by
+the process that holds it; the step committed by process 0 once all have written), and host values (numpy,
+keys) once. The directory must be one that every process sees.
+
 Layout: `<directory>/<round>/{state,ledger}`. Faults:
 
 - A killed save: orbax writes each step to `<round>.orbax-checkpoint-tmp` and renames it when complete, so an
@@ -43,6 +48,12 @@ PAUSE_BEFORE_COMMIT = "FEDASK_JAX_PAUSE_BEFORE_COMMIT"
 
 def _is_key(x: Any) -> bool:
   return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _host_key_data(x: Any) -> Any:
+  """A typed PRNG key as its raw key data in a numpy array: a host value, the same in every process, which orbax
+  writes once (it refuses an array on one process's device in a multi-process run); other leaves as they are."""
+  return np.asarray(jax.random.key_data(x)) if _is_key(x) else x
 
 
 def state_digest(raw: Any) -> str:
@@ -116,7 +127,7 @@ class StateCheckpoints:
     state's digest in the ledger; an existing checkpoint of round t (one `restore_latest` skipped) is replaced."""
     if STATE_DIGEST in ledger:
       raise ValueError(f"ledger key {STATE_DIGEST!r} is reserved for the state's digest: rename that entry.")
-    raw = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+    raw = jax.tree.map(_host_key_data, state)
     if round_index in self._manager.all_steps():
       self._manager.delete(round_index)
     self._manager.save(round_index, args=ocp.args.Composite(
@@ -128,8 +139,7 @@ class StateCheckpoints:
     """(state, ledger) of round t; `template` is a state of the same structure, shapes and dtypes. Raises
     ValueError when the restored arrays do not match the digest saved with them (a damaged checkpoint); orbax's
     own errors (missing or unparsable files) pass through."""
-    abstract = jax.tree.map(
-        lambda x: ocp.utils.to_shape_dtype_struct(jax.random.key_data(x) if _is_key(x) else x), template)
+    abstract = jax.tree.map(lambda x: ocp.utils.to_shape_dtype_struct(_host_key_data(x)), template)
     restored = self._manager.restore(round_index, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), ledger=ocp.args.JsonRestore()))
     ledger = dict(restored.ledger)

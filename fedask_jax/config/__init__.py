@@ -18,15 +18,15 @@ from typing import Any, Mapping, Sequence
 from fedask_jax.config.parsing import (
     apply_overrides, build_config, config_diff, flatten, parse_override, read_yaml, to_dict)
 from fedask_jax.config.schema import (
-    CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, LoRASection, ModelConfig, OptimizerConfig,
-    PrivacyConfig, SketchConfig)
+    CheckpointConfig, Config, ConfigError, DataConfig, DistributedConfig, EvalConfig, LoRASection, ModelConfig,
+    OptimizerConfig, PrivacyConfig, SketchConfig)
 from fedask_jax.config.validation import check_encoded, check_model, check_records, lora_config, validate
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LoRASection", "ModelConfig",
-    "OptimizerConfig", "PrivacyConfig", "SketchConfig", "apply_overrides", "check_encoded", "check_model",
-    "check_records", "config_diff", "flatten", "from_dict", "load_config", "lora_config", "parse_override",
-    "read_yaml", "to_dict", "validate",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "LoRASection",
+    "ModelConfig", "OptimizerConfig", "PrivacyConfig", "SketchConfig", "apply_overrides", "check_encoded",
+    "check_model", "check_records", "config_diff", "flatten", "from_dict", "load_config", "lora_config",
+    "parse_override", "read_yaml", "to_dict", "validate",
 ]
 
 

@@ -189,6 +189,28 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """A run over several processes through `jax.distributed` (`fedask_jax.runner.processes`; README, "Running
+  across hosts"). All unset: one process. It says how a run is executed, not what it computes, so it is not part
+  of the run directory's config.yaml, and a run may resume under other processes.
+
+  Attributes:
+    coordinator_address: "host:port" of process 0, where JAX's coordination service listens.
+    num_processes: P, the number of processes.
+    process_id: this process's index 0..P-1 (the only key in which the processes' configs differ).
+    auto: let JAX read the three from the cluster's environment (SLURM, Cloud TPU, Open MPI) instead.
+    heartbeat_timeout: seconds after which a process that stopped answering counts as dead, and JAX ends every
+      other process (JAX's default: 100).
+  """
+
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  auto: bool = False
+  heartbeat_timeout: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """A federated fine-tuning run.
 
@@ -228,3 +250,4 @@ class Config:
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)

@@ -10,10 +10,13 @@ federated round is built:
      the annotated types. `data.template_fields` keys are checked against the template's fields (`validate`).
    - Ranges and cross-field rules (`validate`): every numeric key has a range (e.g. 0 < privacy.delta < 1,
      0 <= seed < 2^32), and keys that depend on each other agree (clients_per_round <= num_clients,
-     optimizer.warmup_steps < local_steps, data.eval_path only with data.source "jsonl", ...).
+     optimizer.warmup_steps < local_steps, data.eval_path only with data.source "jsonl", the distributed
+     section's three keys together, ...).
 
 2. `fedask_jax.runner.prepare`, against what the config names:
 
+   - the processes (`runner.processes.start`): in a multi-process run every process has the same config (the
+     keys that differ from process 0's are named), and clients_per_round is a multiple of the device count;
    - the run directory (`runner.check_run_dir`): one that holds another config is refused, naming the keys
      that differ (a run is resumed only with the config it started with: sigma depends on every round);
    - the model (`check_model`): lora.rank <= min(in, out) of every targeted layer, data.max_seq_len within a
@@ -155,6 +158,26 @@ def _check_data(config: Config) -> None:
            f"data.partition={d.partition!r} needs data.category_column (the column to split by).")
 
 
+def _check_distributed(config: Config) -> None:
+  d = config.distributed
+  given = [f"distributed.{key}" for key in ("coordinator_address", "num_processes", "process_id")
+           if getattr(d, key) is not None]
+  if d.auto:
+    _require(not given, f"distributed.auto=true lets JAX read the processes from the cluster (SLURM, Cloud TPU, "
+             f"Open MPI): remove {' and '.join(given)}.")
+  elif given:
+    _require(len(given) == 3, f"{' and '.join(given)} set without the others: a multi-process run needs "
+             "distributed.coordinator_address, num_processes and process_id (or distributed.auto=true where JAX "
+             "detects them: SLURM, Cloud TPU).")
+    _at_least(config, "distributed.num_processes", 1)
+    _require(0 <= d.process_id < d.num_processes, f"distributed.process_id={d.process_id}: must be in [0, "
+             f"distributed.num_processes={d.num_processes}).")
+    host, _, port = d.coordinator_address.rpartition(":")
+    _require(bool(host) and port.isdigit() and 0 < int(port) < 2**16,
+             f"distributed.coordinator_address={d.coordinator_address!r}: expected host:port, e.g. 10.0.0.1:1234.")
+  _at_least(config, "distributed.heartbeat_timeout", 1, " (seconds)")
+
+
 def lora_config(config: Config) -> LoRAConfig:
   """The `fedask_jax.lora.LoRAConfig` of the config's lora section (its checks raise ValueError)."""
   lo = config.lora
@@ -221,6 +244,7 @@ def validate(config: Config) -> None:
   _at_least(c, "eval.batch_size", 1)
   _at_least(c, "checkpoint.every", 0, " (0: only at the end)")
   _at_least(c, "checkpoint.keep", 1)
+  _check_distributed(c)
 
 
 # ---------------------------------------------------------------------------------------------------------------

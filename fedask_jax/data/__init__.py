@@ -19,7 +19,7 @@ A typical pipeline:
   batch = client_batches(round_key, client_data, client_ids, local_steps=10, batch_size=6, capacity=20)
 """
 
-from fedask_jax.data.batching import Batch, ClientData, client_batches, stack_clients
+from fedask_jax.data.batching import Batch, ClientData, client_batches, shard_rows, stack_clients
 from fedask_jax.data.corpora import (
     GSM8K_ALPACA,
     gsm8k_category,
@@ -68,6 +68,7 @@ __all__ = [
     "natural_partition",
     "open_text",
     "partition_records",
+    "shard_rows",
     "stack_clients",
     "strip_calculator_annotations",
 ]

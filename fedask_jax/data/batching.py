@@ -21,11 +21,13 @@ other clients were sampled with it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fedask_jax._checks import check_int
 from fedask_jax.data.encoding import EncodedDataset
@@ -163,3 +165,30 @@ def client_batches(
         example_mask=mask)
 
   return jax.vmap(one_client)(jnp.asarray(client_ids, jnp.int32))
+
+
+def shard_rows(inputs: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`inputs` (a pytree of leaves [K, ...]) with their rows split over the devices of a 1-D `mesh`, K a multiple
+  of its size: the sampled clients of a round (`fedask_jax.simulation.FederatedRound`), a held-out batch
+  (`fedask_jax.evaluation.evaluate`).
+
+  With one process, `jax.device_put`. With several (`jax.distributed`), every process passes the same K rows
+  (drawn with the same keys) and feeds only those that its own devices hold, through
+  `jax.make_array_from_process_local_data`; leaves already laid out over every process's devices are taken as
+  they are.
+  """
+  sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+  if jax.process_count() == 1:
+    return jax.device_put(inputs, sharding)
+  k = jax.tree.leaves(inputs)[0].shape[0]
+  # This process's devices hold these slices of the K rows, in the order make_array_from_process_local_data
+  # lays its local rows out.
+  held = sorted(index[0].indices(k)[:2] for index in sharding.addressable_devices_indices_map((k,)).values())
+  rows = np.concatenate([np.arange(start, stop) for start, stop in held])
+
+  def place(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x
+    return jax.make_array_from_process_local_data(sharding, x[rows], (k,) + tuple(x.shape[1:]))
+
+  return jax.tree.map(place, inputs)

@@ -8,11 +8,13 @@
   privacy (noise multiplier, sampling rate, batch capacity; its docstring states the privacy semantics).
 - `loop`: `train` then runs the rounds, resuming from the latest checkpoint of the run directory when there is
   one (its docstring: resumption and faults); `evaluate_run` evaluates a run's latest checkpoint.
+- `processes`: runs over several processes (`jax.distributed`), and stops on SIGINT / SIGTERM (`Interrupted`).
 - `rundir`: the run directory's layout, the check that it belongs to the config, and the metrics log.
 - `report`: the plots and the summary.
 """
 
-from fedask_jax.runner.loop import evaluate_run, latest_adapters, round_sampler, train
+from fedask_jax.runner import processes
+from fedask_jax.runner.loop import Interrupted, evaluate_run, latest_adapters, round_sampler, train
 from fedask_jax.runner.plan import (
     ADAPTER_INIT_STREAM, CPU_CLIENT_CHUNK, Experiment, PrivacyPlan, client_chunk, load_eval_data, load_model,
     load_records, make_optimizer, make_strategy, partition, plan_privacy, prepare, run_key)
@@ -22,8 +24,8 @@ from fedask_jax.runner.rundir import (
 
 __all__ = [
     "ADAPTER_DIR", "ADAPTER_INIT_STREAM", "CHECKPOINT_DIR", "CONFIG_FILE", "CPU_CLIENT_CHUNK", "DIAGNOSTICS",
-    "METRICS_FILE", "SUMMARY_FILE", "Experiment", "MetricsLog", "PrivacyPlan", "check_run_dir", "client_chunk",
-    "evaluate_run", "format_summary", "latest_adapters", "load_eval_data", "load_model", "load_records",
-    "make_optimizer", "make_strategy", "partition", "plan_privacy", "prepare", "round_sampler", "run_key",
-    "summarize", "train", "write_plots",
+    "METRICS_FILE", "SUMMARY_FILE", "Experiment", "Interrupted", "MetricsLog", "PrivacyPlan", "check_run_dir",
+    "client_chunk", "evaluate_run", "format_summary", "latest_adapters", "load_eval_data", "load_model",
+    "load_records", "make_optimizer", "make_strategy", "partition", "plan_privacy", "prepare", "processes",
+    "round_sampler", "run_key", "summarize", "train", "write_plots",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import yaml
 from flax import nnx
 
@@ -45,13 +47,14 @@ from fedask_jax import privacy
 from fedask_jax.adapters import Adapters
 from fedask_jax.checkpoint.peft import export_peft
 from fedask_jax.checkpoint.state import StateCheckpoints
-from fedask_jax.config import Config, ConfigError, from_dict, read_yaml, to_dict
+from fedask_jax.config import Config, ConfigError, from_dict, read_yaml
 from fedask_jax.evaluation import EvalResult, evaluate
 from fedask_jax.lora import from_adapters, to_adapters
+from fedask_jax.runner import processes
 from fedask_jax.runner.plan import Experiment, make_strategy, prepare, run_key
 from fedask_jax.runner.report import DIAGNOSTICS, summarize, write_plots
 from fedask_jax.runner.rundir import (
-    ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, to_json)
+    ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, stored_config, to_json)
 from fedask_jax.simulation import ServerState, client_weights, data_key, sample_clients
 
 
@@ -60,8 +63,11 @@ def _set_adapters(model: nnx.Module, adapters: Adapters) -> None:
 
 
 def _evaluate(experiment: Experiment, adapters: Adapters) -> EvalResult:
+  """The held-out loss with `adapters`, sharded over the round's mesh when it has one (with several processes
+  every process calls it: `fedask_jax.runner.processes`, "Evaluation")."""
   _set_adapters(experiment.model, adapters)
-  return evaluate(experiment.model, experiment.eval_data, batch_size=experiment.config.eval.batch_size)
+  mesh = experiment.round_fn.mesh if experiment.round_fn is not None else None
+  return evaluate(experiment.model, experiment.eval_data, batch_size=experiment.config.eval.batch_size, mesh=mesh)
 
 
 def _eval_fields(result: EvalResult) -> dict[str, Any]:
@@ -77,7 +83,7 @@ def _epsilon(experiment: Experiment, round_index: int) -> float | None:
 
 
 def _checkpoint_state(server: ServerState, key: jax.Array, round_index: int) -> dict[str, Any]:
-  return {"server": server, "run_key": key, "round": jnp.asarray(round_index, jnp.int32)}
+  return {"server": server, "run_key": key, "round": np.asarray(round_index, np.int32)}
 
 
 def _ledger(experiment: Experiment, round_index: int, epsilon: float | None) -> dict[str, Any]:
@@ -111,104 +117,136 @@ def round_sampler(config: Config, capacity: int):
   return sample
 
 
-def train(experiment: Experiment, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+class Interrupted(Exception):
+  """`train` stopped by a signal (SIGINT or SIGTERM: `fedask_jax.runner.processes`, "Stops") after round
+  `round_index` of `rounds`, which is checkpointed at `checkpoint`; the same command resumes the run."""
+
+  def __init__(self, signum: int, round_index: int, rounds: int, checkpoint: Path):
+    super().__init__(f"stopped by {signal.Signals(signum).name} after round {round_index} of {rounds} (checkpoint "
+                     f"{checkpoint})")
+    self.signum, self.round_index, self.rounds, self.checkpoint = signum, round_index, rounds, checkpoint
+
+
+def train(experiment: Experiment, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any] | None:
   """Runs (or resumes) the rounds of a prepared experiment; writes the run directory; returns the summary.
 
   `stop_after`: stop after this round as an interruption would, with a checkpoint there to resume from (the
-  plots, summary and adapter then describe the run so far).
+  plots, summary and adapter then describe the run so far). SIGINT or SIGTERM during the rounds stops the run
+  after the round in progress, checkpointed, and raises `Interrupted` (`fedask_jax.runner.processes`, "Stops").
+  In a multi-process run every process calls it; process 0 writes the run directory's files, prints and returns
+  the summary, the others return None.
   """
   from tqdm import tqdm
 
   config, run_dir, round_fn = experiment.config, experiment.run_dir, experiment.round_fn
-  run_dir.mkdir(parents=True, exist_ok=True)
+  primary = processes.is_primary()
   config_path = run_dir / CONFIG_FILE
-  if not config_path.is_file():
+  if primary and not config_path.is_file():
+    run_dir.mkdir(parents=True, exist_ok=True)
     # Written whole (a new file renamed into place): a kill mid-write must not leave a torn config that
     # check_run_dir would then refuse.
     tmp = config_path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    tmp.write_text(yaml.safe_dump(stored_config(config), sort_keys=False), encoding="utf-8")
     os.replace(tmp, config_path)
   log = MetricsLog(run_dir / METRICS_FILE)
   checkpoints = StateCheckpoints(run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep)
   key = run_key(config)
   state = round_fn.init(config.num_clients)
-  write = (lambda line: tqdm.write(line, file=sys.stderr)) if progress else (lambda line: None)
+  write = (lambda line: tqdm.write(line, file=sys.stderr)) if progress and primary else (lambda line: None)
   # Faults are printed even with progress off: they change what the run computed or resumed from.
-  warn = lambda line: tqdm.write(f"warning: {line}", file=sys.stderr)
-  for note in experiment.notes:
-    write(note)
-  try:
-    restored = checkpoints.restore_latest(_checkpoint_state(state, key, 0))
-  except ValueError:
-    checkpoints.close()
-    raise
-  if restored is None:
-    start = 0
-    log.truncate(-1)
-    before = _evaluate(experiment, state.adapters)
-    log.append({"round": 0, "epsilon": 0.0 if experiment.privacy else None, **_eval_fields(before)})
-  else:
-    start, state = restored.round, restored.state["server"]
-    for skipped, error in restored.unreadable:
-      warn(f"the checkpoint of round {skipped} is unreadable ({error}); falling back to round {start}")
-    log.truncate(start)
-    write(f"resuming {run_dir} from the checkpoint of round {start}")
+  warn = (lambda line: tqdm.write(f"warning: {line}", file=sys.stderr)) if primary else (lambda line: None)
+  stops = processes.StopSignals(lambda signum: write(
+      f"{signal.Signals(signum).name}: stopping once the round in progress is finished and checkpointed (send it "
+      "again to stop at once, losing the rounds since the last checkpoint)"))
+  # Caught from here on: a signal during the restore or the first evaluation stops the run after its next round.
+  with stops:
+    for note in experiment.notes:
+      write(note)
+    try:
+      restored = checkpoints.restore_latest(_checkpoint_state(state, key, 0))
+    except ValueError:
+      checkpoints.close()
+      raise
+    # The processes start the rounds together, whatever their loading and restoring took.
+    processes.wait_for_all("rounds")
+    processes.join_collectives(round_fn.mesh)
+    if restored is None:
+      start = 0
+      before = _eval_fields(_evaluate(experiment, state.adapters))
+      if primary:
+        log.truncate(-1)
+        log.append({"round": 0, "epsilon": 0.0 if experiment.privacy else None, **before})
+    else:
+      start, state = restored.round, restored.state["server"]
+      for skipped, error in restored.unreadable:
+        warn(f"the checkpoint of round {skipped} is unreadable ({error}); falling back to round {start}")
+      if primary:
+        log.truncate(start)
+      write(f"resuming {run_dir} from the checkpoint of round {start}")
 
-  sample = round_sampler(config, experiment.capacity)
-  release, warned_nonfinite = config.privacy.release_diagnostics, False
-  compiled: set[str] = set()
-  bar = tqdm(total=config.rounds, initial=start, desc="rounds", unit="round", file=sys.stderr, disable=not progress)
-  try:
-    last = config.rounds if stop_after is None else min(stop_after, config.rounds)
-    for t in range(start + 1, last + 1):
-      trained = round_fn.trained(t)
-      first = trained not in compiled
-      compiled.add(trained)
-      began = time.perf_counter()
-      round_key = jax.random.fold_in(key, t)
-      ids, weights, batches = sample(round_key, experiment.client_data)
-      state, metrics = round_fn(state, batches, ids, weights, round_key, t)
-      metrics = jax.device_get(metrics)
-      seconds = time.perf_counter() - began
-      record = {"round": t, "train_loss": to_json(metrics.pop("train_loss")), "epsilon": _epsilon(experiment, t),
-                "clients": to_json(ids), **{k: to_json(v) for k, v in sorted(metrics.items())}}
-      if not release:
-        for name in DIAGNOSTICS:
-          del record[name]
-      elif not warned_nonfinite and any(record["nonfinite_examples"]):
-        warned_nonfinite = True
-        counts = ", ".join(f"client {c}: {n}" for c, n in zip(record["clients"], record["nonfinite_examples"]) if n)
-        effect = ("the clipping zeroed their gradients, and their clients' losses are NaN" if experiment.privacy
-                  else "their clients' updates are NaN")
-        warn(f"round {t}: training examples with a non-finite loss or gradient ({counts}); {effect}. metrics.jsonl "
-             "counts them every round (nonfinite_examples); this warning is not repeated")
-      if t == config.rounds or (config.eval.every and t % config.eval.every == 0):
-        record.update(_eval_fields(_evaluate(experiment, state.adapters)))
-      record["timing"] = {"seconds": seconds, "compiled": first}
-      log.append(record)
-      if record["skipped"]:
-        warn(f"round {t}: no client's update was finite (clients {record['clients']}); the global state is "
-             "unchanged")
-      elif record["invalid_clients"]:
-        left_out = [c for c, ok in zip(record["clients"], record["client_valid"]) if not ok]
-        warn(f"round {t}: clients {left_out} had a NaN or Inf update and were left out of the aggregate")
-      if t in (last, config.rounds) or (config.checkpoint.every and t % config.checkpoint.every == 0):
-        checkpoints.save(t, _checkpoint_state(state, key, t), _ledger(experiment, t, record["epsilon"]))
-      postfix = {"loss": f"{record['train_loss']:.4f}"} if release else {}
-      if record["epsilon"] is not None:
-        heuristic = experiment.privacy.schedule.participation == "expected"
-        postfix["eps (expected: no guarantee)" if heuristic else "eps"] = f"{record['epsilon']:.3f}"
-      if "eval_loss" in record:
-        postfix["eval"] = f"{record['eval_loss']:.4f}"
-      bar.set_postfix(postfix)
-      bar.update(1)
-  finally:
-    bar.close()
-    checkpoints.close()
+    sample = round_sampler(config, experiment.capacity)
+    release, warned_nonfinite = config.privacy.release_diagnostics, False
+    compiled: set[str] = set()
+    bar = tqdm(total=config.rounds, initial=start, desc="rounds", unit="round", file=sys.stderr,
+               disable=not (progress and primary))
+    try:
+      last = config.rounds if stop_after is None else min(stop_after, config.rounds)
+      for t in range(start + 1, last + 1):
+        trained = round_fn.trained(t)
+        first = trained not in compiled
+        compiled.add(trained)
+        began = time.perf_counter()
+        round_key = jax.random.fold_in(key, t)
+        ids, weights, batches = sample(round_key, experiment.client_data)
+        state, metrics = round_fn(state, batches, ids, weights, round_key, t)
+        metrics = jax.device_get(processes.host_local(metrics, round_fn.mesh))
+        seconds = time.perf_counter() - began
+        record = {"round": t, "train_loss": to_json(metrics.pop("train_loss")), "epsilon": _epsilon(experiment, t),
+                  "clients": to_json(ids), **{k: to_json(v) for k, v in sorted(metrics.items())}}
+        if not release:
+          for name in DIAGNOSTICS:
+            del record[name]
+        elif not warned_nonfinite and any(record["nonfinite_examples"]):
+          warned_nonfinite = True
+          counts = ", ".join(f"client {c}: {n}" for c, n in zip(record["clients"], record["nonfinite_examples"]) if n)
+          effect = ("the clipping zeroed their gradients, and their clients' losses are NaN" if experiment.privacy
+                    else "their clients' updates are NaN")
+          warn(f"round {t}: training examples with a non-finite loss or gradient ({counts}); {effect}. "
+               "metrics.jsonl counts them every round (nonfinite_examples); this warning is not repeated")
+        if t == config.rounds or (config.eval.every and t % config.eval.every == 0):
+          record.update(_eval_fields(_evaluate(experiment, state.adapters)))
+        record["timing"] = {"seconds": seconds, "compiled": first}
+        if primary:
+          log.append(record)
+        if record["skipped"]:
+          warn(f"round {t}: no client's update was finite (clients {record['clients']}); the global state is "
+               "unchanged")
+        elif record["invalid_clients"]:
+          left_out = [c for c, ok in zip(record["clients"], record["client_valid"]) if not ok]
+          warn(f"round {t}: clients {left_out} had a NaN or Inf update and were left out of the aggregate")
+        stop = stops.agreed() if t < config.rounds else 0
+        if stop or t in (last, config.rounds) or (config.checkpoint.every and t % config.checkpoint.every == 0):
+          checkpoints.save(t, _checkpoint_state(state, key, t), _ledger(experiment, t, record["epsilon"]))
+        postfix = {"loss": f"{record['train_loss']:.4f}"} if release else {}
+        if record["epsilon"] is not None:
+          heuristic = experiment.privacy.schedule.participation == "expected"
+          postfix["eps (expected: no guarantee)" if heuristic else "eps"] = f"{record['epsilon']:.3f}"
+        if "eval_loss" in record:
+          postfix["eval"] = f"{record['eval_loss']:.4f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+        if stop:
+          raise Interrupted(stop, t, config.rounds, checkpoints.directory / str(t))
+    finally:
+      bar.close()
+      checkpoints.close()
 
+  final = processes.host_local(state.adapters, round_fn.mesh)
+  if not primary:
+    return None
   records = log.read()
   write_plots(records, run_dir)
-  _set_adapters(experiment.model, state.adapters)
+  _set_adapters(experiment.model, final)
   export_peft(experiment.model, run_dir / ADAPTER_DIR, base_model_name_or_path=config.model.path)
   summary = summarize(experiment, records)
   (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -42,6 +42,7 @@ from fedask_jax.config import Config, ConfigError, check_encoded, check_model, c
 from fedask_jax.config.schema import SKETCH_KEYS
 from fedask_jax.lora import inject_lora
 from fedask_jax.models import load_pretrained, load_tokenizer
+from fedask_jax.runner import processes
 from fedask_jax.runner.rundir import check_run_dir
 from fedask_jax.simulation import DPConfig, FederatedRound
 from fedask_jax.strategies import STRATEGIES, Strategy, get_strategy
@@ -260,8 +261,20 @@ def client_chunk(config: Config) -> int | None:
 def prepare(config: Config, *, for_training: bool = True) -> Experiment:
   """Loads and checks everything a run needs (module docstring); raises ValueError (ConfigError for the
   config's own rules) on bad input, before any round is compiled. `for_training=False` loads only what
-  evaluation needs (model, tokenizer, held-out set)."""
+  evaluation needs (model, tokenizer, held-out set).
+
+  It first joins the run's processes when the config's `distributed` section names several
+  (`fedask_jax.runner.processes.start`: call it before anything else uses JAX) and refuses configs that differ
+  between them."""
+  processes.start(config)
   if for_training:
+    # The round splits the K sampled clients over every device of every process (`FederatedRound`'s mesh).
+    devices = jax.device_count()
+    if config.clients_per_round % devices:
+      where = f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
+      raise ConfigError(
+          f"clients_per_round={config.clients_per_round} cannot be split evenly over the {devices} devices"
+          f"{where}: use a multiple of {devices}.")
     check_run_dir(config)
   model = load_model(config)
   tokenizer = load_tokenizer(config.model.path)
@@ -282,10 +295,10 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
       expected_batch_size=float(config.batch_size), mechanism=config.privacy.mechanism)
   round_fn = FederatedRound(model, make_strategy(config), optimizer=make_optimizer(config), dp=dp,
                             client_chunk=client_chunk(config))
-  if round_fn.mesh is not None and config.clients_per_round % round_fn.mesh.size:
-    raise ConfigError(
-        f"clients_per_round={config.clients_per_round} cannot be split evenly over {round_fn.mesh.size} devices: "
-        f"use a multiple of {round_fn.mesh.size}.")
+  if round_fn.mesh is not None:
+    # The model takes the round's base weights, replicated over the mesh: one copy per device, which the sharded
+    # evaluation reads as they are.
+    nnx.update(model, round_fn.frozen_state)
   # Rounds 1 and 2 cover every strategy's choice of trained factor (fedask-alt alternates), so an impossible
   # combination (W-space DP with both factors trained) fails here rather than inside the loop.
   for t in range(1, min(config.rounds, 2) + 1):

@@ -1,8 +1,9 @@
 """The run directory (`config.run_dir`): its files, the check that it belongs to the config, and the metrics
 log.
 
-- `config.yaml`: the resolved config. A run directory belongs to one config: `prepare` refuses another one,
-  naming the keys that differ (run_dir itself excepted).
+- `config.yaml`: the resolved config (`stored_config`: without its `distributed` section, which says how the run
+  is executed, not what it computes). A run directory belongs to one config: `prepare` refuses another one,
+  naming the keys that differ (run_dir itself and the `distributed` section excepted).
 - `metrics.jsonl`: one JSON object per line: round 0 (the base model's eval loss) and one per round (train
   loss, epsilon spent so far, the compiled round's metrics, the eval loss when evaluated, and `timing`, the
   wall-clock seconds of the round and whether it included a compilation). Each line is written whole
@@ -16,6 +17,7 @@ log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -24,13 +26,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from fedask_jax.config import Config, ConfigError, config_diff, from_dict, read_yaml, to_dict
+from fedask_jax.config import Config, ConfigError, DistributedConfig, config_diff, from_dict, read_yaml, to_dict
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
+# Keys a run may change between launches: where its directory is, and its processes (a new coordinator port).
+_RELAUNCH_KEYS = ("run_dir",) + tuple(f"distributed.{f.name}" for f in dataclasses.fields(DistributedConfig))
+
+
+def stored_config(config: Config) -> dict[str, Any]:
+  """What `config.yaml` holds: the config as nested dicts, without its `distributed` section."""
+  raw = to_dict(config)
+  del raw["distributed"]
+  return raw
 
 
 def check_run_dir(config: Config) -> None:
@@ -50,7 +61,7 @@ def check_run_dir(config: Config) -> None:
     stored = from_dict(read_yaml(path))
   except ConfigError as error:
     raise ConfigError(f"{path} holds an invalid config ({error}): use another run_dir.") from None
-  differ = config_diff(stored, config, ignore=("run_dir",))
+  differ = config_diff(stored, config, ignore=_RELAUNCH_KEYS)
   if differ:
     detail = ", ".join(
         f"{k}: {_lookup(stored, k)!r} -> {_lookup(config, k)!r}" for k in differ[:8])

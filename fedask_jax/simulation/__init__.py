@@ -26,18 +26,19 @@ sampling uses `fold_in(round_key, SAMPLING_STREAM)`, and the batches should be d
 Poisson sampling and the DP noise of a client's step come from the same key. Client ids stay below these
 stream constants.
 
-Several hosts (`jax.distributed`). The same code runs on a multi-host mesh:
+Several hosts (`jax.distributed`). The same code runs on a multi-host mesh (`fedask_jax.runner` does this
+under `fedask-jax train` with the config's `distributed` section; tests/test_multiprocess.py):
 
     jax.distributed.initialize()                       # one process per host, before any other JAX call
-    mesh = client_mesh()
+    mesh = client_mesh()                               # every device of every process
     rnd = FederatedRound(model, strategy, mesh=mesh)  # every host loads the same base model
     ids = sample_clients(round_key, N, K)              # same ids on every host (same key)
-    local = ...                                        # this host's K / process_count sampled clients' batches
-    batches = jax.make_array_from_process_local_data(NamedSharding(mesh, P("clients")), local)
+    batches = client_batches(data_key(round_key), ...) # the same K clients' batches, drawn on every host
     state, metrics = rnd(state, batches, ids, weights, round_key, t)
 
-each host feeding the rows of the clients whose devices it holds (the ids in the same order), K a multiple
-of the device count.
+The round passes its per-client inputs through `fedask_jax.data.shard_rows`: each host feeds only the rows of the clients
+whose devices it holds (`jax.make_array_from_process_local_data`), and arrays already laid out over every
+host's devices are taken as they are. K must be a multiple of the device count.
 """
 
 from fedask_jax.simulation.client import (

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from fedask_jax import privacy
 from fedask_jax._checks import check_int
 from fedask_jax.adapters import Adapters, Trained, check_trained
+from fedask_jax.data.batching import shard_rows
 from fedask_jax.numerics import normalise_weights
 from fedask_jax.simulation.client import (
     ClientMetrics, DPConfig, LocalTraining, causal_lm_example_loss, client_update, default_optimizer, local_training)
@@ -259,8 +260,7 @@ class FederatedRound:
         raise ValueError(
             f"{k} clients per round cannot be split evenly over {self.mesh.size} devices: use a multiple of "
             f"{self.mesh.size} clients per round.")
-      shard = NamedSharding(self.mesh, P(CLIENT_AXIS))
-      batches, client_ids, weights = jax.device_put((batches, client_ids, weights), shard)
+      batches, client_ids, weights = shard_rows((batches, client_ids, weights), self.mesh)
     return batches, client_ids, weights, () if noise_multiplier is None else (noise_multiplier,)
 
   def step(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
