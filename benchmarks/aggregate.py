@@ -1,14 +1,16 @@
 """Server aggregation time and per-client traffic: FedASK's two-stage sketch against dense aggregation.
 
 FedASK (`fedask_jax.sketch.aggregate_layer`): stages 1-2 and reconstruction, never forming an m x n matrix
-(docs/design.md, sections 1.3 and 1.4). Dense baseline: every client's product lora_a_k @ lora_b_k (m x n, what a
-dense-update scheme sends) is formed and the K products are averaged. Both are jitted and timed side by side in one
-process (alternating runs, so machine load hits both alike): compile time (lower + compile) separately, then the
-median of `repeats` runs after one warm-up call, each ended by `block_until_ready`.
+(docs/design.md, sections 1.3 and 1.4), by each linear-algebra route (`sketch.METHODS`: Householder QR + SVD,
+and shifted Cholesky-QR + the SVD of the small factor); "fedask" in the JSON is the backend's default route
+(`sketch.default_method`). Dense baseline: every client's product lora_a_k @ lora_b_k (m x n, what a
+dense-update scheme sends) is formed and the K products are averaged. All are jitted and timed side by side in
+one process (alternating runs, so machine load hits them alike): compile time (lower + compile) separately,
+then the median of `repeats` runs after one warm-up call, each ended by `block_until_ready`.
 
 The factors are in DP mode (one factor shared by all clients, as FedASK's frozen lora_a), so the aggregate
-has rank <= r and the sketch is exact; the JSON records the exactness certificate as a sanity check. Timing
-does not depend on the values.
+has rank <= r and the sketch is exact; the JSON records each route's exactness certificate (float32 round-off
+when exact). Timing does not depend on the values.
 
     python benchmarks/aggregate.py [--m 4096 --n 4096 --r 16 --p 4 --k 10 --repeats 7]
         [--out benchmarks/results/aggregate.json]
@@ -17,6 +19,7 @@ does not depend on the values.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 
@@ -41,9 +44,10 @@ def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, 
             seed: int = 0) -> dict:
   """Times jitted FedASK and dense aggregation of K float32 clients' (lora_a [m, r], lora_b [r, n]).
 
-  Returns a JSON-ready dict: the problem, each scheme's figures (`harness.summary`), the speed-up (dense / FedASK
-  median), the bytes one client sends per round in each scheme (FedASK: Y_k [m, w] + P_k [n, w]; dense: [m, n];
-  w = min(r + p, m, n)), FedASK's exactness certificate, and the machine.
+  Returns a JSON-ready dict: the problem, each FedASK route's figures (`harness.summary` and its exactness
+  certificate; "routes", and "fedask": the default route) and the dense scheme's, the speed-up (dense / default
+  route median), the bytes one client sends per round in each scheme (FedASK: Y_k [m, w] + P_k [n, w]; dense:
+  [m, n]; w = min(r + p, m, n)), and the machine.
   """
   if repeats < 1:
     raise ValueError(f"repeats={repeats}: time at least one run (the median of >= 5 is the intended use).")
@@ -55,21 +59,26 @@ def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, 
   omega = sketch.make_omega(jax.random.fold_in(key, 3), n, r + p)
   width = min(r + p, m, n)
 
-  fedask, fedask_compile = harness.compile_timed(jax.jit(sketch.aggregate_layer, static_argnames="rank"),
-                                                 lora_a, lora_b, weights, omega, r)
+  routes = {method: harness.compile_timed(jax.jit(functools.partial(sketch.aggregate_layer, method=method),
+                                                  static_argnames="rank"), lora_a, lora_b, weights, omega, r)
+            for method in sketch.METHODS}
   dense, dense_compile = harness.compile_timed(jax.jit(dense_aggregate), lora_a, lora_b, weights)
   fedask_args, dense_args = (lora_a, lora_b, weights, omega), (lora_a, lora_b, weights)
-  times = harness.time_alternating({
-      "fedask": (lambda: fedask_args, lambda args: jax.block_until_ready(fedask(*args))),
-      "dense": (lambda: dense_args, lambda args: jax.block_until_ready(dense(*args)))}, repeats)
-  new_a, new_b = fedask(*fedask_args)
+  variants = {method: (lambda: fedask_args, lambda args, c=compiled: jax.block_until_ready(c(*args)))
+              for method, (compiled, _) in routes.items()}
+  variants["dense"] = (lambda: dense_args, lambda args: jax.block_until_ready(dense(*args)))
+  times = harness.time_alternating(variants, repeats)
+  timed = {method: dict(harness.summary(times[method], compile_s), reconstruction_error=float(
+      sketch.reconstruction_error(lora_a, lora_b, weights, *compiled(*fedask_args))))
+      for method, (compiled, compile_s) in routes.items()}
+  fedask = timed[sketch.default_method()]
   result = {
       "problem": {"m": m, "n": n, "r": r, "p": p, "k": k, "width": width, "dtype": "float32",
                   "repeats": repeats, "seed": seed},
-      "fedask": harness.summary(times["fedask"], fedask_compile),
-      "dense": harness.summary(times["dense"], dense_compile),
+      "default_method": sketch.default_method(),
+      "fedask": fedask, "routes": timed, "dense": harness.summary(times["dense"], dense_compile),
       "client_bytes_per_round": {"fedask": (m + n) * width * FLOAT32_BYTES, "dense": m * n * FLOAT32_BYTES},
-      "fedask_reconstruction_error": float(sketch.reconstruction_error(lora_a, lora_b, weights, new_a, new_b)),
+      "fedask_reconstruction_error": fedask["reconstruction_error"],
   }
   result["speedup"] = result["dense"]["median_s"] / result["fedask"]["median_s"]
   result["machine"] = harness.machine(load_before)
@@ -79,16 +88,19 @@ def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, 
 def _table(result: dict) -> str:
   prob, traffic = result["problem"], result["client_bytes_per_round"]
   rows = [("scheme", "compile s", "median s", "client bytes/round")]
-  for scheme in ("fedask", "dense"):
-    rows.append((scheme, f"{result[scheme]['compile_s']:.3f}", f"{result[scheme]['median_s']:.4f}",
-                 f"{traffic[scheme]:,}"))
+  for method, timed in result["routes"].items():
+    rows.append((f"fedask {method}", f"{timed['compile_s']:.3f}", f"{timed['median_s']:.4f}",
+                 f"{traffic['fedask']:,}"))
+  rows.append(("dense", f"{result['dense']['compile_s']:.3f}", f"{result['dense']['median_s']:.4f}",
+               f"{traffic['dense']:,}"))
   widths = [max(len(row[i]) for row in rows) for i in range(4)]
   lines = [f"m={prob['m']} n={prob['n']} r={prob['r']} p={prob['p']} K={prob['k']} float32, "
            f"{result['machine']['device']}, median of {prob['repeats']}"]
   lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-  lines.append(f"speed-up (dense / fedask): {result['speedup']:.1f}x; traffic ratio (dense / fedask): "
-               f"{traffic['dense'] / traffic['fedask']:.1f}x; fedask relative error "
-               f"{result['fedask_reconstruction_error']:.2e}")
+  lines.append(f"speed-up (dense / fedask {result['default_method']}): {result['speedup']:.1f}x; traffic ratio "
+               f"(dense / fedask): {traffic['dense'] / traffic['fedask']:.1f}x; relative errors "
+               + ", ".join(f"{method} {timed['reconstruction_error']:.2e}"
+                           for method, timed in result["routes"].items()))
   return "\n".join(lines)
 
 

@@ -54,6 +54,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedask_jax._checks import check_choice, check_int, check_ndim, check_real
 from fedask_jax.adapters import Adapters, LoRAFactors
@@ -65,6 +66,9 @@ Array = jax.Array
 GAUGES = ("balanced", "orthonormal", "norm")
 #: The factors whose scale a gauge other than balanced may hold (`split_factors`'s `fixed`).
 FIXED = ("lora_a", "lora_b")
+# The routes of the sketch's linear algebra (`orthonormal_basis`, `reconstruct`): LAPACK / cuSolver QR and SVD, or
+# shifted Cholesky-QR and the SVD of the small factor (`cholesky_qr`).
+METHODS = ("householder", "cholesky")
 
 
 def _check_rank(rank: Any, width: int, m: int, n: int, where: str = "") -> None:
@@ -155,11 +159,23 @@ def stage1_sketch(lora_a: Array, lora_b: Array, omega: Array) -> Array:
   return einsum("mr,rw->mw", lora_a.astype(dtype), einsum("rn,nw->rw", lora_b.astype(dtype), omega.astype(dtype)))
 
 
-def orthonormal_basis(y: Array) -> Array:
-  """Q [m, w] with orthonormal columns spanning range(y), y [m, w] with w <= m (thin Householder QR).
+def default_method() -> str:
+  """The linear-algebra route of the sketch on the default backend: "householder" on a CPU, "cholesky" on a GPU or
+  TPU (`METHODS`; the benchmark that chose them: benchmarks/README.md, "Aggregation routes")."""
+  return "householder" if jax.default_backend() == "cpu" else "cholesky"
 
-  A rank-deficient y still gives orthonormal Q (the extra columns are orthogonal to range(y)), so a zero or
-  low-rank aggregate is handled without NaN. Computed in float32 or wider.
+
+def _check_method(method: Any) -> str:
+  return default_method() if method is None else check_choice("method", method, METHODS)
+
+
+def orthonormal_basis(y: Array, method: str | None = None) -> Array:
+  """Q [m, w] with orthonormal columns whose span contains range(y), y [m, w] with w <= m.
+
+  method: "householder" (thin Householder QR) or "cholesky" (shifted Cholesky-QR, `cholesky_qr`); None:
+  `default_method()`. Both are backward stable, Q R = y + dy with ||dy|| ~ eps ||y||, so range(Q) is range(y) to
+  round-off whatever y's conditioning; a rank-deficient y (a zero or low-rank aggregate) still gives orthonormal
+  columns, never NaN. Computed in float32 or wider.
   """
   check_ndim("y", y, 2, "[m, w]")
   m, w = jnp.shape(y)
@@ -167,11 +183,84 @@ def orthonormal_basis(y: Array) -> Array:
     raise ValueError(
         f"y has shape {(m, w)}: a thin QR needs width w <= m; clip the sketch width to min(m, n) "
         f"(as make_omegas does).")
-  return _orthonormal_basis(y)
+  return _orthonormal_basis(y, _check_method(method))
 
 
-def _orthonormal_basis(y: Array) -> Array:
-  return jnp.linalg.qr(y.astype(compute_dtype(y)), mode="reduced")[0]
+def _orthonormal_basis(y: Array, method: str) -> Array:
+  y = y.astype(compute_dtype(y))
+  if method == "cholesky":
+    return cholesky_qr(y)[0]
+  return jnp.linalg.qr(y, mode="reduced")[0]
+
+
+# Cholesky-QR passes of `cholesky_qr`: shifted ones, then one without a shift (why three: its docstring).
+SHIFTED_PASSES = 3
+# The fill's seed: a fixed matrix, so that the basis is a deterministic function of y.
+FILL_SEED = 0x5EED
+
+
+def _cholesky_pass(z: Array, shifted: bool) -> tuple[Array, Array]:
+  """One Cholesky-QR pass: (z R^{-1}, R) with R^T R = z^T z + s I (R upper triangular [w, w])."""
+  m, w = z.shape
+  eps = jnp.finfo(z.dtype).eps
+  gram = einsum("mi,mj->ij", z, z)
+  eye = jnp.eye(w, dtype=z.dtype)
+  # Entry (i, j) of the computed Gram matrix errs by <= m eps/2 ||z_i|| ||z_j|| (Higham, Thm 3.5), and in practice
+  # by ~sqrt(m) eps ||z_i|| ||z_j||: the shift s = (sqrt(m) + w + 1) eps max_i ||z_i||^2 keeps the Cholesky
+  # factorisation defined in practice (its own rounding adds ~w eps, Higham Thm 10.7). If it fails all the same (a
+  # non-finite factor), the pass takes the worst-case bound, w (m + w + 1) eps tr(G), which cannot fail.
+  small = (np.sqrt(m) + w + 1) * eps * jnp.max(jnp.diagonal(gram)) if shifted else 0.0
+  lower = jax.lax.linalg.cholesky(gram + small * eye)
+  safe = jax.lax.linalg.cholesky(gram + w * (m + w + 1) * eps * jnp.trace(gram) * eye)
+  lower = jnp.where(jnp.all(jnp.isfinite(lower)), lower, safe)
+  # z = Q L^T: a triangular solve from the right, backward stable row by row (Q R = z + dz, |dz| <= w eps |Q| |R|).
+  q = jax.lax.linalg.triangular_solve(lower, z, left_side=False, lower=True, transpose_a=True)
+  return q, lower.T
+
+
+def cholesky_qr(y: Array) -> tuple[Array, Array]:
+  """Thin QR of a tall y [m, w] (w <= m) by matrix products: (Q [m, w] orthonormal, R [w, w] upper triangular).
+
+  Shifted Cholesky-QR (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020, "Shifted Cholesky QR for
+  computing the QR factorization of ill-conditioned matrices"): each pass forms the Gram matrix G = Z^T Z (one
+  GEMM), factors G + s I = R^T R (a w x w Cholesky) and replaces Z by Z R^{-1} (a triangular solve, GEMM-shaped).
+  Cost 3 m w^2 flops a pass and no Householder reflections, so on an accelerator it is a few batched kernels
+  instead of w sequential panel steps.
+
+  Where it is exact. Every pass is backward stable row by row (Z_{i-1} = Z_i R_i + E_i, ||E_i|| ~ w eps ||Z_i||
+  ||R_i||), so Q R = y + dy with ||dy|| ~ eps ||y||, as for Householder QR, and range(Q) equals range(y) to
+  round-off. The shift only sets how far a pass equalises singular values: a direction with singular value
+  sigma (relative to ||y||_F) comes out as sigma / sqrt(sigma^2 + s), s = (sqrt(m) + w + 1) eps (~1e-5), so
+  three shifted passes lift any sigma >= eps to ~1, and a last pass without a shift (CholeskyQR2's second
+  pass) makes Q orthonormal to ~eps.
+
+  Singular Gram matrix (a rank-deficient y: FedASK's sketch under DP has rank r < w = r + p every round, and
+  round 1's aggregate is zero because lora_b starts at 0). Before the passes y is scaled to unit Frobenius norm
+  and a fixed matrix eps E is added (E [m, w] Gaussian with unit-norm columns, the same every call): its part
+  outside range(y) makes every singular value >= ~eps, so the passes above complete the basis with
+  orthonormal columns outside range(y) instead of dividing by zero (the randomised completion of Stathopoulos
+  and Wu 2002, "A block orthogonalization procedure with constant synchronization requirements"). The fill is
+  a backward error of size eps ||y||, at the level of the product's own round-off. A zero y gives the
+  orthonormal basis of E and R = 0. Should the shifted Cholesky factorisation still fail (a non-finite
+  factor), the pass uses the worst-case shift w (m + w + 1) eps tr(G) instead, which cannot fail: never NaN for
+  a finite y.
+
+  Float32 or wider; R carries y's scale (Q R ~ y).
+  """
+  y = y.astype(compute_dtype(y))
+  m, w = y.shape
+  # Scale first (by the largest entry, then the Frobenius norm) so that the Gram matrix neither overflows nor
+  # underflows whatever y's magnitude.
+  peak = jnp.max(jnp.abs(y))
+  z = y / jnp.where(peak > 0, peak, 1)
+  norm = jnp.sqrt(jnp.sum(z * z))
+  fill = jax.random.normal(jax.random.key(FILL_SEED), (m, w), y.dtype) / np.sqrt(m * w)
+  z = z / jnp.where(norm > 0, norm, 1) + jnp.finfo(y.dtype).eps * fill
+  r = jnp.eye(w, dtype=y.dtype)
+  for shifted in [True] * SHIFTED_PASSES + [False]:
+    z, r_pass = _cholesky_pass(z, shifted)
+    r = einsum("ij,jk->ik", r_pass, r)
+  return z, (peak * norm) * r
 
 
 def stage2_project(lora_a: Array, lora_b: Array, q: Array) -> Array:
@@ -247,7 +336,7 @@ def _split_factors(left: Array, s: Array, right: Array, gauge: str, scale: Array
 
 
 def reconstruct(p: Array, q: Array, rank: int, gauge: str = "balanced", scale: Array | float | None = None,
-                fixed: str = "lora_a") -> tuple[Array, Array]:
+                fixed: str = "lora_a", method: str | None = None) -> tuple[Array, Array]:
   """Rank-`rank` factors from the stage-2 sum: (lora_a [m, rank], lora_b [rank, n]).
 
   p [n, w] = sum_k w_k P_k, q [m, w] the stage-1 basis. With P^T = U S V^T (thin SVD), lora_a @ lora_b is the
@@ -255,7 +344,9 @@ def reconstruct(p: Array, q: Array, rank: int, gauge: str = "balanced", scale: A
   the default, balanced, gives lora_a = Q U_r S_r^{1/2}, lora_b = S_r^{1/2} V_r^T with
   lora_a^T lora_a = lora_b lora_b^T = diag(S_r) (paper Algorithm 1, server step). Exactly zero singular values
   (a zero or low-rank aggregate) give zero columns (balanced), never NaN; round-off-level ones give columns of
-  size ~sqrt(eps ||P||). `rank` is static, 1 <= rank <= min(w, n). Returns the compute dtype (float32 or wider).
+  size ~sqrt(eps ||P||). `rank` is static, 1 <= rank <= min(w, n); `method` as in `orthonormal_basis` (the SVD
+  of P: LAPACK's / cuSolver's on P itself, or through the small factor of `cholesky_qr(P)`, `_svd_tall`).
+  Returns the compute dtype (float32 or wider).
   """
   check_ndim("p", p, 2, "[n, w]")
   check_ndim("q", q, 2, "[m, w]")
@@ -264,36 +355,51 @@ def reconstruct(p: Array, q: Array, rank: int, gauge: str = "balanced", scale: A
     raise ValueError(f"p {(n, w)} and q {(m, wq)} have different sketch widths: expected p [n, w] and q [m, w].")
   _check_rank(rank, w, m, n)
   _check_gauge(gauge, fixed, scale)
-  return _split_factors(*_decompose(p, q, rank), gauge, scale, fixed)
+  return _split_factors(*_decompose(p, q, rank, _check_method(method)), gauge, scale, fixed)
 
 
-def _decompose(p: Array, q: Array, rank: int) -> tuple[Array, Array, Array]:
+def _svd_tall(p: Array, method: str) -> tuple[Array, Array, Array]:
+  """Thin SVD of a tall p [n, w] (w <= n): (V [n, w], S [w], U^T [w, w]) with p = V diag(S) U^T.
+
+  "cholesky": p = Q_p R_p (`cholesky_qr`), then the SVD of the small R_p = U_R S U^T, so V = Q_p U_R; the
+  backward error of the QR (~eps ||p||) is all this adds to the small SVD's. "householder": LAPACK's gesdd (or
+  cuSolver's gesvd) on p.
+  """
+  if method == "cholesky":
+    q_p, r_p = cholesky_qr(p)
+    u_r, s, ut = jnp.linalg.svd(r_p, full_matrices=False)
+    return einsum("nw,wv->nv", q_p, u_r), s, ut
+  # P = V S U^T is the SVD of P^T; LAPACK's gesdd is several times faster on the tall P [n, w] than on P^T.
+  return jnp.linalg.svd(p, full_matrices=False)
+
+
+def _decompose(p: Array, q: Array, rank: int, method: str) -> tuple[Array, Array, Array]:
   """The rank-`rank` truncation of Q P^T as (Q U_r [m, r], S_r [r], V_r^T [r, n])."""
   dtype = compute_dtype(p, q)
-  # P = V S U^T is the same SVD; LAPACK's gesdd is several times faster on the tall P [n, w] than on P^T.
-  v, s, ut = jnp.linalg.svd(p.astype(dtype), full_matrices=False)
+  v, s, ut = _svd_tall(p.astype(dtype), method)
   return einsum("mw,rw->mr", q.astype(dtype), ut[:rank]), s[:rank], v[:, :rank].T
 
 
 def aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, rank: int, gauge: str = "balanced",
-                    scale: Array | float | None = None, fixed: str = "lora_a") -> tuple[Array, Array]:
+                    scale: Array | float | None = None, fixed: str = "lora_a",
+                    method: str | None = None) -> tuple[Array, Array]:
   """FedASK's server aggregation of one layer's K client factors: (lora_a [m, rank], lora_b [rank, n]).
 
   lora_a [K, m, r], lora_b [K, r, n], weights [K] (used as given: normalised for the weighted mean; all zero
   gives a zero result), omega [n, w] with rank <= w (w = r + p; columns beyond min(m, n) are ignored), rank a
   static Python int. Returns the factors of the rank-`rank` truncation of `Q Q^T T` (stages 1-2 and
   reconstruction, module docstring), which is exactly T when its rank is <= min(rank, w) (docs/design.md,
-  section 1.4; paper Theorem 2), split by `gauge` (`split_factors`; default balanced, the paper's). Cast to the
-  factors' dtype.
+  section 1.4; paper Theorem 2), split by `gauge` (`split_factors`; default balanced, the paper's). `method`:
+  the linear-algebra route (`orthonormal_basis`; None: `default_method()`), static. Cast to the factors' dtype.
   """
   _, m, _, n = _check_clients(lora_a, lora_b, weights)
   omega = _check_omega(omega, m, n, rank)
   _check_gauge(gauge, fixed, scale)
-  return _aggregate_layer(lora_a, lora_b, weights, omega, rank, gauge, scale, fixed)
+  return _aggregate_layer(lora_a, lora_b, weights, omega, rank, gauge, scale, fixed, _check_method(method))
 
 
 def _aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, rank: int, gauge: str,
-                     scale: Array | float | None, fixed: str) -> tuple[Array, Array]:
+                     scale: Array | float | None, fixed: str, method: str) -> tuple[Array, Array]:
   """`aggregate_layer` on checked arguments, omega already clipped to min(m, n) columns."""
   out_dtype = jnp.result_type(lora_a, lora_b)
   dtype = compute_dtype(lora_a, lora_b, omega)
@@ -301,9 +407,9 @@ def _aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array,
   # The weights scale the small [K, r, w] intermediates, so each sum over clients is a single contraction
   # ([m, K r] x [K r, w] for Y, [n, K r] x [K r, w] for P) and no per-client [m, w] or [n, w] is materialised.
   sketched = einsum("k,krn,nw->krw", w, lora_b, omega.astype(dtype))
-  q = _orthonormal_basis(einsum("kmr,krw->mw", lora_a, sketched))
+  q = _orthonormal_basis(einsum("kmr,krw->mw", lora_a, sketched), method)
   projected = einsum("k,kmr,mw->krw", w, lora_a, q)
-  truncation = _decompose(einsum("krn,krw->nw", lora_b, projected), q, rank)
+  truncation = _decompose(einsum("krn,krw->nw", lora_b, projected), q, rank, method)
   new_a, new_b = _split_factors(*truncation, gauge, scale, fixed)
   return new_a.astype(out_dtype), new_b.astype(out_dtype)
 
@@ -342,8 +448,9 @@ def _reconstruction_error(lora_a: Array, lora_b: Array, weights: Array, lora_a_h
   return jnp.where(target > 0, error / jnp.where(target > 0, target, 1), error)
 
 
-def _map_layers(fn, layers: dict[str, tuple[Array, ...]]) -> dict[str, Any]:
-  """{name: fn(*arrays)} with layers of identical shapes and dtypes stacked and mapped by one `lax.map`.
+def _map_layers(fn, layers: dict[str, tuple[Array, ...]], batched: bool = False) -> dict[str, Any]:
+  """{name: fn(*arrays)} with layers of identical shapes and dtypes stacked and mapped by one `lax.map`, or,
+  with `batched`, by one `vmap` (every decomposition one batched call).
 
   The grouping is graph construction at trace time: one loop per distinct layer shape instead of one traced
   copy per layer (e.g. all q_proj of a Llama share a shape), which keeps the compiled round small.
@@ -354,10 +461,11 @@ def _map_layers(fn, layers: dict[str, tuple[Array, ...]]) -> dict[str, Any]:
   out = {}
   for names in groups.values():
     stacked = [jnp.stack(xs) for xs in zip(*(layers[name] for name in names))]
-    # lax.map, not vmap: jaxlib's CPU kernels for batched QR/SVD split the batch over XLA's worker threads and
+    # lax.map on a CPU: jaxlib's CPU kernels for batched QR/SVD split the batch over XLA's worker threads and
     # block the caller, and two such calls at once (two layer groups, the certificate's two QRs) deadlocked a
-    # 2-core machine; unbatched decompositions run inline, and these are small and few.
-    mapped = jax.lax.map(lambda xs: fn(*xs), stacked)
+    # 2-core machine; unbatched decompositions run inline, and these are small and few. On an accelerator a
+    # loop of small kernels is latency: one batched call per decomposition instead (`batch_layers`).
+    mapped = jax.vmap(fn)(*stacked) if batched else jax.lax.map(lambda xs: fn(*xs), stacked)
     out.update({name: jax.tree.map(lambda x, i=i: x[i], mapped) for i, name in enumerate(names)})
   return out
 
@@ -367,15 +475,23 @@ def _check_adapters(adapters: Adapters, weights: Any, label: str) -> None:
     _check_clients(factors.lora_a, factors.lora_b, weights, where=f"{label}[{name!r}]: ")
 
 
+def batch_layers(method: str) -> bool:
+  """Whether `aggregate_adapters` aggregates the layers of one shape in one batched call (`vmap`) rather than a
+  `lax.map` loop: for the Cholesky route off the CPU (`_map_layers` says why not on a CPU)."""
+  return method == "cholesky" and jax.default_backend() != "cpu"
+
+
 def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Array], rank: int,
                        gauge: str = "balanced", scales: dict[str, Array] | None = None,
-                       fixed: str = "lora_a") -> Adapters:
+                       fixed: str = "lora_a", method: str | None = None) -> Adapters:
   """`aggregate_layer` on every layer: {name: LoRAFactors(lora_a [m, rank], lora_b [rank, n])}.
 
   adapters: the clients' {name: LoRAFactors(lora_a [K, m, r], lora_b [K, r, n])}; weights [K] (as in
   `aggregate_layer`); omegas {name: [n, w]} (e.g. from `make_omegas`), one per layer; rank static; gauge and
   fixed as in `split_factors`, with scales {name: scalar} the per-layer `scale` (gauges other than balanced).
-  Every layer is checked here, once; layers of equal shapes are aggregated by one `lax.map` (see `_map_layers`).
+  method: the linear-algebra route (`orthonormal_basis`; None: `default_method()`), static. Every layer is
+  checked here, once; layers of equal shapes are aggregated together, by one batched call or one `lax.map`
+  (`batch_layers`).
   """
   if set(omegas) != set(adapters):
     raise ValueError(
@@ -393,9 +509,10 @@ def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Arr
     scale = jnp.ones(()) if gauge == "balanced" else scales[name]
     _check_gauge(gauge, fixed, scale)
     layers[name] = (factors.lora_a, factors.lora_b, omega, jnp.asarray(scale, jnp.float32))
-  weights = jnp.asarray(weights)
+  weights, method = jnp.asarray(weights), _check_method(method)
   merged = _map_layers(
-      lambda a, b, omega, scale: _aggregate_layer(a, b, weights, omega, rank, gauge, scale, fixed), layers)
+      lambda a, b, omega, scale: _aggregate_layer(a, b, weights, omega, rank, gauge, scale, fixed, method), layers,
+      batched=batch_layers(method))
   return {name: LoRAFactors(*merged[name]) for name in adapters}
 
 

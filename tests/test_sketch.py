@@ -1,5 +1,6 @@
 """Tests of fedask_jax.sketch against an independent float64 numpy implementation of FedASK's two stages and
-against dense references (the weighted mean of the clients' products and its Eckart-Young truncation).
+against dense references (the weighted mean of the clients' products and its Eckart-Young truncation), for both
+linear-algebra routes (`sketch.METHODS`: Householder QR + SVD, and shifted Cholesky-QR + SVD of the small factor).
 
 Tolerances. Every float32 comparison with the float64 reference uses `_tolerance`: 10 * eps32 * (cond_k(Y) +
 sigma_1(P) / (sigma_r(P) - sigma_{r+1}(P))). Householder QR and SVD are backward stable, so float32 rounding
@@ -68,8 +69,11 @@ CASES = [
     Case(40, 5, 1, 3, 0, "lora_a", 9),   # r = 1, p = 0
 ]
 # Compiled once per shape and shared by the tests below (compilation dominates this file's run time).
-_aggregate = jax.jit(sketch.aggregate_layer, static_argnames="rank")
+_AGGREGATE = {method: jax.jit(functools.partial(sketch.aggregate_layer, method=method), static_argnames="rank")
+              for method in sketch.METHODS}
+_aggregate = _AGGREGATE["householder"]
 _certificate = jax.jit(sketch.reconstruction_error)
+methods = pytest.mark.parametrize("method", sketch.METHODS)
 
 
 @dataclasses.dataclass
@@ -134,39 +138,43 @@ def _check_against_reference(case, new_a, new_b):
   np.testing.assert_allclose(np.asarray(new_b) @ np.asarray(new_b).T / scale, diagonal, atol=tol)
 
 
+@methods
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_matches_numpy_reference(case):
+def test_matches_numpy_reference(case, method):
   lora_a, lora_b, weights, omega = case.arrays()
-  _check_against_reference(case, *_aggregate(lora_a, lora_b, weights, omega, rank=case.r))
+  _check_against_reference(case, *_AGGREGATE[method](lora_a, lora_b, weights, omega, rank=case.r))
 
 
 class AggregateTest(chex.TestCase):
 
-  # Eager and compiled on cases covering m < n, m > n, both DP layouts and a clipped width.
+  # Eager and compiled on cases covering m < n, m > n, both DP layouts and a clipped width, both routes.
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*[(CASES[i].name, CASES[i]) for i in (0, 1, 3, 6)])
-  def test_jit_and_eager_match_numpy_reference(self, case):
+  @parameterized.named_parameters(*[(f"{CASES[i].name}_{method}", CASES[i], method)
+                                    for i in (0, 1, 3, 6) for method in sketch.METHODS])
+  def test_jit_and_eager_match_numpy_reference(self, case, method):
     lora_a, lora_b, weights, omega = case.arrays()
-    aggregate = self.variant(sketch.aggregate_layer, static_argnames="rank")
-    _check_against_reference(case, *aggregate(lora_a, lora_b, weights, omega, rank=case.r))
+    aggregate = self.variant(sketch.aggregate_layer, static_argnames=("rank", "method"))
+    _check_against_reference(case, *aggregate(lora_a, lora_b, weights, omega, rank=case.r, method=method))
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_zero_aggregate(self):
+  @parameterized.parameters(*sketch.METHODS)
+  def test_zero_aggregate(self, method):
     # First round (lora_b = 0, PEFT's init), all-zero lora_a, all-zero weights: zeros out, no NaN.
     rng = np.random.default_rng(10)
     k, m, n, r = 3, 12, 9, 4
     lora_a = rng.standard_normal((k, m, r)).astype(np.float32)
     omega = rng.standard_normal((n, r + 2)).astype(np.float32)
-    aggregate = self.variant(sketch.aggregate_layer, static_argnames="rank")
+    aggregate = self.variant(sketch.aggregate_layer, static_argnames=("rank", "method"))
     for args in [(lora_a, np.zeros((k, r, n), np.float32), np.ones(k, np.float32)),
                  (np.zeros_like(lora_a), rng.standard_normal((k, r, n)).astype(np.float32), np.ones(k, np.float32)),
                  (lora_a, rng.standard_normal((k, r, n)).astype(np.float32), np.zeros(k, np.float32))]:
-      new_a, new_b = aggregate(*args, omega, rank=r)
+      new_a, new_b = aggregate(*args, omega, rank=r, method=method)
       chex.assert_trees_all_equal((new_a, new_b), (np.zeros((m, r), np.float32), np.zeros((r, n), np.float32)))
       self.assertEqual(float(_certificate(*args, new_a, new_b)), 0.0)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_rank_deficient_single_client(self):
+  @parameterized.parameters(*sketch.METHODS)
+  def test_rank_deficient_single_client(self, method):
     # K = 1, lora_a of rank 2 < r = 4: the product is still exact and the two extra columns carry only
     # sqrt of float32 round-off (singular values ~eps * ||P||, so columns ~sqrt(eps) ||P||^(1/2)).
     rng = np.random.default_rng(11)
@@ -174,8 +182,8 @@ class AggregateTest(chex.TestCase):
     lora_a = (rng.standard_normal((1, m, 2)) @ rng.standard_normal((1, 2, r))).astype(np.float32)
     lora_b = rng.standard_normal((1, r, n)).astype(np.float32)
     omega = rng.standard_normal((n, r)).astype(np.float32)
-    new_a, new_b = self.variant(sketch.aggregate_layer, static_argnames="rank")(
-        lora_a, lora_b, np.ones(1, np.float32), omega, rank=r)
+    new_a, new_b = self.variant(sketch.aggregate_layer, static_argnames=("rank", "method"))(
+        lora_a, lora_b, np.ones(1, np.float32), omega, rank=r, method=method)
     chex.assert_tree_all_finite((new_a, new_b))
     target = lora_a[0].astype(np.float64) @ lora_b[0]
     ref = numpy_fedask(lora_a, lora_b, np.ones(1), omega, r)
@@ -184,8 +192,9 @@ class AggregateTest(chex.TestCase):
     self.assertLess(column_norms[2:].max(), 10 * np.sqrt(EPS32 * ref.s[0]))
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_aggregate_adapters(self):
-    # Two layers share a shape (one vmapped group); the third differs and needs its width clipped
+  @parameterized.parameters(*sketch.METHODS)
+  def test_aggregate_adapters(self, method):
+    # Two layers share a shape (one mapped group); the third differs and needs its width clipped
     # (min(m, n) = 4 < r + p = 7). DP mode: lora_a shared, so every layer is exact.
     rng = np.random.default_rng(12)
     k, r, p = 4, 3, 4
@@ -197,7 +206,8 @@ class AggregateTest(chex.TestCase):
         for name, (m, n) in shapes.items()}
     weights = rng.uniform(0.1, 1.0, k).astype(np.float32)
     omegas = sketch.make_omegas(jax.random.key(0), adapters, r + p)
-    merged = self.variant(sketch.aggregate_adapters, static_argnames="rank")(adapters, weights, omegas, rank=r)
+    merged = self.variant(sketch.aggregate_adapters, static_argnames=("rank", "method"))(
+        adapters, weights, omegas, rank=r, method=method)
     self.assertEqual(set(merged), set(adapters))
     for name, factors in adapters.items():
       m, n = shapes[name]
@@ -213,17 +223,19 @@ class AggregateTest(chex.TestCase):
     self.assertEqual(float(worst), max(float(e) for e in errors.values()))
 
 
+@methods
 @pytest.mark.parametrize("case", [c for c in CASES if numpy_fedask(*c.arrays(), c.r).covered], ids=lambda c: c.name)
-def test_eckart_young_when_covered(case):
+def test_eckart_young_when_covered(case, method):
   lora_a, lora_b, weights, omega = case.arrays()
-  new_a, new_b = _aggregate(lora_a, lora_b, weights, omega, rank=case.r)
+  new_a, new_b = _AGGREGATE[method](lora_a, lora_b, weights, omega, rank=case.r)
   ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
   best = _best_rank(ref.dense, case.r)
   assert _rel_error(new_a, new_b, best) < _tolerance(ref, case.r)
 
 
+@methods
 @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: c.name)
-def test_stage_functions_match_numpy(case):
+def test_stage_functions_match_numpy(case, method):
   lora_a, lora_b, weights, omega = case.arrays()
   ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
   omega = omega[:, :min(case.m, case.n)]
@@ -233,8 +245,8 @@ def test_stage_functions_match_numpy(case):
   y = sum(wk * sketch.stage1_sketch(a_k, b_k, omega) for wk, a_k, b_k in zip(w, lora_a, lora_b))
   bound = sum(wk * np.abs(a_k) @ (np.abs(b_k) @ np.abs(omega)) for wk, a_k, b_k in zip(w, lora_a, lora_b))
   assert np.all(np.abs(y - ref.y) <= (case.r + case.n + case.k) * EPS32 * bound)
-  q = sketch.orthonormal_basis(jnp.asarray(ref.y, jnp.float32))
-  # Householder Q is orthonormal to O(m eps).
+  q = sketch.orthonormal_basis(jnp.asarray(ref.y, jnp.float32), method)
+  # Householder Q, and Cholesky-QR's after its last unshifted pass, are orthonormal to O(m eps).
   np.testing.assert_allclose(np.asarray(q, np.float64).T @ q, np.eye(q.shape[1]), atol=10 * case.m * EPS32)
   # Q is defined up to column signs (and, when Y is rank-deficient, up to its columns outside range(Y)); what
   # is defined is that range(Q) contains range(Y).
@@ -245,7 +257,7 @@ def test_stage_functions_match_numpy(case):
   bound = sum(wk * np.abs(b_k).T @ (np.abs(a_k).T @ np.abs(q32))
               for wk, a_k, b_k in zip(w, lora_a, lora_b))
   assert np.all(np.abs(p - ref.p) <= (case.r + case.m + case.k) * EPS32 * bound)
-  new_a, new_b = sketch.reconstruct(ref.p.astype(np.float32), q32, case.r)
+  new_a, new_b = sketch.reconstruct(ref.p.astype(np.float32), q32, case.r, method=method)
   assert _rel_error(new_a, new_b, ref.new_a @ ref.new_b) < tol
 
 
@@ -265,13 +277,14 @@ def test_certificate_matches_dense_error(case):
     np.testing.assert_allclose(got, dense, rtol=1e-5, atol=10 * EPS32 * stacked_norms / np.linalg.norm(ref.dense))
 
 
+@methods
 @pytest.mark.parametrize("shared", ["lora_a", "lora_b"])
 @pytest.mark.parametrize("p", [0, 1, 4, 8])
-def test_dp_mode_exact_for_any_oversampling(shared, p):
+def test_dp_mode_exact_for_any_oversampling(shared, p, method):
   # With one factor shared the aggregate has rank <= r, so the sketch covers it for every p >= 0 (Theorem 2).
   case = Case(18, 13, 4, 5, p, shared, 20 + p)
   lora_a, lora_b, weights, omega = case.arrays()
-  new_a, new_b = _aggregate(lora_a, lora_b, weights, omega, rank=case.r)
+  new_a, new_b = _AGGREGATE[method](lora_a, lora_b, weights, omega, rank=case.r)
   ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
   tol = _tolerance(ref, case.r)
   assert _rel_error(new_a, new_b, ref.dense) < tol
@@ -495,3 +508,133 @@ def test_traced_rank_is_rejected():
 def test_validation_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def _dp_tolerance(dense, omega):
+  """Relative Frobenius tolerance of a float32 aggregate in DP mode (the aggregate T has rank t <= w), on any
+  spectrum of T.
+
+  Both routes compute a Q spanning range(Y + dY) with ||dY||_2 <= c eps ||Y||_2 (backward stable QR). With
+  T = U S V^T and G = V^T Omega [t, w] (full row rank), Y = U S G and T = Y G^+ V^T, so
+  (I - Q Q^T) T = -(I - Q Q^T) dY G^+ V^T and ||(I - Q Q^T) T||_F / ||T||_F <= c eps ||G||_2 ||G^+||_F: the
+  sketched range errs by the conditioning of the Gaussian G, not of T (which is why singular values of T down
+  to 1e-6 cost nothing). Stage 2, the SVD of P and the products add ~eps each. On 90 random DP problems (m, n in
+  {10..48}, r in {2, 4}, K in {1, 4}, p in {0, 3}; a third with spectra 1..1e-6, a third of rank r / 3) the error
+  was at most 3.6 eps ||G||_2 ||G^+||_F (Householder) and 4.2 (Cholesky); 10 (..+ 1) leaves a margin of 2.4,
+  while a wrong algorithm errs by O(1).
+  """
+  _, s, vt = np.linalg.svd(dense)
+  t = int(np.sum(s > s[0] * 1e-9))
+  g = vt[:t] @ np.asarray(omega, np.float64)[:, :min(dense.shape)]
+  return 10 * EPS32 * (np.linalg.norm(g, 2) * np.linalg.norm(np.linalg.pinv(g), "fro") + 1)
+
+
+def _dp_problem(m, n, r, k, p, spectrum, seed):
+  """DP mode (lora_a shared, as FedASK's frozen factor): lora_a [K, m, r] with the given singular values
+  (`spectrum` [r], zeros allowed), lora_b Gaussian; float32 arrays and the float64 aggregate."""
+  rng = np.random.default_rng(seed)
+  u, _ = np.linalg.qr(rng.standard_normal((m, r)))
+  v, _ = np.linalg.qr(rng.standard_normal((r, r)))
+  lora_a = np.broadcast_to(u * np.asarray(spectrum) @ v.T, (k, m, r)).astype(np.float32)
+  lora_b = rng.standard_normal((k, r, n)).astype(np.float32)
+  weights = rng.uniform(0.1, 1.0, k)
+  weights = (weights / weights.sum()).astype(np.float32)
+  omega = rng.standard_normal((n, r + p)).astype(np.float32)
+  dense = np.einsum("k,kmr,krn->mn", *(np.asarray(x, np.float64) for x in (weights, lora_a, lora_b)))
+  return (lora_a, lora_b, weights, omega), dense
+
+
+HARD_DP = {
+    # Singular values of the aggregate spanning 1e-6..1 (ill-conditioned Y, P and Gram matrices).
+    "spectrum_1e-6": (160, 96, 8, 5, 2, np.logspace(0, -6, 8)),
+    # Rank 2, far below w = 14: the Gram matrices of Y and P are singular (rank 2 of 14).
+    "rank_2_of_14": (96, 160, 8, 4, 6, [1.0, 0.5] + [0.0] * 6),
+    # Both at once, and a tall layer (the shift grows with sqrt(m)).
+    "rank_4_spectrum_1e-6": (1024, 64, 8, 3, 4, [1.0, 1e-2, 1e-4, 1e-6] + [0.0] * 4),
+}
+
+
+@methods
+@pytest.mark.parametrize("name", sorted(HARD_DP))
+def test_hard_dp_sketches_exact_to_round_off(name, method):
+  m, n, r, k, p, spectrum = HARD_DP[name]
+  args, dense = _dp_problem(m, n, r, k, p, spectrum, seed=len(name))
+  new_a, new_b = _AGGREGATE[method](*args, rank=r)
+  chex.assert_tree_all_finite((new_a, new_b))
+  tol = _dp_tolerance(dense, args[3])
+  assert _rel_error(new_a, new_b, dense) < tol
+  assert float(_certificate(*args[:3], new_a, new_b)) < tol
+
+
+def _hard_bases():
+  rng = np.random.default_rng(60)
+  m, w = 300, 12
+  u, _ = np.linalg.qr(rng.standard_normal((m, w)))
+  v, _ = np.linalg.qr(rng.standard_normal((w, w)))
+  badly_scaled = rng.standard_normal((m, w))
+  badly_scaled[0] *= 1e4
+  return {
+      "gaussian": rng.standard_normal((m, w)),
+      "spectrum_1e-6": u * np.logspace(0, -6, w) @ v.T,
+      "rank_3": rng.standard_normal((m, 3)) @ rng.standard_normal((3, w)),
+      "zero": np.zeros((m, w)),
+      "tiny_rank_3": 1e-30 * rng.standard_normal((m, 3)) @ rng.standard_normal((3, w)),
+      "huge": 1e30 * rng.standard_normal((m, w)),
+      "one_large_row": badly_scaled,
+      "square": rng.standard_normal((w, w)),
+  }
+
+
+_cholesky_qr = jax.jit(sketch.cholesky_qr)
+
+
+@pytest.mark.parametrize("name", sorted(_hard_bases()))
+def test_cholesky_qr_is_an_orthonormal_backward_stable_qr(name):
+  y = _hard_bases()[name].astype(np.float32)
+  q, r = _cholesky_qr(y)
+  chex.assert_tree_all_finite((q, r))
+  m, w = y.shape
+  q64, r64, y64 = (np.asarray(x, np.float64) for x in (q, r, y))
+  # Orthonormal to O(m eps) like Householder Q: the last, unshifted pass is CholeskyQR2's second pass on a
+  # matrix of condition ~1, also for the zero and rank-deficient y (the fill completes the basis).
+  np.testing.assert_allclose(q64.T @ q64, np.eye(w), atol=10 * m * EPS32)
+  assert np.all(np.tril(r64, -1) == 0), "R is upper triangular"
+  # Backward stable: Q R = y + dy with ||dy||_F <= (1 + 4 w) eps ||y||_F, the fill (eps ||y||_F) plus four
+  # triangular solves (each w eps, Higham Thm 8.5); a zero y gives R = 0 exactly.
+  assert np.linalg.norm(q64 @ r64 - y64) <= (1 + 4 * w) * EPS32 * np.linalg.norm(y64)
+
+
+@methods
+def test_orthonormal_basis_of_a_rank_deficient_sketch_is_orthonormal(method):
+  y = _hard_bases()["rank_3"].astype(np.float32)
+  q = np.asarray(sketch.orthonormal_basis(y, method), np.float64)
+  np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=10 * q.shape[0] * EPS32)
+  # range(Q) contains range(y) to round-off (Q has 9 more columns, orthogonal to it).
+  assert np.linalg.norm(y - q @ (q.T @ y)) < 10 * q.shape[1] * EPS32 * np.linalg.norm(y)
+
+
+def test_batched_layers_match_the_mapped_ones(monkeypatch):
+  # One layer group of 3 (one shape): the accelerators' batched path, vmap, against the CPU's lax.map.
+  rng = np.random.default_rng(70)
+  k, r, m, n = 3, 4, 20, 16
+  adapters = {f"layer{i}": LoRAFactors(np.repeat(rng.standard_normal((1, m, r)), k, 0).astype(np.float32),
+                                       rng.standard_normal((k, r, n)).astype(np.float32)) for i in range(3)}
+  weights = rng.uniform(0.1, 1.0, k).astype(np.float32)
+  omegas = sketch.make_omegas(jax.random.key(1), adapters, r + 2)
+  run = lambda: jax.jit(functools.partial(sketch.aggregate_adapters, rank=r, method="cholesky"))(
+      adapters, weights, omegas)
+  assert not sketch.batch_layers("cholesky")  # on the CPU
+  mapped = run()
+  monkeypatch.setattr(sketch, "batch_layers", lambda method: True)
+  batched = run()
+  for name, factors in adapters.items():
+    dense = numpy_fedask(factors.lora_a, factors.lora_b, weights, omegas[name], r).dense
+    # The same float32 operations, batched or one layer at a time: equal up to XLA's fusion choices.
+    np.testing.assert_allclose(_rel_error(*batched[name], dense), _rel_error(*mapped[name], dense), atol=1e-6)
+    assert _rel_error(*batched[name], dense) < 1e-5
+
+
+def test_default_method_by_backend():
+  assert sketch.default_method() == ("householder" if jax.default_backend() == "cpu" else "cholesky")
+  with pytest.raises(ValueError, match=r"method='qr': choose one of \('householder', 'cholesky'\)"):
+    sketch.aggregate_layer(*_problem(), 2, method="qr")
