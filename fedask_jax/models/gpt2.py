@@ -201,18 +201,22 @@ class GPT2LMHeadModel(nnx.Module):
     self.lm_head = nnx.data(
         None if config.tie_word_embeddings else Linear(config.n_embd, config.vocab_size, dtype=dtype))
 
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
-               cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, cache: KVCache | None = None,
+               logit_positions: Array | None = None) -> Array | tuple[Array, KVCache]:
     """Next-token logits.
 
     input_ids: [b, s] int; attention_mask: [b, s], 1 for real tokens and 0 for padding (None: all real);
     attention is causal, padding is never attended to, and positions count real tokens only, so a row must
     hold at most n_positions real tokens. Returns float32 logits [b, s, V]; with a `cache` (see
     `init_cache`), the tokens are appended to it and the result is (logits, updated cache).
+    logit_positions: [b, P] int (no cache): the logits at those positions only, [b, P, V]
+    (`fedask_jax.objectives.response_positions`: the head and the loss where a loss is taken).
     """
+    if cache is not None and logit_positions is not None:
+      raise ValueError("logit_positions with a cache: decoding takes every new token's logits; pass one or the other.")
     token_mask = token_mask_or_ones(input_ids, attention_mask)
     hidden, new_cache = self.transformer(input_ids, token_mask, cache)
-    logits = output_logits(hidden, self.transformer.wte, self.lm_head)
+    logits = output_logits(hidden, self.transformer.wte, self.lm_head, logit_positions)
     return logits if cache is None else (logits, new_cache)
 
   def init_cache(self, batch: int, max_length: int) -> KVCache:

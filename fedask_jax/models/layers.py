@@ -64,9 +64,17 @@ def init_cache(num_layers: int, batch: int, max_length: int, num_kv_heads: int, 
   return KVCache(layers, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
 
 
-def output_logits(hidden: Array, embedding: Embedding, lm_head: Any) -> Array:
+def output_logits(hidden: Array, embedding: Embedding, lm_head: Any, positions: Array | None = None) -> Array:
   """Float32 next-token logits [b, s, V] from the last hidden states [b, s, d]: the model's own `lm_head`, or,
-  when the head is tied (`lm_head` None), the input `embedding` transposed."""
+  when the head is tied (`lm_head` None), the input `embedding` transposed.
+
+  positions: [b, P] int, or None: the logits at those positions only, [b, P, V] (a gather of the hidden states
+  before the head, so the head's FLOPs and the logits' memory scale with P, not s; P static).
+  """
+  if positions is not None:
+    if positions.ndim != 2 or positions.shape[0] != hidden.shape[0]:
+      raise ValueError(f"positions has shape {positions.shape}: expected [b, P] with b = {hidden.shape[0]}.")
+    hidden = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
   logits = embedding.attend(hidden) if lm_head is None else lm_head(hidden)
   return logits.astype(jnp.float32)
 

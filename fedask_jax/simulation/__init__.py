@@ -50,6 +50,7 @@ from fedask_jax.simulation.client import (
     client_update,
     default_optimizer,
     local_training,
+    response_example_loss,
 )
 from fedask_jax.simulation.round import (
     CLIENT_AXIS,

@@ -24,10 +24,10 @@ import optax
 from flax import nnx
 
 from fedask_jax import privacy
-from fedask_jax._checks import check_choice
+from fedask_jax._checks import check_choice, check_int
 from fedask_jax.adapters import Adapters, LoRAFactors, Trained, combine, select
 from fedask_jax.lora import LoRALayer, from_adapters, path_name, set_wspace_probe, split_lora, to_adapters
-from fedask_jax.objectives import causal_lm_loss
+from fedask_jax.objectives import causal_lm_loss, response_loss, response_positions
 from fedask_jax.simulation.server import ServerState
 from fedask_jax.strategies.base import ClientResult, Strategy
 
@@ -84,6 +84,21 @@ def causal_lm_example_loss(model: nnx.Module, example: Any) -> Array:
   ids = example.input_ids[None]
   logits = model(ids, example.attention_mask[None])
   return causal_lm_loss(logits, ids, example.loss_mask[None]).per_example[0]
+
+
+def response_example_loss(capacity: int) -> Callable[[nnx.Module, Any], Array]:
+  """`causal_lm_example_loss` with the LM head at the example's target positions only, at most `capacity` of
+  them (static; at least `fedask_jax.objectives.max_targets` of the data): the same loss, with the head's FLOPs
+  and the logits' memory proportional to `capacity` instead of the sequence length L."""
+  capacity = check_int("capacity", capacity, 1, what="the response capacity (target positions per example)")
+
+  def loss(model: nnx.Module, example: Any) -> Array:
+    ids = example.input_ids[None]
+    positions, weights = response_positions(example.loss_mask[None], capacity)
+    logits = model(ids, example.attention_mask[None], logit_positions=positions)
+    return response_loss(logits, ids, positions, weights).per_example[0]
+
+  return loss
 
 
 def default_optimizer() -> optax.GradientTransformation:
