@@ -4,7 +4,7 @@ One Llama-style model (`fedask_jax.models.LlamaForCausalLM`, random weights; LoR
 and v_proj) and one round configuration: K clients, tau local steps of B-space DP-SGD (C = 1, sigma = 1; lora_b
 trained, lora_a frozen, as FedASK under DP), batches of b sequences of L tokens (all b slots real, the loss on
 the second half of each sequence), AdamW, the two-stage sketch aggregation (`get_strategy("fedask",
-certify=False)`: no exactness certificate, as the official code; `build_round` says why). Measured:
+certify_every=0)`: no exactness certificate, as the official code; `build_round` says why). Measured:
 
 - round_s: `FederatedRound`'s compiled round (one `jit`: K clients vmapped, tau steps scanned, aggregation);
 - loop_s: the same round as the official PyTorch code is structured: a Python loop over the clients calling
@@ -22,6 +22,10 @@ certify=False)`: no exactness certificate, as the official code; `build_round` s
   the reason, when those are not installed;
 - agg_fedask_s, agg_dense_s: server aggregation of K = 10 adapters of a 4096 x 4096 layer, r = 16, p = 4,
   against forming and averaging the dense products, and the bytes a client sends in each (`aggregate.py`);
+- sketch_aggregation_s, certificate_s: on the main K's client results, the server's sketch aggregation of all layers
+  (`sketch.aggregate_adapters`, the default route) and the exactness certificate
+  (`sketch.adapters_reconstruction_error`) that a run computes every `sketch.certify_every` rounds, each jitted
+  alone; certificate_over_round = certificate_s / round_s is what one certified round adds;
 - scaling: round_s, loop_s, chunked_round_s (K > chunk) and memory for K in {1, 4, 16, 64, 256} (--quick: up
   to 64);
 - ratios: loop_over_round, round_over_limit, dp_overhead = round_s / nodp_round_s, torch_over_round,
@@ -72,7 +76,7 @@ from flax import nnx  # noqa: E402
 import aggregate  # noqa: E402  (benchmarks/aggregate.py)
 import torch_peer  # noqa: E402  (benchmarks/torch_peer.py)
 
-from fedask_jax import simulation  # noqa: E402
+from fedask_jax import simulation, sketch  # noqa: E402
 from fedask_jax.adapters import LoRAFactors  # noqa: E402
 from fedask_jax.data import Batch, ClientData, client_batches  # noqa: E402
 from fedask_jax.lora import LoRAConfig, from_adapters, inject_lora, split_lora, to_adapters  # noqa: E402
@@ -163,10 +167,10 @@ def build_round(model: nnx.Module, setup: Setup, private: bool, client_chunk: in
   """The round under test: FedASK without its exactness certificate, B-space DP-SGD or none, the clients
   vmapped all at once or `client_chunk` at a time.
 
-  certify=False: the official code has no certificate, and with it the full-mode round deadlocked within its
+  certify_every=0: the official code has no certificate, and with it the full-mode round deadlocked within its
   first 1-3 runs, 4 times out of 4, on a 2-core CPU (jaxlib 0.10.2: the certificate's two batched QRs run concurrently, each LAPACK kernel waits in
   `ParallelBatchMap` for tasks queued on the same 2-thread pool that both of them occupy; README.md)."""
-  strategy = get_strategy("fedask", oversample=setup.oversample, certify=False)
+  strategy = get_strategy("fedask", oversample=setup.oversample, certify_every=0)
   return simulation.FederatedRound(model, strategy, dp=setup.dp() if private else None, client_chunk=client_chunk)
 
 
@@ -386,9 +390,31 @@ def measure_main(rounds: Rounds, repeats: int, profile: str | None,
       for name in ("round", "chunked_round", "loop", "limit", "torch_round") if name in out}
   out["matmul_flops_per_s"] = matmul_flops_per_s()
   out["memory_bytes"] = {name: memory_bytes(compiled) for name, compiled in bench.compiled.items()}
+  out.update(measure_certificate(rounds, bench, repeats))
   _, metrics = bench.compiled["round"](*bench.round_args())
   out["round_metrics"] = {name: float(metrics[name]) for name in ("train_loss", "clipped_fraction")}
   return out
+
+
+def measure_certificate(rounds: Rounds, bench: Bench, repeats: int) -> dict:
+  """The sketch aggregation and the exactness certificate on the client results of `bench`'s round, each jitted
+  alone and timed alternating: {"sketch_aggregation": summary, "certificate": summary} (module docstring)."""
+  results, _ = rounds.dp.client_results(bench.state0, bench.batches, bench.ids, bench.round_key, 1)
+  rank, adapters = rounds.setup.rank, results.adapters
+  omegas = sketch.make_omegas(simulation.server_key(bench.round_key), bench.state0.adapters,
+                              rank + rounds.setup.oversample)
+  aggregate, aggregate_compile = harness.compile_timed(
+      jax.jit(functools.partial(sketch.aggregate_adapters, rank=rank)), adapters, bench.weights, omegas)
+  aggregated = aggregate(adapters, bench.weights, omegas)
+  certify, certify_compile = harness.compile_timed(jax.jit(sketch.adapters_reconstruction_error), adapters,
+                                                   bench.weights, aggregated)
+  times = harness.time_alternating({
+      "sketch_aggregation": (lambda: None,
+                             lambda _: jax.block_until_ready(aggregate(adapters, bench.weights, omegas))),
+      "certificate": (lambda: None, lambda _: jax.block_until_ready(certify(adapters, bench.weights, aggregated)))},
+      repeats)
+  return {"sketch_aggregation": harness.summary(times["sketch_aggregation"], aggregate_compile),
+          "certificate": harness.summary(times["certificate"], certify_compile)}
 
 
 def _profile(directory: str, variants: dict[str, harness.Variant]) -> None:
@@ -437,6 +463,7 @@ def ratios_and_goals(result: dict) -> tuple[dict, dict]:
       "dp_overhead_vs_both": main["round"]["median_s"] / main["nodp_both_round"]["median_s"],
       "torch_over_round": None if torch_s is None else torch_s / main["round"]["median_s"],
       "agg_speedup": agg["dense"]["median_s"] / agg["fedask"]["median_s"],
+      "certificate_over_round": main["certificate"]["median_s"] / main["round"]["median_s"],
       "loop_over_round_at_64": at_64[0] if at_64 else None,
       "chunked_speedup": main["round"]["median_s"] / main["chunked_round"]["median_s"]
       if "chunked_round" in main else None,
@@ -476,6 +503,8 @@ def run(setup: Setup, repeats: int = MIN_REPEATS, with_torch: bool = True, profi
       "nodp_both_round_s": main["nodp_both_round"]["median_s"],
       "torch_round_s": main["torch_round"].get("median_s"),
       "agg_fedask_s": agg["fedask"]["median_s"], "agg_dense_s": agg["dense"]["median_s"],
+      "sketch_aggregation_s": main["sketch_aggregation"]["median_s"],
+      "certificate_s": main["certificate"]["median_s"],
       "agg_client_bytes": agg["client_bytes_per_round"],
       "compile_s": dict({name: v["compile_s"] for name, v in main.items() if isinstance(v, dict) and "compile_s" in v},
                         agg_fedask=agg["fedask"]["compile_s"], agg_dense=agg["dense"]["compile_s"]),
@@ -498,7 +527,8 @@ def table(result: dict) -> str:
            f"tau={s['local_steps']}, b={s['batch']}, r={s['rank']}; {machine['device']}; median of {s['repeats']}; "
            f"load {machine['load_average_before'][0]:.1f} -> {machine['load_average_after'][0]:.1f}",
            f"{'variant':<18}{'median s':>10}{'min s':>10}{'compile s':>11}{'GFLOP/s':>9}"]
-  names = [name for name in ("round", "chunked_round", "loop", "limit", "nodp_round", "nodp_both_round")
+  names = [name for name in ("round", "chunked_round", "loop", "limit", "nodp_round", "nodp_both_round",
+                            "sketch_aggregation", "certificate")
            if name in main]
   names += sorted(name for name in main if name.startswith("torch_round_")) + ["torch_round"]
   for name in names:

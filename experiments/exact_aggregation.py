@@ -99,6 +99,7 @@ def overrides(settings: Settings, private: bool) -> list[str]:
       "rounds": s.rounds, "num_clients": s.num_clients, "clients_per_round": s.clients_per_round,
       "local_steps": s.local_steps, "batch_size": s.batch_size, "data.max_train_examples": s.max_train_examples,
       "data.max_seq_len": s.max_seq_len, "privacy.enabled": private, "eval.max_examples": 10,
+      "sketch.certify_every": 1,
       "client_chunk": _common.cpu_client_chunk()})
 
 

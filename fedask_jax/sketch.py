@@ -66,8 +66,8 @@ Array = jax.Array
 GAUGES = ("balanced", "orthonormal", "norm")
 #: The factors whose scale a gauge other than balanced may hold (`split_factors`'s `fixed`).
 FIXED = ("lora_a", "lora_b")
-# The routes of the sketch's linear algebra (`orthonormal_basis`, `reconstruct`): LAPACK / cuSolver QR and SVD, or
-# shifted Cholesky-QR and the SVD of the small factor (`cholesky_qr`).
+#: The routes of the sketch's linear algebra (`orthonormal_basis`, `reconstruct`): LAPACK / cuSolver QR and SVD,
+#: or shifted Cholesky-QR and the SVD of the small factor (`cholesky_qr`).
 METHODS = ("householder", "cholesky")
 
 

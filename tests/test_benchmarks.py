@@ -66,7 +66,7 @@ def test_torch_peer_computes_the_same_round(tmp_path):
   transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY.hf_config())).save_pretrained(tmp_path)
   model = load_pretrained(tmp_path, lora=TINY.lora(), seed=3)
   dp = simulation.DPConfig(clip_norm=clip, noise_multiplier=0.0, expected_batch_size=float(TINY.batch))
-  rnd = simulation.FederatedRound(model, bench.get_strategy("fedask", certify=False), dp=dp)
+  rnd = simulation.FederatedRound(model, bench.get_strategy("fedask", certify_every=0), dp=dp)
   batches = bench.make_batches(TINY, TINY.clients, seed=1)
   ids = jnp.arange(TINY.clients)
   weights = jnp.asarray([0.5, 0.3, 0.2])
@@ -104,7 +104,8 @@ def test_missing_peer_is_recorded_with_its_reason(monkeypatch, result):
 def test_json_has_every_figure(result, tmp_path):
   for key in ("round_s", "loop_s", "limit_s", "nodp_round_s", "torch_round_s", "agg_fedask_s", "agg_dense_s"):
     assert result[key] > 0, key
-  for variant in ("round", "loop", "limit", "nodp_round", "nodp_both_round", "torch_round"):
+  for variant in ("round", "loop", "limit", "nodp_round", "nodp_both_round", "torch_round", "sketch_aggregation",
+                  "certificate"):
     timing = result["main"][variant]
     assert len(timing["runs_s"]) == bench.MIN_REPEATS and timing["median_s"] == np.median(timing["runs_s"])
     assert timing["compile_s"] > 0
@@ -121,6 +122,7 @@ def test_json_has_every_figure(result, tmp_path):
   assert ratios["dp_overhead"] == result["round_s"] / result["nodp_round_s"]
   assert ratios["torch_over_round"] == result["torch_round_s"] / result["round_s"]
   assert ratios["agg_speedup"] == result["agg_dense_s"] / result["agg_fedask_s"]
+  assert ratios["certificate_over_round"] == result["certificate_s"] / result["round_s"]
   assert set(result["goals"]) == {name for name, *_ in bench.GOALS}
   assert len(result["machine"]["load_average_before"]) == 3
   assert result["flops"]["model_flops_per_round"] > 0

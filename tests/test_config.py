@@ -1,6 +1,7 @@
 """Tests for fedask_jax.config: YAML + dotted overrides, unknown keys, types, ranges, cross-field rules."""
 
 import dataclasses
+import inspect
 import pathlib
 
 import pytest
@@ -8,6 +9,7 @@ import yaml
 
 from fedask_jax.config import (
     Config, ConfigError, apply_overrides, config_diff, from_dict, load_config, parse_override, to_dict)
+from fedask_jax.strategies import STRATEGIES
 
 
 def write_yaml(tmp_path, data, name="config.yaml"):
@@ -94,6 +96,7 @@ def test_type_errors(overrides, match):
     (["privacy.clip_norm=-1"], r"privacy.clip_norm=-1.0: the clipping norm must be > 0"),
     (["privacy.overflow_prob=1"], r"privacy.overflow_prob=1.0: must be in \(0, 1\)"),
     (["sketch.oversample=-1"], r"sketch.oversample=-1: must be >= 0"),
+    (["sketch.certify_every=-1"], r"sketch.certify_every=-1: must be >= 0"),
     (["lora.rank=0"], r"lora.rank=0: must be an integer >= 1"),
     (["lora.alpha=0"], r"lora.alpha=0.0: must be a finite number > 0"),
     (["lora.dropout=1"], r"lora.dropout=1.0: must be in \[0, 1\)"),
@@ -162,3 +165,13 @@ def test_shipped_configs_load_and_validate(path):
   """Every config under experiments/configs parses, with only known keys, and passes `validate`."""
   config = load_config(path)
   assert config_diff(config, from_dict(to_dict(config))) == []
+
+
+def test_sketch_defaults_are_the_strategies():
+  # The schema has no import of the strategies (it is dependency-free), so its defaults are literals: they must
+  # stay the ones fedask and fedask-alt take when called without a config.
+  defaults = Config().sketch
+  for name in ("fedask", "fedask-alt"):
+    params = inspect.signature(STRATEGIES[name]).parameters
+    assert (params["oversample"].default, params["certify_every"].default) == (
+        defaults.oversample, defaults.certify_every)

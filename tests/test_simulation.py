@@ -89,13 +89,16 @@ def make_round(strategy, dp=None, optimizer=None, model=None, **kwargs) -> simul
 
 
 def random_state(rnd: simulation.FederatedRound, seed: int = 1, num_clients: int = NUM_CLIENTS):
-  """A server state with every leaf (adapters and strategy state) random, so that both factors get
+  """A server state with every float leaf (adapters and strategy state) random, so that both factors get
   gradients and per-client state (FedSA-LoRA's b, SCAFFOLD's controls) is non-trivial."""
   state = rnd.init(num_clients)
   leaves, treedef = jax.tree.flatten(state)
   key = jax.random.key(seed)
+  # Counters (the sketch strategies' count of aggregations) stay as initialised.
   return jax.tree.unflatten(treedef, [
-      0.5 * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype) for i, x in enumerate(leaves)])
+      x if jnp.issubdtype(x.dtype, jnp.integer) else 0.5 * jax.random.normal(jax.random.fold_in(key, i), x.shape,
+                                                                             x.dtype)
+      for i, x in enumerate(leaves)])
 
 
 def copy(tree):
@@ -180,7 +183,7 @@ def test_fedask_dp_keeps_the_column_space_of_lora_a_and_fedask_alt_moves_it():
   on entries of size ~0.5 turn a rank-2 subspace of R^6 / R^8 by tenths of a radian."""
   angles = {}
   for strategy in ("fedask", "fedask-alt"):
-    rnd = make_round(strategy, B_SPACE)
+    rnd = make_round(get_strategy(strategy, certify_every=1), B_SPACE)
     state = random_state(rnd, seed=2)
     initial = as_numpy(state.adapters)
     for t in range(1, 5):

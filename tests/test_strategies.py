@@ -102,10 +102,12 @@ class AggregationTest(parameterized.TestCase):
   def _aggregate(self, name, shared=None, **hyper):
     strategy = strategies.get_strategy(name, **hyper)
     global_adapters, results, weights, ids = problem(shared=shared)
-    # Non-trivial (random) state, so that a wrong row or a missed update shows.
+    # Non-trivial (random) state, so that a wrong row or a missed update shows; counters random integers.
     leaves, treedef = jax.tree.flatten(strategy.init(global_adapters, N))
     rng = np.random.default_rng(1)
-    state = jax.tree.unflatten(treedef, [rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
+    state = jax.tree.unflatten(treedef, [
+        rng.integers(0, 100, x.shape).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.integer)
+        else rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
     server_update = self.variant(strategy.server_update)
     new, new_state, metrics = server_update(state, global_adapters, results, weights, ids, jax.random.key(0))
     return global_adapters, results, weights, ids, state, new, new_state, metrics
@@ -155,7 +157,7 @@ class AggregationTest(parameterized.TestCase):
   def test_fedask_sketch_is_exact_with_a_shared_factor(self, name, shared):
     """DP rounds (one factor frozen at the global value): the new product is sum_k w_k lora_a_k lora_b_k exactly,
     its factors balanced (lora_a^T lora_a = lora_b lora_b^T, diagonal), and the certificate ~0."""
-    _, results, weights, _, _, new, _, metrics = self._aggregate(name, shared=shared, oversample=1)
+    _, results, weights, _, _, new, _, metrics = self._aggregate(name, shared=shared, oversample=1, certify_every=1)
     for n, f in results.adapters.items():
       target = wmean(np.einsum("kir,kro->kio", f.lora_a.astype(np.float64), f.lora_b.astype(np.float64)), weights)
       a, b = np.asarray(new[n].lora_a, np.float64), np.asarray(new[n].lora_b, np.float64)
@@ -170,7 +172,7 @@ class AggregationTest(parameterized.TestCase):
     """Both factors trained: the aggregate of K = 3 rank-2 products has rank <= min(6, M_IN, N_OUT) = 5, which a
     sketch of width r + p = 5 covers, so the result is its Eckart-Young truncation to rank 2 (numpy SVD) and the
     certificate is the relative truncation error."""
-    _, results, weights, _, _, new, _, metrics = self._aggregate("fedask", oversample=3)
+    _, results, weights, _, _, new, _, metrics = self._aggregate("fedask", oversample=3, certify_every=1)
     errors = []
     for n, f in results.adapters.items():
       target = wmean(np.einsum("kir,kro->kio", f.lora_a.astype(np.float64), f.lora_b.astype(np.float64)), weights)
@@ -196,9 +198,11 @@ def test_gauges_hold_the_next_frozen_factor_at_the_frozen_factors_scale(gauge, n
   results = results._replace(mean_gradient=select(results.mean_gradient, trained))
   frozen = shared or "lora_a"
   key = jax.random.key(0)
-  new, _, metrics = jax.jit(strategies.get_strategy(name, gauge=gauge).server_update)(
-      (), global_adapters, results, weights, ids, key)
-  paper, _, _ = strategies.get_strategy(name).server_update((), global_adapters, results, weights, ids, key)
+  strategy, paper_strategy = strategies.get_strategy(name, gauge=gauge), strategies.get_strategy(name)
+  new, _, metrics = jax.jit(strategy.server_update)(
+      strategy.init(global_adapters, N), global_adapters, results, weights, ids, key)
+  paper, _, _ = paper_strategy.server_update(paper_strategy.init(global_adapters, N), global_adapters, results,
+                                             weights, ids, key)
   for n in new:
     np.testing.assert_allclose(np.linalg.norm(getattr(new[n], fixed)),
                                np.linalg.norm(getattr(global_adapters[n], frozen)), rtol=1e-5)
@@ -217,9 +221,36 @@ def test_unknown_gauge_fails_with_the_choices():
 
 def test_certificate_can_be_switched_off():
   global_adapters, results, weights, ids = problem(shared="lora_a")
-  _, _, metrics = strategies.get_strategy("fedask", certify=False).server_update(
-      (), global_adapters, results, weights, ids, jax.random.key(0))
+  strategy = strategies.get_strategy("fedask", certify_every=0)
+  _, _, metrics = strategy.server_update(strategy.init(global_adapters, N), global_adapters, results, weights, ids,
+                                         jax.random.key(0))
   assert metrics == {}
+
+
+@pytest.mark.parametrize("name", ["fedask", "fedask-alt"])
+def test_certificate_every_n_aggregations(name):
+  # Period 3 over 7 aggregations: certified in the 1st, 4th and 7th (count 0, 3, 6), NaN in the others, the
+  # same aggregate in every round, and the count advancing by one per aggregation.
+  global_adapters, results, weights, ids = problem(shared="lora_a")
+  strategy = strategies.get_strategy(name, certify_every=3)
+  update = jax.jit(strategy.server_update)
+  state = strategy.init(global_adapters, N)
+  certified = strategies.get_strategy(name, certify_every=1)
+  reference, _, always = jax.jit(certified.server_update)(
+      certified.init(global_adapters, N), global_adapters, results, weights, ids, jax.random.key(0))
+  for count in range(7):
+    new, state, metrics = update(state, global_adapters, results, weights, ids, jax.random.key(0))
+    assert int(state) == count + 1
+    chex.assert_trees_all_equal(new, reference)
+    if count % 3 == 0:
+      assert float(metrics["reconstruction_error"]) == float(always["reconstruction_error"]) < 1e-5
+    else:
+      assert np.isnan(metrics["reconstruction_error"])
+
+
+def test_certify_every_is_checked():
+  with pytest.raises(ValueError, match=r"certify_every=-1.*0: never"):
+    strategies.get_strategy("fedask", certify_every=-1)
 
 
 def test_local_objectives():

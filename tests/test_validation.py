@@ -131,6 +131,8 @@ RULES = [
     ("lora.target_modules", ['lora.target_modules=[q_proj, ""]'], ["lora.target_modules=[q_proj]"],
      r"lora.target_modules=\['q_proj', ''\] holds an empty name"),
     ("sketch.oversample", ["sketch.oversample=-1"], ["sketch.oversample=0"], r"sketch.oversample=-1: must be >= 0"),
+    ("sketch.certify_every", ["sketch.certify_every=-1"], ["sketch.certify_every=0"],
+     r"sketch.certify_every=-1: must be >= 0"),
     ("sketch.gauge", ["sketch.gauge=nrm"], ["sketch.gauge=norm"], r"sketch.gauge='nrm': .*Did you mean 'norm'\?"),
     ("sketch.gauge", ["strategy=fedavg", "sketch.gauge=orthonormal"],
      ["strategy=fedask-alt", "sketch.gauge=orthonormal"],

@@ -89,17 +89,19 @@ class LoRASection:
 
 @dataclasses.dataclass(frozen=True)
 class SketchConfig:
-  """FedASK's sketch (fedask, fedask-alt): width r + oversample; certify reports the aggregation error each round;
-  gauge splits the reconstruction into factors (`fedask_jax.sketch.split_factors`: "balanced", the paper's, or
-  "orthonormal" / "norm", which hold the frozen factor at its initial scale)."""
+  """FedASK's sketch (fedask, fedask-alt): width r + oversample; certify_every: the exactness certificate (the
+  aggregation's relative error, metric `reconstruction_error`) in rounds 1, 1 + N, 1 + 2N, ... (0: never; the
+  default is `fedask_jax.strategies.fedask.CERTIFY_EVERY`, chosen by its measured cost); gauge splits the
+  reconstruction into factors (`fedask_jax.sketch.split_factors`: "balanced", the paper's, or "orthonormal" /
+  "norm", which hold the frozen factor at its initial scale)."""
 
   oversample: int = 2
-  certify: bool = True
+  certify_every: int = 10
   gauge: Literal["balanced", "orthonormal", "norm"] = "balanced"  # fedask_jax.sketch.GAUGES
 
 
 # The sketch section's keys, passed to the strategies that take them (fedask, fedask-alt).
-SKETCH_KEYS = ("oversample", "certify", "gauge")
+SKETCH_KEYS = ("oversample", "certify_every", "gauge")
 
 
 @dataclasses.dataclass(frozen=True)

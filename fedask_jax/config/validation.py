@@ -210,6 +210,7 @@ def validate(config: Config) -> None:
   except ValueError as error:
     raise ConfigError(str(error)) from None
   _at_least(c, "sketch.oversample", 0)
+  _at_least(c, "sketch.certify_every", 0)
   _check_strategy(c)
 
   p = c.privacy

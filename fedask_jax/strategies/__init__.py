@@ -1,7 +1,7 @@
 """Federated strategies, one module each, registered by name (the interface: `fedask_jax.strategies.base`).
 
-`STRATEGIES[name](**hyper_parameters)` builds a `Strategy`: "fedask" (oversample, certify, gauge),
-"fedask-alt" (oversample, certify, gauge), "fedavg", "ffa-lora", "fedsa-lora", "fedprox" (mu), "scaffold".
+`STRATEGIES[name](**hyper_parameters)` builds a `Strategy`: "fedask" (oversample, certify_every, gauge),
+"fedask-alt" (oversample, certify_every, gauge), "fedavg", "ffa-lora", "fedsa-lora", "fedprox" (mu), "scaffold".
 `get_strategy` does the same with a readable error for unknown names or hyper-parameters. Strategy-specific
 helpers stay in their module, e.g. `fedsa_lora.evaluation_adapters` (personalised and shared adapters).
 """

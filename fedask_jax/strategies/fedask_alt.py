@@ -11,8 +11,8 @@ lora_a, both subspaces move. Whether that helps is an experiment, not a claim.
 from __future__ import annotations
 
 from fedask_jax.adapters import Trained
-from fedask_jax.strategies.base import Strategy, no_state, shared_start
-from fedask_jax.strategies.fedask import check_gauge, check_oversample, sketch_server_update
+from fedask_jax.strategies.base import Strategy
+from fedask_jax.strategies.fedask import CERTIFY_EVERY, sketch_strategy
 
 
 def alternate(round_index: int, private: bool) -> Trained:
@@ -21,11 +21,9 @@ def alternate(round_index: int, private: bool) -> Trained:
   return "lora_b" if round_index % 2 == 1 else "lora_a"
 
 
-def fedask_alt(oversample: int = 2, certify: bool = True, gauge: str = "balanced") -> Strategy:
-  """fedask-alt with sketch oversampling p = `oversample` and reconstruction `gauge` (see `fedask.fedask`); a
-  gauge other than balanced holds the factor the next round freezes, the one trained this round (lora_a if both
-  were), at the scale of the one frozen this round."""
-  return Strategy(name="fedask-alt", trained=alternate, init=no_state, client_start=shared_start,
-                  gradient_correction=None,
-                  server_update=sketch_server_update(check_oversample(oversample), certify, check_gauge(gauge),
-                                                     lambda trained: "lora_b" if trained == "lora_b" else "lora_a"))
+def fedask_alt(oversample: int = 2, certify_every: int = CERTIFY_EVERY, gauge: str = "balanced") -> Strategy:
+  """fedask-alt with sketch oversampling p = `oversample`, the certificate every `certify_every` rounds and
+  reconstruction `gauge` (see `fedask.fedask`); a gauge other than balanced holds the factor the next round
+  freezes, the one trained this round (lora_a if both were), at the scale of the one frozen this round."""
+  return sketch_strategy("fedask-alt", alternate, oversample, certify_every, gauge,
+                         lambda trained: "lora_b" if trained == "lora_b" else "lora_a")
