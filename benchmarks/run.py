@@ -41,7 +41,13 @@ buffers XLA assigns for one call of the round, the same on every backend), and o
 as XLA counts them (`cost_analysis`; the model's forward and backward on K tau b examples, i.e. the useful
 work) divided by the round's time.
 
-    python benchmarks/run.py [--quick] [--out benchmarks/results/run_quick.json] [--repeats 5]
+Scale mode (`--scale`, `run_scale`): a Llama-style model of 110M parameters (d 768, 12 layers, 12 heads,
+vocabulary 32,000, L = 256; bfloat16 base weights on accelerators, float32 on a CPU) with the LM head at the
+response positions only, K in {8, 64, 256, 1024}; per K the DP round with the largest client_chunk whose XLA
+buffers fit 90% of the device's memory, the compute limit on the same tokens, model FLOPs and MFU of both
+(with --peak-tflops), compile time and memory (`scale_row`). On a CPU pass a small sweep (`--scaling 1`).
+
+    python benchmarks/run.py [--quick | --scale] [--out benchmarks/results/run_quick.json] [--repeats 5]
         [--clients K] [--scaling 1 4 16 64 256] [--no-torch] [--peak-tflops T] [--profile DIR]
 
 `--profile DIR` also writes a `jax.profiler` trace (Perfetto JSON) of one round, one loop and one limit step.
@@ -81,7 +87,7 @@ from fedask_jax.adapters import LoRAFactors  # noqa: E402
 from fedask_jax.data import Batch, ClientData, client_batches  # noqa: E402
 from fedask_jax.lora import LoRAConfig, from_adapters, inject_lora, split_lora, to_adapters  # noqa: E402
 from fedask_jax.models import LlamaConfig, LlamaForCausalLM, init_random  # noqa: E402
-from fedask_jax.objectives import causal_lm_loss  # noqa: E402
+from fedask_jax.objectives import causal_lm_loss, response_loss, response_positions  # noqa: E402
 from fedask_jax.strategies import get_strategy  # noqa: E402
 
 MIN_REPEATS = 5
@@ -119,6 +125,8 @@ class Setup:
   clip_norm: float = 1.0
   noise_multiplier: float = 1.0
   chunk: int = 4
+  dtype: str = "float32"
+  response_only: bool = False
 
   def llama(self) -> LlamaConfig:
     return LlamaConfig(model_type="llama", vocab_size=self.vocab, hidden_size=self.hidden,
@@ -150,14 +158,19 @@ SETUPS = {
     # Under 5 minutes on a loaded 2-core CPU: half the width, depth, heads, sequence and vocabulary.
     "quick": Setup(hidden=128, layers=2, heads=2, intermediate=344, vocab=2048, sequence=64, clients=8,
                    local_steps=2, batch=4, scaling=(1, 4, 16, 64)),
+    # Scale mode (`run_scale`): a Llama-style model of 110M parameters (d 768, 12 layers, 12 heads, SwiGLU 2048,
+    # vocabulary 32,000, L = 256), bfloat16 base weights on accelerators, the head at the response positions only.
+    "scale": Setup(hidden=768, layers=12, heads=12, intermediate=2048, vocab=32000, sequence=256, clients=64,
+                   local_steps=2, batch=4, scaling=(8, 64, 256, 1024), dtype="bfloat16", response_only=True),
 }
 
 
 # ----- the pieces -----
 
 def build_model(setup: Setup, seed: int = 0) -> nnx.Module:
-  """The Llama-style model with random weights and LoRA adapters (lora_b zero, as LoRA starts)."""
-  model = init_random(LlamaForCausalLM(setup.llama()), jax.random.key(seed))
+  """The Llama-style model with random weights in `setup.dtype` and float32 LoRA adapters (lora_b zero, as LoRA
+  starts)."""
+  model = init_random(LlamaForCausalLM(setup.llama(), dtype=jnp.dtype(setup.dtype)), jax.random.key(seed))
   inject_lora(model, setup.lora(), jax.random.fold_in(jax.random.key(seed), 1))
   return model
 
@@ -171,7 +184,19 @@ def build_round(model: nnx.Module, setup: Setup, private: bool, client_chunk: in
   first 1-3 runs, 4 times out of 4, on a 2-core CPU (jaxlib 0.10.2: the certificate's two batched QRs run concurrently, each LAPACK kernel waits in
   `ParallelBatchMap` for tasks queued on the same 2-thread pool that both of them occupy; README.md)."""
   strategy = get_strategy("fedask", oversample=setup.oversample, certify_every=0)
-  return simulation.FederatedRound(model, strategy, dp=setup.dp() if private else None, client_chunk=client_chunk)
+  return simulation.FederatedRound(model, strategy, dp=setup.dp() if private else None, client_chunk=client_chunk,
+                                   per_example_loss=example_loss(setup))
+
+
+def response_capacity(setup: Setup) -> int | None:
+  """The head's positions per example with `setup.response_only` (the loss is on the second half: L / 2
+  targets), else None (the head at every position)."""
+  return setup.sequence // 2 if setup.response_only else None
+
+
+def example_loss(setup: Setup) -> Callable[..., Any]:
+  capacity = response_capacity(setup)
+  return simulation.causal_lm_example_loss if capacity is None else simulation.response_example_loss(capacity)
 
 
 def make_batches(setup: Setup, num_clients: int, seed: int = 0) -> Batch:
@@ -216,18 +241,23 @@ def loop_inputs(batches: Batch, client_ids: jax.Array, weights: jax.Array, round
       "weights": weights, "client_ids": client_ids, "round_key": round_key})
 
 
-def limit_step(model: nnx.Module) -> tuple[Callable[..., Any], dict[str, jax.Array], Any]:
+def limit_step(model: nnx.Module, capacity: int | None = None) -> tuple[Callable[..., Any], dict[str, jax.Array], Any]:
   """(step, lora_b, frozen_state): `step(lora_b {path: [r, out]}, frozen_state, batch [N, L]) -> (mean loss,
   gradient)` is one jitted centralised forward + backward of N examples w.r.t. lora_b, with lora_a at the
-  model's value and no clipping; lora_b and frozen_state are the model's."""
+  model's value and no clipping; lora_b and frozen_state are the model's. With a `capacity`, the head runs at
+  the response positions only, as the round's loss does (`response_capacity`)."""
   graphdef, lora_state, frozen_state = split_lora(model)
   start = to_adapters(lora_state)
 
   def loss(lora_b, frozen_state, batch):
     adapters = {name: LoRAFactors(factors.lora_a, lora_b[name]) for name, factors in start.items()}
     merged = nnx.merge(graphdef, from_adapters(lora_state, adapters), frozen_state)
-    logits = merged(batch.input_ids, batch.attention_mask)
-    return jnp.mean(causal_lm_loss(logits, batch.input_ids, batch.loss_mask).per_example)
+    if capacity is None:
+      logits = merged(batch.input_ids, batch.attention_mask)
+      return jnp.mean(causal_lm_loss(logits, batch.input_ids, batch.loss_mask).per_example)
+    positions, weights = response_positions(batch.loss_mask, capacity)
+    logits = merged(batch.input_ids, batch.attention_mask, logit_positions=positions)
+    return jnp.mean(response_loss(logits, batch.input_ids, positions, weights).per_example)
 
   return jax.jit(jax.value_and_grad(loss)), {name: f.lora_b for name, f in start.items()}, frozen_state
 
@@ -277,7 +307,7 @@ class Rounds:
     self.chunked = build_round(self.model, setup, private=True, client_chunk=setup.chunk)
     self.trained = self.dp.trained(1)
     self.loop = loop_round(self.dp, self.trained)
-    self.limit = limit_step(self.model)
+    self.limit = limit_step(self.model, response_capacity(setup))
     self.torch_missing = torch_peer.missing() if with_torch else "not run (--no-torch)"
     self.peer = None
     if self.torch_missing is None:
@@ -519,6 +549,88 @@ def run(setup: Setup, repeats: int = MIN_REPEATS, with_torch: bool = True, profi
   return result
 
 
+# ----- scale mode -----
+
+def memory_budget() -> int | None:
+  """90% of the device's memory (`bytes_limit`), None where the backend reports none (the CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats or "bytes_limit" not in stats else int(0.9 * stats["bytes_limit"])
+
+
+def chunk_candidates(clients: int, largest: int) -> list[int]:
+  """client_chunk values to try, largest first: the powers of two <= min(clients, largest) that divide K."""
+  return [c for c in (2**i for i in range(int(np.log2(max(1, min(clients, largest)))), -1, -1)) if clients % c == 0]
+
+
+def scale_row(rounds: Rounds, clients: int, repeats: int, peak_flops: float | None, budget: int | None,
+              largest_chunk: int) -> dict:
+  """One K of the scale mode: the compiled DP round with the largest client_chunk whose XLA buffers fit
+  `budget` (without a budget: min(K, largest_chunk)), and the compute limit on the same tokens. The limit runs
+  one chunk of clients' tokens (K tau b examples at once do not fit a device for large K) and is scaled by
+  K / chunk: the same work, at the batch size the round itself runs. MFU = model FLOPs (XLA's count of the
+  limit, scaled likewise) / seconds / peak."""
+  setup, bench = rounds.setup, Bench(rounds, clients)
+  chunk, fits = None, False
+  for chunk in chunk_candidates(clients, largest_chunk):
+    variant = bench.round("round", build_round(rounds.model, setup, private=True, client_chunk=chunk),
+                          rounds.trained)
+    fits = budget is None or memory_bytes(bench.compiled["round"])["peak"] <= budget
+    if fits:
+      break
+  limit_bench = Bench(rounds, chunk)
+  times = harness.time_alternating({"round": variant, "limit": limit_bench.limit()}, repeats)
+  round_s, limit_s = statistics.median(times["round"]), statistics.median(times["limit"]) * clients / chunk
+  model_flops = flops(limit_bench.compiled["limit"])
+  model_flops = None if model_flops is None else model_flops * clients / chunk
+  mfu = lambda seconds: None if not (peak_flops and model_flops) else model_flops / seconds / peak_flops
+  return {"clients": clients, "client_chunk": chunk, "fits_budget": fits, "round_s": round_s,
+          "round_runs_s": times["round"], "limit_s": limit_s, "round_over_limit": round_s / limit_s,
+          "compile_s": {"round": bench.compile_s["round"], "limit": limit_bench.compile_s["limit"]},
+          "model_flops": model_flops, "achieved_flops_per_s": None if model_flops is None else model_flops / round_s,
+          "mfu": {"round": mfu(round_s), "limit": mfu(limit_s)},
+          "memory_bytes": {"round": memory_bytes(bench.compiled["round"]),
+                           "limit": memory_bytes(limit_bench.compiled["limit"])},
+          "device_peak_bytes": device_peak_bytes()}
+
+
+def run_scale(setup: Setup, repeats: int = MIN_REPEATS, peak_flops: float | None = None,
+              largest_chunk: int = 64) -> dict:
+  """The scale mode: `scale_row` for every K of `setup.scaling`, ascending (the device's peak memory is
+  process-wide), client_chunk tried from min(K, largest_chunk) down (each try is a compile;
+  64 clients of the 110M model fit an H100's memory by our estimate); returns the JSON-ready result."""
+  if repeats < MIN_REPEATS:
+    raise ValueError(f"repeats={repeats}: every time is a median of at least {MIN_REPEATS} runs; pass >= 5.")
+  load_before, started = os.getloadavg(), time.perf_counter()
+  rounds = Rounds(setup, with_torch=False)
+  parameters = sum(x.size for x in jax.tree.leaves(nnx.state(rounds.model, nnx.Param)))
+  budget = memory_budget()
+  rows = [scale_row(rounds, clients, repeats, peak_flops, budget, largest_chunk) for clients in sorted(setup.scaling)]
+  return {"benchmark": "run", "mode": "scale",
+          "setup": dict(dataclasses.asdict(setup), strategy="fedask", dp_mechanism="b_space", trained=rounds.trained,
+                        parameters=int(parameters), repeats=repeats, memory_budget_bytes=budget),
+          "scaling": rows, "peak_flops_per_s": peak_flops,
+          "machine": harness.machine(load_before),
+          "wall_s": time.perf_counter() - started}
+
+
+def scale_table(result: dict) -> str:
+  """The printed summary of the scale mode: one line per K."""
+  s, machine = result["setup"], result["machine"]
+  fmt = lambda v, f: "-" if v is None else format(v, f)
+  lines = [f"scale: Llama {s['parameters'] / 1e6:.0f}M parameters (d={s['hidden']} x {s['layers']}, V={s['vocab']}, "
+           f"L={s['sequence']}, {s['dtype']}, response-only head {s['response_only']}), tau={s['local_steps']}, "
+           f"b={s['batch']}, r={s['rank']}; {machine['device']}; median of {s['repeats']}",
+           f"{'K':>5}{'chunk':>6}{'round s':>10}{'limit s':>10}{'round/limit':>12}{'MFU round':>10}{'MFU limit':>10}"
+           f"{'compile s':>10}{'XLA GiB':>9}{'device GiB':>11}"]
+  for row in result["scaling"]:
+    gib = lambda b: fmt(None if b is None else b / 2**30, ".2f")
+    lines.append(f"{row['clients']:>5}{row['client_chunk']:>6}{row['round_s']:>10.3f}{row['limit_s']:>10.3f}"
+                 f"{row['round_over_limit']:>12.2f}{fmt(row['mfu']['round'], '.3f'):>10}"
+                 f"{fmt(row['mfu']['limit'], '.3f'):>10}{row['compile_s']['round']:>10.1f}"
+                 f"{gib(row['memory_bytes']['round']['peak']):>9}{gib(row['device_peak_bytes']):>11}")
+  return "\n".join(lines)
+
+
 def table(result: dict) -> str:
   """The printed summary: seconds, FLOP/s, ratios and goals, then the scaling sweep."""
   s, main, fl = result["setup"], result["main"], result["flops"]
@@ -566,6 +678,8 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="the small configuration (< 5 min on 2 CPU cores)")
+  parser.add_argument("--scale", action="store_true",
+                      help="the 110M-parameter scale mode (on a CPU: float32, pass a small --scaling, e.g. 1)")
   parser.add_argument("--out", type=pathlib.Path, default=None,
                       help="JSON output (default benchmarks/results/run_{quick,full}.json)")
   parser.add_argument("--repeats", type=int, default=MIN_REPEATS)
@@ -576,17 +690,24 @@ def main(argv: list[str] | None = None) -> dict:
                       help="the chip's peak TFLOP/s at the round's precision, for the utilisation (gpu.md)")
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace of one round/loop/limit here")
   args = parser.parse_args(argv)
-  mode = "quick" if args.quick else "full"
+  mode = "scale" if args.scale else "quick" if args.quick else "full"
   setup = SETUPS[mode]
+  if args.scale and jax.default_backend() == "cpu":
+    setup = dataclasses.replace(setup, dtype="float32")  # XLA's CPU matmuls have no native bfloat16
   if args.clients is not None:
     setup = dataclasses.replace(setup, clients=args.clients)
   if args.scaling is not None:
     setup = dataclasses.replace(setup, scaling=tuple(args.scaling))
   if args.repeats < MIN_REPEATS:
     parser.error(f"--repeats={args.repeats}: every time is a median of at least {MIN_REPEATS} runs.")
-  result = run(setup, args.repeats, with_torch=not args.no_torch, profile=args.profile, mode=mode,
-               peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12)
-  print(table(result))
+  peak = None if args.peak_tflops is None else args.peak_tflops * 1e12
+  if args.scale:
+    result = run_scale(setup, args.repeats, peak)
+    print(scale_table(result))
+  else:
+    result = run(setup, args.repeats, with_torch=not args.no_torch, profile=args.profile, mode=mode,
+                 peak_flops=peak)
+    print(table(result))
   harness.write(result, args.out or pathlib.Path(__file__).parent / "results" / f"run_{mode}.json")
   return result
 

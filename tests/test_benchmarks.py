@@ -149,3 +149,31 @@ def test_memory_bytes_counts_arguments_outputs_and_donations():
   assert plain["argument"] == plain["output"] == x.nbytes and plain["alias"] == 0
   donated = bench.memory_bytes(jax.jit(lambda v: v * 2, donate_argnums=0).lower(x).compile())
   assert donated["alias"] == x.nbytes and donated["peak"] == plain["peak"] - x.nbytes
+
+
+def test_scale_mode_runs_and_reports_every_figure(tmp_path):
+  # The scale mode's code path at a tiny size (CI's CPU): bfloat16 base weights, the head at the response
+  # positions, K = 2 and 4 with client_chunk chosen below min(K, 2).
+  setup = bench.dataclasses.replace(TINY, scaling=(2, 4), dtype="bfloat16", response_only=True)
+  result = bench.run_scale(setup, repeats=bench.MIN_REPEATS, peak_flops=1e12, largest_chunk=2)
+  assert result["setup"]["parameters"] > 0 and result["setup"]["dtype"] == "bfloat16"
+  assert [row["clients"] for row in result["scaling"]] == [2, 4]
+  for row in result["scaling"]:
+    assert row["client_chunk"] == 2 and row["fits_budget"]
+    assert len(row["round_runs_s"]) == bench.MIN_REPEATS and row["round_s"] == np.median(row["round_runs_s"])
+    assert row["round_over_limit"] == row["round_s"] / row["limit_s"]
+    assert row["compile_s"]["round"] > 0 and row["compile_s"]["limit"] > 0
+    assert row["mfu"]["round"] == row["model_flops"] / row["round_s"] / 1e12
+    assert row["memory_bytes"]["round"]["peak"] > 0
+  # The limit runs one chunk of clients' tokens and is scaled by K / chunk: twice the clients, twice the FLOPs.
+  assert result["scaling"][1]["model_flops"] == 2 * result["scaling"][0]["model_flops"]
+  path = tmp_path / "scale.json"
+  path.write_text(json.dumps(result))
+  assert json.loads(path.read_text())["scaling"][0]["clients"] == 2
+  assert "round/limit" in bench.scale_table(result)
+
+
+def test_chunk_candidates_divide_k():
+  assert bench.chunk_candidates(1024, 256) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+  assert bench.chunk_candidates(8, 256) == [8, 4, 2, 1]
+  assert bench.chunk_candidates(6, 4) == [2, 1]
