@@ -9,7 +9,7 @@ factor set to None.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from typing import Generic, Literal, Mapping, NamedTuple, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +23,24 @@ Trained = Literal["lora_a", "lora_b", "both"]
 TRAINED: tuple[str, ...] = ("lora_a", "lora_b", "both")
 
 
-class LoRAFactors(NamedTuple):
-  """The two factors of one adapted layer: lora_a [..., in, r], lora_b [..., r, out]."""
-
-  lora_a: Array
-  lora_b: Array
+_Factor = TypeVar("_Factor", covariant=True)
 
 
-Adapters = dict[str, LoRAFactors]
+class LoRAFactors(NamedTuple, Generic[_Factor]):
+  """The two factors of one adapted layer: lora_a [..., in, r], lora_b [..., r, out].
+
+  Generic in the factor type: `LoRAFactors[Array]` in full adapters, `LoRAFactors[Array | None]` in a trained
+  subset (`select`), where the frozen factor is None.
+  """
+
+  lora_a: _Factor
+  lora_b: _Factor
+
+
+Adapters = dict[str, LoRAFactors[Array]]
 """{dotted module path: LoRAFactors} for every adapted layer (module docstring)."""
+AdapterSubset = dict[str, LoRAFactors[Array | None]]
+"""Adapters with the frozen factor of every layer set to None (`select`)."""
 
 
 def check_trained(trained: str) -> None:
@@ -39,14 +48,14 @@ def check_trained(trained: str) -> None:
   check_choice("trained", trained, TRAINED, what="a client trains lora_a, lora_b or both; the factor(s)")
 
 
-def select(adapters: Adapters, trained: Trained) -> Adapters:
+def select(adapters: Adapters, trained: Trained) -> AdapterSubset:
   """The trained subset: the same adapters with the frozen factor replaced by None."""
   check_trained(trained)
   return {name: LoRAFactors(f.lora_a if trained != "lora_b" else None, f.lora_b if trained != "lora_a" else None)
           for name, f in adapters.items()}
 
 
-def combine(subset: Adapters, adapters: Adapters) -> Adapters:
+def combine(subset: Mapping[str, LoRAFactors[Array | None]], adapters: Adapters) -> Adapters:
   """Full adapters from a trained subset, taking each None factor from `adapters`."""
   return {name: LoRAFactors(s.lora_a if s.lora_a is not None else adapters[name].lora_a,
                             s.lora_b if s.lora_b is not None else adapters[name].lora_b)

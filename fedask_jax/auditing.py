@@ -338,7 +338,8 @@ def canary_scores(
   """
   num_runs = _check_runs("num_runs", num_runs)
   _check_schedule(steps, sample_rate)
-  if jax.tree.structure(direction) != jax.tree.structure(params) or any(
+  # Why the ignore below: jax's stubs leave PyTreeDef unresolved ("PyTreeDef?"), which mypy will not compare.
+  if jax.tree.structure(direction) != jax.tree.structure(params) or any(  # type: ignore[operator]
       jnp.shape(u) != jnp.shape(p) for u, p in zip(jax.tree.leaves(direction), jax.tree.leaves(params))):
     raise ValueError("direction must have the structure and shapes of params (one score weight per parameter).")
   rows = {jnp.shape(x)[0] for x in jax.tree.leaves(data)}
@@ -506,7 +507,8 @@ class CanaryProblem:
     def loss(layer, example):
       return 0.5 * jnp.sum((layer(example["x"]) - example["target"]) ** 2)
 
-    kwargs = dict(clip_norm=clip_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size)
+    kwargs: dict[str, Any] = dict(
+        clip_norm=clip_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size)
     if space == "b_space":
       return functools.partial(privacy.dp_gradient, lambda p, example: loss(model(p["linear"]), example), **kwargs)
 

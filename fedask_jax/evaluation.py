@@ -200,7 +200,8 @@ class ExactMatchResult(NamedTuple):
   completions: the generated texts (special tokens removed, cut at EOS)."""
 
   accuracy: float
-  count: int
+  # Why the ignore below: the field shadows tuple.count on purpose; `count` is the public name of the result's size.
+  count: int  # type: ignore[assignment]
   correct: np.ndarray
   predictions: list[str | None]
   references: list[str]
@@ -288,7 +289,8 @@ class MultipleChoiceResult(NamedTuple):
   index; answers: [n] int, the right letter's index; log_probs: [n, K] float, s_ik = log p(letter k | prompt)."""
 
   accuracy: float
-  count: int
+  # Why the ignore below: the field shadows tuple.count on purpose; `count` is the public name of the result's size.
+  count: int  # type: ignore[assignment]
   correct: np.ndarray
   predictions: np.ndarray
   answers: np.ndarray
@@ -410,7 +412,7 @@ def multiple_choice(model: nnx.Module, tokenizer: Any, questions: Sequence[Mappi
                                                  for a in (ids, mask, targets)))
       log_probs[rows[valid]] = np.asarray(out).reshape(len(rows), k)[valid]
   predictions = np.argmax(log_probs, axis=1)
-  answers = np.array(answers)
-  correct = predictions == answers
+  answer_indices = np.array(answers)
+  correct = predictions == answer_indices
   return MultipleChoiceResult(accuracy=float(correct.mean()), count=n, correct=correct, predictions=predictions,
-                              answers=answers, log_probs=log_probs)
+                              answers=answer_indices, log_probs=log_probs)

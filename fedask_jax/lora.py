@@ -133,20 +133,29 @@ class LoRALayer(nnx.Module):
     if config.dropout > 0:
       self.lora_dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=jax.random.fold_in(key, 1)))
 
+  def lora_params(self) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
+    """(lora_a, lora_b) of an adapted layer; ValueError when the layer has no adapter."""
+    if self.lora_a is None or self.lora_b is None:
+      raise ValueError(f"this {type(self).__name__} has no LoRA adapter: add one with inject_lora (or import_peft) "
+                       "first.")
+    return self.lora_a, self.lora_b
+
   def adapter_output(self, h: Array) -> Array:
     """s (dropout(h) lora_a) lora_b [..., out] for the adapter input h [..., in], in h's dtype."""
+    lora_a, lora_b = self.lora_params()
     if self.lora_dropout is not None:
       h = self.lora_dropout(h)
     if self.wspace_probe:
       self.sow(nnx.Intermediate, "lora_input", h)
-    delta = (h @ self.lora_a[...].astype(h.dtype)) @ self.lora_b[...].astype(h.dtype) * self.scaling
+    delta = (h @ lora_a[...].astype(h.dtype)) @ lora_b[...].astype(h.dtype) * self.scaling
     if self.wspace_probe:
       delta = self.perturb("lora_output", delta)
     return delta
 
   def merged_update(self) -> Array:
     """lora_a @ lora_b * scaling [in, out] in float32 (the update `merge_and_unload` folds into the weight)."""
-    return (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.scaling
+    lora_a, lora_b = self.lora_params()
+    return (lora_a[...].astype(jnp.float32) @ lora_b[...].astype(jnp.float32)) * self.scaling
 
   def _drop_adapter(self) -> None:
     self.lora_a = None
@@ -419,7 +428,9 @@ def set_wspace_probe(model: nnx.Module, enabled: bool = True) -> None:
 
 def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, lora_state, frozen_state): what trains (`nnx.LoRAParam`) and everything else."""
-  graphdef, lora_state, frozen_state = nnx.split(model, nnx.LoRAParam, ...)
+  # Why the ignore: flax types split's result as (GraphDef, State, *State) whatever the filters; two filters give
+  # exactly three parts.
+  graphdef, lora_state, frozen_state = nnx.split(model, nnx.LoRAParam, ...)  # type: ignore[misc]
   return graphdef, lora_state, frozen_state
 
 
@@ -430,7 +441,7 @@ def to_adapters(lora_state: nnx.State) -> Adapters:
   for path, var in flat:
     *module, leaf = path
     value = var.get_value() if isinstance(var, nnx.Variable) else var
-    pieces.setdefault(path_name(module), {})[leaf] = value
+    pieces.setdefault(path_name(module), {})[str(leaf)] = value
   return {name: LoRAFactors(p["lora_a"], p["lora_b"]) for name, p in pieces.items()}
 
 
@@ -441,7 +452,7 @@ def from_adapters(lora_state: nnx.State, adapters: Adapters) -> nnx.State:
   for path, var in flat:
     *module, leaf = path
     factors = adapters[path_name(module)]
-    value = getattr(factors, leaf)
+    value = getattr(factors, str(leaf))
     leaves.append((path, var.replace(value) if isinstance(var, nnx.Variable) else value))
   return nnx.from_flat_state(leaves)
 

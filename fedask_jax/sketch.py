@@ -50,7 +50,7 @@ layer's Omega with width min(width, m, n).
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -448,7 +448,8 @@ def _reconstruction_error(lora_a: Array, lora_b: Array, weights: Array, lora_a_h
   return jnp.where(target > 0, error / jnp.where(target > 0, target, 1), error)
 
 
-def _map_layers(fn, layers: dict[str, tuple[Array, ...]], batched: bool = False) -> dict[str, Any]:
+def _map_layers(fn: Callable[..., Any], layers: Mapping[str, tuple[Array, ...]],
+                batched: bool = False) -> dict[str, Any]:
   """{name: fn(*arrays)} with layers of identical shapes and dtypes stacked and mapped by one `lax.map`, or,
   with `batched`, by one `vmap` (every decomposition one batched call).
 
@@ -506,7 +507,7 @@ def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Arr
   for name, factors in adapters.items():
     m, n = jnp.shape(factors.lora_a)[1], jnp.shape(factors.lora_b)[2]
     omega = _check_omega(omegas[name], m, n, rank, name=f"omegas[{name!r}]", where=f"layer {name!r}: ")
-    scale = jnp.ones(()) if gauge == "balanced" else scales[name]
+    scale = jnp.ones(()) if gauge == "balanced" or scales is None else scales[name]
     _check_gauge(gauge, fixed, scale)
     layers[name] = (factors.lora_a, factors.lora_b, omega, jnp.asarray(scale, jnp.float32))
   weights, method = jnp.asarray(weights), _check_method(method)

@@ -96,11 +96,12 @@ def export_peft(
   if not layers:
     raise ValueError("export_peft: the model has no LoRA adapters; add them with fedask_jax.lora.inject_lora "
                      "or import_peft first.")
-  ranks = {name: layer.lora_a.shape[-1] for name, layer in layers.items()}
-  for name, layer in layers.items():
-    if layer.lora_a.ndim != 2 or layer.lora_b.ndim != 2:
+  params = {name: layer.lora_params() for name, layer in layers.items()}
+  ranks = {name: lora_a.shape[-1] for name, (lora_a, _) in params.items()}
+  for name, (lora_a, lora_b) in params.items():
+    if lora_a.ndim != 2 or lora_b.ndim != 2:
       raise ValueError(
-          f"export_peft: {name}.lora_a has shape {layer.lora_a.shape} and lora_b {layer.lora_b.shape}; PEFT "
+          f"export_peft: {name}.lora_a has shape {lora_a.shape} and lora_b {lora_b.shape}; PEFT "
           "stores one unbatched adapter: select one client's adapters (e.g. fedask_jax.adapters.unstack_adapters) "
           "before exporting.")
   rank = _single_value("rank", ranks)
@@ -132,9 +133,9 @@ def export_peft(
       "inference_mode": True,
   }
   tensors = {}
-  for name, layer in layers.items():
-    tensors[_KEY_PREFIX + name + _FACTOR_SUFFIXES["lora_A"]] = jnp.transpose(layer.lora_a[...])
-    tensors[_KEY_PREFIX + name + _FACTOR_SUFFIXES["lora_B"]] = jnp.transpose(layer.lora_b[...])
+  for name, (lora_a, lora_b) in params.items():
+    tensors[_KEY_PREFIX + name + _FACTOR_SUFFIXES["lora_A"]] = jnp.transpose(lora_a[...])
+    tensors[_KEY_PREFIX + name + _FACTOR_SUFFIXES["lora_B"]] = jnp.transpose(lora_b[...])
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, ADAPTER_CONFIG_NAME), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
@@ -187,9 +188,9 @@ def import_peft(model: nnx.Module, adapter_dir: str | os.PathLike, *, dtype: Any
           f"a rank-{config.rank} adapter of this {layer.in_features} x {layer.out_features} layer needs "
           f"{expected_a} / {expected_b}. Check that the adapter belongs to this model (and rank r in "
           "adapter_config.json).")
-    if existing and layer.lora_a.shape[-1] != config.rank:
+    if existing and (rank := layer.lora_params()[0].shape[-1]) != config.rank:
       raise ValueError(
-          f"import_peft: the model's adapter at {name} has rank {layer.lora_a.shape[-1]} but the file's r is "
+          f"import_peft: the model's adapter at {name} has rank {rank} but the file's r is "
           f"{config.rank}: import into a model without adapters (they are then added with r={config.rank}).")
 
   if not existing:
@@ -197,8 +198,9 @@ def import_peft(model: nnx.Module, adapter_dir: str | os.PathLike, *, dtype: Any
     inject_lora(model, config, jax.random.key(0), dtype)
   for name, layer in lora_layers(model).items():
     a, b = factors[name]
-    layer.lora_a[...] = jnp.transpose(a).astype(layer.lora_a.dtype)
-    layer.lora_b[...] = jnp.transpose(b).astype(layer.lora_b.dtype)
+    lora_a, lora_b = layer.lora_params()
+    lora_a[...] = jnp.transpose(a).astype(lora_a.dtype)
+    lora_b[...] = jnp.transpose(b).astype(lora_b.dtype)
     layer.scaling = config.scaling
   return config
 

@@ -123,7 +123,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
       raise ConfigError(
           f"unknown key {prefix + str(key)!r} in {where}.{suggest(key, list(fields))} Known keys: {sorted(fields)}.")
     tp = hints[key]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
       kwargs[key] = _build(tp, value, f"{prefix}{key}.")
     else:
       kwargs[key] = _coerce(value, tp, f"{prefix}{key}")

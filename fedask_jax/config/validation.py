@@ -318,7 +318,7 @@ def check_model(config: Config, model: nnx.Module) -> None:
   bounds = {name: min(m.in_features, m.out_features) for name, m in linears if lora.matches(name)}
   too_small = [name for name, bound in bounds.items() if bound < lo.rank]
   if too_small:
-    name = min(too_small, key=bounds.get)
+    name = min(too_small, key=bounds.__getitem__)
     layer = dict(linears)[name]
     more = len(too_small) - 1
     others = f" (and {more} more targeted layer{'s' if more > 1 else ''})" if more else ""

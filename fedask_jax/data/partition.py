@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from fedask_jax._checks import check_int
 from fedask_jax.data.sources import Record
@@ -55,7 +56,7 @@ class Partition(NamedTuple):
     for k, idx in enumerate(self.client_indices):
       name = self.client_names[k] if self.client_names is not None else str(k)
       row = f"{name:>6}  {len(idx):>4}"
-      if labels is not None:
+      if labels is not None and inverse is not None:
         counts = np.bincount(inverse[idx], minlength=len(labels))
         row += "".join(f"  {int(c):>10}" for c in counts)
       lines.append(row)
@@ -76,7 +77,7 @@ def _from_assignment(assignment: np.ndarray, num_clients: int) -> Partition:
   return Partition(tuple(np.split(order, np.cumsum(counts)[:-1])))
 
 
-def iid_partition(categories: Sequence[Any], num_clients: int, *, seed: int) -> Partition:
+def iid_partition(categories: npt.ArrayLike, num_clients: int, *, seed: int) -> Partition:
   """Stratified IID split of N examples over `num_clients` (module doc).
 
   Args:
@@ -98,7 +99,7 @@ def iid_partition(categories: Sequence[Any], num_clients: int, *, seed: int) -> 
 
 
 def dirichlet_partition(
-    categories: Sequence[Any],
+    categories: npt.ArrayLike,
     num_clients: int,
     *,
     alpha: float,

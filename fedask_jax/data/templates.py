@@ -78,10 +78,10 @@ class PlainTemplate:
     return _field(record, self.prompt_field) + self.separator, _field(record, self.response_field)
 
 
-_TEMPLATES = {"alpaca": AlpacaTemplate, "plain": PlainTemplate}
+_TEMPLATES: dict[str, type[AlpacaTemplate] | type[PlainTemplate]] = {"alpaca": AlpacaTemplate, "plain": PlainTemplate}
 
 
-def get_template(name: str, **fields: Any) -> Template:
+def get_template(name: str, **fields: Any) -> AlpacaTemplate | PlainTemplate:
   """A template by name ("alpaca" or "plain"), with field names as keyword arguments (config-friendly)."""
   if name not in _TEMPLATES:
     raise ValueError(f"template={name!r}: choose one of {sorted(_TEMPLATES)}.")

@@ -59,7 +59,10 @@ def generate(model: nnx.Module, input_ids: Array, prompt_mask: Array | None = No
     raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy decoding).")
   if temperature > 0 and key is None:
     raise ValueError(f"temperature={temperature} samples tokens: pass a PRNG key (jax.random.key(seed)).")
-  limit = model.config.max_positions
+  config = getattr(model, "config", None)
+  if config is None:
+    raise ValueError(f"generate: {type(model).__name__} has no `config`; pass a LlamaForCausalLM or GPT2LMHeadModel.")
+  limit = config.max_positions
   longest = int(np.asarray(prompt_mask).sum(axis=1).max()) + max_new_tokens
   if limit is not None and longest > limit:
     raise ValueError(

@@ -217,7 +217,10 @@ class GPT2LMHeadModel(nnx.Module):
     token_mask = token_mask_or_ones(input_ids, attention_mask)
     hidden, new_cache = self.transformer(input_ids, token_mask, cache)
     logits = output_logits(hidden, self.transformer.wte, self.lm_head, logit_positions)
-    return logits if cache is None else (logits, new_cache)
+    if cache is None:
+      return logits
+    assert new_cache is not None  # the backbone returns an updated cache whenever it is given one
+    return logits, new_cache
 
   def init_cache(self, batch: int, max_length: int) -> KVCache:
     """An empty key/value cache for `batch` rows of up to `max_length` tokens, in the parameter dtype."""

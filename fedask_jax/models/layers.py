@@ -13,7 +13,7 @@ right-padded row gets the positions of the same row without padding (what Huggin
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -126,9 +126,13 @@ def attention_context(token_mask: Array, cache: KVCache | None) -> AttentionCont
   return AttentionContext(positions, causal[None] & key_mask[:, None, :], cache.length, key_mask)
 
 
-def advance_cache(cache: KVCache, layers: list[LayerCache], context: AttentionContext, s: int) -> KVCache:
+def advance_cache(cache: KVCache, layers: Sequence[LayerCache | None], context: AttentionContext, s: int) -> KVCache:
   """The cache after a call that wrote s tokens: new per-layer keys/values and key mask, length + s."""
-  return KVCache(tuple(layers), context.key_mask, cache.length + s)
+  written = tuple(layer for layer in layers if layer is not None)
+  if len(written) != len(layers) or context.key_mask is None:
+    raise ValueError("advance_cache: every layer must return its updated cache and the context must come from "
+                     "attention_context(token_mask, cache) with a cache.")
+  return KVCache(written, context.key_mask, cache.length + s)
 
 
 def attend(q: Array, k: Array, v: Array, context: AttentionContext, scale: float,
@@ -142,6 +146,7 @@ def attend(q: Array, k: Array, v: Array, context: AttentionContext, scale: float
   of NaNs that would leak into gradients.
   """
   if cache is not None:
+    assert context.write_index is not None  # attention_context sets it whenever there is a cache
     k = jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), context.write_index, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), context.write_index, axis=1)
     cache = LayerCache(k, v)

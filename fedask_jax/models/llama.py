@@ -60,6 +60,8 @@ class RopeConfig:
     """Reads transformers 5's `rope_parameters` or the older top-level `rope_theta` + `rope_scaling`."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if not isinstance(rope_type, str):
+      raise ValueError(f"rope_type={rope_type!r}: expected a string such as 'default', 'linear' or 'llama3'.")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
       raise ValueError(
           f"partial_rotary_factor={params['partial_rotary_factor']} is not supported by the Llama family: "
@@ -320,7 +322,10 @@ class LlamaForCausalLM(nnx.Module):
     token_mask = token_mask_or_ones(input_ids, attention_mask)
     hidden, new_cache = self.model(input_ids, token_mask, cache)
     logits = output_logits(hidden, self.model.embed_tokens, self.lm_head, logit_positions)
-    return logits if cache is None else (logits, new_cache)
+    if cache is None:
+      return logits
+    assert new_cache is not None  # the backbone returns an updated cache whenever it is given one
+    return logits, new_cache
 
   def init_cache(self, batch: int, max_length: int) -> KVCache:
     """An empty key/value cache for `batch` rows of up to `max_length` tokens, in the parameter dtype."""

@@ -292,6 +292,7 @@ def calculate(
     raise ValueError("give exactly one of target_epsilon (to find sigma) and noise_multiplier (to find epsilon).")
   if target_epsilon is not None:
     noise_multiplier = calibrate_noise(schedule, target_epsilon, delta, accountant)
+  assert noise_multiplier is not None  # exactly one of the two was given (checked above)
   epsilon = epsilon_spent(schedule, noise_multiplier, delta, accountant)
   out = {"noise_multiplier": float(noise_multiplier), "epsilon": epsilon, "delta": delta,
          "participation": schedule.participation, "accountant": accountant, "guarantee": schedule.guarantee,

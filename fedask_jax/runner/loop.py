@@ -139,6 +139,9 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
   from tqdm import tqdm
 
   config, run_dir, round_fn = experiment.config, experiment.run_dir, experiment.round_fn
+  if round_fn is None:
+    raise ValueError("train: this experiment was prepared without a round function (prepare(..., for_training=False), "
+                     "which is for evaluation only): prepare it with for_training=True.")
   primary = processes.is_primary()
   config_path = run_dir / CONFIG_FILE
   if primary and not config_path.is_file():
@@ -229,6 +232,7 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
           checkpoints.save(t, _checkpoint_state(state, key, t), _ledger(experiment, t, record["epsilon"]))
         postfix = {"loss": f"{record['train_loss']:.4f}"} if release else {}
         if record["epsilon"] is not None:
+          assert experiment.privacy is not None  # epsilon is only recorded under a privacy plan
           heuristic = experiment.privacy.schedule.participation == "expected"
           postfix["eps (expected: no guarantee)" if heuristic else "eps"] = f"{record['epsilon']:.3f}"
         if "eval_loss" in record:

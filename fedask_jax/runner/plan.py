@@ -106,18 +106,25 @@ def load_records(config: Config, split: str, max_records: int | None) -> list[di
   if d.source == "gsm8k":
     name = d.train_split if split == "train" else d.eval_split
     return fdata.load_gsm8k(name, source=d.path, max_records=max_records, strip_calculator=d.strip_calculator)
+  held_out = d.source == "jsonl" and split != "train"
+  path = d.eval_path if held_out else d.path
+  if path is None:
+    key = "eval_path" if held_out else "path"
+    raise ConfigError(f"data.source={d.source!r} reads the {split} split from data.{key}, which is not set: set it.")
   if d.source == "jsonl":
-    return fdata.load_jsonl(d.path if split == "train" else d.eval_path, max_records=max_records)
+    return fdata.load_jsonl(path, max_records=max_records)
   name = d.train_split if split == "train" else d.eval_split
   if d.source == "hf":
-    return fdata.load_hf(d.path, split=name, name=d.name, max_records=max_records)
-  return fdata.load_tfds(d.path, split=name, data_dir=d.data_dir, max_records=max_records)
+    return fdata.load_hf(path, split=name, name=d.name, max_records=max_records)
+  return fdata.load_tfds(path, split=name, data_dir=d.data_dir, max_records=max_records)
 
 
 def partition(config: Config, records: list[dict[str, Any]]) -> fdata.Partition:
   """The clients' partition of `records` (`config.data.partition`), checked against `num_clients`."""
   d = config.data
-  if d.partition == "iid" and d.category_column is None:
+  if d.category_column is None:
+    if d.partition != "iid":
+      raise ConfigError(f"data.partition={d.partition!r} needs data.category_column (the column to split by).")
     parts = fdata.iid_partition([0] * len(records), config.num_clients, seed=config.seed)
   else:
     values = len(np.unique(np.asarray([r[d.category_column] for r in records])))

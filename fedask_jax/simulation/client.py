@@ -198,7 +198,8 @@ def _gradient(training: LocalTraining, trained: Trained, params: Adapters, start
     nonfinite = jnp.sum(mask & ~jnp.isfinite(losses), dtype=jnp.int32)
     return grad, privacy.DPStats(loss, jnp.zeros((), jnp.float32), jnp.sum(mask, dtype=jnp.int32), zero, nonfinite)
   sigma = dp.noise_multiplier if noise_multiplier is None else noise_multiplier
-  kwargs = dict(clip_norm=dp.clip_norm, noise_multiplier=sigma, expected_batch_size=dp.expected_batch_size)
+  kwargs: dict[str, Any] = dict(
+      clip_norm=dp.clip_norm, noise_multiplier=sigma, expected_batch_size=dp.expected_batch_size)
   if dp.mechanism == "b_space":
     return privacy.dp_gradient(example_loss, params, examples, batch.example_mask, noise_key, **kwargs)
   frozen_side = "lora_a" if trained == "lora_b" else "lora_b"

@@ -252,7 +252,7 @@ class FederatedRound:
     if (k is None or any(jnp.shape(x)[0] != k for x in jax.tree.leaves(batches))
         or (weights is not None and jnp.shape(weights) != (k,))):
       raise ValueError(
-          f"client_ids {jnp.shape(client_ids)}, weights {jnp.shape(weights)} and batches "
+          f"client_ids {jnp.shape(client_ids)}, weights {None if weights is None else jnp.shape(weights)} and batches "
           f"{[jnp.shape(x) for x in jax.tree.leaves(batches)]}: expected ids [K], weights [K] and batch leaves "
           "[K, local_steps, capacity, ...] for the same K.")
     if self.mesh is not None and self.mesh.size > 1:
