@@ -157,6 +157,10 @@ class LoRALayer(nnx.Module):
     lora_a, lora_b = self.lora_params()
     return (lora_a[...].astype(jnp.float32) @ lora_b[...].astype(jnp.float32)) * self.scaling
 
+  def merge_adapter(self) -> None:
+    """Fold the adapter into the base weight and drop it (`merge_and_unload`); each layer kind implements it."""
+    raise NotImplementedError(f"{type(self).__name__} does not implement merge_adapter.")
+
   def _drop_adapter(self) -> None:
     self.lora_a = None
     self.lora_b = None
@@ -307,7 +311,9 @@ class LoRAWrapper(LoRALayer):
     reason = _unsupported(base_module)
     if reason is not None:
       raise ValueError(f"LoRAWrapper({type(base_module).__name__}): {reason}.")
-    self.base_module = base_module
+    if not isinstance(base_module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
+      raise ValueError(f"LoRAWrapper({type(base_module).__name__}): wraps nnx.Linear, nnx.LinearGeneral or nnx.Einsum.")
+    self.base_module: nnx.Linear | nnx.LinearGeneral | nnx.Einsum = base_module
     kernel, contracted, produced = _kernel_axes(base_module)
     dims = dict(zip(kernel, base_module.kernel.shape))
     self._init_adapter(math.prod(dims[a] for a in contracted), math.prod(dims[a] for a in produced))
@@ -354,13 +360,13 @@ def _child(node: Any, key: Any) -> Any:
   return node[key] if isinstance(key, int) or isinstance(node, Mapping) else getattr(node, key)
 
 
-def _replace(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> None:
+def _replace(model: nnx.Module, path: tuple[Any, ...], new: LoRAWrapper) -> None:
   """Put `new` at `path` of `model` (a Module attribute, or an entry of an nnx.List / nnx.Dict)."""
   if not path:
     raise ValueError(
         f"the model itself is a {type(new.base_module).__name__}: wrap it, fedask_jax.lora.LoRAWrapper(layer), and "
         "call add_lora on the wrapper.")
-  parent = functools.reduce(_child, path[:-1], model)
+  parent: Any = functools.reduce(_child, path[:-1], model)
   if isinstance(path[-1], int) or isinstance(parent, Mapping):
     parent[path[-1]] = new
   else:
@@ -403,7 +409,7 @@ def inject_lora(model: nnx.Module, config: LoRAConfig, key: Array, dtype: Any = 
       continue
     layer = m if isinstance(m, LoRALayer) else LoRAWrapper(m)
     layer.add_lora(config, jax.random.fold_in(key, i), dtype)
-    if layer is not m:
+    if isinstance(layer, LoRAWrapper) and layer is not m:
       for q in aliases.get(tuple(p), [tuple(p)]):
         _replace(model, q, layer)
     adapted.append(name)

@@ -176,7 +176,7 @@ class FederatedRound:
     if mesh is not None:
       frozen_state = jax.device_put(frozen_state, NamedSharding(mesh, P()))
     self.frozen_state = frozen_state
-    self._compiled: dict[tuple[str, str], Callable[..., Any]] = {}
+    self._compiled: dict[tuple[str, str], jax.stages.Wrapped] = {}
 
   def init(self, num_clients: int, adapters: Adapters | None = None) -> ServerState:
     """Server state for `num_clients` clients, from `adapters` (default: the model's initial adapters)."""
@@ -201,7 +201,9 @@ class FederatedRound:
                        "scalar (the round's number t >= 1).")
     if isinstance(round_index, jax.core.Tracer):
       try:
-        trained = self.strategy.trained(round_index, private)
+        # Why the ignore: strategies take an int t; a traced one is passed on purpose, to find out whether this
+        # strategy's choice depends on t (it then fails to concretise, caught below).
+        trained = self.strategy.trained(round_index, private)  # type: ignore[arg-type]
       except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
         raise ValueError(
             f"strategy {self.strategy.name!r} chooses its trained factor from the round index, which is traced "
@@ -221,7 +223,7 @@ class FederatedRound:
           "ffa-lora).")
     return trained
 
-  def _jit(self, kind: str, trained: Trained) -> Callable[..., Any]:
+  def _jit(self, kind: str, trained: Trained) -> jax.stages.Wrapped:
     if (kind, trained) not in self._compiled:
       check_trained(trained)
       fn = round_step if kind == "round" else map_clients
@@ -229,14 +231,14 @@ class FederatedRound:
       self._compiled[kind, trained] = jax.jit(bound, donate_argnums=0 if kind == "round" else ())
     return self._compiled[kind, trained]
 
-  def compiled(self, trained: Trained) -> Callable[..., tuple[ServerState, dict[str, Array]]]:
+  def compiled(self, trained: Trained) -> jax.stages.Wrapped:
     """The jitted `round_step` for one trained-factor choice: (state, frozen_state, batches, client_ids, weights,
     round_key[, noise_multiplier]) -> (state, metrics); the state argument is donated. A noise multiplier passed
     as an array is traced (one compilation for every sigma); left out, `dp.noise_multiplier` is a constant."""
     return self._jit("round", trained)
 
-  def _inputs(self, batches: Any, client_ids: Array, weights: Array | None, noise_multiplier: float | None
-              ) -> tuple[Any, ...]:
+  def _inputs(self, batches: Any, client_ids: Array, weights: Array | None,
+              noise_multiplier: float | Array | None) -> tuple[Any, ...]:
     """The round's per-client inputs, checked and placed on the mesh, and the noise override as an array."""
     if noise_multiplier is not None:
       if self.dp is None:
