@@ -110,7 +110,7 @@ def launch(processes: int, devices_per_process: int, command: Sequence[str], *,
             failed, deadline = (i, _exit_code(code)), time.monotonic() + GRACE
             sys.stderr.write(f"launch: process {i} exited with code {_exit_code(code)}; stopping the others\n")
             break
-      elif time.monotonic() > deadline:
+      elif deadline is not None and time.monotonic() > deadline:  # set together with failed
         for child in children:
           if child.poll() is None:
             child.kill()

@@ -370,7 +370,8 @@ def _svd_tall(p: Array, method: str) -> tuple[Array, Array, Array]:
     u_r, s, ut = jnp.linalg.svd(r_p, full_matrices=False)
     return einsum("nw,wv->nv", q_p, u_r), s, ut
   # P = V S U^T is the SVD of P^T; LAPACK's gesdd is several times faster on the tall P [n, w] than on P^T.
-  return jnp.linalg.svd(p, full_matrices=False)
+  u, s, vt = jnp.linalg.svd(p, full_matrices=False)
+  return u, s, vt
 
 
 def _decompose(p: Array, q: Array, rank: int, method: str) -> tuple[Array, Array, Array]:

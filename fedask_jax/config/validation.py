@@ -170,6 +170,7 @@ def _check_distributed(config: Config) -> None:
              "distributed.coordinator_address, num_processes and process_id (or distributed.auto=true where JAX "
              "detects them: SLURM, Cloud TPU).")
     _at_least(config, "distributed.num_processes", 1)
+    assert d.process_id is not None and d.num_processes is not None and d.coordinator_address is not None  # all given
     _require(0 <= d.process_id < d.num_processes, f"distributed.process_id={d.process_id}: must be in [0, "
              f"distributed.num_processes={d.num_processes}).")
     host, _, port = d.coordinator_address.rpartition(":")

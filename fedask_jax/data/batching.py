@@ -183,7 +183,9 @@ def shard_rows(inputs: Any, mesh: jax.sharding.Mesh) -> Any:
   k = jax.tree.leaves(inputs)[0].shape[0]
   # This process's devices hold these slices of the K rows, in the order make_array_from_process_local_data
   # lays its local rows out.
-  held = sorted(index[0].indices(k)[:2] for index in sharding.addressable_devices_indices_map((k,)).values())
+  indices = sharding.addressable_devices_indices_map((k,)).values()
+  # Every addressable device of a NamedSharding holds a slice of the rows (None only for devices it does not use).
+  held = sorted(index[0].indices(k)[:2] for index in indices if index is not None)
   rows = np.concatenate([np.arange(start, stop) for start, stop in held])
 
   def place(x):

@@ -84,7 +84,9 @@ def start(config: Config) -> None:
     # The runner stops on SIGTERM itself (StopSignals, with every process agreeing on the round). JAX's preemption
     # service would install its own SIGTERM handler, under which a process ignores SIGTERM outside the rounds.
     jax.config.update("jax_enable_preemption_service", False)
-    if jax.config.jax_cpu_collectives_implementation is None:  # older JAX had no default: CPU runs need one
+    # Older JAX had no default: CPU runs need one. Why the ignore: jax.config's flags are attributes set at import
+    # time, which its stubs do not declare.
+    if jax.config.jax_cpu_collectives_implementation is None:  # type: ignore[attr-defined]
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
       jax.distributed.initialize(
@@ -160,6 +162,8 @@ def join_collectives(mesh: jax.sharding.Mesh | None) -> None:
   later collective over the mesh, which then waits for the slowest process.
   """
   if jax.process_count() > 1:
+    if mesh is None:
+      raise ValueError("join_collectives: a multi-process run needs its device mesh (FederatedRound.mesh).")
     ones = shard_rows(np.ones(mesh.size, np.float32), mesh)
     jax.block_until_ready(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones))
 
@@ -170,6 +174,8 @@ def host_local(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
   with one, `tree` itself."""
   if jax.process_count() == 1:
     return tree
+  if mesh is None:
+    raise ValueError("host_local: a multi-process run needs its device mesh (FederatedRound.mesh).")
   replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
   return jax.tree.map(lambda x: x.addressable_data(0), replicated)
 
