@@ -11,13 +11,15 @@ imports both, as the test suite does.)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 import platform
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # JAX's CPU QR and SVD call OpenBLAS LAPACK (through scipy), whose threads busy-wait when cores are shared: on
 # our loaded 2-core machine a 4096 x 20 QR took 0.2-0.6 s with the default threads and 0.5 ms with one. The
@@ -54,7 +56,7 @@ def time_alternating(variants: dict[str, Variant], repeats: int, warmup: int = 1
   for timed in [False] * warmup + [True] * repeats:
     for name, (prepare, run) in variants.items():
       args = prepare()
-      elapsed = seconds(lambda: run(args))
+      elapsed = seconds(functools.partial(run, args))
       if timed:
         times[name].append(elapsed)
   return times

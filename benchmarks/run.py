@@ -60,27 +60,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import operator
 import os
 import pathlib
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # PyTorch's OpenMP threads spin-wait by default: on a loaded machine the peer's 2-thread round varied from 2 s
 # to 33 s run to run (quick setup), against 0.5 s with passive waiting. Must precede torch's import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import aggregate  # noqa: E402  (benchmarks/aggregate.py)
 import harness  # noqa: E402  (benchmarks/harness.py, before jax: it sets the OpenBLAS threads)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import aggregate  # noqa: E402  (benchmarks/aggregate.py)
 import torch_peer  # noqa: E402  (benchmarks/torch_peer.py)
+from flax import nnx  # noqa: E402
 
 from fedask_jax import simulation, sketch  # noqa: E402
 from fedask_jax.adapters import LoRAFactors  # noqa: E402
@@ -181,8 +181,9 @@ def build_round(model: nnx.Module, setup: Setup, private: bool, client_chunk: in
   vmapped all at once or `client_chunk` at a time.
 
   certify_every=0: the official code has no certificate, and with it the full-mode round deadlocked within its
-  first 1-3 runs, 4 times out of 4, on a 2-core CPU (jaxlib 0.10.2: the certificate's two batched QRs run concurrently, each LAPACK kernel waits in
-  `ParallelBatchMap` for tasks queued on the same 2-thread pool that both of them occupy; README.md)."""
+  first 1-3 runs, 4 times out of 4, on a 2-core CPU (jaxlib 0.10.2: the certificate's two batched QRs run
+  concurrently, each LAPACK kernel waits in `ParallelBatchMap` for tasks queued on the same 2-thread pool that both
+  of them occupy; README.md)."""
   strategy = get_strategy("fedask", oversample=setup.oversample, certify_every=0)
   return simulation.FederatedRound(model, strategy, dp=setup.dp() if private else None, client_chunk=client_chunk,
                                    per_example_loss=example_loss(setup))
@@ -235,7 +236,7 @@ def loop_inputs(batches: Batch, client_ids: jax.Array, weights: jax.Array, round
   (the compiled round's client key), each already on device."""
   num = client_ids.shape[0]
   return jax.block_until_ready({
-      "batches": [jax.tree.map(lambda x: x[k], batches) for k in range(num)],
+      "batches": [jax.tree.map(operator.itemgetter(k), batches) for k in range(num)],
       "ids": [client_ids[k] for k in range(num)],
       "keys": [jax.random.fold_in(round_key, client_ids[k]) for k in range(num)],
       "weights": weights, "client_ids": client_ids, "round_key": round_key})

@@ -36,17 +36,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common  # experiments/_common.py
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import plt
 
 from fedask_jax import simulation, sketch
 from fedask_jax.adapters import Adapters
 from fedask_jax.config import load_config
 from fedask_jax.numerics import normalise_weights
-
-import _common  # experiments/_common.py
-from _common import plt
 
 NAME = "exact_aggregation"
 OVERSAMPLES = (0, 1, 2, 4, 8)

@@ -75,12 +75,15 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
+import _common  # experiments/_common.py
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import plt
 from flax import nnx
 
 from fedask_jax import data as fdata
@@ -91,9 +94,6 @@ from fedask_jax.lora import from_adapters, to_adapters
 from fedask_jax.models import load_tokenizer
 from fedask_jax.simulation import DPConfig, FederatedRound, round_step
 from fedask_jax.strategies import STRATEGIES, get_strategy
-
-import _common  # experiments/_common.py
-from _common import plt
 
 NAME = "method_comparison"
 STEM = "method_comparison_tuned"  # the results of this protocol (module docstring: files)

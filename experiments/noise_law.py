@@ -51,17 +51,16 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import _common  # experiments/_common.py
 import jax
 import numpy as np
 import scipy.optimize
 import scipy.stats
+from _common import plt
 
 from fedask_jax import privacy, runner
 from fedask_jax.adapters import Adapters
 from fedask_jax.config import Config, load_config, to_dict
-
-import _common  # experiments/_common.py
-from _common import plt
 
 NAME = "noise_law"
 STRATEGIES = ("fedavg", "fedask", "ffa-lora")
@@ -257,7 +256,7 @@ def factor_terms(start: Adapters, noise_free: Adapters, both: bool) -> tuple[flo
   """(sum_layers out ||a0||^2 + [both] in ||b0||^2, [both] sum_layers in r out): the law's two sums. Factors
   that the clients train are taken after the noise-free round (a0 + G_a, b0 + G_b); a frozen one at its start."""
   linear = cross = 0.0
-  for name, f in start.items():
+  for name in start:
     a = np.asarray((noise_free if both else start)[name].lora_a, np.float64)
     b = np.asarray(noise_free[name].lora_b, np.float64)
     fan_in, rank, fan_out = a.shape[-2], a.shape[-1], b.shape[-1]

@@ -33,15 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common  # experiments/_common.py
 import jax
 import jax_privacy
 import numpy as np
 import scipy.stats
+from _common import plt
 
 from fedask_jax import auditing, privacy, simulation
-
-import _common  # experiments/_common.py
-from _common import plt
 
 NAME = "privacy_audit"
 DELTA = 1e-5

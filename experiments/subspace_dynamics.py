@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import _common  # experiments/_common.py
+import numpy as np
 from _common import plt
 
 NAME = "subspace_dynamics"
@@ -186,7 +185,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
   for result in results:
     summary, color = result["summary"], COLORS[result["method"]]
     rounds = [0] + [p["round"] for p in summary["per_round"]]
-    degrees = lambda key: [0.0] + [np.degrees(p[key]) for p in summary["per_round"]]
+    def degrees(key, per_round=summary["per_round"]):
+      return [0.0] + [np.degrees(p[key]) for p in per_round]
+
     axes[0].plot(rounds, degrees("largest_mean"), "-", color=color, label=result["label"])
     axes[0].fill_between(rounds, degrees("largest_min"), degrees("largest_max"), color=color, alpha=0.15)
     axes[0].plot(rounds, degrees("mean_angle"), "--", color=color)

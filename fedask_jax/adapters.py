@@ -9,7 +9,8 @@ factor set to None.
 
 from __future__ import annotations
 
-from typing import Generic, Literal, Mapping, NamedTuple, Sequence, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Generic, Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp

@@ -30,7 +30,7 @@ import os
 import shlex
 import signal
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 # What `train` and `eval` raise before the first round on bad input: ValueErrors (the config, or the files and
 # columns it names), OSErrors and EOFErrors (a file that cannot be read, a corrupt or truncated gzip). Errors after
@@ -190,11 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "privacy":
     return _privacy(args)
 
+  from transformers.utils import logging as transformers_logging
+
   from fedask_jax import runner
   from fedask_jax.config import load_config
   from fedask_jax.launch import COMMAND_ENV
-
-  from transformers.utils import logging as transformers_logging
 
   # Not actionable here: the tokenizer warns about sequences longer than the model's context, which encoding
   # truncates anyway.

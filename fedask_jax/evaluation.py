@@ -34,7 +34,8 @@ import decimal
 import functools
 import math
 import re
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -219,8 +220,8 @@ def parse_final_number(text: str) -> str | None:
     found = _NUMBER.search(tail)
   else:
     found = None
-    for found in _NUMBER.finditer(text):  # keeps the last match
-      pass
+    for match in _NUMBER.finditer(text):  # keeps the last match
+      found = match
   if found is None:
     return None
   return (found.group(1) or "") + found.group(2).replace(",", "")

@@ -25,7 +25,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import BinaryIO, Sequence
+from collections.abc import Sequence
+from typing import BinaryIO
 
 # fedask_jax.runner.processes.STOP_SIGNALS, not imported: the launcher itself runs without JAX.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

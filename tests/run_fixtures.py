@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import transformers
 from safetensors.numpy import load_file

@@ -8,7 +8,15 @@ import pytest
 import yaml
 
 from fedask_jax.config import (
-    Config, ConfigError, apply_overrides, config_diff, from_dict, load_config, parse_override, to_dict)
+  Config,
+  ConfigError,
+  apply_overrides,
+  config_diff,
+  from_dict,
+  load_config,
+  parse_override,
+  to_dict,
+)
 from fedask_jax.strategies import STRATEGIES
 
 

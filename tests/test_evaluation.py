@@ -12,11 +12,19 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from tokenizers import Regex, Tokenizer, models as tok_models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, pre_tokenizers
+from tokenizers import models as tok_models
 
 from fedask_jax.data import GSM8K_ALPACA, gsm8k_final_answer, load_gsm8k, load_tiny_shakespeare
 from fedask_jax.evaluation import (
-    MMLU_LETTERS, evaluate, exact_match, multiple_choice, multiple_choice_prompt, parse_final_number, text_windows)
+  MMLU_LETTERS,
+  evaluate,
+  exact_match,
+  multiple_choice,
+  multiple_choice_prompt,
+  parse_final_number,
+  text_windows,
+)
 from fedask_jax.models import load_pretrained, load_tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "experiments" / "base_model"

@@ -38,7 +38,7 @@ from fedask_jax.adapters import combine, select
 from fedask_jax.checkpoint import state as checkpoint_state
 from fedask_jax.checkpoint.state import StateCheckpoints, UnreadableCheckpoints
 from fedask_jax.config import load_config
-from fedask_jax.lora import LoRAConfig, Linear, inject_lora
+from fedask_jax.lora import Linear, LoRAConfig, inject_lora
 from fedask_jax.strategies import STRATEGIES, ClientResult, get_strategy
 
 NUM_CLIENTS = 10

@@ -10,8 +10,15 @@ from flax import nnx
 
 from fedask_jax import lora
 from fedask_jax.models import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, generate, init_random, load_pretrained)
-from fedask_jax.models import generation
+  GPT2Config,
+  GPT2LMHeadModel,
+  LlamaConfig,
+  LlamaForCausalLM,
+  generate,
+  generation,
+  init_random,
+  load_pretrained,
+)
 
 VOCAB = 128
 CONFIGS = {

@@ -110,7 +110,8 @@ def _inputs(seed=1, batch=4, d=D):
   return jax.random.normal(jax.random.key(seed), (batch, d))
 
 
-def _adapted_llama(config=LoRAConfig(rank=2, alpha=4.0), seed=0, random_adapters=True):
+def _adapted_llama(config=None, seed=0, random_adapters=True):
+  config = config or LoRAConfig(rank=2, alpha=4.0)
   model = TinyLlama(seed)
   lora.inject_lora(model, config, jax.random.key(seed + 10))
   if random_adapters:

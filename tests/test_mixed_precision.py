@@ -78,7 +78,7 @@ def test_bfloat16_round_matches_float32(noise_multiplier):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(half.adapters))
   # The sketch in float32: exact to float32 round-off at either base precision.
   assert float(half_metrics["reconstruction_error"]) < 1e-5
-  for name, f in half.adapters.items():
+  for name in half.adapters:
     update = {label: np.asarray(s.adapters[name].lora_a, np.float64) @ np.asarray(s.adapters[name].lora_b)
               - start[name] for label, s in (("half", half), ("full", full))}
     assert np.linalg.norm(update["full"]) > 0

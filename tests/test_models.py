@@ -19,9 +19,17 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from fedask_jax import lora
 from fedask_jax.models import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, RopeConfig, config_from_hf, init_random,
-    load_pretrained, load_tokenizer)
-from fedask_jax.models import loading
+  GPT2Config,
+  GPT2LMHeadModel,
+  LlamaConfig,
+  LlamaForCausalLM,
+  RopeConfig,
+  config_from_hf,
+  init_random,
+  load_pretrained,
+  load_tokenizer,
+  loading,
+)
 
 # Both sides compute the same float32 math and differ only in summation order: relative rounding ~1e-7 on
 # logits of magnitude < 1, so 1e-4 leaves three orders of margin and still catches any real mistake

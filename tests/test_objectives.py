@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from flax import nnx
 
 from fedask_jax.data import Batch
@@ -155,7 +154,7 @@ def test_response_head_matches_the_full_head(name):
   for i in range(4):
     example = Batch(input_ids=input_ids[i], attention_mask=attention_mask[i], loss_mask=jnp.asarray(loss_mask[i]),
                     example_mask=jnp.asarray(True))
-    value = lambda loss, p: loss(nnx.merge(graphdef, p), example)
+    value = lambda loss, p, example=example: loss(nnx.merge(graphdef, p), example)
     want, want_grad = jax.value_and_grad(functools.partial(value, full_loss))(params)
     got, got_grad = jax.value_and_grad(functools.partial(value, response))(params)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,8 @@ from flax import nnx
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
-from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 from fedask_jax import lora
 from fedask_jax.checkpoint import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, export_peft, import_peft
@@ -190,7 +191,7 @@ def test_export_import_round_trip_is_exact(family, tmp_path, dtype):
     assert original[name].lora_a.dtype == back[name].lora_a.dtype == back[name].lora_b.dtype == dtype
     np.testing.assert_array_equal(back[name].lora_a, original[name].lora_a)
     np.testing.assert_array_equal(back[name].lora_b, original[name].lora_b)
-  assert {l.scaling for l in lora.lora_layers(restored).values()} == {ALPHA / RANK}
+  assert {layer.scaling for layer in lora.lora_layers(restored).values()} == {ALPHA / RANK}
 
   # Into a model that already has adapters of the same layout: overwritten in place, dtype kept.
   again = _our_adapted_model(fam, base, seed=7)

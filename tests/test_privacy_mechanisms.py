@@ -1,6 +1,7 @@
 """B-space and W-space DP gradients (fedask_jax.privacy.mechanisms) against dense, brute-force references."""
 
 import functools
+import operator
 
 import chex
 import jax
@@ -270,11 +271,11 @@ class ClientAxisTest(chex.TestCase):
     mapped = jax.jit(jax.vmap(step))
     grads, stats = mapped(stacked_params, stacked_batch, masks, keys)
     for k in range(clients):
-      one = jax.tree.map(lambda v: v[k], (stacked_params, stacked_batch))
+      one = jax.tree.map(operator.itemgetter(k), (stacked_params, stacked_batch))
       looped, looped_stats = step(*one, masks[k], keys[k])
       # Batched and unbatched matmuls may be tiled differently by XLA: float32 rounding only.
-      chex.assert_trees_all_close(jax.tree.map(lambda v: v[k], grads), looped, rtol=1e-5, atol=1e-6)
-      chex.assert_trees_all_close(jax.tree.map(lambda v: v[k], stats), looped_stats, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(jax.tree.map(operator.itemgetter(k), grads), looped, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(jax.tree.map(operator.itemgetter(k), stats), looped_stats, rtol=1e-5, atol=1e-6)
     # Same keys, same result; different keys, different noise.
     chex.assert_trees_all_equal(mapped(stacked_params, stacked_batch, masks, keys)[0], grads)
     same_inputs = jax.tree.map(lambda v: jnp.stack([v[0]] * clients), (stacked_params, stacked_batch))

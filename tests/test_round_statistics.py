@@ -20,7 +20,8 @@ assertions); where a bound uses a normal approximation the comment says so.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -166,7 +167,9 @@ def run_rounds(rnd: simulation.FederatedRound, data: fdata.ClientData, rounds: i
     start = jax.tree.map(lambda x: np.asarray(x, np.float64), state.adapters)  # before the round donates it
     state, metrics = rnd(state, batches, ids, weights, round_key, t)
     order = np.argsort(np.asarray(ids))
-    by_id = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64)[order], tree)
+    def by_id(tree, order=order):
+      return jax.tree.map(lambda x: np.asarray(x, np.float64)[order], tree)
+
     records.append(Rounds(
         np.asarray(batches.example_mask)[order], np.asarray(batches.input_ids[..., 0])[order],
         {n: f.lora_a for n, f in start.items()}, {n: f.lora_b for n, f in start.items()},

@@ -19,7 +19,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from test_simulation import B_SPACE, SAME_PROGRAM, W_SPACE, make_batches, make_round, random_state
 
 NUM_DEVICES = 4

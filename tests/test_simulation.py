@@ -15,6 +15,7 @@ batch loss in one batched call instead of one example at a time and accumulate i
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import chex
@@ -28,7 +29,7 @@ from flax import nnx
 
 from fedask_jax import simulation
 from fedask_jax.data.batching import Batch
-from fedask_jax.lora import LoRAConfig, Linear, from_adapters, inject_lora, split_lora, to_adapters
+from fedask_jax.lora import Linear, LoRAConfig, from_adapters, inject_lora, split_lora, to_adapters
 from fedask_jax.models import LlamaConfig, LlamaForCausalLM, init_random
 from fedask_jax.objectives import causal_lm_loss
 from fedask_jax.strategies import get_strategy
@@ -117,7 +118,7 @@ def looped_clients(rnd, state, batches, client_ids, round_key, round_index):
   update = jax.jit(functools.partial(simulation.client_update, rnd.training, trained))
   results, metrics = [], []
   for k, client_id in enumerate(np.asarray(client_ids)):
-    batch = jax.tree.map(lambda x: x[k], batches)
+    batch = jax.tree.map(operator.itemgetter(k), batches)
     result, client_metrics = update(state, rnd.frozen_state, batch, jnp.int32(client_id),
                                     jax.random.fold_in(round_key, int(client_id)))
     results.append(result)

@@ -94,11 +94,11 @@ def numpy_fedask(lora_a, lora_b, weights, omega, rank):
   lora_a, lora_b, weights, omega = (np.asarray(x, np.float64) for x in (lora_a, lora_b, weights, omega))
   m, n = lora_a.shape[1], lora_b.shape[2]
   omega = omega[:, :min(m, n)]
-  y = sum(w * l @ (r @ omega) for w, l, r in zip(weights, lora_a, lora_b))
+  y = sum(w * a @ (b @ omega) for w, a, b in zip(weights, lora_a, lora_b))
   q, _ = np.linalg.qr(y)
-  p = sum(w * r.T @ (l.T @ q) for w, l, r in zip(weights, lora_a, lora_b))
+  p = sum(w * b.T @ (a.T @ q) for w, a, b in zip(weights, lora_a, lora_b))
   u, s, vt = np.linalg.svd(p.T, full_matrices=False)
-  dense = sum(w * l @ r for w, l, r in zip(weights, lora_a, lora_b))
+  dense = sum(w * a @ b for w, a, b in zip(weights, lora_a, lora_b))
   return Reference(
       new_a=q @ u[:, :rank] * np.sqrt(s[:rank]), new_b=np.sqrt(s[:rank])[:, None] * vt[:rank], y=y, q=q, p=p,
       s=s, dense=dense, covered=np.linalg.matrix_rank(dense) <= omega.shape[1])

@@ -18,11 +18,11 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import absltest, parameterized
+from test_simulation import TinyMLP, make_batches, make_round, random_state
 
 from fedask_jax import simulation, strategies
 from fedask_jax.adapters import LoRAFactors, select
 from fedask_jax.strategies import base, fedsa_lora, scaffold
-from test_simulation import TinyMLP, make_batches, make_round, random_state
 
 K, N, M_IN, N_OUT, R = 3, 7, 6, 5, 2
 MEAN = dict(rtol=1e-6, atol=1e-7)

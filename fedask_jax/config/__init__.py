@@ -12,14 +12,32 @@ validated before anything is compiled.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from fedask_jax.config.parsing import (
-    apply_overrides, build_config, config_diff, flatten, parse_override, read_yaml, to_dict)
+  apply_overrides,
+  build_config,
+  config_diff,
+  flatten,
+  parse_override,
+  read_yaml,
+  to_dict,
+)
 from fedask_jax.config.schema import (
-    CheckpointConfig, Config, ConfigError, DataConfig, DistributedConfig, EvalConfig, LoRASection, ModelConfig,
-    OptimizerConfig, PrivacyConfig, SketchConfig)
+  CheckpointConfig,
+  Config,
+  ConfigError,
+  DataConfig,
+  DistributedConfig,
+  EvalConfig,
+  LoRASection,
+  ModelConfig,
+  OptimizerConfig,
+  PrivacyConfig,
+  SketchConfig,
+)
 from fedask_jax.config.validation import check_encoded, check_model, check_records, lora_config, validate
 
 __all__ = [

@@ -22,14 +22,14 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import yaml
 
 from fedask_jax.config.schema import SKETCH_KEYS, Config, ConfigError
 from fedask_jax.strategies import STRATEGIES
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building typed configs from nested dicts.

@@ -44,7 +44,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from flax import nnx
 
@@ -54,7 +55,6 @@ from fedask_jax.data.encoding import EncodedDataset
 from fedask_jax.data.templates import get_template
 from fedask_jax.lora import Linear, LoRAConfig, path_name
 from fedask_jax.strategies import STRATEGIES
-
 
 # Alpaca's input section is left out for a record without the input column (templates.AlpacaTemplate).
 _OPTIONAL_FIELDS = ("input_field",)

@@ -19,7 +19,8 @@ therefore compares logits[:, :-1] with input_ids[:, 1:] weighted by loss_mask[:,
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 

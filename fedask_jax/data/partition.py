@@ -19,7 +19,8 @@ A `Partition` holds each client's sorted example indices; `Partition.summary()` 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt

@@ -12,8 +12,9 @@ import gzip
 import importlib.util
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def load_jsonl(path: str | Path, *, max_records: int | None = None) -> list[Reco
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number} is not valid JSON ({e.msg}): each line must be one JSON object.")
+        raise ValueError(f"{path}:{line_number} is not valid JSON ({e.msg}): each line must be one JSON object.") from e
       if not isinstance(record, dict):
         raise ValueError(
             f"{path}:{line_number} holds a {type(record).__name__}, not a JSON object: each line must be one "

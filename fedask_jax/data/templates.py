@@ -17,7 +17,8 @@ input_field=None, response_field="answer")` (`fedask_jax.data.corpora.GSM8K_ALPA
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 Template = Callable[[Mapping[str, Any]], tuple[str, str]]
 

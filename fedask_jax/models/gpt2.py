@@ -14,7 +14,8 @@ logits are returned in float32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,17 @@ from flax import nnx
 
 from fedask_jax.lora import Linear, path_name
 from fedask_jax.models.layers import (
-    AttentionContext, Embedding, KVCache, LayerCache, advance_cache, attend, attention_context, init_cache,
-    output_logits, token_mask_or_ones)
+  AttentionContext,
+  Embedding,
+  KVCache,
+  LayerCache,
+  advance_cache,
+  attend,
+  attention_context,
+  init_cache,
+  output_logits,
+  token_mask_or_ones,
+)
 
 Array = jax.Array
 

@@ -13,7 +13,8 @@ right-padded row gets the positions of the same row without padding (what Huggin
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

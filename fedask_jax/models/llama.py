@@ -22,8 +22,17 @@ from flax import nnx
 
 from fedask_jax.lora import Linear, path_name
 from fedask_jax.models.layers import (
-    AttentionContext, Embedding, KVCache, LayerCache, advance_cache, attend, attention_context, init_cache,
-    output_logits, token_mask_or_ones)
+  AttentionContext,
+  Embedding,
+  KVCache,
+  LayerCache,
+  advance_cache,
+  attend,
+  attention_context,
+  init_cache,
+  output_logits,
+  token_mask_or_ones,
+)
 
 Array = jax.Array
 

@@ -16,11 +16,31 @@
 from fedask_jax.runner import processes
 from fedask_jax.runner.loop import Interrupted, evaluate_run, latest_adapters, round_sampler, train
 from fedask_jax.runner.plan import (
-    ADAPTER_INIT_STREAM, CPU_CLIENT_CHUNK, Experiment, PrivacyPlan, client_chunk, load_eval_data, load_model,
-    load_records, make_optimizer, make_strategy, partition, plan_privacy, prepare, run_key)
+    ADAPTER_INIT_STREAM,
+    CPU_CLIENT_CHUNK,
+    Experiment,
+    PrivacyPlan,
+    client_chunk,
+    load_eval_data,
+    load_model,
+    load_records,
+    make_optimizer,
+    make_strategy,
+    partition,
+    plan_privacy,
+    prepare,
+    run_key,
+)
 from fedask_jax.runner.report import DIAGNOSTICS, format_summary, summarize, write_plots
 from fedask_jax.runner.rundir import (
-    ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, check_run_dir)
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    check_run_dir,
+)
 
 __all__ = [
     "ADAPTER_DIR", "ADAPTER_INIT_STREAM", "CHECKPOINT_DIR", "CONFIG_FILE", "CPU_CLIENT_CHUNK", "DIAGNOSTICS",

@@ -54,7 +54,15 @@ from fedask_jax.runner import processes
 from fedask_jax.runner.plan import Experiment, make_strategy, prepare, run_key
 from fedask_jax.runner.report import DIAGNOSTICS, summarize, write_plots
 from fedask_jax.runner.rundir import (
-    ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, stored_config, to_json)
+  ADAPTER_DIR,
+  CHECKPOINT_DIR,
+  CONFIG_FILE,
+  METRICS_FILE,
+  SUMMARY_FILE,
+  MetricsLog,
+  stored_config,
+  to_json,
+)
 from fedask_jax.simulation import ServerState, client_weights, data_key, sample_clients
 
 

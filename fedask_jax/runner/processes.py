@@ -34,8 +34,9 @@ import hashlib
 import itertools
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

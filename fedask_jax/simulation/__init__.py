@@ -36,8 +36,8 @@ under `fedask-jax train` with the config's `distributed` section; tests/test_mul
     batches = client_batches(data_key(round_key), ...) # the same K clients' batches, drawn on every host
     state, metrics = rnd(state, batches, ids, weights, round_key, t)
 
-The round passes its per-client inputs through `fedask_jax.data.shard_rows`: each host feeds only the rows of the clients
-whose devices it holds (`jax.make_array_from_process_local_data`), and arrays already laid out over every
+The round passes its per-client inputs through `fedask_jax.data.shard_rows`: each host feeds only the rows of the
+clients whose devices it holds (`jax.make_array_from_process_local_data`), and arrays already laid out over every
 host's devices are taken as they are. K must be a multiple of the device count.
 """
 

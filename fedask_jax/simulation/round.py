@@ -11,7 +11,8 @@ with no communication, and XLA adds the collectives that the server step needs.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,14 @@ from fedask_jax.adapters import Adapters, Trained, check_trained
 from fedask_jax.data.batching import shard_rows
 from fedask_jax.numerics import normalise_weights
 from fedask_jax.simulation.client import (
-    ClientMetrics, DPConfig, LocalTraining, causal_lm_example_loss, client_update, default_optimizer, local_training)
+  ClientMetrics,
+  DPConfig,
+  LocalTraining,
+  causal_lm_example_loss,
+  client_update,
+  default_optimizer,
+  local_training,
+)
 from fedask_jax.simulation.server import ServerState, server_step
 from fedask_jax.strategies.base import ClientResult, Strategy
 

@@ -8,10 +8,11 @@ helpers stay in their module, e.g. `fedsa_lora.evaluation_adapters` (personalise
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from fedask_jax.strategies import fedask, fedask_alt, fedavg, fedprox, fedsa_lora, ffa_lora, scaffold
 from fedask_jax._checks import check_choice
+from fedask_jax.strategies import fedask, fedask_alt, fedavg, fedprox, fedsa_lora, ffa_lora, scaffold
 from fedask_jax.strategies.base import ClientResult, Strategy, weighted_mean
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {

@@ -26,7 +26,8 @@ lora_b, SCAFFOLD's c_i) lives there with a leading [num_clients] axis, indexed b
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,8 @@ aggregation (the 1st, the (1 + N)-th, ...; 0: never) the round's metrics carry t
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,14 @@ import jax.numpy as jnp
 
 from fedask_jax.adapters import Adapters, LoRAFactors
 from fedask_jax.strategies.base import (
-    ClientResult, Strategy, gather_clients, replicate, scatter_clients, train_both, weighted_mean)
+  ClientResult,
+  Strategy,
+  gather_clients,
+  replicate,
+  scatter_clients,
+  train_both,
+  weighted_mean,
+)
 
 Array = jax.Array
 
