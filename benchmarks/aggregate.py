@@ -40,8 +40,9 @@ def dense_aggregate(lora_a: jax.Array, lora_b: jax.Array, weights: jax.Array) ->
   return jnp.tensordot(weights, products, axes=1)
 
 
-def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, repeats: int = 7,
-            seed: int = 0) -> dict:
+def measure(
+  m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, repeats: int = 7, seed: int = 0
+) -> dict:
   """Times jitted FedASK and dense aggregation of K float32 clients' (lora_a [m, r], lora_b [r, n]).
 
   Returns a JSON-ready dict: the problem, each FedASK route's figures (`harness.summary` and its exactness
@@ -59,26 +60,51 @@ def measure(m: int = 4096, n: int = 4096, r: int = 16, p: int = 4, k: int = 10, 
   omega = sketch.make_omega(jax.random.fold_in(key, 3), n, r + p)
   width = min(r + p, m, n)
 
-  routes = {method: harness.compile_timed(jax.jit(functools.partial(sketch.aggregate_layer, method=method),
-                                                  static_argnames="rank"), lora_a, lora_b, weights, omega, r)
-            for method in sketch.METHODS}
+  routes = {
+    method: harness.compile_timed(
+      jax.jit(functools.partial(sketch.aggregate_layer, method=method), static_argnames="rank"),
+      lora_a,
+      lora_b,
+      weights,
+      omega,
+      r,
+    )
+    for method in sketch.METHODS
+  }
   dense, dense_compile = harness.compile_timed(jax.jit(dense_aggregate), lora_a, lora_b, weights)
   fedask_args, dense_args = (lora_a, lora_b, weights, omega), (lora_a, lora_b, weights)
-  variants = {method: (lambda: fedask_args, lambda args, c=compiled: jax.block_until_ready(c(*args)))
-              for method, (compiled, _) in routes.items()}
+  variants = {
+    method: (lambda: fedask_args, lambda args, c=compiled: jax.block_until_ready(c(*args)))
+    for method, (compiled, _) in routes.items()
+  }
   variants["dense"] = (lambda: dense_args, lambda args: jax.block_until_ready(dense(*args)))
   times = harness.time_alternating(variants, repeats)
-  timed = {method: dict(harness.summary(times[method], compile_s), reconstruction_error=float(
-      sketch.reconstruction_error(lora_a, lora_b, weights, *compiled(*fedask_args))))
-      for method, (compiled, compile_s) in routes.items()}
+  timed = {
+    method: dict(
+      harness.summary(times[method], compile_s),
+      reconstruction_error=float(sketch.reconstruction_error(lora_a, lora_b, weights, *compiled(*fedask_args))),
+    )
+    for method, (compiled, compile_s) in routes.items()
+  }
   fedask = timed[sketch.default_method()]
   result = {
-      "problem": {"m": m, "n": n, "r": r, "p": p, "k": k, "width": width, "dtype": "float32",
-                  "repeats": repeats, "seed": seed},
-      "default_method": sketch.default_method(),
-      "fedask": fedask, "routes": timed, "dense": harness.summary(times["dense"], dense_compile),
-      "client_bytes_per_round": {"fedask": (m + n) * width * FLOAT32_BYTES, "dense": m * n * FLOAT32_BYTES},
-      "fedask_reconstruction_error": fedask["reconstruction_error"],
+    "problem": {
+      "m": m,
+      "n": n,
+      "r": r,
+      "p": p,
+      "k": k,
+      "width": width,
+      "dtype": "float32",
+      "repeats": repeats,
+      "seed": seed,
+    },
+    "default_method": sketch.default_method(),
+    "fedask": fedask,
+    "routes": timed,
+    "dense": harness.summary(times["dense"], dense_compile),
+    "client_bytes_per_round": {"fedask": (m + n) * width * FLOAT32_BYTES, "dense": m * n * FLOAT32_BYTES},
+    "fedask_reconstruction_error": fedask["reconstruction_error"],
   }
   result["speedup"] = result["dense"]["median_s"] / result["fedask"]["median_s"]
   result["machine"] = harness.machine(load_before)
@@ -89,18 +115,21 @@ def _table(result: dict) -> str:
   prob, traffic = result["problem"], result["client_bytes_per_round"]
   rows = [("scheme", "compile s", "median s", "client bytes/round")]
   for method, timed in result["routes"].items():
-    rows.append((f"fedask {method}", f"{timed['compile_s']:.3f}", f"{timed['median_s']:.4f}",
-                 f"{traffic['fedask']:,}"))
-  rows.append(("dense", f"{result['dense']['compile_s']:.3f}", f"{result['dense']['median_s']:.4f}",
-               f"{traffic['dense']:,}"))
+    rows.append((f"fedask {method}", f"{timed['compile_s']:.3f}", f"{timed['median_s']:.4f}", f"{traffic['fedask']:,}"))
+  rows.append(
+    ("dense", f"{result['dense']['compile_s']:.3f}", f"{result['dense']['median_s']:.4f}", f"{traffic['dense']:,}")
+  )
   widths = [max(len(row[i]) for row in rows) for i in range(4)]
-  lines = [f"m={prob['m']} n={prob['n']} r={prob['r']} p={prob['p']} K={prob['k']} float32, "
-           f"{result['machine']['device']}, median of {prob['repeats']}"]
+  lines = [
+    f"m={prob['m']} n={prob['n']} r={prob['r']} p={prob['p']} K={prob['k']} float32, "
+    f"{result['machine']['device']}, median of {prob['repeats']}"
+  ]
   lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-  lines.append(f"speed-up (dense / fedask {result['default_method']}): {result['speedup']:.1f}x; traffic ratio "
-               f"(dense / fedask): {traffic['dense'] / traffic['fedask']:.1f}x; relative errors "
-               + ", ".join(f"{method} {timed['reconstruction_error']:.2e}"
-                           for method, timed in result["routes"].items()))
+  lines.append(
+    f"speed-up (dense / fedask {result['default_method']}): {result['speedup']:.1f}x; traffic ratio "
+    f"(dense / fedask): {traffic['dense'] / traffic['fedask']:.1f}x; relative errors "
+    + ", ".join(f"{method} {timed['reconstruction_error']:.2e}" for method, timed in result["routes"].items())
+  )
   return "\n".join(lines)
 
 

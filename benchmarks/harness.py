@@ -72,10 +72,17 @@ def machine(load_before: Sequence[float]) -> dict[str, Any]:
   started (`load_before`, from `os.getloadavg()`) and now: the machine may be shared, so compare ratios measured
   side by side in one run rather than seconds across runs."""
   device = jax.devices()[0]
-  return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-          "device": f"{device.platform}: {device.device_kind}", "devices": len(jax.devices()),
-          "jax": jax.__version__, "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-          "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
+  return {
+    "platform": platform.platform(),
+    "processor": platform.processor(),
+    "cpus": os.cpu_count(),
+    "device": f"{device.platform}: {device.device_kind}",
+    "devices": len(jax.devices()),
+    "jax": jax.__version__,
+    "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+    "load_average_before": list(load_before),
+    "load_average_after": list(os.getloadavg()),
+  }
 
 
 def write(result: dict[str, Any], path: pathlib.Path) -> None:

@@ -34,8 +34,15 @@ from flax import nnx
 from fedask_jax import lora
 from fedask_jax.models import load_pretrained
 
-ARCH = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512)
+ARCH = dict(
+  vocab_size=4096,
+  hidden_size=256,
+  intermediate_size=688,
+  num_hidden_layers=4,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=512,
+)
 LORA = lora.LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj"))
 
 
@@ -62,6 +69,7 @@ def torch_step(model: torch.nn.Module, ids: torch.Tensor):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss
+
   return step
 
 
@@ -87,8 +95,9 @@ def main() -> None:
     ours_lora = load_pretrained(directory, lora=LORA)
   # get_peft_model rewires the model it is given: PEFT gets its own copy of the same weights.
   peft_model = peft.get_peft_model(
-      copy.deepcopy(hf_model),
-      peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, target_modules=list(LORA.target_modules)))
+    copy.deepcopy(hf_model),
+    peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, target_modules=list(LORA.target_modules)),
+  )
   hf_model.train()
   peft_model.train()
 
@@ -97,34 +106,48 @@ def main() -> None:
     step, (params, rest) = jax_step(model, trainable)
     compiled, compile_s[name] = harness.compile_timed(step, params, rest, ids)
     jax_fns[name] = lambda compiled=compiled, params=params, rest=rest: jax.block_until_ready(
-        compiled(params, rest, ids))
+      compiled(params, rest, ids)
+    )
   fns = {**jax_fns, "torch full": torch_step(hf_model, ids_torch), "torch lora": torch_step(peft_model, ids_torch)}
 
   # The first call of each is the first warm-up pass, and gives the losses that show both hold the same weights.
   losses = {name: float(fn()[0]) if name.startswith("jax") else fn().item() for name, fn in fns.items()}
-  times = harness.time_alternating({name: (lambda: None, lambda _, fn=fn: fn()) for name, fn in fns.items()},
-                                   args.runs, warmup=args.warmup - 1)
+  times = harness.time_alternating(
+    {name: (lambda: None, lambda _, fn=fn: fn()) for name, fn in fns.items()}, args.runs, warmup=args.warmup - 1
+  )
   timing = {name: harness.summary(t, compile_s.get(name)) for name, t in times.items()}
   median = {name: v["median_s"] for name, v in timing.items()}
 
-  print(f"Llama-style {ARCH['num_hidden_layers']} layers, d={ARCH['hidden_size']}, heads "
-        f"{ARCH['num_attention_heads']}/{ARCH['num_key_value_heads']}, ffn {ARCH['intermediate_size']}, vocab "
-        f"{ARCH['vocab_size']}; batch {args.batch} x seq {args.seq}; CPU, median of {args.runs} runs")
+  print(
+    f"Llama-style {ARCH['num_hidden_layers']} layers, d={ARCH['hidden_size']}, heads "
+    f"{ARCH['num_attention_heads']}/{ARCH['num_key_value_heads']}, ffn {ARCH['intermediate_size']}, vocab "
+    f"{ARCH['vocab_size']}; batch {args.batch} x seq {args.seq}; CPU, median of {args.runs} runs"
+  )
   print(f"{'variant':<12}{'median ms':>12}{'min ms':>10}{'compile s':>11}{'loss':>10}")
   for name in fns:
     compile_text = f"{compile_s[name]:.2f}" if name in compile_s else "-"
-    print(f"{name:<12}{1e3 * median[name]:>12.1f}{1e3 * timing[name]['min_s']:>10.1f}{compile_text:>11}"
-          f"{losses[name]:>10.4f}")
+    print(
+      f"{name:<12}{1e3 * median[name]:>12.1f}{1e3 * timing[name]['min_s']:>10.1f}{compile_text:>11}"
+      f"{losses[name]:>10.4f}"
+    )
   ratios = {kind: median[f"torch {kind}"] / median[f"jax {kind}"] for kind in ("full", "lora")}
-  print(f"speed-up of ours over transformers (torch median / jax median): full {ratios['full']:.2f}x, "
-        f"lora {ratios['lora']:.2f}x")
+  print(
+    f"speed-up of ours over transformers (torch median / jax median): full {ratios['full']:.2f}x, "
+    f"lora {ratios['lora']:.2f}x"
+  )
 
   result = {
-      "architecture": ARCH, "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.target_modules)},
-      "batch": args.batch, "seq": args.seq, "runs": args.runs, "warmup": args.warmup, "timing": timing,
-      "losses": losses, "speedup_torch_over_jax": ratios,
-      "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-      "machine": dict(harness.machine(load_before), torch_threads=torch.get_num_threads()),
+    "architecture": ARCH,
+    "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "targets": list(LORA.target_modules)},
+    "batch": args.batch,
+    "seq": args.seq,
+    "runs": args.runs,
+    "warmup": args.warmup,
+    "timing": timing,
+    "losses": losses,
+    "speedup_torch_over_jax": ratios,
+    "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    "machine": dict(harness.machine(load_before), torch_threads=torch.get_num_threads()),
   }
   harness.write(result, pathlib.Path(args.out))
 

@@ -52,8 +52,16 @@ from fedask_jax.lora import LoRAConfig, inject_lora  # noqa: E402
 from fedask_jax.models import LlamaConfig, LlamaForCausalLM, init_random  # noqa: E402
 from fedask_jax.strategies import get_strategy  # noqa: E402
 
-MODEL = LlamaConfig(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688,
-                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=64)
+MODEL = LlamaConfig(
+  model_type="llama",
+  vocab_size=4096,
+  hidden_size=256,
+  intermediate_size=688,
+  num_hidden_layers=4,
+  num_attention_heads=4,
+  num_key_value_heads=4,
+  head_dim=64,
+)
 LORA = LoRAConfig(rank=16, alpha=32.0, target_modules=("q_proj", "v_proj"))
 SEQUENCE, BATCH, LOCAL_STEPS = 128, 4, 2
 DP = simulation.DPConfig(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=float(BATCH))
@@ -101,10 +109,15 @@ def measure(num_clients: int, repeats: int = 3, client_chunks: tuple[int | None,
   client_batch = lambda k: jax.tree.map(lambda x: x[k], batches)
 
   def loop(state):
-    results = [update(state, rnd.frozen_state, client_batch(k), ids[k], jax.random.fold_in(round_key, k))[0]
-               for k in range(num_clients)]
-    return jax.block_until_ready(server_step(state, jax.tree.map(lambda *xs: jnp.stack(xs), *results), weights, ids,
-                                             simulation.server_key(round_key)))
+    results = [
+      update(state, rnd.frozen_state, client_batch(k), ids[k], jax.random.fold_in(round_key, k))[0]
+      for k in range(num_clients)
+    ]
+    return jax.block_until_ready(
+      server_step(
+        state, jax.tree.map(lambda *xs: jnp.stack(xs), *results), weights, ids, simulation.server_key(round_key)
+      )
+    )
 
   loop_compile = harness.seconds(lambda: loop(state0))  # compiles the one-client update and the aggregation
   times = harness.time_alternating({**variants, "loop": (lambda: state0, loop)}, repeats)
@@ -112,12 +125,18 @@ def measure(num_clients: int, repeats: int = 3, client_chunks: tuple[int | None,
   _, metrics = run(prepare())
   loop_summary = harness.summary(times["loop"], loop_compile)
   return {
-      "clients": num_clients,
-      "loop": loop_summary,
-      "vmapped": [dict(harness.summary(times[c], compile_s[c]), client_chunk=c,
-                       loop_over_vmapped=loop_summary["median_s"] / statistics.median(times[c])) for c in chunks],
-      "train_loss": float(metrics["train_loss"]),
-      "reconstruction_error": float(metrics["reconstruction_error"]),
+    "clients": num_clients,
+    "loop": loop_summary,
+    "vmapped": [
+      dict(
+        harness.summary(times[c], compile_s[c]),
+        client_chunk=c,
+        loop_over_vmapped=loop_summary["median_s"] / statistics.median(times[c]),
+      )
+      for c in chunks
+    ],
+    "train_loss": float(metrics["train_loss"]),
+    "reconstruction_error": float(metrics["reconstruction_error"]),
   }
 
 
@@ -125,11 +144,19 @@ def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--clients", type=int, nargs="+", default=[8, 64])
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--client-chunks", type=int, nargs="+", default=[0, 8, 1],
-                      help="client_chunk values of the vmapped round to time; 0 = all clients at once")
+  parser.add_argument(
+    "--client-chunks",
+    type=int,
+    nargs="+",
+    default=[0, 8, 1],
+    help="client_chunk values of the vmapped round to time; 0 = all clients at once",
+  )
   parser.add_argument("--out", default="benchmarks/results/round_speed.json")
-  parser.add_argument("--all-cpus", action="store_true",
-                      help="do not pin the process to one CPU (read before jax starts; see the comment at the top)")
+  parser.add_argument(
+    "--all-cpus",
+    action="store_true",
+    help="do not pin the process to one CPU (read before jax starts; see the comment at the top)",
+  )
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error(f"--repeats={args.repeats}: time at least one run (the median of >= 3 is the intended use).")
@@ -138,21 +165,33 @@ def main(argv: list[str] | None = None) -> dict:
   chunks = tuple(c or None for c in args.client_chunks)
   load_before = os.getloadavg()
   rows = [measure(k, args.repeats, chunks) for k in args.clients]
-  print(f"{'clients':>7} | {'client_chunk':>12} | {'vmapped s/round':>15} | {'loop s/round':>12} | "
-        f"{'loop / vmapped':>14} | {'compile vmapped / loop (s)':>26}")
+  print(
+    f"{'clients':>7} | {'client_chunk':>12} | {'vmapped s/round':>15} | {'loop s/round':>12} | "
+    f"{'loop / vmapped':>14} | {'compile vmapped / loop (s)':>26}"
+  )
   for row in rows:
     for v in row["vmapped"]:
       chunk = "all" if v["client_chunk"] is None else v["client_chunk"]
-      print(f"{row['clients']:>7} | {chunk:>12} | {v['median_s']:>15.3f} | {row['loop']['median_s']:>12.3f} | "
-            f"{v['loop_over_vmapped']:>14.2f} | {v['compile_s']:>12.1f} / {row['loop']['compile_s']:<11.1f}")
+      print(
+        f"{row['clients']:>7} | {chunk:>12} | {v['median_s']:>15.3f} | {row['loop']['median_s']:>12.3f} | "
+        f"{v['loop_over_vmapped']:>14.2f} | {v['compile_s']:>12.1f} / {row['loop']['compile_s']:<11.1f}"
+      )
   result = {
-      "benchmark": "round_speed",
-      "setup": {"model": {k: v for k, v in vars(MODEL).items() if k != "rope"}, "lora_rank": LORA.rank,
-                "lora_targets": list(LORA.target_modules), "sequence": SEQUENCE, "batch": BATCH,
-                "local_steps": LOCAL_STEPS, "strategy": "fedask", "dp": vars(DP), "optimizer": "adamw 5e-4",
-                "repeats": args.repeats},
-      "machine": dict(harness.machine(load_before), cpus_used=len(os.sched_getaffinity(0))),
-      "results": rows,
+    "benchmark": "round_speed",
+    "setup": {
+      "model": {k: v for k, v in vars(MODEL).items() if k != "rope"},
+      "lora_rank": LORA.rank,
+      "lora_targets": list(LORA.target_modules),
+      "sequence": SEQUENCE,
+      "batch": BATCH,
+      "local_steps": LOCAL_STEPS,
+      "strategy": "fedask",
+      "dp": vars(DP),
+      "optimizer": "adamw 5e-4",
+      "repeats": args.repeats,
+    },
+    "machine": dict(harness.machine(load_before), cpus_used=len(os.sched_getaffinity(0))),
+    "results": rows,
   }
   harness.write(result, pathlib.Path(args.out))
   return result

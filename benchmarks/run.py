@@ -94,11 +94,11 @@ MIN_REPEATS = 5
 EXAMPLES_PER_CLIENT = 32
 # The issue's targets: (ratio, comparison, bound, where it applies).
 GOALS = (
-    ("round_over_limit", "<=", 1.3, "any"),
-    ("dp_overhead", "<=", 1.5, "any"),
-    ("torch_over_round", ">=", 3.0, "cpu"),
-    ("agg_speedup", ">=", 10.0, "any"),
-    ("loop_over_round_at_64", ">=", 10.0, "gpu"),
+  ("round_over_limit", "<=", 1.3, "any"),
+  ("dp_overhead", "<=", 1.5, "any"),
+  ("torch_over_round", ">=", 3.0, "cpu"),
+  ("agg_speedup", ">=", 10.0, "any"),
+  ("loop_over_round_at_64", ">=", 10.0, "gpu"),
 )
 
 
@@ -129,43 +129,91 @@ class Setup:
   response_only: bool = False
 
   def llama(self) -> LlamaConfig:
-    return LlamaConfig(model_type="llama", vocab_size=self.vocab, hidden_size=self.hidden,
-                       intermediate_size=self.intermediate, num_hidden_layers=self.layers,
-                       num_attention_heads=self.heads, num_key_value_heads=self.heads,
-                       head_dim=self.hidden // self.heads)
+    return LlamaConfig(
+      model_type="llama",
+      vocab_size=self.vocab,
+      hidden_size=self.hidden,
+      intermediate_size=self.intermediate,
+      num_hidden_layers=self.layers,
+      num_attention_heads=self.heads,
+      num_key_value_heads=self.heads,
+      head_dim=self.hidden // self.heads,
+    )
 
   def hf_config(self) -> dict[str, Any]:
     """The same architecture as `transformers.LlamaConfig` keyword arguments (for the PyTorch peer)."""
     c = self.llama()
-    return dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-                rope_theta=c.rope.rope_theta, max_position_embeddings=max(512, self.sequence),
-                tie_word_embeddings=c.tie_word_embeddings)
+    return dict(
+      vocab_size=c.vocab_size,
+      hidden_size=c.hidden_size,
+      intermediate_size=c.intermediate_size,
+      num_hidden_layers=c.num_hidden_layers,
+      num_attention_heads=c.num_attention_heads,
+      num_key_value_heads=c.num_key_value_heads,
+      head_dim=c.head_dim,
+      rms_norm_eps=c.rms_norm_eps,
+      rope_theta=c.rope.rope_theta,
+      max_position_embeddings=max(512, self.sequence),
+      tie_word_embeddings=c.tie_word_embeddings,
+    )
 
   def lora(self) -> LoRAConfig:
     return LoRAConfig(rank=self.rank, alpha=self.alpha, target_modules=("q_proj", "v_proj"))
 
   def dp(self) -> simulation.DPConfig:
-    return simulation.DPConfig(clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
-                               expected_batch_size=float(self.batch))
+    return simulation.DPConfig(
+      clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, expected_batch_size=float(self.batch)
+    )
 
 
 SETUPS = {
-    # The issue's configuration: d = 256, 4 layers, L = 128 (SwiGLU width 688 = Llama's 8/3 d).
-    "full": Setup(hidden=256, layers=4, heads=4, intermediate=688, vocab=4096, sequence=128, clients=16,
-                  local_steps=2, batch=4, scaling=(1, 4, 16, 64, 256)),
-    # Under 5 minutes on a loaded 2-core CPU: half the width, depth, heads, sequence and vocabulary.
-    "quick": Setup(hidden=128, layers=2, heads=2, intermediate=344, vocab=2048, sequence=64, clients=8,
-                   local_steps=2, batch=4, scaling=(1, 4, 16, 64)),
-    # Scale mode (`run_scale`): a Llama-style model of 110M parameters (d 768, 12 layers, 12 heads, SwiGLU 2048,
-    # vocabulary 32,000, L = 256), bfloat16 base weights on accelerators, the head at the response positions only.
-    "scale": Setup(hidden=768, layers=12, heads=12, intermediate=2048, vocab=32000, sequence=256, clients=64,
-                   local_steps=2, batch=4, scaling=(8, 64, 256, 1024), dtype="bfloat16", response_only=True),
+  # The issue's configuration: d = 256, 4 layers, L = 128 (SwiGLU width 688 = Llama's 8/3 d).
+  "full": Setup(
+    hidden=256,
+    layers=4,
+    heads=4,
+    intermediate=688,
+    vocab=4096,
+    sequence=128,
+    clients=16,
+    local_steps=2,
+    batch=4,
+    scaling=(1, 4, 16, 64, 256),
+  ),
+  # Under 5 minutes on a loaded 2-core CPU: half the width, depth, heads, sequence and vocabulary.
+  "quick": Setup(
+    hidden=128,
+    layers=2,
+    heads=2,
+    intermediate=344,
+    vocab=2048,
+    sequence=64,
+    clients=8,
+    local_steps=2,
+    batch=4,
+    scaling=(1, 4, 16, 64),
+  ),
+  # Scale mode (`run_scale`): a Llama-style model of 110M parameters (d 768, 12 layers, 12 heads, SwiGLU 2048,
+  # vocabulary 32,000, L = 256), bfloat16 base weights on accelerators, the head at the response positions only.
+  "scale": Setup(
+    hidden=768,
+    layers=12,
+    heads=12,
+    intermediate=2048,
+    vocab=32000,
+    sequence=256,
+    clients=64,
+    local_steps=2,
+    batch=4,
+    scaling=(8, 64, 256, 1024),
+    dtype="bfloat16",
+    response_only=True,
+  ),
 }
 
 
 # ----- the pieces -----
+
 
 def build_model(setup: Setup, seed: int = 0) -> nnx.Module:
   """The Llama-style model with random weights in `setup.dtype` and float32 LoRA adapters (lora_b zero, as LoRA
@@ -175,8 +223,9 @@ def build_model(setup: Setup, seed: int = 0) -> nnx.Module:
   return model
 
 
-def build_round(model: nnx.Module, setup: Setup, private: bool, client_chunk: int | None = None
-                ) -> simulation.FederatedRound:
+def build_round(
+  model: nnx.Module, setup: Setup, private: bool, client_chunk: int | None = None
+) -> simulation.FederatedRound:
   """The round under test: FedASK without its exactness certificate, B-space DP-SGD or none, the clients
   vmapped all at once or `client_chunk` at a time.
 
@@ -185,8 +234,9 @@ def build_round(model: nnx.Module, setup: Setup, private: bool, client_chunk: in
   concurrently, each LAPACK kernel waits in `ParallelBatchMap` for tasks queued on the same 2-thread pool that both
   of them occupy; README.md)."""
   strategy = get_strategy("fedask", oversample=setup.oversample, certify_every=0)
-  return simulation.FederatedRound(model, strategy, dp=setup.dp() if private else None, client_chunk=client_chunk,
-                                   per_example_loss=example_loss(setup))
+  return simulation.FederatedRound(
+    model, strategy, dp=setup.dp() if private else None, client_chunk=client_chunk, per_example_loss=example_loss(setup)
+  )
 
 
 def response_capacity(setup: Setup) -> int | None:
@@ -206,13 +256,20 @@ def make_batches(setup: Setup, num_clients: int, seed: int = 0) -> Batch:
   key = jax.random.key(seed)
   shape = (num_clients, EXAMPLES_PER_CLIENT, setup.sequence)
   data = ClientData(
-      input_ids=jax.random.randint(jax.random.fold_in(key, 0), shape, 0, setup.vocab, jnp.int32),
-      attention_mask=jnp.ones(shape, bool),
-      loss_mask=jnp.broadcast_to(jnp.arange(setup.sequence) >= setup.sequence // 2, shape),
-      client_sizes=jnp.full((num_clients,), EXAMPLES_PER_CLIENT, jnp.int32))
-  return client_batches(simulation.data_key(jax.random.fold_in(key, 1)), data, jnp.arange(num_clients),
-                        local_steps=setup.local_steps, batch_size=setup.batch, capacity=setup.batch,
-                        sampling="uniform")
+    input_ids=jax.random.randint(jax.random.fold_in(key, 0), shape, 0, setup.vocab, jnp.int32),
+    attention_mask=jnp.ones(shape, bool),
+    loss_mask=jnp.broadcast_to(jnp.arange(setup.sequence) >= setup.sequence // 2, shape),
+    client_sizes=jnp.full((num_clients,), EXAMPLES_PER_CLIENT, jnp.int32),
+  )
+  return client_batches(
+    simulation.data_key(jax.random.fold_in(key, 1)),
+    data,
+    jnp.arange(num_clients),
+    local_steps=setup.local_steps,
+    batch_size=setup.batch,
+    capacity=setup.batch,
+    sampling="uniform",
+  )
 
 
 def loop_round(rnd: simulation.FederatedRound, trained: str) -> Callable[..., Any]:
@@ -223,8 +280,10 @@ def loop_round(rnd: simulation.FederatedRound, trained: str) -> Callable[..., An
   server = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
 
   def run(state: simulation.ServerState, inputs: dict[str, Any]) -> tuple[simulation.ServerState, Any]:
-    results = [update(state, rnd.frozen_state, batch, client_id, key)[0]
-               for batch, client_id, key in zip(inputs["batches"], inputs["ids"], inputs["keys"])]
+    results = [
+      update(state, rnd.frozen_state, batch, client_id, key)[0]
+      for batch, client_id, key in zip(inputs["batches"], inputs["ids"], inputs["keys"])
+    ]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
     return server(state, stacked, inputs["weights"], inputs["client_ids"], simulation.server_key(inputs["round_key"]))
 
@@ -235,11 +294,16 @@ def loop_inputs(batches: Batch, client_ids: jax.Array, weights: jax.Array, round
   """Per-client slices of the round's inputs for `loop_round`: batch k, id k and key fold_in(round_key, id k)
   (the compiled round's client key), each already on device."""
   num = client_ids.shape[0]
-  return jax.block_until_ready({
+  return jax.block_until_ready(
+    {
       "batches": [jax.tree.map(operator.itemgetter(k), batches) for k in range(num)],
       "ids": [client_ids[k] for k in range(num)],
       "keys": [jax.random.fold_in(round_key, client_ids[k]) for k in range(num)],
-      "weights": weights, "client_ids": client_ids, "round_key": round_key})
+      "weights": weights,
+      "client_ids": client_ids,
+      "round_key": round_key,
+    }
+  )
 
 
 def limit_step(model: nnx.Module, capacity: int | None = None) -> tuple[Callable[..., Any], dict[str, jax.Array], Any]:
@@ -291,8 +355,7 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = MIN_REPEATS) -> float:
   x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   product = jax.jit(jnp.matmul).lower(x, x).compile()
   jax.block_until_ready(product(x, x))
-  seconds = harness.time_alternating({"matmul": (lambda: x, lambda a: jax.block_until_ready(product(a, a)))},
-                                     repeats)
+  seconds = harness.time_alternating({"matmul": (lambda: x, lambda a: jax.block_until_ready(product(a, a)))}, repeats)
   return 2 * n**3 / statistics.median(seconds["matmul"])
 
 
@@ -313,9 +376,16 @@ class Rounds:
     self.peer = None
     if self.torch_missing is None:
       self.peer = torch_peer.TorchFedASKRound(
-          setup.hf_config(), rank=setup.rank, alpha=setup.alpha, target_modules=setup.lora().target_modules,
-          clip_norm=setup.clip_norm, noise_multiplier=setup.noise_multiplier,
-          expected_batch_size=float(setup.batch), oversample=setup.oversample, seed=seed)
+        setup.hf_config(),
+        rank=setup.rank,
+        alpha=setup.alpha,
+        target_modules=setup.lora().target_modules,
+        clip_norm=setup.clip_norm,
+        noise_multiplier=setup.noise_multiplier,
+        expected_batch_size=float(setup.batch),
+        oversample=setup.oversample,
+        seed=seed,
+      )
 
 
 class Bench:
@@ -361,11 +431,15 @@ class Bench:
   def torch(self, threads: int | None) -> harness.Variant:
     """The PyTorch peer on the same batches with `threads` intra-op threads (None on a GPU)."""
     import torch
+
     peer = self.rounds.peer
     adapters = peer.to_torch(peer.adapters())
-    batches = {name: torch.from_numpy(np.asarray(getattr(self.batches, name)).astype(
-        np.int64 if name == "input_ids" else bool)).to(peer.device)
-        for name in ("input_ids", "attention_mask", "loss_mask")}
+    batches = {
+      name: torch.from_numpy(
+        np.asarray(getattr(self.batches, name)).astype(np.int64 if name == "input_ids" else bool)
+      ).to(peer.device)
+      for name in ("input_ids", "attention_mask", "loss_mask")
+    }
     weights = torch.tensor(np.asarray(self.weights), device=peer.device)
 
     def prepare():
@@ -385,16 +459,20 @@ def torch_thread_counts(device: Any) -> list[int | None]:
   return [None] if device.type != "cpu" else sorted({1, os.cpu_count() or 1})
 
 
-def measure_main(rounds: Rounds, repeats: int, profile: str | None,
-                 torch_threads: tuple[int, ...] | None = None) -> dict:
+def measure_main(
+  rounds: Rounds, repeats: int, profile: str | None, torch_threads: tuple[int, ...] | None = None
+) -> dict:
   """Round, chunked round, loop, limit, the non-DP rounds and the PyTorch peer (with each of `torch_threads`,
   default `torch_thread_counts`) at K = setup.clients, alternating."""
   setup = rounds.setup
   bench = Bench(rounds, setup.clients)
-  variants = {"round": bench.round("round", rounds.dp, rounds.trained), "loop": bench.loop(),
-              "limit": bench.limit(),
-              "nodp_round": bench.round("nodp_round", rounds.nodp, rounds.trained),
-              "nodp_both_round": bench.round("nodp_both_round", rounds.nodp, "both")}
+  variants = {
+    "round": bench.round("round", rounds.dp, rounds.trained),
+    "loop": bench.loop(),
+    "limit": bench.limit(),
+    "nodp_round": bench.round("nodp_round", rounds.nodp, rounds.trained),
+    "nodp_both_round": bench.round("nodp_both_round", rounds.nodp, "both"),
+  }
   if setup.clients > setup.chunk:
     variants["chunked_round"] = bench.round("chunked_round", rounds.chunked, rounds.trained)
   if rounds.peer is not None:
@@ -412,13 +490,16 @@ def measure_main(rounds: Rounds, repeats: int, profile: str | None,
     if settings:
       best = min(settings, key=lambda name: out[name]["median_s"])
       out["torch_round"] = dict(out[best], threads=int(best.removeprefix("torch_round_").removesuffix("t")))
-    out["torch_round"].update(versions=torch_peer.versions(), device=str(rounds.peer.device),
-                              omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    out["torch_round"].update(
+      versions=torch_peer.versions(), device=str(rounds.peer.device), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")
+    )
   model_flops = flops(bench.compiled["limit"])
   out["model_flops"] = model_flops
   out["achieved_flops_per_s"] = {
-      name: model_flops / out[name]["median_s"] if model_flops and "median_s" in out[name] else None
-      for name in ("round", "chunked_round", "loop", "limit", "torch_round") if name in out}
+    name: model_flops / out[name]["median_s"] if model_flops and "median_s" in out[name] else None
+    for name in ("round", "chunked_round", "loop", "limit", "torch_round")
+    if name in out
+  }
   out["matmul_flops_per_s"] = matmul_flops_per_s()
   out["memory_bytes"] = {name: memory_bytes(compiled) for name, compiled in bench.compiled.items()}
   out.update(measure_certificate(rounds, bench, repeats))
@@ -432,20 +513,27 @@ def measure_certificate(rounds: Rounds, bench: Bench, repeats: int) -> dict:
   alone and timed alternating: {"sketch_aggregation": summary, "certificate": summary} (module docstring)."""
   results, _ = rounds.dp.client_results(bench.state0, bench.batches, bench.ids, bench.round_key, 1)
   rank, adapters = rounds.setup.rank, results.adapters
-  omegas = sketch.make_omegas(simulation.server_key(bench.round_key), bench.state0.adapters,
-                              rank + rounds.setup.oversample)
+  omegas = sketch.make_omegas(
+    simulation.server_key(bench.round_key), bench.state0.adapters, rank + rounds.setup.oversample
+  )
   aggregate, aggregate_compile = harness.compile_timed(
-      jax.jit(functools.partial(sketch.aggregate_adapters, rank=rank)), adapters, bench.weights, omegas)
+    jax.jit(functools.partial(sketch.aggregate_adapters, rank=rank)), adapters, bench.weights, omegas
+  )
   aggregated = aggregate(adapters, bench.weights, omegas)
-  certify, certify_compile = harness.compile_timed(jax.jit(sketch.adapters_reconstruction_error), adapters,
-                                                   bench.weights, aggregated)
-  times = harness.time_alternating({
-      "sketch_aggregation": (lambda: None,
-                             lambda _: jax.block_until_ready(aggregate(adapters, bench.weights, omegas))),
-      "certificate": (lambda: None, lambda _: jax.block_until_ready(certify(adapters, bench.weights, aggregated)))},
-      repeats)
-  return {"sketch_aggregation": harness.summary(times["sketch_aggregation"], aggregate_compile),
-          "certificate": harness.summary(times["certificate"], certify_compile)}
+  certify, certify_compile = harness.compile_timed(
+    jax.jit(sketch.adapters_reconstruction_error), adapters, bench.weights, aggregated
+  )
+  times = harness.time_alternating(
+    {
+      "sketch_aggregation": (lambda: None, lambda _: jax.block_until_ready(aggregate(adapters, bench.weights, omegas))),
+      "certificate": (lambda: None, lambda _: jax.block_until_ready(certify(adapters, bench.weights, aggregated))),
+    },
+    repeats,
+  )
+  return {
+    "sketch_aggregation": harness.summary(times["sketch_aggregation"], aggregate_compile),
+    "certificate": harness.summary(times["certificate"], certify_compile),
+  }
 
 
 def _profile(directory: str, variants: dict[str, harness.Variant]) -> None:
@@ -488,30 +576,42 @@ def ratios_and_goals(result: dict) -> tuple[dict, dict]:
   torch_s = result["torch_round_s"]
   at_64 = [row["loop_over_round"] for row in result["scaling"] if row["clients"] == 64]
   ratios = {
-      "loop_over_round": main["loop"]["median_s"] / main["round"]["median_s"],
-      "round_over_limit": main["round"]["median_s"] / main["limit"]["median_s"],
-      "dp_overhead": main["round"]["median_s"] / main["nodp_round"]["median_s"],
-      "dp_overhead_vs_both": main["round"]["median_s"] / main["nodp_both_round"]["median_s"],
-      "torch_over_round": None if torch_s is None else torch_s / main["round"]["median_s"],
-      "agg_speedup": agg["dense"]["median_s"] / agg["fedask"]["median_s"],
-      "certificate_over_round": main["certificate"]["median_s"] / main["round"]["median_s"],
-      "loop_over_round_at_64": at_64[0] if at_64 else None,
-      "chunked_speedup": main["round"]["median_s"] / main["chunked_round"]["median_s"]
-      if "chunked_round" in main else None,
+    "loop_over_round": main["loop"]["median_s"] / main["round"]["median_s"],
+    "round_over_limit": main["round"]["median_s"] / main["limit"]["median_s"],
+    "dp_overhead": main["round"]["median_s"] / main["nodp_round"]["median_s"],
+    "dp_overhead_vs_both": main["round"]["median_s"] / main["nodp_both_round"]["median_s"],
+    "torch_over_round": None if torch_s is None else torch_s / main["round"]["median_s"],
+    "agg_speedup": agg["dense"]["median_s"] / agg["fedask"]["median_s"],
+    "certificate_over_round": main["certificate"]["median_s"] / main["round"]["median_s"],
+    "loop_over_round_at_64": at_64[0] if at_64 else None,
+    "chunked_speedup": main["round"]["median_s"] / main["chunked_round"]["median_s"]
+    if "chunked_round" in main
+    else None,
   }
   platform_name = jax.devices()[0].platform
   goals = {}
   for name, comparison, bound, where in GOALS:
     value = ratios[name]
     met = None if value is None else bool(value <= bound if comparison == "<=" else value >= bound)
-    goals[name] = {"target": f"{comparison} {bound}", "value": value,
-                   "applies_here": where == "any" or where == platform_name, "met": met}
+    goals[name] = {
+      "target": f"{comparison} {bound}",
+      "value": value,
+      "applies_here": where == "any" or where == platform_name,
+      "met": met,
+    }
   return ratios, goals
 
 
-def run(setup: Setup, repeats: int = MIN_REPEATS, with_torch: bool = True, profile: str | None = None,
-        agg_problem: dict | None = None, mode: str = "custom", peak_flops: float | None = None,
-        torch_threads: tuple[int, ...] | None = None) -> dict:
+def run(
+  setup: Setup,
+  repeats: int = MIN_REPEATS,
+  with_torch: bool = True,
+  profile: str | None = None,
+  agg_problem: dict | None = None,
+  mode: str = "custom",
+  peak_flops: float | None = None,
+  torch_threads: tuple[int, ...] | None = None,
+) -> dict:
   """Every measurement of the module docstring for `setup`; returns the JSON-ready result. `agg_problem`
   overrides the aggregation problem (m, n, r, p, k); `peak_flops` is the chip's peak FLOP/s, if known;
   `torch_threads` the CPU thread counts to run the peer with (default: 1 and all cores)."""
@@ -521,29 +621,55 @@ def run(setup: Setup, repeats: int = MIN_REPEATS, with_torch: bool = True, profi
   rounds = Rounds(setup, with_torch)
   main = measure_main(rounds, repeats, profile, torch_threads)
   # The main comparison's K is not measured twice: its row reuses the main figures.
-  scaling = [scaling_row(clients, main, main["memory_bytes"]) if clients == setup.clients
-             else measure_scaling(rounds, clients, repeats) for clients in sorted(setup.scaling)]
+  scaling = [
+    scaling_row(clients, main, main["memory_bytes"])
+    if clients == setup.clients
+    else measure_scaling(rounds, clients, repeats)
+    for clients in sorted(setup.scaling)
+  ]
   problem = dict(m=4096, n=4096, r=16, p=4, k=10) if agg_problem is None else agg_problem
   agg = aggregate.measure(**problem, repeats=repeats, seed=0)
   result = {
-      "benchmark": "run", "mode": mode,
-      "setup": dict(dataclasses.asdict(setup), strategy="fedask", dp_mechanism="b_space", trained=rounds.trained,
-                    optimizer="adamw lr 5e-4", batches="uniform, every slot real", repeats=repeats),
-      "round_s": main["round"]["median_s"], "loop_s": main["loop"]["median_s"],
-      "limit_s": main["limit"]["median_s"], "nodp_round_s": main["nodp_round"]["median_s"],
-      "nodp_both_round_s": main["nodp_both_round"]["median_s"],
-      "torch_round_s": main["torch_round"].get("median_s"),
-      "agg_fedask_s": agg["fedask"]["median_s"], "agg_dense_s": agg["dense"]["median_s"],
-      "sketch_aggregation_s": main["sketch_aggregation"]["median_s"],
-      "certificate_s": main["certificate"]["median_s"],
-      "agg_client_bytes": agg["client_bytes_per_round"],
-      "compile_s": dict({name: v["compile_s"] for name, v in main.items() if isinstance(v, dict) and "compile_s" in v},
-                        agg_fedask=agg["fedask"]["compile_s"], agg_dense=agg["dense"]["compile_s"]),
-      "flops": {"model_flops_per_round": main["model_flops"], "achieved_per_s": main["achieved_flops_per_s"],
-                "matmul_per_s": main["matmul_flops_per_s"], "peak_per_s": peak_flops,
-                "round_utilisation": None if not (peak_flops and main["achieved_flops_per_s"]["round"])
-                else main["achieved_flops_per_s"]["round"] / peak_flops},
-      "main": main, "aggregation": agg, "scaling": scaling, "machine": harness.machine(load_before),
+    "benchmark": "run",
+    "mode": mode,
+    "setup": dict(
+      dataclasses.asdict(setup),
+      strategy="fedask",
+      dp_mechanism="b_space",
+      trained=rounds.trained,
+      optimizer="adamw lr 5e-4",
+      batches="uniform, every slot real",
+      repeats=repeats,
+    ),
+    "round_s": main["round"]["median_s"],
+    "loop_s": main["loop"]["median_s"],
+    "limit_s": main["limit"]["median_s"],
+    "nodp_round_s": main["nodp_round"]["median_s"],
+    "nodp_both_round_s": main["nodp_both_round"]["median_s"],
+    "torch_round_s": main["torch_round"].get("median_s"),
+    "agg_fedask_s": agg["fedask"]["median_s"],
+    "agg_dense_s": agg["dense"]["median_s"],
+    "sketch_aggregation_s": main["sketch_aggregation"]["median_s"],
+    "certificate_s": main["certificate"]["median_s"],
+    "agg_client_bytes": agg["client_bytes_per_round"],
+    "compile_s": dict(
+      {name: v["compile_s"] for name, v in main.items() if isinstance(v, dict) and "compile_s" in v},
+      agg_fedask=agg["fedask"]["compile_s"],
+      agg_dense=agg["dense"]["compile_s"],
+    ),
+    "flops": {
+      "model_flops_per_round": main["model_flops"],
+      "achieved_per_s": main["achieved_flops_per_s"],
+      "matmul_per_s": main["matmul_flops_per_s"],
+      "peak_per_s": peak_flops,
+      "round_utilisation": None
+      if not (peak_flops and main["achieved_flops_per_s"]["round"])
+      else main["achieved_flops_per_s"]["round"] / peak_flops,
+    },
+    "main": main,
+    "aggregation": agg,
+    "scaling": scaling,
+    "machine": harness.machine(load_before),
   }
   result["ratios"], result["goals"] = ratios_and_goals(result)
   result["wall_s"] = time.perf_counter() - started
@@ -551,6 +677,7 @@ def run(setup: Setup, repeats: int = MIN_REPEATS, with_torch: bool = True, profi
 
 
 # ----- scale mode -----
+
 
 def memory_budget() -> int | None:
   """90% of the device's memory (`bytes_limit`), None where the backend reports none (the CPU)."""
@@ -563,8 +690,9 @@ def chunk_candidates(clients: int, largest: int) -> list[int]:
   return [c for c in (2**i for i in range(int(np.log2(max(1, min(clients, largest)))), -1, -1)) if clients % c == 0]
 
 
-def scale_row(rounds: Rounds, clients: int, repeats: int, peak_flops: float | None, budget: int | None,
-              largest_chunk: int) -> dict:
+def scale_row(
+  rounds: Rounds, clients: int, repeats: int, peak_flops: float | None, budget: int | None, largest_chunk: int
+) -> dict:
   """One K of the scale mode: the compiled DP round with the largest client_chunk whose XLA buffers fit
   `budget` (without a budget: min(K, largest_chunk)), and the compute limit on the same tokens. The limit runs
   one chunk of clients' tokens (K tau b examples at once do not fit a device for large K) and is scaled by
@@ -573,8 +701,7 @@ def scale_row(rounds: Rounds, clients: int, repeats: int, peak_flops: float | No
   setup, bench = rounds.setup, Bench(rounds, clients)
   chunk, fits = None, False
   for chunk in chunk_candidates(clients, largest_chunk):
-    variant = bench.round("round", build_round(rounds.model, setup, private=True, client_chunk=chunk),
-                          rounds.trained)
+    variant = bench.round("round", build_round(rounds.model, setup, private=True, client_chunk=chunk), rounds.trained)
     fits = budget is None or memory_bytes(bench.compiled["round"])["peak"] <= budget
     if fits:
       break
@@ -584,18 +711,29 @@ def scale_row(rounds: Rounds, clients: int, repeats: int, peak_flops: float | No
   model_flops = flops(limit_bench.compiled["limit"])
   model_flops = None if model_flops is None else model_flops * clients / chunk
   mfu = lambda seconds: None if not (peak_flops and model_flops) else model_flops / seconds / peak_flops
-  return {"clients": clients, "client_chunk": chunk, "fits_budget": fits, "round_s": round_s,
-          "round_runs_s": times["round"], "limit_s": limit_s, "round_over_limit": round_s / limit_s,
-          "compile_s": {"round": bench.compile_s["round"], "limit": limit_bench.compile_s["limit"]},
-          "model_flops": model_flops, "achieved_flops_per_s": None if model_flops is None else model_flops / round_s,
-          "mfu": {"round": mfu(round_s), "limit": mfu(limit_s)},
-          "memory_bytes": {"round": memory_bytes(bench.compiled["round"]),
-                           "limit": memory_bytes(limit_bench.compiled["limit"])},
-          "device_peak_bytes": device_peak_bytes()}
+  return {
+    "clients": clients,
+    "client_chunk": chunk,
+    "fits_budget": fits,
+    "round_s": round_s,
+    "round_runs_s": times["round"],
+    "limit_s": limit_s,
+    "round_over_limit": round_s / limit_s,
+    "compile_s": {"round": bench.compile_s["round"], "limit": limit_bench.compile_s["limit"]},
+    "model_flops": model_flops,
+    "achieved_flops_per_s": None if model_flops is None else model_flops / round_s,
+    "mfu": {"round": mfu(round_s), "limit": mfu(limit_s)},
+    "memory_bytes": {
+      "round": memory_bytes(bench.compiled["round"]),
+      "limit": memory_bytes(limit_bench.compiled["limit"]),
+    },
+    "device_peak_bytes": device_peak_bytes(),
+  }
 
 
-def run_scale(setup: Setup, repeats: int = MIN_REPEATS, peak_flops: float | None = None,
-              largest_chunk: int = 64) -> dict:
+def run_scale(
+  setup: Setup, repeats: int = MIN_REPEATS, peak_flops: float | None = None, largest_chunk: int = 64
+) -> dict:
   """The scale mode: `scale_row` for every K of `setup.scaling`, ascending (the device's peak memory is
   process-wide), client_chunk tried from min(K, largest_chunk) down (each try is a compile;
   64 clients of the 110M model fit an H100's memory by our estimate); returns the JSON-ready result."""
@@ -606,29 +744,44 @@ def run_scale(setup: Setup, repeats: int = MIN_REPEATS, peak_flops: float | None
   parameters = sum(x.size for x in jax.tree.leaves(nnx.state(rounds.model, nnx.Param)))
   budget = memory_budget()
   rows = [scale_row(rounds, clients, repeats, peak_flops, budget, largest_chunk) for clients in sorted(setup.scaling)]
-  return {"benchmark": "run", "mode": "scale",
-          "setup": dict(dataclasses.asdict(setup), strategy="fedask", dp_mechanism="b_space", trained=rounds.trained,
-                        parameters=int(parameters), repeats=repeats, memory_budget_bytes=budget),
-          "scaling": rows, "peak_flops_per_s": peak_flops,
-          "machine": harness.machine(load_before),
-          "wall_s": time.perf_counter() - started}
+  return {
+    "benchmark": "run",
+    "mode": "scale",
+    "setup": dict(
+      dataclasses.asdict(setup),
+      strategy="fedask",
+      dp_mechanism="b_space",
+      trained=rounds.trained,
+      parameters=int(parameters),
+      repeats=repeats,
+      memory_budget_bytes=budget,
+    ),
+    "scaling": rows,
+    "peak_flops_per_s": peak_flops,
+    "machine": harness.machine(load_before),
+    "wall_s": time.perf_counter() - started,
+  }
 
 
 def scale_table(result: dict) -> str:
   """The printed summary of the scale mode: one line per K."""
   s, machine = result["setup"], result["machine"]
   fmt = lambda v, f: "-" if v is None else format(v, f)
-  lines = [f"scale: Llama {s['parameters'] / 1e6:.0f}M parameters (d={s['hidden']} x {s['layers']}, V={s['vocab']}, "
-           f"L={s['sequence']}, {s['dtype']}, response-only head {s['response_only']}), tau={s['local_steps']}, "
-           f"b={s['batch']}, r={s['rank']}; {machine['device']}; median of {s['repeats']}",
-           f"{'K':>5}{'chunk':>6}{'round s':>10}{'limit s':>10}{'round/limit':>12}{'MFU round':>10}{'MFU limit':>10}"
-           f"{'compile s':>10}{'XLA GiB':>9}{'device GiB':>11}"]
+  lines = [
+    f"scale: Llama {s['parameters'] / 1e6:.0f}M parameters (d={s['hidden']} x {s['layers']}, V={s['vocab']}, "
+    f"L={s['sequence']}, {s['dtype']}, response-only head {s['response_only']}), tau={s['local_steps']}, "
+    f"b={s['batch']}, r={s['rank']}; {machine['device']}; median of {s['repeats']}",
+    f"{'K':>5}{'chunk':>6}{'round s':>10}{'limit s':>10}{'round/limit':>12}{'MFU round':>10}{'MFU limit':>10}"
+    f"{'compile s':>10}{'XLA GiB':>9}{'device GiB':>11}",
+  ]
   for row in result["scaling"]:
     gib = lambda b: fmt(None if b is None else b / 2**30, ".2f")
-    lines.append(f"{row['clients']:>5}{row['client_chunk']:>6}{row['round_s']:>10.3f}{row['limit_s']:>10.3f}"
-                 f"{row['round_over_limit']:>12.2f}{fmt(row['mfu']['round'], '.3f'):>10}"
-                 f"{fmt(row['mfu']['limit'], '.3f'):>10}{row['compile_s']['round']:>10.1f}"
-                 f"{gib(row['memory_bytes']['round']['peak']):>9}{gib(row['device_peak_bytes']):>11}")
+    lines.append(
+      f"{row['clients']:>5}{row['client_chunk']:>6}{row['round_s']:>10.3f}{row['limit_s']:>10.3f}"
+      f"{row['round_over_limit']:>12.2f}{fmt(row['mfu']['round'], '.3f'):>10}"
+      f"{fmt(row['mfu']['limit'], '.3f'):>10}{row['compile_s']['round']:>10.1f}"
+      f"{gib(row['memory_bytes']['round']['peak']):>9}{gib(row['device_peak_bytes']):>11}"
+    )
   return "\n".join(lines)
 
 
@@ -636,13 +789,26 @@ def table(result: dict) -> str:
   """The printed summary: seconds, FLOP/s, ratios and goals, then the scaling sweep."""
   s, main, fl = result["setup"], result["main"], result["flops"]
   machine = result["machine"]
-  lines = [f"{result['mode']}: Llama d={s['hidden']} x {s['layers']} layers, L={s['sequence']}, K={s['clients']}, "
-           f"tau={s['local_steps']}, b={s['batch']}, r={s['rank']}; {machine['device']}; median of {s['repeats']}; "
-           f"load {machine['load_average_before'][0]:.1f} -> {machine['load_average_after'][0]:.1f}",
-           f"{'variant':<18}{'median s':>10}{'min s':>10}{'compile s':>11}{'GFLOP/s':>9}"]
-  names = [name for name in ("round", "chunked_round", "loop", "limit", "nodp_round", "nodp_both_round",
-                            "sketch_aggregation", "certificate")
-           if name in main]
+  lines = [
+    f"{result['mode']}: Llama d={s['hidden']} x {s['layers']} layers, L={s['sequence']}, K={s['clients']}, "
+    f"tau={s['local_steps']}, b={s['batch']}, r={s['rank']}; {machine['device']}; median of {s['repeats']}; "
+    f"load {machine['load_average_before'][0]:.1f} -> {machine['load_average_after'][0]:.1f}",
+    f"{'variant':<18}{'median s':>10}{'min s':>10}{'compile s':>11}{'GFLOP/s':>9}",
+  ]
+  names = [
+    name
+    for name in (
+      "round",
+      "chunked_round",
+      "loop",
+      "limit",
+      "nodp_round",
+      "nodp_both_round",
+      "sketch_aggregation",
+      "certificate",
+    )
+    if name in main
+  ]
   names += sorted(name for name in main if name.startswith("torch_round_")) + ["torch_round"]
   for name in names:
     v = main[name]
@@ -650,45 +816,71 @@ def table(result: dict) -> str:
       lines.append(f"{name:<18}  missing: {v['missing']}")
       continue
     achieved = fl["achieved_per_s"].get(name)
-    lines.append(f"{name:<18}{v['median_s']:>10.4f}{v['min_s']:>10.4f}{v['compile_s']:>11.2f}"
-                 f"{'' if achieved is None else f'{achieved / 1e9:.1f}':>9}")
+    lines.append(
+      f"{name:<18}{v['median_s']:>10.4f}{v['min_s']:>10.4f}{v['compile_s']:>11.2f}"
+      f"{'' if achieved is None else f'{achieved / 1e9:.1f}':>9}"
+    )
   agg = result["aggregation"]
   for name in ("fedask", "dense"):
-    lines.append(f"{'agg_' + name:<18}{agg[name]['median_s']:>10.4f}{agg[name]['min_s']:>10.4f}"
-                 f"{agg[name]['compile_s']:>11.2f}   client sends {result['agg_client_bytes'][name]:,} B")
-  lines.append(f"model FLOPs per round {fl['model_flops_per_round'] / 1e9:.1f} G; a {2048}^3 matmul runs at "
-               f"{fl['matmul_per_s'] / 1e9:.1f} GFLOP/s here" + (
-                   "" if fl["round_utilisation"] is None else
-                   f"; the round reaches {100 * fl['round_utilisation']:.1f}% of the chip's peak"))
+    lines.append(
+      f"{'agg_' + name:<18}{agg[name]['median_s']:>10.4f}{agg[name]['min_s']:>10.4f}"
+      f"{agg[name]['compile_s']:>11.2f}   client sends {result['agg_client_bytes'][name]:,} B"
+    )
+  lines.append(
+    f"model FLOPs per round {fl['model_flops_per_round'] / 1e9:.1f} G; a {2048}^3 matmul runs at "
+    f"{fl['matmul_per_s'] / 1e9:.1f} GFLOP/s here"
+    + (
+      ""
+      if fl["round_utilisation"] is None
+      else f"; the round reaches {100 * fl['round_utilisation']:.1f}% of the chip's peak"
+    )
+  )
   fmt = lambda v: "-" if v is None else f"{v:.2f}"
   lines.append("ratios: " + ", ".join(f"{k} {fmt(v)}" for k, v in result["ratios"].items()))
-  lines.append("goals: " + ", ".join(
+  lines.append(
+    "goals: "
+    + ", ".join(
       f"{k} {g['target']}: {'-' if g['met'] is None else ('met' if g['met'] else 'MISSED')}"
-      f"{'' if g['applies_here'] else ' (n/a here)'}" for k, g in result["goals"].items()))
-  lines.append(f"{'K':>5}{'round s':>10}{'chunked s':>11}{'loop s':>10}{'loop/round':>12}{'XLA MiB':>10}"
-               f"{'chunked MiB':>13}{'device MiB':>12}")
+      f"{'' if g['applies_here'] else ' (n/a here)'}"
+      for k, g in result["goals"].items()
+    )
+  )
+  lines.append(
+    f"{'K':>5}{'round s':>10}{'chunked s':>11}{'loop s':>10}{'loop/round':>12}{'XLA MiB':>10}"
+    f"{'chunked MiB':>13}{'device MiB':>12}"
+  )
   mib = lambda b: "-" if b is None else f"{b / 2**20:.1f}"
   for row in result["scaling"]:
     memory = row["memory_bytes"]
-    lines.append(f"{row['clients']:>5}{row['round_s']:>10.4f}{fmt(row.get('chunked_round_s')):>11}"
-                 f"{row['loop_s']:>10.4f}{row['loop_over_round']:>12.2f}{mib(memory['round']['peak']):>10}"
-                 f"{mib(memory.get('chunked_round', {}).get('peak')):>13}{mib(row['device_peak_bytes']):>12}")
+    lines.append(
+      f"{row['clients']:>5}{row['round_s']:>10.4f}{fmt(row.get('chunked_round_s')):>11}"
+      f"{row['loop_s']:>10.4f}{row['loop_over_round']:>12.2f}{mib(memory['round']['peak']):>10}"
+      f"{mib(memory.get('chunked_round', {}).get('peak')):>13}{mib(row['device_peak_bytes']):>12}"
+    )
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="the small configuration (< 5 min on 2 CPU cores)")
-  parser.add_argument("--scale", action="store_true",
-                      help="the 110M-parameter scale mode (on a CPU: float32, pass a small --scaling, e.g. 1)")
-  parser.add_argument("--out", type=pathlib.Path, default=None,
-                      help="JSON output (default benchmarks/results/run_{quick,full}.json)")
+  parser.add_argument(
+    "--scale",
+    action="store_true",
+    help="the 110M-parameter scale mode (on a CPU: float32, pass a small --scaling, e.g. 1)",
+  )
+  parser.add_argument(
+    "--out", type=pathlib.Path, default=None, help="JSON output (default benchmarks/results/run_{quick,full}.json)"
+  )
   parser.add_argument("--repeats", type=int, default=MIN_REPEATS)
   parser.add_argument("--clients", type=int, default=None, help="K of the main comparison")
   parser.add_argument("--scaling", type=int, nargs="+", default=None, help="the K values of the sweep")
   parser.add_argument("--no-torch", action="store_true", help="do not run the PyTorch peer")
-  parser.add_argument("--peak-tflops", type=float, default=None,
-                      help="the chip's peak TFLOP/s at the round's precision, for the utilisation (gpu.md)")
+  parser.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=None,
+    help="the chip's peak TFLOP/s at the round's precision, for the utilisation (gpu.md)",
+  )
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace of one round/loop/limit here")
   args = parser.parse_args(argv)
   mode = "scale" if args.scale else "quick" if args.quick else "full"
@@ -706,8 +898,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_scale(setup, args.repeats, peak)
     print(scale_table(result))
   else:
-    result = run(setup, args.repeats, with_torch=not args.no_torch, profile=args.profile, mode=mode,
-                 peak_flops=peak)
+    result = run(setup, args.repeats, with_torch=not args.no_torch, profile=args.profile, mode=mode, peak_flops=peak)
     print(table(result))
   harness.write(result, args.out or pathlib.Path(__file__).parent / "results" / f"run_{mode}.json")
   return result

@@ -62,9 +62,22 @@ class TorchFedASKRound:
     device: torch device (default: "cuda" when available, else "cpu").
   """
 
-  def __init__(self, hf_config: Mapping[str, Any], *, rank: int, alpha: float, target_modules: tuple[str, ...],
-               clip_norm: float, noise_multiplier: float, expected_batch_size: float, oversample: int = 2,
-               lr: float = 5e-4, checkpoint: str | None = None, seed: int = 0, device: str | None = None):
+  def __init__(
+    self,
+    hf_config: Mapping[str, Any],
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: tuple[str, ...],
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    oversample: int = 2,
+    lr: float = 5e-4,
+    checkpoint: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+  ):
     import opacus
     import peft
     import torch
@@ -77,11 +90,15 @@ class TorchFedASKRound:
     else:
       base = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     base.eval()  # no dropout anywhere, as the compiled round without LoRA dropout
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
-                             bias="none")
+    config = peft.LoraConfig(
+      r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules), bias="none"
+    )
     model = peft.get_peft_model(base, config).to(self.device)
-    self.layers = {name[len(PEFT_PREFIX):]: module for name, module in model.named_modules()
-                   if isinstance(module, peft.tuners.lora.LoraLayer)}
+    self.layers = {
+      name[len(PEFT_PREFIX) :]: module
+      for name, module in model.named_modules()
+      if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
     for layer in self.layers.values():
       layer.lora_A["default"].weight.requires_grad_(False)  # FedASK under DP: A frozen, B trained
     with warnings.catch_warnings():
@@ -101,9 +118,13 @@ class TorchFedASKRound:
 
   def adapters(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The model's current adapters {path: (a [in, r], b [r, out])} in Flax layout."""
-    return {name: (layer.lora_A["default"].weight.detach().cpu().numpy().T.copy(),
-                   layer.lora_B["default"].weight.detach().cpu().numpy().T.copy())
-            for name, layer in self.layers.items()}
+    return {
+      name: (
+        layer.lora_A["default"].weight.detach().cpu().numpy().T.copy(),
+        layer.lora_B["default"].weight.detach().cpu().numpy().T.copy(),
+      )
+      for name, layer in self.layers.items()
+    }
 
   def to_torch(self, adapters: Mapping[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
     """Flax-layout {path: (a, b)} -> {path: (A [r, in], B [out, r])} float32 torch tensors."""
@@ -123,8 +144,9 @@ class TorchFedASKRound:
     weights = loss_mask[:, 1:].float()
     return (nll * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
 
-  def client_update(self, global_adapters: Mapping[str, tuple[Any, Any]], batch: Mapping[str, Any],
-                    generator: Any) -> dict[str, Any]:
+  def client_update(
+    self, global_adapters: Mapping[str, tuple[Any, Any]], batch: Mapping[str, Any], generator: Any
+  ) -> dict[str, Any]:
     """One client's tau DP-SGD steps on lora_B from the global adapters; batch leaves [S, B, L] torch.
     Returns its trained B factors {path: B [out, r]}."""
     torch = self._torch
@@ -135,9 +157,13 @@ class TorchFedASKRound:
         layer.lora_B["default"].weight.copy_(b)
     # A fresh optimiser per client and round: the official code builds a new trainer each time.
     optimizer = self._opacus.optimizers.DPOptimizer(
-        torch.optim.AdamW(self.trained, lr=self.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-        noise_multiplier=self.noise_multiplier, max_grad_norm=self.clip_norm,
-        expected_batch_size=self.expected_batch_size, loss_reduction="mean", generator=generator)
+      torch.optim.AdamW(self.trained, lr=self.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+      noise_multiplier=self.noise_multiplier,
+      max_grad_norm=self.clip_norm,
+      expected_batch_size=self.expected_batch_size,
+      loss_reduction="mean",
+      generator=generator,
+    )
     for step in range(batch["input_ids"].shape[0]):
       optimizer.zero_grad(set_to_none=True)
       # The mean over the batch: Opacus multiplies the per-sample gradients back by the batch size
@@ -147,8 +173,9 @@ class TorchFedASKRound:
       optimizer.step()
     return {name: layer.lora_B["default"].weight.detach().clone() for name, layer in self.layers.items()}
 
-  def aggregate(self, global_adapters: Mapping[str, tuple[Any, Any]], client_b: list[dict[str, Any]],
-                weights: Any, generator: Any) -> dict[str, tuple[Any, Any]]:
+  def aggregate(
+    self, global_adapters: Mapping[str, tuple[Any, Any]], client_b: list[dict[str, Any]], weights: Any, generator: Any
+  ) -> dict[str, tuple[Any, Any]]:
     """FedASK's server step per layer (paper layout; A_k = the global A, frozen): Y = sum_k w_k B_k (A Omega),
     Q = orth(Y), P = sum_k w_k A^T (B_k^T Q), P^T = U S V^T, B = Q U_r S_r^{1/2}, A = S_r^{1/2} V_r^T."""
     torch = self._torch
@@ -161,12 +188,13 @@ class TorchFedASKRound:
       q = torch.linalg.qr(y).Q
       p = torch.einsum("k,ri,kor,ow->iw", weights, a, bs, q)
       u, s, vh = torch.linalg.svd(p.T, full_matrices=False)
-      root = s[:self.rank].sqrt()
-      new[name] = (root[:, None] * vh[:self.rank], q @ (u[:, :self.rank] * root))
+      root = s[: self.rank].sqrt()
+      new[name] = (root[:, None] * vh[: self.rank], q @ (u[:, : self.rank] * root))
     return new
 
-  def __call__(self, global_adapters: Mapping[str, tuple[Any, Any]], batches: Mapping[str, Any], weights: Any,
-               seed: int) -> dict[str, tuple[Any, Any]]:
+  def __call__(
+    self, global_adapters: Mapping[str, tuple[Any, Any]], batches: Mapping[str, Any], weights: Any, seed: int
+  ) -> dict[str, tuple[Any, Any]]:
     """One round: `client_update` for each of the K clients in turn, then `aggregate`.
 
     global_adapters: {path: (A [r, in], B [out, r])} torch (`to_torch`); batches: {"input_ids",

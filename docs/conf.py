@@ -103,7 +103,7 @@ def _alias_package_names(app, env):
         continue
       for member, member_entry in list(objects.items()):
         if member == name or member.startswith(name + "."):
-          objects.setdefault(alias + member[len(name):], member_entry._replace(aliased=True))
+          objects.setdefault(alias + member[len(name) :], member_entry._replace(aliased=True))
 
 
 def setup(app):

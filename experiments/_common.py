@@ -45,8 +45,13 @@ RESULTS = REPO / "experiments/results"
 # The command line.
 
 
-def parser(doc: str, quick_help: str, *, out_help: str = "output folder (default experiments/results)",
-           report_help: str = "only rebuild the .md and .png from the stored <stem>.json") -> argparse.ArgumentParser:
+def parser(
+  doc: str,
+  quick_help: str,
+  *,
+  out_help: str = "output folder (default experiments/results)",
+  report_help: str = "only rebuild the .md and .png from the stored <stem>.json",
+) -> argparse.ArgumentParser:
   """The flags every experiment takes: --quick, --out (default None: the caller picks, usually `RESULTS`) and
   --report. The description is the first paragraph of the script's docstring `doc`."""
   parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -81,9 +86,17 @@ def quiet_accounting() -> None:
 def device_report(**versions: str) -> dict[str, Any]:
   """The device and the software versions, as every result file records them; `versions` adds packages beyond
   jax, numpy and python (e.g. jax_privacy)."""
-  return {"jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-          "device_kind": jax.devices()[0].device_kind, "python": platform.python_version(),
-          "machine": platform.machine(), "cpus": os.cpu_count(), "numpy": np.__version__, **versions}
+  return {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "device_kind": jax.devices()[0].device_kind,
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+    "cpus": os.cpu_count(),
+    "numpy": np.__version__,
+    **versions,
+  }
 
 
 def describe(device: Mapping[str, Any]) -> str:
@@ -98,6 +111,7 @@ def describe(device: Mapping[str, Any]) -> str:
 def overrides(values: Mapping[str, Any]) -> list[str]:
   """`key=value` overrides of a config (`fedask_jax.config.load_config`), from {dotted key: Python value}: None
   is YAML's null and booleans are lower case."""
+
   def text(value: Any) -> str:
     if value is None:
       return "null"
@@ -142,6 +156,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -> l
   (cells already formatted)."""
   if len(align) != len(header):
     raise ValueError(f"align={align!r} has {len(align)} columns, the header {len(header)}: give one per column.")
+
   def line(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -159,12 +174,15 @@ def save(path: Path, results: Mapping[str, Any]) -> None:
   path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
-def render(path: Path, markdown: Callable[[dict[str, Any]], str],
-           plot: Callable[[dict[str, Any], Path], None] | None) -> None:
+def render(
+  path: Path, markdown: Callable[[dict[str, Any]], str], plot: Callable[[dict[str, Any], Path], None] | None
+) -> None:
   """Writes `<stem>.md` (and with `plot`, `<stem>.png`) beside the results file `path` from its numbers alone."""
   if not path.is_file():
-    raise FileNotFoundError(f"{path} does not exist: run the experiment first (without --report), or pass the "
-                            "--out and --quick of the run that wrote it.")
+    raise FileNotFoundError(
+      f"{path} does not exist: run the experiment first (without --report), or pass the "
+      "--out and --quick of the run that wrote it."
+    )
   results = json.loads(path.read_text(encoding="utf-8"))
   if plot is not None:
     plot(results, path.with_suffix(".png"))

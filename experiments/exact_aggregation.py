@@ -72,11 +72,27 @@ class Settings:
 
 
 SETTINGS = {
-    # Quick: 40 examples per client, two short rounds per case; the DP round's compilation dominates.
-    True: Settings(rounds=2, seeds=3, num_clients=10, clients_per_round=8, local_steps=2, batch_size=4,
-                   max_train_examples=400, max_seq_len=128),
-    False: Settings(rounds=10, seeds=10, num_clients=10, clients_per_round=8, local_steps=4, batch_size=8,
-                    max_train_examples=None, max_seq_len=128),
+  # Quick: 40 examples per client, two short rounds per case; the DP round's compilation dominates.
+  True: Settings(
+    rounds=2,
+    seeds=3,
+    num_clients=10,
+    clients_per_round=8,
+    local_steps=2,
+    batch_size=4,
+    max_train_examples=400,
+    max_seq_len=128,
+  ),
+  False: Settings(
+    rounds=10,
+    seeds=10,
+    num_clients=10,
+    clients_per_round=8,
+    local_steps=4,
+    batch_size=8,
+    max_train_examples=None,
+    max_seq_len=128,
+  ),
 }
 
 
@@ -87,19 +103,30 @@ class Case:
   label: str
 
 
-CASES = (Case("a", True, "(a) DP: clients train B only, A frozen and shared"),
-         Case("b", False, "(b) no DP: clients train both A and B"))
+CASES = (
+  Case("a", True, "(a) DP: clients train B only, A frozen and shared"),
+  Case("b", False, "(b) no DP: clients train both A and B"),
+)
 
 
 def overrides(settings: Settings, private: bool) -> list[str]:
   """quickstart.yaml overrides for one case."""
   s = settings
-  return _common.overrides({
-      "rounds": s.rounds, "num_clients": s.num_clients, "clients_per_round": s.clients_per_round,
-      "local_steps": s.local_steps, "batch_size": s.batch_size, "data.max_train_examples": s.max_train_examples,
-      "data.max_seq_len": s.max_seq_len, "privacy.enabled": private, "eval.max_examples": 10,
+  return _common.overrides(
+    {
+      "rounds": s.rounds,
+      "num_clients": s.num_clients,
+      "clients_per_round": s.clients_per_round,
+      "local_steps": s.local_steps,
+      "batch_size": s.batch_size,
+      "data.max_train_examples": s.max_train_examples,
+      "data.max_seq_len": s.max_seq_len,
+      "privacy.enabled": private,
+      "eval.max_examples": 10,
       "sketch.certify_every": 1,
-      "client_chunk": _common.cpu_client_chunk()})
+      "client_chunk": _common.cpu_client_chunk(),
+    }
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,7 +148,7 @@ def relative_error(left: np.ndarray, right: np.ndarray, target: np.ndarray) -> f
 def truncation_floor(target: np.ndarray, rank: int) -> float:
   """||T - T_r||_F / ||T||_F with T_r the best rank-r approximation (Eckart-Young: the tail singular values)."""
   s = np.linalg.svd(target, compute_uv=False)
-  return float(np.sqrt(np.sum(s[rank:] ** 2) / np.sum(s ** 2)))
+  return float(np.sqrt(np.sum(s[rank:] ** 2) / np.sum(s**2)))
 
 
 def numerical_rank(target: np.ndarray) -> int:
@@ -149,8 +176,9 @@ def sketch_condition(leading: np.ndarray, omega: np.ndarray) -> float:
   return float(np.linalg.cond(leading @ np.asarray(omega, np.float64)))
 
 
-def measure_round(adapters: Adapters, weights: np.ndarray, rank: int, oversamples: tuple[int, ...], seeds: int,
-                  key: jax.Array) -> dict[str, Any]:
+def measure_round(
+  adapters: Adapters, weights: np.ndarray, rank: int, oversamples: tuple[int, ...], seeds: int, key: jax.Array
+) -> dict[str, Any]:
   """Every figure of one round's captured adapters {name: LoRAFactors(lora_a [K, m, r], lora_b [K, r, n])}.
 
   Returns {"layers": {name: {...}}}: per layer the sketch errors [len(oversamples), seeds] (Omega draw s of
@@ -179,10 +207,14 @@ def measure_round(adapters: Adapters, weights: np.ndarray, rank: int, oversample
     float32_mean = np.einsum("k,kmr,krn->mn", w.astype(np.float32), a, b)
     fedavg = relative_error(np.einsum("k,kmr->mr", w, a), np.einsum("k,krn->rn", w, b), target)
     layers[name] = dict(
-        shape=list(target.shape), errors=errors[name].tolist(), sketch_conditions=conditions[name].tolist(),
-        floor=truncation_floor(target, rank),
-        numerical_rank=numerical_rank(target), fedavg_error=fedavg,
-        float32_mean_error=float(np.linalg.norm(float32_mean - target) / np.linalg.norm(target)))
+      shape=list(target.shape),
+      errors=errors[name].tolist(),
+      sketch_conditions=conditions[name].tolist(),
+      floor=truncation_floor(target, rank),
+      numerical_rank=numerical_rank(target),
+      fedavg_error=fedavg,
+      float32_mean_error=float(np.linalg.norm(float32_mean - target) / np.linalg.norm(target)),
+    )
   return {"layers": layers}
 
 
@@ -205,22 +237,38 @@ def run_case(case: Case, settings: Settings, oversamples: tuple[int, ...], key: 
     results, _ = round_fn.client_results(state, batches, ids, round_key, t)
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(results.adapters)):
       raise RuntimeError(f"case {case.name}, round {t}: a client's adapters are not finite.")
-    measured = measure_round(results.adapters, np.asarray(weights), rank, oversamples, settings.seeds,
-                             jax.random.fold_in(key, t))
+    measured = measure_round(
+      results.adapters, np.asarray(weights), rank, oversamples, settings.seeds, jax.random.fold_in(key, t)
+    )
     state, metrics = server_step(state, results, weights, ids, simulation.server_key(round_key))
-    measured.update(round=t, trained=trained, clients=np.asarray(ids).tolist(),
-                    library_certificate=float(metrics["reconstruction_error"]))
+    measured.update(
+      round=t,
+      trained=trained,
+      clients=np.asarray(ids).tolist(),
+      library_certificate=float(metrics["reconstruction_error"]),
+    )
     rounds.append(measured)
     worst = max(max(max(e) for e in layer["errors"]) for layer in measured["layers"].values())
-    print(f"case {case.name} round {t}/{config.rounds}: trained {trained}, max error over p and layers "
-          f"{worst:.3g}, library certificate (p = {config.sketch.oversample}) "
-          f"{measured['library_certificate']:.3g} ({time.perf_counter() - began:.0f} s)", flush=True)
+    print(
+      f"case {case.name} round {t}/{config.rounds}: trained {trained}, max error over p and layers "
+      f"{worst:.3g}, library certificate (p = {config.sketch.oversample}) "
+      f"{measured['library_certificate']:.3g} ({time.perf_counter() - began:.0f} s)",
+      flush=True,
+    )
   plan = experiment.privacy
   return dict(
-      case=case.name, label=case.label, private=case.private, rank=rank, rounds=rounds,
-      seconds=time.perf_counter() - began, overrides=overrides(settings, case.private), notes=experiment.notes,
-      noise_multiplier=None if plan is None else plan.noise_multiplier, capacity=experiment.capacity,
-      oversample_in_run=config.sketch.oversample)
+    case=case.name,
+    label=case.label,
+    private=case.private,
+    rank=rank,
+    rounds=rounds,
+    seconds=time.perf_counter() - began,
+    overrides=overrides(settings, case.private),
+    notes=experiment.notes,
+    noise_multiplier=None if plan is None else plan.noise_multiplier,
+    capacity=experiment.capacity,
+    oversample_in_run=config.sketch.oversample,
+  )
 
 
 def summarize(case_result: dict[str, Any], oversamples: tuple[int, ...]) -> dict[str, Any]:
@@ -232,26 +280,47 @@ def summarize(case_result: dict[str, Any], oversamples: tuple[int, ...]) -> dict
   per_p = []
   for i, p in enumerate(oversamples):
     e, kappa = errors[:, :, i, :], conditions[:, :, i, :]
-    rms = float(np.sqrt(np.mean(e ** 2)))
-    per_p.append(dict(
-        condition_max=float(kappa.max()), error_per_eps_condition_max=float(np.max(e / (FLOAT32_EPS * kappa))),
-        oversample=p, width=case_result["rank"] + p, mean=float(e.mean()), max=float(e.max()), min=float(e.min()),
-        rms=rms, rms_over_floor=rms / float(np.sqrt(np.mean(floors ** 2))) if floors.max() > 0 else None,
-        halko_bound=halko_ratio_bound(case_result["rank"], p)))
+    rms = float(np.sqrt(np.mean(e**2)))
+    per_p.append(
+      dict(
+        condition_max=float(kappa.max()),
+        error_per_eps_condition_max=float(np.max(e / (FLOAT32_EPS * kappa))),
+        oversample=p,
+        width=case_result["rank"] + p,
+        mean=float(e.mean()),
+        max=float(e.max()),
+        min=float(e.min()),
+        rms=rms,
+        rms_over_floor=rms / float(np.sqrt(np.mean(floors**2))) if floors.max() > 0 else None,
+        halko_bound=halko_ratio_bound(case_result["rank"], p),
+      )
+    )
   names = list(rounds[0]["layers"])
   per_layer = {
-      name: dict(
-          mean=errors[:, j].mean(axis=(0, 2)).tolist(), max=errors[:, j].max(axis=(0, 2)).tolist(),
-          floor=float(floors[:, j].mean()), rank=max(r["layers"][name]["numerical_rank"] for r in rounds),
-          shape=rounds[0]["layers"][name]["shape"])
-      for j, name in enumerate(names)}
+    name: dict(
+      mean=errors[:, j].mean(axis=(0, 2)).tolist(),
+      max=errors[:, j].max(axis=(0, 2)).tolist(),
+      floor=float(floors[:, j].mean()),
+      rank=max(r["layers"][name]["numerical_rank"] for r in rounds),
+      shape=rounds[0]["layers"][name]["shape"],
+    )
+    for j, name in enumerate(names)
+  }
   float32_level = [layer["float32_mean_error"] for r in rounds for layer in r["layers"].values()]
   fedavg = [layer["fedavg_error"] for r in rounds for layer in r["layers"].values()]
   ranks = [layer["numerical_rank"] for r in rounds for layer in r["layers"].values()]
-  return dict(per_p=per_p, per_layer=per_layer, floor_mean=float(floors.mean()), floor_max=float(floors.max()),
-              floor_rms=float(np.sqrt(np.mean(floors ** 2))), float32_mean_error=float(np.median(float32_level)),
-              fedavg_mean=float(np.mean(fedavg)), rank_min=int(min(ranks)), rank_max=int(max(ranks)),
-              certificate_max=max(r["library_certificate"] for r in rounds))
+  return dict(
+    per_p=per_p,
+    per_layer=per_layer,
+    floor_mean=float(floors.mean()),
+    floor_max=float(floors.max()),
+    floor_rms=float(np.sqrt(np.mean(floors**2))),
+    float32_mean_error=float(np.median(float32_level)),
+    fedavg_mean=float(np.mean(fedavg)),
+    rank_min=int(min(ranks)),
+    rank_max=int(max(ranks)),
+    certificate_max=max(r["library_certificate"] for r in rounds),
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,14 +335,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
   for result, color in zip(report["cases"], ("tab:blue", "tab:red")):
     summary = result["summary"]
     ax.plot(x, [p["mean"] for p in summary["per_p"]], "o-", color=color, label=f"{result['label']}: mean")
-    ax.fill_between(x, [p["min"] for p in summary["per_p"]], [p["max"] for p in summary["per_p"]], color=color,
-                    alpha=0.15, label="min-max over layers, rounds, Omega draws")
+    ax.fill_between(
+      x,
+      [p["min"] for p in summary["per_p"]],
+      [p["max"] for p in summary["per_p"]],
+      color=color,
+      alpha=0.15,
+      label="min-max over layers, rounds, Omega draws",
+    )
     if not result["private"]:
-      ax.axhline(summary["floor_mean"], color=color, ls="--", lw=1,
-                 label="(b) floor: best rank-r approximation (truncated SVD), mean")
+      ax.axhline(
+        summary["floor_mean"],
+        color=color,
+        ls="--",
+        lw=1,
+        label="(b) floor: best rank-r approximation (truncated SVD), mean",
+      )
   ax.axhline(FLOAT32_EPS, color="k", ls=":", lw=1, label=f"float32 machine epsilon {FLOAT32_EPS:.2g}")
-  ax.axhline(ROUNDOFF_TOLERANCE, color="gray", ls="-.", lw=1,
-             label=f"round-off tolerance {ROUNDOFF_TOLERANCE:g} (eps x sketch conditioning)")
+  ax.axhline(
+    ROUNDOFF_TOLERANCE,
+    color="gray",
+    ls="-.",
+    lw=1,
+    label=f"round-off tolerance {ROUNDOFF_TOLERANCE:g} (eps x sketch conditioning)",
+  )
   ax.set_yscale("log")
   ax.set_xticks(x, [f"{p}" if p != covering else f"{p}\n(covers K r)" for p in oversamples])
   ax.set_xlabel("oversampling p (sketch width r + p)")
@@ -300,16 +385,17 @@ def setup_text(report: dict[str, Any]) -> str:
   s, rank = config["settings"], case["rank"]
   layout = " and ".join(f"{module} [{m} x {n}]" for module, (m, n) in layer_shapes(report).items())
   return (
-      "**Setup.** A FedASK run on the embedded base model (1.05M-parameter Llama) and GSM8K "
-      f"(quickstart.yaml: LoRA r = {rank} on {layout} of every layer, lr 1e-2), with "
-      f"{s['num_clients']} clients, K = {s['clients_per_round']} per round, {s['local_steps']} local steps of "
-      f"batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens, {s['rounds']} rounds per case. Every round "
-      "the K clients' trained adapters are captured before the server step; for each adapted layer and each "
-      f"oversampling p the sketch aggregate (`sketch.aggregate_layer`, float32, {s['seeds']} Omega draws) is "
-      "compared with the exact weighted mean T = sum_k w_k B_k A_k formed densely in float64 numpy; the run then "
-      f"advances with the library's own server step (`simulation.server_step`, p = {case['oversample_in_run']}). "
-      f"Error = ||B A - T||_F / ||T||_F. p = {config['covering_oversample']} = (K - 1) r is added as a control: a "
-      "width r + p = K r that covers the rank of T.")
+    "**Setup.** A FedASK run on the embedded base model (1.05M-parameter Llama) and GSM8K "
+    f"(quickstart.yaml: LoRA r = {rank} on {layout} of every layer, lr 1e-2), with "
+    f"{s['num_clients']} clients, K = {s['clients_per_round']} per round, {s['local_steps']} local steps of "
+    f"batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens, {s['rounds']} rounds per case. Every round "
+    "the K clients' trained adapters are captured before the server step; for each adapted layer and each "
+    f"oversampling p the sketch aggregate (`sketch.aggregate_layer`, float32, {s['seeds']} Omega draws) is "
+    "compared with the exact weighted mean T = sum_k w_k B_k A_k formed densely in float64 numpy; the run then "
+    f"advances with the library's own server step (`simulation.server_step`, p = {case['oversample_in_run']}). "
+    f"Error = ||B A - T||_F / ||T||_F. p = {config['covering_oversample']} = (K - 1) r is added as a control: a "
+    "width r + p = K r that covers the rank of T."
+  )
 
 
 def prediction_text(report: dict[str, Any]) -> str:
@@ -319,14 +405,15 @@ def prediction_text(report: dict[str, Any]) -> str:
   top_ranks = " or ".join(f"{min(k * rank, m, n)} ({module})" for module, (m, n) in layer_shapes(report).items())
   widest = rank + max(p for p in config["oversamples"] if p != covering)
   return (
-      "**What Theorem 2 predicts.** B A = T whenever the sketch width r + p covers the rank of T. "
-      "(a) With DP the clients train B only and share the frozen A, so T = (sum_k w_k B_k) A has rank <= r <= "
-      "r + p: exact for every p >= 0, in floating point up to round-off. (b) Without DP both factors differ "
-      f"between clients and T has rank up to min(K r, m, n) = {top_ranks}, far above r + p <= {widest}: the "
-      "hypothesis fails, and no rank-r result can be better than the truncated SVD of T (the floor). With "
-      "p = (K - 1) r the sketch covers T and the result is exactly that truncation. For p >= 2 randomized-SVD "
-      "theory bounds the mean square error by (2 + r / (p - 1)) floor^2 (Halko, Martinsson, Tropp 2011, "
-      "Thm 10.5, plus the truncation; `halko_ratio_bound` in the script).")
+    "**What Theorem 2 predicts.** B A = T whenever the sketch width r + p covers the rank of T. "
+    "(a) With DP the clients train B only and share the frozen A, so T = (sum_k w_k B_k) A has rank <= r <= "
+    "r + p: exact for every p >= 0, in floating point up to round-off. (b) Without DP both factors differ "
+    f"between clients and T has rank up to min(K r, m, n) = {top_ranks}, far above r + p <= {widest}: the "
+    "hypothesis fails, and no rank-r result can be better than the truncated SVD of T (the floor). With "
+    "p = (K - 1) r the sketch covers T and the result is exactly that truncation. For p >= 2 randomized-SVD "
+    "theory bounds the mean square error by (2 + r / (p - 1)) floor^2 (Halko, Martinsson, Tropp 2011, "
+    "Thm 10.5, plus the truncation; `halko_ratio_bound` in the script)."
+  )
 
 
 def error_table(report: dict[str, Any]) -> list[str]:
@@ -335,15 +422,32 @@ def error_table(report: dict[str, Any]) -> list[str]:
   for c in report["cases"]:
     for p in c["summary"]["per_p"]:
       dp = c["private"]
-      rows.append([
-          c["case"], p["oversample"], p["width"], f"{p['mean']:.3g}", f"{p['max']:.3g}",
+      rows.append(
+        [
+          c["case"],
+          p["oversample"],
+          p["width"],
+          f"{p['mean']:.3g}",
+          f"{p['max']:.3g}",
           f"{p['max'] / FLOAT32_EPS:.0f}" if dp else "-",
           f"{p['condition_max']:.3g}" if dp else "-",
           f"{p['error_per_eps_condition_max']:.2g}" if dp else "-",
           "-" if dp or p["rms_over_floor"] is None else f"{p['rms_over_floor']:.2f}",
-          "-" if dp or p["halko_bound"] is None else f"{p['halko_bound']:.2f}"])
-  header = ["case", "p", "width r + p", "mean error", "max error", "max / eps32", "max cond(V_r^T Omega)",
-            "max error / (eps32 cond)", "RMS error / floor", "bound on RMS / floor"]
+          "-" if dp or p["halko_bound"] is None else f"{p['halko_bound']:.2f}",
+        ]
+      )
+  header = [
+    "case",
+    "p",
+    "width r + p",
+    "mean error",
+    "max error",
+    "max / eps32",
+    "max cond(V_r^T Omega)",
+    "max error / (eps32 cond)",
+    "RMS error / floor",
+    "bound on RMS / floor",
+  ]
   return _common.table(header, rows, "l" + "r" * 9)
 
 
@@ -351,11 +455,27 @@ def layer_table(report: dict[str, Any]) -> list[str]:
   """One row per layer: its shape, case (a)'s rank and worst error, case (b)'s rank, floor and mean error per p."""
   oversamples = report["config"]["oversamples"]
   dp, both = (c["summary"]["per_layer"] for c in report["cases"])
-  rows = [[name, f"{both[name]['shape'][0]} x {both[name]['shape'][1]}", dp[name]["rank"],
-           f"{max(dp[name]['max']):.2g}", both[name]["rank"], f"{both[name]['floor']:.3g}",
-           *(f"{e:.3g}" for e in both[name]["mean"])] for name in dp]
-  header = ["layer", "m x n", "(a) rank", "(a) max error, all p", "(b) rank", "(b) floor",
-            *(f"(b) p = {p}" for p in oversamples)]
+  rows = [
+    [
+      name,
+      f"{both[name]['shape'][0]} x {both[name]['shape'][1]}",
+      dp[name]["rank"],
+      f"{max(dp[name]['max']):.2g}",
+      both[name]["rank"],
+      f"{both[name]['floor']:.3g}",
+      *(f"{e:.3g}" for e in both[name]["mean"]),
+    ]
+    for name in dp
+  ]
+  header = [
+    "layer",
+    "m x n",
+    "(a) rank",
+    "(a) max error, all p",
+    "(b) rank",
+    "(b) floor",
+    *(f"(b) p = {p}" for p in oversamples),
+  ]
   return _common.table(header, rows, "ll" + "r" * (4 + len(oversamples)))
 
 
@@ -370,26 +490,31 @@ def dp_finding(report: dict[str, Any]) -> str:
   worst_per_condition = max(p["error_per_eps_condition_max"] for p in dp["per_p"])
   inexact = [p["oversample"] for p in dp["per_p"] if p["max"] >= ROUNDOFF_TOLERANCE]
   if not inexact:
-    verdict = (f"Theorem 2 holds: every error is below {ROUNDOFF_TOLERANCE:g} "
-               f"({ROUNDOFF_TOLERANCE / FLOAT32_EPS:.0f} eps, the script's float32 round-off tolerance) for every "
-               "p, p = 0 included.")
+    verdict = (
+      f"Theorem 2 holds: every error is below {ROUNDOFF_TOLERANCE:g} "
+      f"({ROUNDOFF_TOLERANCE / FLOAT32_EPS:.0f} eps, the script's float32 round-off tolerance) for every "
+      "p, p = 0 included."
+    )
   else:
-    verdict = (f"For p = {', '.join(map(str, inexact))} some errors reach {ROUNDOFF_TOLERANCE:g} or more: beyond "
-               "float32 round-off there.")
+    verdict = (
+      f"For p = {', '.join(map(str, inexact))} some errors reach {ROUNDOFF_TOLERANCE:g} or more: beyond "
+      "float32 round-off there."
+    )
   return (
-      f"- (a) DP, A frozen: the aggregate's numerical rank is at most {dp['rank_max']} (<= r = {rank}), and the "
-      f"sketch error is at most {worst_oversampled:.2g} ({worst_oversampled / FLOAT32_EPS:.0f} float32 machine "
-      f"epsilons) for every p >= 1 over all layers, rounds and Omega draws, and at most {by_p[0]['max']:.2g} "
-      f"({by_p[0]['max'] / FLOAT32_EPS:.0f} eps) for p = 0 (mean {by_p[0]['mean']:.2g}); forming T itself in "
-      f"float32 errs by {dp['float32_mean_error']:.2g} (median). {verdict} The larger tail at p = 0 is "
-      "numerical, not a failure of the theorem: the sketch Y = U_r S_r (V_r^T Omega) carries round-off into "
-      "range(Q) in proportion to the condition number of its r x (r + p) Gaussian factor, which reaches "
-      f"{by_p[0]['condition_max']:.3g} for the square p = 0 factor (a heavy-tailed law) and at most "
-      f"{worst_condition_oversampled:.3g} for p >= 1; every error is at most {worst_per_condition:.2g} eps32 x "
-      "that condition number. One extra column tames it, the reason randomized SVD oversamples. Averaging B alone "
-      f"is exact here too (FedAvg's error {dp['fedavg_mean']:.2g}, float64): with a shared A the sketch gives the "
-      "product that FFA-LoRA's averaging gives; what it adds is the rebalanced factors, whose A changes within "
-      "the same row space (subspace_dynamics.md).")
+    f"- (a) DP, A frozen: the aggregate's numerical rank is at most {dp['rank_max']} (<= r = {rank}), and the "
+    f"sketch error is at most {worst_oversampled:.2g} ({worst_oversampled / FLOAT32_EPS:.0f} float32 machine "
+    f"epsilons) for every p >= 1 over all layers, rounds and Omega draws, and at most {by_p[0]['max']:.2g} "
+    f"({by_p[0]['max'] / FLOAT32_EPS:.0f} eps) for p = 0 (mean {by_p[0]['mean']:.2g}); forming T itself in "
+    f"float32 errs by {dp['float32_mean_error']:.2g} (median). {verdict} The larger tail at p = 0 is "
+    "numerical, not a failure of the theorem: the sketch Y = U_r S_r (V_r^T Omega) carries round-off into "
+    "range(Q) in proportion to the condition number of its r x (r + p) Gaussian factor, which reaches "
+    f"{by_p[0]['condition_max']:.3g} for the square p = 0 factor (a heavy-tailed law) and at most "
+    f"{worst_condition_oversampled:.3g} for p >= 1; every error is at most {worst_per_condition:.2g} eps32 x "
+    "that condition number. One extra column tames it, the reason randomized SVD oversamples. Averaging B alone "
+    f"is exact here too (FedAvg's error {dp['fedavg_mean']:.2g}, float64): with a shared A the sketch gives the "
+    "product that FFA-LoRA's averaging gives; what it adds is the rebalanced factors, whose A changes within "
+    "the same row space (subspace_dynamics.md)."
+  )
 
 
 def both_finding(report: dict[str, Any]) -> str:
@@ -400,66 +525,89 @@ def both_finding(report: dict[str, Any]) -> str:
   swept = [p for p in oversamples if p != covering]
   bounded = [p for p in both["per_p"] if p["halko_bound"] is not None and p["oversample"] != covering]
   within_bound = all(p["rms_over_floor"] <= p["halko_bound"] for p in bounded)
-  covering_gap = max(abs(layer["mean"][oversamples.index(covering)] - layer["floor"]) / layer["floor"]
-                     for layer in both["per_layer"].values())
-  ranks = (f"{both['rank_min']}" if both["rank_min"] == both["rank_max"]
-           else f"{both['rank_min']} to {both['rank_max']}")
+  covering_gap = max(
+    abs(layer["mean"][oversamples.index(covering)] - layer["floor"]) / layer["floor"]
+    for layer in both["per_layer"].values()
+  )
+  ranks = f"{both['rank_min']}" if both["rank_min"] == both["rank_max"] else f"{both['rank_min']} to {both['rank_max']}"
   beats_fedavg = [p for p in swept if by_p[p]["mean"] < both["fedavg_mean"]]
-  fedavg_note = (f"below the sketch's mean error for every p <= {max(swept)}" if not beats_fedavg else
-                 f"the sketch's mean error is below it for p = {', '.join(map(str, beats_fedavg))} only")
+  fedavg_note = (
+    f"below the sketch's mean error for every p <= {max(swept)}"
+    if not beats_fedavg
+    else f"the sketch's mean error is below it for p = {', '.join(map(str, beats_fedavg))} only"
+  )
   mean_errors = ", ".join(f"{by_p[p]['mean']:.3g} (p = {p})" for p in swept)
   ratios = ", ".join(f"{p['rms_over_floor']:.2f}x" for p in bounded)
   bounded_ps = ", ".join(str(p["oversample"]) for p in bounded)
   bound_verdict = "consistent with" if within_bound else "NOT within"
   default_p_verdict = (
-      "so in this regime, at the library's default p = 2, the sketch's rank-r approximation of T is less "
-      "accurate than plain averaging." if 2 not in beats_fedavg else "the sketch improves on it from p = 2.")
+    "so in this regime, at the library's default p = 2, the sketch's rank-r approximation of T is less "
+    "accurate than plain averaging."
+    if 2 not in beats_fedavg
+    else "the sketch improves on it from p = 2."
+  )
   return (
-      f"- (b) both factors trained: T has numerical rank {ranks}, above r + p for every p <= {max(swept)}, so the "
-      "hypothesis of Theorem 2 does not hold and the result is not exact: the mean error is "
-      f"{mean_errors}, against a floor of {both['floor_mean']:.3g} (mean) for any rank-r aggregate; the RMS error "
-      f"is {ratios} the floor for p = {bounded_ps}, {bound_verdict} the randomized-SVD bound. With p = {covering} "
-      f"(width K r) the error equals the floor to {covering_gap:.1g} (relative): the sketch is exact and only the "
-      "rank-r truncation remains. Averaging the factors separately (FedAvg) errs by "
-      f"{both['fedavg_mean']:.3g} (mean) on the same clients, {fedavg_note}: its error is the clients' "
-      "second-order drift sum_k w_k (B_k - mean B)(A_k - mean A), small when one round of local training moves A "
-      f"little from the common start; {default_p_verdict}")
+    f"- (b) both factors trained: T has numerical rank {ranks}, above r + p for every p <= {max(swept)}, so the "
+    "hypothesis of Theorem 2 does not hold and the result is not exact: the mean error is "
+    f"{mean_errors}, against a floor of {both['floor_mean']:.3g} (mean) for any rank-r aggregate; the RMS error "
+    f"is {ratios} the floor for p = {bounded_ps}, {bound_verdict} the randomized-SVD bound. With p = {covering} "
+    f"(width K r) the error equals the floor to {covering_gap:.1g} (relative): the sketch is exact and only the "
+    "rank-r truncation remains. Averaging the factors separately (FedAvg) errs by "
+    f"{both['fedavg_mean']:.3g} (mean) on the same clients, {fedavg_note}: its error is the clients' "
+    "second-order drift sum_k w_k (B_k - mean B)(A_k - mean A), small when one round of local training moves A "
+    f"little from the common start; {default_p_verdict}"
+  )
 
 
 def certificate_finding(report: dict[str, Any]) -> str:
   """The library's own exactness certificate, per case."""
   dp, both = (c["summary"] for c in report["cases"])
   return (
-      "- The library's own exactness certificate (`sketch.reconstruction_error`, QR-based, float32, "
-      f"p = {report['cases'][0]['oversample_in_run']}, the round's Omega) agrees: at most "
-      f"{dp['certificate_max']:.2g} in case (a), up to {both['certificate_max']:.3g} in case (b).")
+    "- The library's own exactness certificate (`sketch.reconstruction_error`, QR-based, float32, "
+    f"p = {report['cases'][0]['oversample_in_run']}, the round's Omega) agrees: at most "
+    f"{dp['certificate_max']:.2g} in case (a), up to {both['certificate_max']:.3g} in case (b)."
+  )
 
 
 def verdict(report: dict[str, Any]) -> str:
   """The paper's claim against both cases."""
   by_p = {p["oversample"]: p for p in report["cases"][1]["summary"]["per_p"]}
   return (
-      "- So the paper's exact-aggregation claim reproduces in the setting it is stated for (one factor shared: "
-      "the DP mode FedASK is built for), at float32 precision. When both factors are trained (FedASK without DP) "
-      "the aggregation is a rank-r approximation, at best the truncated SVD of the exact mean, and oversampling "
-      f"p = 2..4 (the paper's recommendation) brings it within {by_p[2]['rms_over_floor']:.1f}x.."
-      f"{by_p[4]['rms_over_floor']:.1f}x of that floor here.")
+    "- So the paper's exact-aggregation claim reproduces in the setting it is stated for (one factor shared: "
+    "the DP mode FedASK is built for), at float32 precision. When both factors are trained (FedASK without DP) "
+    "the aggregation is a rank-r approximation, at best the truncated SVD of the exact mean, and oversampling "
+    f"p = 2..4 (the paper's recommendation) brings it within {by_p[2]['rms_over_floor']:.1f}x.."
+    f"{by_p[4]['rms_over_floor']:.1f}x of that floor here."
+  )
 
 
 def markdown(report: dict[str, Any]) -> str:
   config = report["config"]
   lines = [
-      "# Exact aggregation (Theorem 2): the FedASK sketch against the exact weighted mean", "",
-      _common.generated_by(config["command"], config["total_seconds"], config["device"]), "",
-      setup_text(report), "",
-      prediction_text(report), "",
-      *error_table(report), "",
-      "Per layer (mean over rounds and Omega draws; floor = best rank-r approximation's error, mean over rounds; "
-      "rank = the largest numerical rank of T over rounds):", "",
-      *layer_table(report), "",
-      "## Findings", "",
-      dp_finding(report), both_finding(report), certificate_finding(report), verdict(report), "",
-      f"![error vs oversampling]({report['stem']}.png)", "",
+    "# Exact aggregation (Theorem 2): the FedASK sketch against the exact weighted mean",
+    "",
+    _common.generated_by(config["command"], config["total_seconds"], config["device"]),
+    "",
+    setup_text(report),
+    "",
+    prediction_text(report),
+    "",
+    *error_table(report),
+    "",
+    "Per layer (mean over rounds and Omega draws; floor = best rank-r approximation's error, mean over rounds; "
+    "rank = the largest numerical rank of T over rounds):",
+    "",
+    *layer_table(report),
+    "",
+    "## Findings",
+    "",
+    dp_finding(report),
+    both_finding(report),
+    certificate_finding(report),
+    verdict(report),
+    "",
+    f"![error vs oversampling]({report['stem']}.png)",
+    "",
   ]
   return "\n".join(lines)
 
@@ -478,9 +626,16 @@ def measure(quick: bool, seed: int, stem: str, command: str) -> dict[str, Any]:
     result["summary"] = summarize(result, oversamples)
     cases.append(result)
   config = dict(
-      command=command, quick=quick, seed=seed, base_config=str(_common.QUICKSTART.relative_to(_common.REPO)),
-      settings=dataclasses.asdict(settings), oversamples=list(oversamples), covering_oversample=covering,
-      device=_common.device_report(), total_seconds=time.perf_counter() - start)
+    command=command,
+    quick=quick,
+    seed=seed,
+    base_config=str(_common.QUICKSTART.relative_to(_common.REPO)),
+    settings=dataclasses.asdict(settings),
+    oversamples=list(oversamples),
+    covering_oversample=covering,
+    device=_common.device_report(),
+    total_seconds=time.perf_counter() - start,
+  )
   return dict(stem=stem, config=config, cases=cases)
 
 

@@ -50,6 +50,7 @@ HELD_OUT_FRACTION = 0.05
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
   """Everything that defines a build; `--quick` swaps in `QUICK` (same architecture, tiny everything)."""
+
   vocab_size: int = 2048
   hidden_size: int = 128
   num_layers: int = 4
@@ -76,21 +77,28 @@ class BuildConfig:
 
 
 QUICK = BuildConfig(
-    vocab_size=320, seq_len=64, batch_size=4, steps=6, warmup_steps=2, eval_every=3,
-    shakespeare_chars=40_000, gsm8k_train_records=200, gsm8k_test_records=16)
+  vocab_size=320,
+  seq_len=64,
+  batch_size=4,
+  steps=6,
+  warmup_steps=2,
+  eval_every=3,
+  shakespeare_chars=40_000,
+  gsm8k_train_records=200,
+  gsm8k_test_records=16,
+)
 
 
 def read_corpora(data_dir: Path, cfg: BuildConfig) -> tuple[str, list[dict], list[dict]]:
   """Tiny Shakespeare text, GSM8K train records, GSM8K test records (dicts with "question", "answer")."""
   with gzip.open(data_dir / "tinyshakespeare" / "input.txt.gz", "rt", encoding="utf-8") as f:
-    shakespeare = f.read()[:cfg.shakespeare_chars]
+    shakespeare = f.read()[: cfg.shakespeare_chars]
 
   def jsonl(name: str, limit: int | None) -> list[dict]:
     with gzip.open(data_dir / "gsm8k" / name, "rt", encoding="utf-8") as f:
       return [json.loads(line) for line in f][:limit]
 
-  return shakespeare, jsonl("train.jsonl.gz", cfg.gsm8k_train_records), jsonl(
-      "test.jsonl.gz", cfg.gsm8k_test_records)
+  return shakespeare, jsonl("train.jsonl.gz", cfg.gsm8k_train_records), jsonl("test.jsonl.gz", cfg.gsm8k_test_records)
 
 
 def split_held_out(shakespeare: str, questions: list[str]) -> tuple[str, str, list[str], list[str]]:
@@ -103,31 +111,50 @@ def split_held_out(shakespeare: str, questions: list[str]) -> tuple[str, str, li
 def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
   """Byte-level BPE with single-digit pre-tokens; encodes as `<s> text` (no `</s>`)."""
   tokenizer = Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       pre_tokenizers.Digits(individual_digits=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False),
-  ])
+    ]
+  )
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    vocab_size=vocab_size,
+    special_tokens=[PAD, BOS, EOS],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   tokenizer.train_from_iterator(texts, trainer)
   tokenizer.post_processor = processors.TemplateProcessing(
-      single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))])
+    single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+  )
   return PreTrainedTokenizerFast(
-      tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-      add_bos_token=True, add_eos_token=False, model_max_length=max_length)
+    tokenizer_object=tokenizer,
+    bos_token=BOS,
+    eos_token=EOS,
+    pad_token=PAD,
+    add_bos_token=True,
+    add_eos_token=False,
+    model_max_length=max_length,
+  )
 
 
 def llama_config(cfg: BuildConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
   """The transformers config: the architecture of `cfg`, the tokenizer's vocabulary and special ids."""
   return LlamaConfig(
-      vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, tie_word_embeddings=True,
-      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-      eos_token_id=tokenizer.eos_token_id)
+    vocab_size=len(tokenizer),
+    hidden_size=cfg.hidden_size,
+    intermediate_size=cfg.intermediate_size,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    max_position_embeddings=cfg.max_position_embeddings,
+    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    tie_word_embeddings=True,
+    pad_token_id=tokenizer.pad_token_id,
+    bos_token_id=tokenizer.bos_token_id,
+    eos_token_id=tokenizer.eos_token_id,
+  )
 
 
 def document_stream(tokenizer: PreTrainedTokenizerFast, documents: list[str]) -> torch.Tensor:
@@ -143,7 +170,7 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
   n = len(stream) // seq_len
   if n == 0:
     raise ValueError(f"stream of {len(stream)} tokens is shorter than seq_len={seq_len}; use more data.")
-  return stream[:n * seq_len].view(n, seq_len)
+  return stream[: n * seq_len].view(n, seq_len)
 
 
 @torch.no_grad()
@@ -154,7 +181,8 @@ def lm_loss(model: LlamaForCausalLM, tokens: torch.Tensor, batch_size: int = 16)
   for chunk in tokens.split(batch_size):
     logits = model(input_ids=chunk).logits[:, :-1]
     total += torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum").item()
+      logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+    ).item()
     count += chunk[:, 1:].numel()
   model.train()
   return total / count
@@ -168,25 +196,27 @@ def prompt_response_ids(tokenizer: PreTrainedTokenizerFast, record: dict) -> tup
 
 
 @torch.no_grad()
-def response_loss(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, records: list[dict],
-                  max_len: int, batch_size: int = 16) -> float:
+def response_loss(
+  model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, records: list[dict], max_len: int, batch_size: int = 16
+) -> float:
   """Mean loss (nats/token) of the answer tokens given the question, over `records`, truncated to max_len."""
   pairs = sorted((prompt_response_ids(tokenizer, r) for r in records), key=lambda pr: len(pr[0]) + len(pr[1]))
   model.eval()
   total, count = 0.0, 0
   # Length-sorted batches padded to their own longest example: the sum over tokens does not depend on order.
   for start in range(0, len(pairs), batch_size):
-    batch = [(prompt, (prompt + response)[:max_len]) for prompt, response in pairs[start:start + batch_size]]
+    batch = [(prompt, (prompt + response)[:max_len]) for prompt, response in pairs[start : start + batch_size]]
     ids = torch.full((len(batch), max(len(seq) for _, seq in batch)), tokenizer.pad_token_id)
     labels = torch.full_like(ids, -100)
     for i, (prompt, seq) in enumerate(batch):
-      ids[i, :len(seq)] = torch.tensor(seq)
-      labels[i, len(prompt):len(seq)] = torch.tensor(seq[len(prompt):], dtype=torch.long)
+      ids[i, : len(seq)] = torch.tensor(seq)
+      labels[i, len(prompt) : len(seq)] = torch.tensor(seq[len(prompt) :], dtype=torch.long)
     # No attention mask needed: with right padding and causal attention no real token attends to a pad,
     # and the pads' own predictions carry label -100.
     logits = model(input_ids=ids).logits[:, :-1]
     total += torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum").item()
+      logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
+    ).item()
     count += (labels[:, 1:] != -100).sum().item()
   model.train()
   return total / count
@@ -201,20 +231,23 @@ def learning_rate(step: int, cfg: BuildConfig) -> float:
   return cfg.peak_lr * (cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * cosine)
 
 
-def pretrain(model: LlamaForCausalLM, train_stream: torch.Tensor, val_sets: dict[str, torch.Tensor],
-             cfg: BuildConfig, seed: int) -> tuple[float, dict[str, float]]:
+def pretrain(
+  model: LlamaForCausalLM, train_stream: torch.Tensor, val_sets: dict[str, torch.Tensor], cfg: BuildConfig, seed: int
+) -> tuple[float, dict[str, float]]:
   """AdamW on random windows of the training stream; returns (final train loss, final val losses)."""
   decay = [p for p in model.parameters() if p.ndim >= 2]
   no_decay = [p for p in model.parameters() if p.ndim < 2]  # RMSNorm gains
   optimizer = torch.optim.AdamW(
-      [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-      lr=cfg.peak_lr, betas=(0.9, 0.95))
+    [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    lr=cfg.peak_lr,
+    betas=(0.9, 0.95),
+  )
   batches = torch.Generator().manual_seed(seed)
   recent: list[float] = []
   start = time.perf_counter()
   for step in range(cfg.steps):
     offsets = torch.randint(0, len(train_stream) - cfg.seq_len, (cfg.batch_size,), generator=batches)
-    input_ids = torch.stack([train_stream[o:o + cfg.seq_len] for o in offsets])
+    input_ids = torch.stack([train_stream[o : o + cfg.seq_len] for o in offsets])
     for group in optimizer.param_groups:
       group["lr"] = learning_rate(step, cfg)
     loss = model(input_ids=input_ids, labels=input_ids).loss
@@ -223,23 +256,31 @@ def pretrain(model: LlamaForCausalLM, train_stream: torch.Tensor, val_sets: dict
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # The reported train loss is the mean over the last eval_every steps (a single batch is noisy).
-    recent = (recent + [loss.item()])[-cfg.eval_every:]
+    recent = (recent + [loss.item()])[-cfg.eval_every :]
     if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
       val = {name: lm_loss(model, data) for name, data in val_sets.items()}
       elapsed = time.perf_counter() - start
-      print(f"step {step + 1}/{cfg.steps}  train {np.mean(recent):.4f}  "
-            + "  ".join(f"val_{k} {v:.4f}" for k, v in val.items())
-            + f"  {elapsed:.0f}s ({(step + 1) / elapsed:.2f} steps/s)", flush=True)
+      print(
+        f"step {step + 1}/{cfg.steps}  train {np.mean(recent):.4f}  "
+        + "  ".join(f"val_{k} {v:.4f}" for k, v in val.items())
+        + f"  {elapsed:.0f}s ({(step + 1) / elapsed:.2f} steps/s)",
+        flush=True,
+      )
   return float(np.mean(recent)), val
 
 
 def token_length_stats(tokenizer: PreTrainedTokenizerFast, records: list[dict]) -> dict[str, float]:
   """Tokens per GSM8K example `<s> question \\n answer </s>`: mean, percentiles, share fitting 256/512."""
   lengths = np.array([sum(map(len, prompt_response_ids(tokenizer, r))) for r in records])
-  return {"mean": float(lengths.mean()), "p50": float(np.percentile(lengths, 50)),
-          "p90": float(np.percentile(lengths, 90)), "p99": float(np.percentile(lengths, 99)),
-          "max": int(lengths.max()), "fit_256": float((lengths <= 256).mean()),
-          "fit_512": float((lengths <= 512).mean())}
+  return {
+    "mean": float(lengths.mean()),
+    "p50": float(np.percentile(lengths, 50)),
+    "p90": float(np.percentile(lengths, 90)),
+    "p99": float(np.percentile(lengths, 99)),
+    "max": int(lengths.max()),
+    "fit_256": float((lengths <= 256).mean()),
+    "fit_512": float((lengths <= 512).mean()),
+  }
 
 
 MODEL_CARD = """\
@@ -298,8 +339,12 @@ Tokens per GSM8K train example (`<s> question \\n answer </s>`): mean {len_mean:
 def main(argv: list[str] | None = None) -> Path:
   """Builds tokenizer and model, pretrains, writes the checkpoint and its card; returns the output directory."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", type=Path, default=None,
-                      help="output directory (default: experiments/base_model, or a temp dir with --quick)")
+  parser.add_argument(
+    "--out",
+    type=Path,
+    default=None,
+    help="output directory (default: experiments/base_model, or a temp dir with --quick)",
+  )
   parser.add_argument("--steps", type=int, default=None, help=f"pretraining steps (default {BuildConfig.steps})")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results may depend on it)")
@@ -313,8 +358,9 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = dataclasses.replace(cfg, steps=args.steps)
   if args.threads < 1:
     raise ValueError(f"--threads={args.threads} must be >= 1; pass the number of torch CPU threads.")
-  out = args.out or (Path(tempfile.mkdtemp(prefix="base_model_quick_")) if args.quick
-                     else REPO / "experiments" / "base_model")
+  out = args.out or (
+    Path(tempfile.mkdtemp(prefix="base_model_quick_")) if args.quick else REPO / "experiments" / "base_model"
+  )
 
   torch.manual_seed(args.seed)
   torch.set_num_threads(args.threads)
@@ -322,14 +368,20 @@ def main(argv: list[str] | None = None) -> Path:
 
   shakespeare, train_records, test_records = read_corpora(args.data_dir, cfg)
   questions = [r["question"] for r in train_records]
-  tokenizer = train_tokenizer([shakespeare] + questions + [r["answer"] for r in train_records], cfg.vocab_size,
-                              cfg.max_position_embeddings)
+  tokenizer = train_tokenizer(
+    [shakespeare] + questions + [r["answer"] for r in train_records], cfg.vocab_size, cfg.max_position_embeddings
+  )
   sh_train, sh_val, q_train, q_val = split_held_out(shakespeare, questions)
   train_stream = torch.cat([document_stream(tokenizer, [sh_train]), document_stream(tokenizer, q_train)])
-  val_sets = {"shakespeare": windows(document_stream(tokenizer, [sh_val]), cfg.seq_len),
-              "questions": windows(document_stream(tokenizer, q_val), cfg.seq_len)}
-  print(f"tokenizer vocab {len(tokenizer)}; train stream {len(train_stream):,} tokens; "
-        f"val windows {[len(v) for v in val_sets.values()]}", flush=True)
+  val_sets = {
+    "shakespeare": windows(document_stream(tokenizer, [sh_val]), cfg.seq_len),
+    "questions": windows(document_stream(tokenizer, q_val), cfg.seq_len),
+  }
+  print(
+    f"tokenizer vocab {len(tokenizer)}; train stream {len(train_stream):,} tokens; "
+    f"val windows {[len(v) for v in val_sets.values()]}",
+    flush=True,
+  )
 
   model = LlamaForCausalLM(llama_config(cfg, tokenizer))
   n_params = sum(p.numel() for p in model.parameters())
@@ -345,20 +397,47 @@ def main(argv: list[str] | None = None) -> Path:
   tokenizer.save_pretrained(out)
   lengths = token_length_stats(tokenizer, train_records)
   shown_out = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
-  command = (f"python experiments/make_base_model.py --out {shown_out} --steps {cfg.steps} --seed {args.seed} "
-             f"--threads {args.threads}" + " --quick" * args.quick)
-  (out / "README.md").write_text(MODEL_CARD.format(
-      command=command, wall=wall, steps=cfg.steps, seed=args.seed, hidden=cfg.hidden_size,
-      layers=cfg.num_layers, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, inter=cfg.intermediate_size,
-      rope=cfg.rope_theta, max_pos=cfg.max_position_embeddings, params=n_params,
-      weight_bytes=(out / "model.safetensors").stat().st_size, vocab=len(tokenizer), seq_len=cfg.seq_len,
-      batch=cfg.batch_size, tokens=cfg.steps * cfg.batch_size * cfg.seq_len / 1e6, wd=cfg.weight_decay,
-      warmup=cfg.warmup_steps, lr=cfg.peak_lr, final_frac=cfg.final_lr_fraction, clip=cfg.grad_clip,
-      eval_every=cfg.eval_every, train_loss=train_loss, val_shakespeare=val["shakespeare"],
-      val_questions=val["questions"], test_answer_loss=test_answer_loss, log_vocab=math.log(len(tokenizer)),
-      **{f"len_{k}": v for k, v in lengths.items()}))
-  print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()):,} bytes); "
-        f"tokens per GSM8K example: {lengths}", flush=True)
+  command = (
+    f"python experiments/make_base_model.py --out {shown_out} --steps {cfg.steps} --seed {args.seed} "
+    f"--threads {args.threads}" + " --quick" * args.quick
+  )
+  (out / "README.md").write_text(
+    MODEL_CARD.format(
+      command=command,
+      wall=wall,
+      steps=cfg.steps,
+      seed=args.seed,
+      hidden=cfg.hidden_size,
+      layers=cfg.num_layers,
+      heads=cfg.num_heads,
+      kv_heads=cfg.num_kv_heads,
+      inter=cfg.intermediate_size,
+      rope=cfg.rope_theta,
+      max_pos=cfg.max_position_embeddings,
+      params=n_params,
+      weight_bytes=(out / "model.safetensors").stat().st_size,
+      vocab=len(tokenizer),
+      seq_len=cfg.seq_len,
+      batch=cfg.batch_size,
+      tokens=cfg.steps * cfg.batch_size * cfg.seq_len / 1e6,
+      wd=cfg.weight_decay,
+      warmup=cfg.warmup_steps,
+      lr=cfg.peak_lr,
+      final_frac=cfg.final_lr_fraction,
+      clip=cfg.grad_clip,
+      eval_every=cfg.eval_every,
+      train_loss=train_loss,
+      val_shakespeare=val["shakespeare"],
+      val_questions=val["questions"],
+      test_answer_loss=test_answer_loss,
+      log_vocab=math.log(len(tokenizer)),
+      **{f"len_{k}": v for k, v in lengths.items()},
+    )
+  )
+  print(
+    f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()):,} bytes); tokens per GSM8K example: {lengths}",
+    flush=True,
+  )
   return out
 
 

@@ -99,8 +99,17 @@ NAME = "method_comparison"
 STEM = "method_comparison_tuned"  # the results of this protocol (module docstring: files)
 
 SKETCH_STRATEGIES = ("fedask", "fedask-alt")
-METHODS = ("fedask:balanced", "fedask:orthonormal", "fedask:norm", "fedask-alt:balanced", "fedavg", "ffa-lora",
-           "fedsa-lora", "fedprox", "scaffold")
+METHODS = (
+  "fedask:balanced",
+  "fedask:orthonormal",
+  "fedask:norm",
+  "fedask-alt:balanced",
+  "fedavg",
+  "ffa-lora",
+  "fedsa-lora",
+  "fedprox",
+  "scaffold",
+)
 # name -> (data.partition, data.dirichlet_alpha); the paper's non-IID settings are Dirichlet(0.1) and (0.5).
 PARTITIONS = {"iid": ("iid", None), "dir0.5": ("dirichlet", 0.5), "dir0.1": ("dirichlet", 0.1)}
 PARTITION_LABELS = {"iid": "IID", "dir0.5": "Dirichlet(0.5)", "dir0.1": "Dirichlet(0.1)"}
@@ -116,11 +125,15 @@ def lattice_lr(step: int) -> float:
 def split_method(method: str) -> tuple[str, str | None]:
   """(strategy, gauge) of a method name: "fedask:norm" -> ("fedask", "norm"), "fedavg" -> ("fedavg", None)."""
   strategy, _, gauge = method.partition(":")
-  if strategy not in STRATEGIES or (strategy in SKETCH_STRATEGIES) != bool(gauge) or (
-      gauge and gauge not in sketch.GAUGES):
+  if (
+    strategy not in STRATEGIES
+    or (strategy in SKETCH_STRATEGIES) != bool(gauge)
+    or (gauge and gauge not in sketch.GAUGES)
+  ):
     raise ValueError(
-        f"method {method!r}: expected a strategy of {sorted(STRATEGIES)}, with ':<gauge>' (one of {sketch.GAUGES}) "
-        f"for {' and '.join(SKETCH_STRATEGIES)} only, e.g. 'fedask:balanced'.")
+      f"method {method!r}: expected a strategy of {sorted(STRATEGIES)}, with ':<gauge>' (one of {sketch.GAUGES}) "
+      f"for {' and '.join(SKETCH_STRATEGIES)} only, e.g. 'fedask:balanced'."
+    )
   return strategy, gauge or None
 
 
@@ -166,42 +179,104 @@ class Settings:
   def training(self) -> dict[str, Any]:
     """The settings that change a run's result (the grid's axes and the tuning protocol excluded): runs agree
     on these to be compared."""
-    other = ("methods", "epsilons", "partitions", "seeds", "tuning_steps", "max_extension", "tuning_seeds",
-             "lr_source")
+    other = ("methods", "epsilons", "partitions", "seeds", "tuning_steps", "max_extension", "tuning_seeds", "lr_source")
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in other}
 
 
 # GSM8K's train split holds 7,473 problems: the last 200 are the validation split of the cpu, long and full modes.
 GSM8K_TRAIN = 7473
 MODES = {
-    # 4 IID clients of 500 examples, the sketch methods and two baselines, eps {1, inf}, 3 seeds; 3 rates, 1 seed.
-    "quick": Settings(
-        methods=("fedask:balanced", "fedask:norm", "fedavg", "ffa-lora"), epsilons=(1.0, math.inf),
-        partitions=("iid",), seeds=(0, 1, 2), rounds=6, num_clients=4, clients_per_round=2, local_steps=2,
-        batch_size=8, max_seq_len=96, train_examples=2000, validation_examples=64, eval_examples=64,
-        eval_batch_size=32, min_client_size=64, tuning_steps=(-3, -2, -1), max_extension=0, tuning_seeds=(100,),
-        accuracy_problems=0),
-    # The whole grid (9 x 4 x 3 x 3 = 324 runs) on the paper's federation, with runs short enough for a CPU.
-    "cpu": Settings(
-        methods=METHODS, epsilons=(1.0, 3.0, 6.0, math.inf), partitions=tuple(PARTITIONS), seeds=(0, 1, 2),
-        rounds=20, num_clients=10, clients_per_round=2, local_steps=3, batch_size=8, max_seq_len=128,
-        train_examples=GSM8K_TRAIN - 200, validation_examples=200, eval_examples=200, eval_batch_size=50,
-        min_client_size=160, tuning_steps=tuple(range(-5, 1)), max_extension=3, tuning_seeds=(100, 101, 102),
-        accuracy_problems=64, accuracy_tokens=128),
-    # Long runs (100 rounds) of the FedASK gauges and the two closest baselines, at the cpu mode's tuned rates.
-    "long": Settings(
-        methods=("fedask:balanced", "fedask:orthonormal", "fedask:norm", "ffa-lora", "fedavg"), epsilons=(1.0, 6.0),
-        partitions=("iid", "dir0.1"), seeds=(0, 1, 2), rounds=100, num_clients=10, clients_per_round=2,
-        local_steps=3, batch_size=8, max_seq_len=128, train_examples=GSM8K_TRAIN - 200, validation_examples=200,
-        eval_examples=200, eval_batch_size=50, min_client_size=160, tuning_steps=(), max_extension=0,
-        tuning_seeds=(), lr_source="cpu", accuracy_problems=0),
-    # The paper's federation at full length (a GPU), 9 x 4 x 3 x 3 = 324 runs.
-    "full": Settings(
-        methods=METHODS, epsilons=(1.0, 3.0, 6.0, math.inf), partitions=tuple(PARTITIONS), seeds=(0, 1, 2),
-        rounds=80, num_clients=10, clients_per_round=2, local_steps=5, batch_size=16, max_seq_len=192,
-        train_examples=GSM8K_TRAIN - 200, validation_examples=200, eval_examples=200, eval_batch_size=50,
-        min_client_size=160, tuning_steps=tuple(range(-5, 1)), max_extension=3, tuning_seeds=(100, 101, 102),
-        accuracy_problems=64, accuracy_tokens=128),
+  # 4 IID clients of 500 examples, the sketch methods and two baselines, eps {1, inf}, 3 seeds; 3 rates, 1 seed.
+  "quick": Settings(
+    methods=("fedask:balanced", "fedask:norm", "fedavg", "ffa-lora"),
+    epsilons=(1.0, math.inf),
+    partitions=("iid",),
+    seeds=(0, 1, 2),
+    rounds=6,
+    num_clients=4,
+    clients_per_round=2,
+    local_steps=2,
+    batch_size=8,
+    max_seq_len=96,
+    train_examples=2000,
+    validation_examples=64,
+    eval_examples=64,
+    eval_batch_size=32,
+    min_client_size=64,
+    tuning_steps=(-3, -2, -1),
+    max_extension=0,
+    tuning_seeds=(100,),
+    accuracy_problems=0,
+  ),
+  # The whole grid (9 x 4 x 3 x 3 = 324 runs) on the paper's federation, with runs short enough for a CPU.
+  "cpu": Settings(
+    methods=METHODS,
+    epsilons=(1.0, 3.0, 6.0, math.inf),
+    partitions=tuple(PARTITIONS),
+    seeds=(0, 1, 2),
+    rounds=20,
+    num_clients=10,
+    clients_per_round=2,
+    local_steps=3,
+    batch_size=8,
+    max_seq_len=128,
+    train_examples=GSM8K_TRAIN - 200,
+    validation_examples=200,
+    eval_examples=200,
+    eval_batch_size=50,
+    min_client_size=160,
+    tuning_steps=tuple(range(-5, 1)),
+    max_extension=3,
+    tuning_seeds=(100, 101, 102),
+    accuracy_problems=64,
+    accuracy_tokens=128,
+  ),
+  # Long runs (100 rounds) of the FedASK gauges and the two closest baselines, at the cpu mode's tuned rates.
+  "long": Settings(
+    methods=("fedask:balanced", "fedask:orthonormal", "fedask:norm", "ffa-lora", "fedavg"),
+    epsilons=(1.0, 6.0),
+    partitions=("iid", "dir0.1"),
+    seeds=(0, 1, 2),
+    rounds=100,
+    num_clients=10,
+    clients_per_round=2,
+    local_steps=3,
+    batch_size=8,
+    max_seq_len=128,
+    train_examples=GSM8K_TRAIN - 200,
+    validation_examples=200,
+    eval_examples=200,
+    eval_batch_size=50,
+    min_client_size=160,
+    tuning_steps=(),
+    max_extension=0,
+    tuning_seeds=(),
+    lr_source="cpu",
+    accuracy_problems=0,
+  ),
+  # The paper's federation at full length (a GPU), 9 x 4 x 3 x 3 = 324 runs.
+  "full": Settings(
+    methods=METHODS,
+    epsilons=(1.0, 3.0, 6.0, math.inf),
+    partitions=tuple(PARTITIONS),
+    seeds=(0, 1, 2),
+    rounds=80,
+    num_clients=10,
+    clients_per_round=2,
+    local_steps=5,
+    batch_size=16,
+    max_seq_len=192,
+    train_examples=GSM8K_TRAIN - 200,
+    validation_examples=200,
+    eval_examples=200,
+    eval_batch_size=50,
+    min_client_size=160,
+    tuning_steps=tuple(range(-5, 1)),
+    max_extension=3,
+    tuning_seeds=(100, 101, 102),
+    accuracy_problems=64,
+    accuracy_tokens=128,
+  ),
 }
 
 
@@ -214,21 +289,32 @@ def eps_label(epsilon: float | None) -> str:
   return "inf" if epsilon is None or math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def run_overrides(settings: Settings, method: str, epsilon: float, partition: str, seed: int,
-                  lr: float | None = None) -> list[str]:
+def run_overrides(
+  settings: Settings, method: str, epsilon: float, partition: str, seed: int, lr: float | None = None
+) -> list[str]:
   """The overrides of the quickstart that make one run's config: the settings, the grid point and the learning
   rate (None: the quickstart's)."""
   s = settings
   strategy, gauge = split_method(method)
   scheme, alpha = PARTITIONS[partition]
   values = {
-      "strategy": strategy, "rounds": s.rounds, "num_clients": s.num_clients,
-      "clients_per_round": s.clients_per_round, "local_steps": s.local_steps, "batch_size": s.batch_size,
-      "seed": seed, "model.path": _common.REPO / "experiments/base_model", "data.path": _common.REPO / "data/gsm8k",
-      "data.max_seq_len": s.max_seq_len, "data.max_train_examples": s.train_examples, "data.partition": scheme,
-      "data.min_client_size": s.min_client_size, "eval.max_examples": s.eval_examples,
-      "eval.batch_size": s.eval_batch_size, "privacy.enabled": not math.isinf(epsilon),
-      "client_chunk": _common.cpu_client_chunk(),
+    "strategy": strategy,
+    "rounds": s.rounds,
+    "num_clients": s.num_clients,
+    "clients_per_round": s.clients_per_round,
+    "local_steps": s.local_steps,
+    "batch_size": s.batch_size,
+    "seed": seed,
+    "model.path": _common.REPO / "experiments/base_model",
+    "data.path": _common.REPO / "data/gsm8k",
+    "data.max_seq_len": s.max_seq_len,
+    "data.max_train_examples": s.train_examples,
+    "data.partition": scheme,
+    "data.min_client_size": s.min_client_size,
+    "eval.max_examples": s.eval_examples,
+    "eval.batch_size": s.eval_batch_size,
+    "privacy.enabled": not math.isinf(epsilon),
+    "client_chunk": _common.cpu_client_chunk(),
   }
   if gauge is not None:
     values["sketch.gauge"] = gauge
@@ -241,8 +327,9 @@ def run_overrides(settings: Settings, method: str, epsilon: float, partition: st
   return _common.overrides(values)
 
 
-def run_config(settings: Settings, method: str, epsilon: float, partition: str, seed: int,
-               lr: float | None = None) -> Config:
+def run_config(
+  settings: Settings, method: str, epsilon: float, partition: str, seed: int, lr: float | None = None
+) -> Config:
   """The config of one run (`run_overrides` applied to the quickstart's), as `fedask-jax train` would load it."""
   return load_config(_common.QUICKSTART, run_overrides(settings, method, epsilon, partition, seed, lr))
 
@@ -303,10 +390,12 @@ class Grid:
     self.records = runner.load_records(base, "train", base.data.max_train_examples)
     self.template = fdata.get_template(base.data.template, **base.data.template_fields)
     self.encoded = fdata.encode(self.records, self.template, self.tokenizer, base.data.max_seq_len)
-    held = runner.load_records(base, "train", len(self.records) + settings.validation_examples)[len(self.records):]
+    held = runner.load_records(base, "train", len(self.records) + settings.validation_examples)[len(self.records) :]
     if len(held) != settings.validation_examples:
-      raise ValueError(f"the train split holds {len(self.records) + len(held)} problems: too few for "
-                       f"{len(self.records)} training and {settings.validation_examples} validation problems.")
+      raise ValueError(
+        f"the train split holds {len(self.records) + len(held)} problems: too few for "
+        f"{len(self.records)} training and {settings.validation_examples} validation problems."
+      )
     self.validation_data = fdata.encode(held, self.template, self.tokenizer, base.data.max_seq_len)
     n = settings.accuracy_problems
     self.problems = runner.load_records(base, "eval", n) if n else []
@@ -328,12 +417,23 @@ class Grid:
     and the learning rate are passed per call (`compiled`), so the DPConfig's sigma and the lr are placeholders."""
     if (method, private) not in self._rounds:
       config = run_config(self.settings, method, 1.0 if private else math.inf, "iid", self.seed)
-      dp = None if not private else DPConfig(
-          clip_norm=config.privacy.clip_norm, noise_multiplier=1.0, expected_batch_size=float(config.batch_size),
-          mechanism=config.privacy.mechanism)
+      dp = (
+        None
+        if not private
+        else DPConfig(
+          clip_norm=config.privacy.clip_norm,
+          noise_multiplier=1.0,
+          expected_batch_size=float(config.batch_size),
+          mechanism=config.privacy.mechanism,
+        )
+      )
       self._rounds[method, private] = FederatedRound(
-          self.model, runner.make_strategy(config), optimizer=runner.make_optimizer(config), dp=dp,
-          client_chunk=config.client_chunk)
+        self.model,
+        runner.make_strategy(config),
+        optimizer=runner.make_optimizer(config),
+        dp=dp,
+        client_chunk=config.client_chunk,
+      )
     return self._rounds[method, private]
 
   def compiled(self, method: str, private: bool, trained: str):
@@ -350,8 +450,19 @@ class Grid:
       def one_round(lr, state, frozen_state, batches, ids, weights, round_key, *sigma):
         optimizer = runner.make_optimizer(dataclasses.replace(config, lr=lr))
         training = dataclasses.replace(fed.training, optimizer=optimizer)
-        new, metrics = round_step(training, trained, state, frozen_state, batches, ids, weights, round_key, *sigma,
-                                  client_chunk=fed.client_chunk, mesh=fed.mesh)
+        new, metrics = round_step(
+          training,
+          trained,
+          state,
+          frozen_state,
+          batches,
+          ids,
+          weights,
+          round_key,
+          *sigma,
+          client_chunk=fed.client_chunk,
+          mesh=fed.mesh,
+        )
         norms = jnp.stack([jnp.linalg.norm(f.lora_a) for f in new.adapters.values()])
         kept = ("train_loss", "clipped_fraction", "reconstruction_error")
         return new, dict({k: v for k, v in metrics.items() if k in kept}, lora_a_norm=norms)
@@ -361,8 +472,7 @@ class Grid:
 
   def sampler(self, private: bool):
     if private not in self._samplers:
-      config = run_config(self.settings, self.settings.methods[0], 1.0 if private else math.inf, "iid",
-                          self.seed)
+      config = run_config(self.settings, self.settings.methods[0], 1.0 if private else math.inf, "iid", self.seed)
       self._samplers[private] = runner.round_sampler(config, self.capacity if private else config.batch_size)
     return self._samplers[private]
 
@@ -386,10 +496,12 @@ class Grid:
         plan, capacity = runner.plan_privacy(config, self.client_data(partition, seed)[1])
         if capacity > self.capacity:
           raise RuntimeError(
-              f"the privacy plan of ({epsilon}, {partition}, seed {seed}) needs {capacity} slots per step, more than "
-              f"the shared capacity {self.capacity}: the module docstring's bound does not hold for these settings.")
-        spent = privacy.epsilon_spent(plan.schedule, plan.noise_multiplier, plan.accountant_delta,
-                                      config.privacy.accountant)
+            f"the privacy plan of ({epsilon}, {partition}, seed {seed}) needs {capacity} slots per step, more than "
+            f"the shared capacity {self.capacity}: the module docstring's bound does not hold for these settings."
+          )
+        spent = privacy.epsilon_spent(
+          plan.schedule, plan.noise_multiplier, plan.accountant_delta, config.privacy.accountant
+        )
         self._plans[key] = (plan, spent)
     return self._plans[key]
 
@@ -413,9 +525,14 @@ class Grid:
       return None
     nnx.update(self.model, from_adapters(nnx.state(self.model, nnx.LoRAParam), adapters))
     # One batch of all problems: one prompt shape, one compilation of the generation loop.
-    return evaluation.exact_match(self.model, self.tokenizer, self.problems, template=self.template,
-                                  max_new_tokens=self.settings.accuracy_tokens,
-                                  batch_size=len(self.problems)).accuracy
+    return evaluation.exact_match(
+      self.model,
+      self.tokenizer,
+      self.problems,
+      template=self.template,
+      max_new_tokens=self.settings.accuracy_tokens,
+      batch_size=len(self.problems),
+    ).accuracy
 
   def compile_counts(self) -> dict[str, int]:
     """Compilations since this grid was built (`Compilations`): of each round variant (`round_label`), each
@@ -432,8 +549,9 @@ class Grid:
 
   # ----- one run -----
 
-  def run(self, method: str, epsilon: float, partition: str, seed: int, lr: float, *,
-          validation: bool = False) -> dict[str, Any]:
+  def run(
+    self, method: str, epsilon: float, partition: str, seed: int, lr: float, *, validation: bool = False
+  ) -> dict[str, Any]:
     """One run at learning rate `lr` (module docstring); returns its record. With `validation` (a tuning run) the
     loss is measured on the validation split only (`valid_loss`), otherwise on the test problems (`eval_loss`)."""
     began = time.perf_counter()
@@ -456,11 +574,18 @@ class Grid:
       trained = fed.trained(t)
       with self.compilations.counting(round_label(method, private, trained)):
         state, metrics = self.compiled(method, private, trained)(
-            jnp.float32(lr), state, fed.frozen_state, batches, ids, weights, round_key, *sigma)
+          jnp.float32(lr), state, fed.frozen_state, batches, ids, weights, round_key, *sigma
+        )
       per_round.append(metrics)
     per_round = jax.device_get(per_round)  # one transfer at the end: no host round trip inside the rounds
-    record = {"kind": "run", "method": method, "partition": partition, "target_epsilon": eps_key(epsilon),
-              "seed": seed, "lr": lr}
+    record = {
+      "kind": "run",
+      "method": method,
+      "partition": partition,
+      "target_epsilon": eps_key(epsilon),
+      "seed": seed,
+      "lr": lr,
+    }
     if validation:
       record["valid_loss"] = self.evaluate(state.adapters, self.validation_data)
     else:
@@ -468,24 +593,31 @@ class Grid:
       record["perplexity"] = math.exp(record["eval_loss"])
       record["accuracy"] = self.accuracy(state.adapters)
     losses = [float(m["train_loss"]) for m in per_round]
-    record.update({
-        "final_train_loss": losses[-1], "train_loss": losses,
+    record.update(
+      {
+        "final_train_loss": losses[-1],
+        "train_loss": losses,
         "clipped_fraction": float(np.mean([m["clipped_fraction"] for m in per_round])),
         "clipped_per_round": [float(m["clipped_fraction"]) for m in per_round],
         # ||lora_a_t||_F / ||lora_a_0||_F after round t, the mean over layers.
         "lora_a_scale": [float(np.mean(m["lora_a_norm"] / initial_norms)) for m in per_round],
         # The sketch's exactness certificate (module fedask_jax.sketch), the largest over the rounds.
-        "reconstruction_error": max((float(m["reconstruction_error"]) for m in per_round
-                                     if "reconstruction_error" in m), default=None),
-        "epsilon_spent": spent, "noise_multiplier": None if plan is None else plan.noise_multiplier,
+        "reconstruction_error": max(
+          (float(m["reconstruction_error"]) for m in per_round if "reconstruction_error" in m), default=None
+        ),
+        "epsilon_spent": spent,
+        "noise_multiplier": None if plan is None else plan.noise_multiplier,
         "sample_rate": None if plan is None else plan.schedule.sample_rate,
         "participation": None if plan is None else plan.schedule.participation,
         "participation_rate": None if plan is None else plan.schedule.participation_rate,
         "accountant": None if plan is None else config.privacy.accountant,
         "accountant_delta": None if plan is None else plan.accountant_delta,
-        "capacity": self.capacity if private else s.batch_size, "client_sizes": sizes.tolist(),
-        "settings": s.training(), "seconds": time.perf_counter() - began,
-    })
+        "capacity": self.capacity if private else s.batch_size,
+        "client_sizes": sizes.tolist(),
+        "settings": s.training(),
+        "seconds": time.perf_counter() - began,
+      }
+    )
     return record
 
 
@@ -493,8 +625,9 @@ class Grid:
 # The runs files.
 
 
-def run_id(method: str, epsilon: float | None, partition: str, seed: int, lr: float
-           ) -> tuple[str, float | None, str, int, float]:
+def run_id(
+  method: str, epsilon: float | None, partition: str, seed: int, lr: float
+) -> tuple[str, float | None, str, int, float]:
   return (method, eps_key(epsilon), partition, int(seed), float(lr))
 
 
@@ -502,8 +635,13 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
   """The run records of a runs file (the last record of each run: two invocations started on the same slice at
   once would both append it); [] when the file does not exist."""
   lines = runner.MetricsLog(path).read() if path.exists() else []
-  return list({run_id(r["method"], r["target_epsilon"], r["partition"], r["seed"], r["lr"]): r
-               for r in lines if r.get("kind") == "run"}.values())
+  return list(
+    {
+      run_id(r["method"], r["target_epsilon"], r["partition"], r["seed"], r["lr"]): r
+      for r in lines
+      if r.get("kind") == "run"
+    }.values()
+  )
 
 
 def done_runs(lines: Iterable[dict[str, Any]], settings: Settings, path: Path) -> set[tuple]:
@@ -514,11 +652,11 @@ def done_runs(lines: Iterable[dict[str, Any]], settings: Settings, path: Path) -
       continue
     if line["settings"] != json.loads(json.dumps(settings.training())):
       raise ValueError(
-          f"{path} holds a run ({line['method']}, eps {eps_label(line['target_epsilon'])}, {line['partition']}, "
-          f"seed {line['seed']}) made with other settings ({line['settings']}): use another --out, or move that file.")
+        f"{path} holds a run ({line['method']}, eps {eps_label(line['target_epsilon'])}, {line['partition']}, "
+        f"seed {line['seed']}) made with other settings ({line['settings']}): use another --out, or move that file."
+      )
     done.add(run_id(line["method"], line["target_epsilon"], line["partition"], line["seed"], line["lr"]))
   return done
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -556,9 +694,12 @@ def tuning_curves(settings: Settings, runs: Sequence[dict[str, Any]]) -> dict[tu
         else:
           break
       out[method, eps_key(epsilon)] = {
-          "steps": steps, "losses": {k: [done[k][s] for s in sorted(done[k])] for k in steps if k in done},
-          "complete": complete, "best": best,
-          "interior": best is not None and steps[0] < best < steps[-1]}
+        "steps": steps,
+        "losses": {k: [done[k][s] for s in sorted(done[k])] for k in steps if k in done},
+        "complete": complete,
+        "best": best,
+        "interior": best is not None and steps[0] < best < steps[-1],
+      }
   return out
 
 
@@ -568,8 +709,10 @@ def tuned_lrs(settings: Settings, path: Path) -> dict[tuple[str, float | None], 
   curves = tuning_curves(settings, read_runs(path))
   missing = [f"{m} eps {eps_label(e)}" for (m, e), c in curves.items() if not c["complete"]]
   if missing:
-    raise ValueError(f"the learning-rate tuning in {path} is not complete for {', '.join(missing)}: run this mode "
-                     "with --tune first (the same --only-methods).")
+    raise ValueError(
+      f"the learning-rate tuning in {path} is not complete for {', '.join(missing)}: run this mode "
+      "with --tune first (the same --only-methods)."
+    )
   return {key: lattice_lr(c["best"]) for key, c in curves.items()}
 
 
@@ -578,8 +721,13 @@ def tuning_points(settings: Settings, runs: Sequence[dict[str, Any]]) -> list[tu
   outermost (a seed's data and plans are built once)."""
   curves = tuning_curves(settings, runs)
   done = {run_id(r["method"], r["target_epsilon"], r["partition"], r["seed"], r["lr"]) for r in runs}
-  points = [(m, e, "iid", seed, lattice_lr(k)) for seed in settings.tuning_seeds for e in settings.epsilons
-            for m in settings.methods for k in curves[m, eps_key(e)]["steps"]]
+  points = [
+    (m, e, "iid", seed, lattice_lr(k))
+    for seed in settings.tuning_seeds
+    for e in settings.epsilons
+    for m in settings.methods
+    for k in curves[m, eps_key(e)]["steps"]
+  ]
   return [p for p in points if run_id(*p) not in done]
 
 
@@ -587,19 +735,24 @@ def tuning_points(settings: Settings, runs: Sequence[dict[str, Any]]) -> list[tu
 # Running.
 
 
-def grid_points(settings: Settings, lrs: dict[tuple[str, float | None], float]
-                ) -> list[tuple[str, float, str, int, float]]:
+def grid_points(
+  settings: Settings, lrs: dict[tuple[str, float | None], float]
+) -> list[tuple[str, float, str, int, float]]:
   """(method, epsilon, partition, seed, lr) in run order: partitions and seeds outermost, so a (partition, seed)'s
   client data and privacy plans are built once."""
-  return [(m, e, p, s, lrs[m, eps_key(e)]) for p in settings.partitions for s in settings.seeds
-          for e in settings.epsilons for m in settings.methods]
+  return [
+    (m, e, p, s, lrs[m, eps_key(e)])
+    for p in settings.partitions
+    for s in settings.seeds
+    for e in settings.epsilons
+    for m in settings.methods
+  ]
 
 
 def _run_points(grid: Grid, points, path: Path, validation: bool, progress: bool) -> None:
   from tqdm import tqdm
 
-  bar = tqdm(points, desc="tuning runs" if validation else "runs", unit="run", file=sys.stderr,
-             disable=not progress)
+  bar = tqdm(points, desc="tuning runs" if validation else "runs", unit="run", file=sys.stderr, disable=not progress)
   for method, epsilon, partition, seed, lr in bar:
     record = grid.run(method, epsilon, partition, seed, lr, validation=validation)
     runner.MetricsLog(path).append(record)
@@ -607,13 +760,24 @@ def _run_points(grid: Grid, points, path: Path, validation: bool, progress: bool
     bar.set_postfix(last=f"{method} eps={eps_label(epsilon)} {partition} s{seed} lr {lr:.3g}: {loss:.4f}")
 
 
-def _close_invocation(grid: Grid, path: Path, settings: Settings, command: str, runs: int, began: float,
-                      progress: bool) -> None:
+def _close_invocation(
+  grid: Grid, path: Path, settings: Settings, command: str, runs: int, began: float, progress: bool
+) -> None:
   counts, expected = grid.compile_counts(), grid.expected_compiles()
-  runner.MetricsLog(path).append({
-      "kind": "invocation", "command": command, "runs": runs, "seconds": time.perf_counter() - began,
-      "compile_counts": counts, "expected_compile_counts": expected, "base_eval_loss": grid.base_eval_loss,
-      "capacity": grid.capacity, "device": _common.device_report(), "settings": settings.as_json()})
+  runner.MetricsLog(path).append(
+    {
+      "kind": "invocation",
+      "command": command,
+      "runs": runs,
+      "seconds": time.perf_counter() - began,
+      "compile_counts": counts,
+      "expected_compile_counts": expected,
+      "base_eval_loss": grid.base_eval_loss,
+      "capacity": grid.capacity,
+      "device": _common.device_report(),
+      "settings": settings.as_json(),
+    }
+  )
   if progress:
     print(f"compilations: {sum(counts.values())} (expected {sum(expected.values())}): {counts}", file=sys.stderr)
 
@@ -624,8 +788,9 @@ def _grid_for(settings: Settings, grid: Grid | None) -> Grid:
   return grid or Grid(settings)
 
 
-def run_tuning(settings: Settings, path: Path, *, grid: Grid | None = None, progress: bool = True,
-               command: str = "") -> tuple[Grid | None, int]:
+def run_tuning(
+  settings: Settings, path: Path, *, grid: Grid | None = None, progress: bool = True, command: str = ""
+) -> tuple[Grid | None, int]:
   """Runs the tuning runs of `settings` (module docstring: protocol) not yet in `path`, adding edge extensions as
   they become due, until every (method, epsilon) has its chosen rate or hit the extension limit; returns (the
   grid used, None if nothing ran; the number of runs made)."""
@@ -640,8 +805,15 @@ def run_tuning(settings: Settings, path: Path, *, grid: Grid | None = None, prog
   return grid, made
 
 
-def run_grid(settings: Settings, path: Path, lrs: dict[tuple[str, float | None], float], *, grid: Grid | None = None,
-             progress: bool = True, command: str = "") -> tuple[Grid | None, int]:
+def run_grid(
+  settings: Settings,
+  path: Path,
+  lrs: dict[tuple[str, float | None], float],
+  *,
+  grid: Grid | None = None,
+  progress: bool = True,
+  command: str = "",
+) -> tuple[Grid | None, int]:
   """Runs every point of `settings` at its tuned rate `lrs[method, eps_key]` not yet in the runs file `path`,
   appending one line per run and one for the invocation; returns (the grid used, None if nothing ran; the
   number of runs made)."""
@@ -654,6 +826,7 @@ def run_grid(settings: Settings, path: Path, lrs: dict[tuple[str, float | None],
   _run_points(grid, todo, path, False, progress)
   _close_invocation(grid, path, settings, command, len(todo), began, progress)
   return grid, len(todo)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The report.
@@ -670,16 +843,24 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     loss = np.array([r["eval_loss"] for r in members], np.float64)
     acc = [r["accuracy"] for r in members if r.get("accuracy") is not None]
     spent = [r["epsilon_spent"] for r in members if r["epsilon_spent"] is not None]
-    rows.append({
-        "method": method, "partition": partition, "target_epsilon": epsilon,
-        "seeds": sorted(r["seed"] for r in members), "n": len(members), "lrs": sorted({r["lr"] for r in members}),
-        "eval_loss_mean": float(loss.mean()), "eval_loss_std": float(loss.std(ddof=1)) if len(loss) > 1 else 0.0,
+    rows.append(
+      {
+        "method": method,
+        "partition": partition,
+        "target_epsilon": epsilon,
+        "seeds": sorted(r["seed"] for r in members),
+        "n": len(members),
+        "lrs": sorted({r["lr"] for r in members}),
+        "eval_loss_mean": float(loss.mean()),
+        "eval_loss_std": float(loss.std(ddof=1)) if len(loss) > 1 else 0.0,
         "accuracy_mean": float(np.mean(acc)) if acc else None,
         "accuracy_std": float(np.std(acc, ddof=1)) if len(acc) > 1 else (0.0 if acc else None),
         "epsilon_spent_max": max(spent) if spent else None,
         "noise_multiplier_mean": float(np.mean([r["noise_multiplier"] for r in members]))
-        if members[0]["noise_multiplier"] is not None else None,
-    })
+        if members[0]["noise_multiplier"] is not None
+        else None,
+      }
+    )
   return rows
 
 
@@ -714,18 +895,23 @@ class Cells(NamedTuple):
 
 def cells(rows: Sequence[dict[str, Any]]) -> Cells:
   return Cells(
-      cell={(r["method"], r["partition"], r["target_epsilon"]): r for r in rows},
-      methods=_method_order(r["method"] for r in rows),
-      partitions=[p for p in PARTITIONS if any(r["partition"] == p for r in rows)],
-      epsilons=sorted({r["target_epsilon"] for r in rows}, key=lambda e: math.inf if e is None else e))
+    cell={(r["method"], r["partition"], r["target_epsilon"]): r for r in rows},
+    methods=_method_order(r["method"] for r in rows),
+    partitions=[p for p in PARTITIONS if any(r["partition"] == p for r in rows)],
+    epsilons=sorted({r["target_epsilon"] for r in rows}, key=lambda e: math.inf if e is None else e),
+  )
 
 
-def paired_gap(runs: Sequence[dict[str, Any]], a: str, b: str, partition: str, epsilon: float | None
-               ) -> tuple[float, float, int] | None:
+def paired_gap(
+  runs: Sequence[dict[str, Any]], a: str, b: str, partition: str, epsilon: float | None
+) -> tuple[float, float, int] | None:
   """(mean, standard error, n) over seeds of eval_loss(a) - eval_loss(b), paired by seed (same partition, initial
   adapters and run key), or None without common seeds. Negative: `a` is better."""
-  pick = lambda m: {r["seed"]: r["eval_loss"] for r in runs
-                    if r["method"] == m and r["partition"] == partition and r["target_epsilon"] == epsilon}
+  pick = lambda m: {
+    r["seed"]: r["eval_loss"]
+    for r in runs
+    if r["method"] == m and r["partition"] == partition and r["target_epsilon"] == epsilon
+  }
   ra, rb = pick(a), pick(b)
   seeds = sorted(set(ra) & set(rb))
   if not seeds:
@@ -740,8 +926,9 @@ def where(partition: str, epsilon: float | None) -> str:
   return f"{PARTITION_LABELS[partition]} eps {eps_label(epsilon)}"
 
 
-def fedask_gaps(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
-                ) -> dict[str, list[tuple[str, float | None, str, tuple[float, float, int]]]]:
+def fedask_gaps(
+  runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
+) -> dict[str, list[tuple[str, float | None, str, tuple[float, float, int]]]]:
   """Per FedASK variant (fedask:<gauge>): per cell (partition, epsilon), the best other method (lowest mean held-out
   loss among the methods that are not FedASK, fedask-alt included) and the paired gap FedASK minus it."""
   c = cells(rows)
@@ -777,15 +964,15 @@ def variant_claim(variant: str, gaps: Sequence[tuple[str, float | None, str, tup
   tied = sum(best_or_tied(gap) for *_, gap in private)
   per_cell = "; ".join(f"{where(p, e)}: {gap[0]:+.4f} +- {gap[1]:.4f} vs {best}" for p, e, best, gap in gaps)
   return (
-      f"**{variant}** against the best other method of each cell: lower mean held-out loss in {wins} of "
-      f"{len(gaps)} cells, by more than two paired standard errors in {clear_wins}, worse by more than two in "
-      f"{clear_losses}; best or tied (within two paired standard errors) in {tied} of {len(private)} private "
-      f"cells. Per cell, {variant} minus the best other method (paired by seed, mean +- standard error): "
-      f"{per_cell}.")
+    f"**{variant}** against the best other method of each cell: lower mean held-out loss in {wins} of "
+    f"{len(gaps)} cells, by more than two paired standard errors in {clear_wins}, worse by more than two in "
+    f"{clear_losses}; best or tied (within two paired standard errors) in {tied} of {len(private)} private "
+    f"cells. Per cell, {variant} minus the best other method (paired by seed, mean +- standard error): "
+    f"{per_cell}."
+  )
 
 
-def cell_gaps(runs: Sequence[dict[str, Any]], c: Cells, a: str, b: str,
-              with_se: bool) -> tuple[int, int, str] | None:
+def cell_gaps(runs: Sequence[dict[str, Any]], c: Cells, a: str, b: str, with_se: bool) -> tuple[int, int, str] | None:
   """`paired_gap` of a minus b in every cell where both ran: (cells where a is lower, cells, the per-cell gaps as
   text, with their standard errors if `with_se`); None if no cell has both."""
   if a not in c.methods or b not in c.methods:
@@ -811,8 +998,10 @@ def alternating_finding(runs: Sequence[dict[str, Any]], c: Cells) -> str | None:
   if (gaps := cell_gaps(runs, c, "fedask-alt:balanced", "fedask:balanced", with_se=False)) is None:
     return None
   better, count, per_cell = gaps
-  return (f"fedask-alt (our extension: the frozen factor alternates) vs fedask, both balanced: lower loss in "
-          f"{better} of {count} cells ({per_cell}).")
+  return (
+    f"fedask-alt (our extension: the frozen factor alternates) vs fedask, both balanced: lower loss in "
+    f"{better} of {count} cells ({per_cell})."
+  )
 
 
 def factors_finding(c: Cells) -> str | None:
@@ -828,9 +1017,10 @@ def factors_finding(c: Cells) -> str | None:
 
   per_epsilon = "; ".join(f"eps {eps_label(e)}: {mean(one, e):.4f} vs {mean(both, e):.4f}" for e in private)
   return (
-      "Noise on one factor vs on both (the paper's Lemma 1: noising both factors adds a term quadratic in "
-      f"sigma): mean loss of the methods that train one factor under DP ({', '.join(one)}) vs those that train "
-      f"both ({', '.join(both)}), over partitions: {per_epsilon}.")
+    "Noise on one factor vs on both (the paper's Lemma 1: noising both factors adds a term quadratic in "
+    f"sigma): mean loss of the methods that train one factor under DP ({', '.join(one)}) vs those that train "
+    f"both ({', '.join(both)}), over partitions: {per_epsilon}."
+  )
 
 
 def privacy_cost_finding(c: Cells) -> str | None:
@@ -840,14 +1030,14 @@ def privacy_cost_finding(c: Cells) -> str | None:
   costs = []
   for m in c.methods:
     for e in [e for e in c.epsilons if e is not None]:
-      diffs = [c.loss(m, p, e) - c.loss(m, p, None) for p in c.partitions
-               if (m, p, e) in c.cell and (m, p, None) in c.cell]
+      diffs = [
+        c.loss(m, p, e) - c.loss(m, p, None) for p in c.partitions if (m, p, e) in c.cell and (m, p, None) in c.cell
+      ]
       if diffs:
         costs.append(f"{m} eps {eps_label(e)}: {float(np.mean(diffs)):+.4f}")
   if not costs:
     return None
-  return ("Privacy cost (mean over partitions of loss at epsilon minus the non-private loss): "
-          + "; ".join(costs) + ".")
+  return "Privacy cost (mean over partitions of loss at epsilon minus the non-private loss): " + "; ".join(costs) + "."
 
 
 def dp_gain_finding(rows: Sequence[dict[str, Any]], base_loss: float | None) -> str | None:
@@ -858,11 +1048,15 @@ def dp_gain_finding(rows: Sequence[dict[str, Any]], base_loss: float | None) -> 
   gains = []
   for e in sorted({r["target_epsilon"] for r in private}):
     top = min((r for r in private if r["target_epsilon"] == e), key=lambda r: r["eval_loss_mean"])
-    gains.append(f"eps {eps_label(e)}: {base_loss - top['eval_loss_mean']:.4f} ({top['method']}, "
-                 f"{PARTITION_LABELS[top['partition']]})")
-  return ("Largest loss reduction from the base model under DP: " + "; ".join(gains) + ". Where it is small, the "
-          "DP cells compare methods that barely moved, and differences smaller than the seed spread are not "
-          "evidence either way.")
+    gains.append(
+      f"eps {eps_label(e)}: {base_loss - top['eval_loss_mean']:.4f} ({top['method']}, "
+      f"{PARTITION_LABELS[top['partition']]})"
+    )
+  return (
+    "Largest loss reduction from the base model under DP: " + "; ".join(gains) + ". Where it is small, the "
+    "DP cells compare methods that barely moved, and differences smaller than the seed spread are not "
+    "evidence either way."
+  )
 
 
 def range_finding(rows: Sequence[dict[str, Any]], base_loss: float | None) -> str | None:
@@ -875,8 +1069,10 @@ def range_finding(rows: Sequence[dict[str, Any]], base_loss: float | None) -> st
   def name(r: dict[str, Any]) -> str:
     return f"{r['method']}, {PARTITION_LABELS[r['partition']]}, eps {eps_label(r['target_epsilon'])}"
 
-  return (f"Every run starts from the base model's held-out loss {base_loss:.4f}; the best cell reaches "
-          f"{best['eval_loss_mean']:.4f} ({name(best)}), the worst {worst['eval_loss_mean']:.4f} ({name(worst)}).")
+  return (
+    f"Every run starts from the base model's held-out loss {base_loss:.4f}; the best cell reaches "
+    f"{best['eval_loss_mean']:.4f} ({name(best)}), the worst {worst['eval_loss_mean']:.4f} ({name(worst)})."
+  )
 
 
 def spent_finding(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> str | None:
@@ -885,8 +1081,10 @@ def spent_finding(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
   if not spent:
     return None
   ratio = max(r["epsilon_spent_max"] / r["target_epsilon"] for r in spent)
-  return (f"Epsilon actually spent (the smallest client, {accounting(runs)}) is at most {ratio:.4f} x the target in "
-          "every private cell.")
+  return (
+    f"Epsilon actually spent (the smallest client, {accounting(runs)}) is at most {ratio:.4f} x the target in "
+    "every private cell."
+  )
 
 
 def findings(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], base_loss: float | None) -> list[str]:
@@ -896,18 +1094,33 @@ def findings(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], bas
   variants = [m for m in c.methods if is_fedask(m)]
   candidates = [variant_claim(v, gaps) for v, gaps in fedask_gaps(runs, rows).items() if gaps]
   candidates += [rival_finding(runs, c, v, rival) for rival in ("ffa-lora", "fedavg") for v in variants]
-  candidates += [alternating_finding(runs, c), factors_finding(c), privacy_cost_finding(c),
-                 dp_gain_finding(rows, base_loss), range_finding(rows, base_loss), spent_finding(runs, rows)]
+  candidates += [
+    alternating_finding(runs, c),
+    factors_finding(c),
+    privacy_cost_finding(c),
+    dp_gain_finding(rows, base_loss),
+    range_finding(rows, base_loss),
+    spent_finding(runs, rows),
+  ]
   return [f for f in candidates if f is not None]
 
 
 def accounting(runs: Sequence[dict[str, Any]]) -> str:
   """How the private runs were accounted, e.g. 'PLD, sampled participation'. Runs recorded before the records
   named their accountant and participation model were accounted with RDP and worst-case participation."""
-  kinds = sorted({(r.get("accountant", "rdp"), r.get("participation", "worst_case"))
-                  for r in runs if r["target_epsilon"] is not None})
-  return "; ".join(f"{accountant.upper()}, {participation.replace('_', '-')} participation"
-                   for accountant, participation in kinds) or "no private runs"
+  kinds = sorted(
+    {
+      (r.get("accountant", "rdp"), r.get("participation", "worst_case"))
+      for r in runs
+      if r["target_epsilon"] is not None
+    }
+  )
+  return (
+    "; ".join(
+      f"{accountant.upper()}, {participation.replace('_', '-')} participation" for accountant, participation in kinds
+    )
+    or "no private runs"
+  )
 
 
 def mechanism_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -921,9 +1134,16 @@ def mechanism_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   for (m, p, e), members in groups.items():
     clipped = np.mean([r["clipped_per_round"] for r in members], axis=0)
     scale = np.mean([r["lora_a_scale"] for r in members], axis=0)
-    rows.append({"method": m, "partition": p, "target_epsilon": e, "clipped": [float(clipped[0]),
-                 float(clipped[min(1, len(clipped) - 1)]), float(clipped[-1])], "clipped_mean": float(clipped.mean()),
-                 "scale": [float(scale[0]), float(scale[-1])]})
+    rows.append(
+      {
+        "method": m,
+        "partition": p,
+        "target_epsilon": e,
+        "clipped": [float(clipped[0]), float(clipped[min(1, len(clipped) - 1)]), float(clipped[-1])],
+        "clipped_mean": float(clipped.mean()),
+        "scale": [float(scale[0]), float(scale[-1])],
+      }
+    )
   return rows
 
 
@@ -953,9 +1173,16 @@ def plot(rows: Sequence[dict[str, Any]], base_loss: float | None, path: Path, ti
       if not pts:
         continue
       offset = (i - (len(c.methods) - 1) / 2) * 0.04
-      ax.errorbar([j + offset for j, _ in pts], [r["eval_loss_mean"] for _, r in pts],
-                  yerr=[r["eval_loss_std"] for _, r in pts], marker="o", capsize=3, label=m, color=colors[m],
-                  linewidth=2.2 if is_fedask(m) else 1.2)
+      ax.errorbar(
+        [j + offset for j, _ in pts],
+        [r["eval_loss_mean"] for _, r in pts],
+        yerr=[r["eval_loss_std"] for _, r in pts],
+        marker="o",
+        capsize=3,
+        label=m,
+        color=colors[m],
+        linewidth=2.2 if is_fedask(m) else 1.2,
+      )
     if base_loss is not None:
       ax.axhline(base_loss, color="gray", linestyle="--", linewidth=1, label="base model")
     ax.set_xticks(x, [eps_label(e) for e in c.epsilons])
@@ -979,13 +1206,23 @@ def plot_tuning(curves: dict[tuple[str, float | None], dict], path: Path, title:
         continue
       steps = sorted(c["losses"])
       mean = [np.mean(c["losses"][k]) for k in steps]
-      se = [np.std(c["losses"][k], ddof=1) / math.sqrt(len(c["losses"][k])) if len(c["losses"][k]) > 1 else 0.0
-            for k in steps]
-      ax.errorbar([lattice_lr(k) for k in steps], mean, yerr=se, marker="o", ms=3, capsize=2, label=m,
-                  color=colors[m], linewidth=2 if is_fedask(m) else 1)
+      se = [
+        np.std(c["losses"][k], ddof=1) / math.sqrt(len(c["losses"][k])) if len(c["losses"][k]) > 1 else 0.0
+        for k in steps
+      ]
+      ax.errorbar(
+        [lattice_lr(k) for k in steps],
+        mean,
+        yerr=se,
+        marker="o",
+        ms=3,
+        capsize=2,
+        label=m,
+        color=colors[m],
+        linewidth=2 if is_fedask(m) else 1,
+      )
       if c["best"] is not None:
-        ax.plot([lattice_lr(c["best"])], [np.mean(c["losses"][c["best"]])], "o", ms=10, mfc="none",
-                color=colors[m])
+        ax.plot([lattice_lr(c["best"])], [np.mean(c["losses"][c["best"]])], "o", ms=10, mfc="none", color=colors[m])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("learning rate (AdamW)")
     ax.set_title(f"epsilon {eps_label(e)}")
@@ -995,8 +1232,10 @@ def plot_tuning(curves: dict[tuple[str, float | None], dict], path: Path, title:
 
 def provenance(runs: Sequence[dict[str, Any]], invocations: Sequence[dict[str, Any]], command: str, stem: str) -> str:
   """The report's command and the invocations that made its runs (runs, minutes, device, jax)."""
-  made = ", ".join(f"{i['runs']} runs in {i['seconds'] / 60:.1f} min on {i['device']['device_kind']} "
-                   f"(jax {i['device']['jax']})" for i in invocations)
+  made = ", ".join(
+    f"{i['runs']} runs in {i['seconds'] / 60:.1f} min on {i['device']['device_kind']} (jax {i['device']['jax']})"
+    for i in invocations
+  )
   return f"Generated by `{command}` from `{stem}_runs.jsonl` ({len(runs)} runs; {made})."
 
 
@@ -1004,35 +1243,38 @@ def setup_text(runs: Sequence[dict[str, Any]], c: Cells, settings: Settings) -> 
   """Model, data, federation, training, DP, seeds and the held-out loss."""
   s = settings
   examples = "all the" if s.train_examples is None else f"the first {s.train_examples}"
-  dirichlet = (f" (Dirichlet clients hold at least {s.min_client_size} examples)"
-               if any(p != "iid" for p in c.partitions) else "")
+  dirichlet = (
+    f" (Dirichlet clients hold at least {s.min_client_size} examples)" if any(p != "iid" for p in c.partitions) else ""
+  )
   seeds = sorted({r["seed"] for r in runs})
   return (
-      "**Setup.** Embedded base model (1.05M-parameter Llama, `experiments/base_model`), GSM8K question -> worked "
-      f"answer (plain template, calculator annotations stripped, {s.max_seq_len} tokens), {examples} training "
-      f"problems over {s.num_clients} clients, {s.clients_per_round} per round, {s.rounds} rounds of "
-      f"{s.local_steps} local AdamW steps at each method's tuned learning rate (below), batch {s.batch_size} (the "
-      "expected Poisson batch under DP), LoRA r 8 on q_proj and v_proj, sketch oversampling 2, FedProx mu 0.01. "
-      f"DP: example-level (epsilon, 1e-5) for every client, B-space DP-SGD with C = 1, sigma calibrated "
-      f"({accounting(runs)}; {s.rounds} rounds of {s.local_steps} steps, {s.clients_per_round} of "
-      f"{s.num_clients} clients per round) for the smallest client's rate q = {s.batch_size} / min_k n_k"
-      f"{dirichlet}. Seeds {seeds}: the seed sets the partition, the initial adapters and every random draw; for "
-      "one seed all methods see the same partition, start and client sampling. Held-out loss: token-mean "
-      f"cross-entropy on the answers of the first {s.eval_examples} GSM8K test problems, never used for a choice. "
-      "FedSA-LoRA is evaluated with its global adapters (the mean lora_b of the last round's clients). The FedASK "
-      "variants differ only in the reconstruction's gauge (`fedask_jax.sketch.split_factors`): balanced is the "
-      "paper's; orthonormal and norm hold lora_a, the factor frozen under DP, at its initial scale.")
+    "**Setup.** Embedded base model (1.05M-parameter Llama, `experiments/base_model`), GSM8K question -> worked "
+    f"answer (plain template, calculator annotations stripped, {s.max_seq_len} tokens), {examples} training "
+    f"problems over {s.num_clients} clients, {s.clients_per_round} per round, {s.rounds} rounds of "
+    f"{s.local_steps} local AdamW steps at each method's tuned learning rate (below), batch {s.batch_size} (the "
+    "expected Poisson batch under DP), LoRA r 8 on q_proj and v_proj, sketch oversampling 2, FedProx mu 0.01. "
+    f"DP: example-level (epsilon, 1e-5) for every client, B-space DP-SGD with C = 1, sigma calibrated "
+    f"({accounting(runs)}; {s.rounds} rounds of {s.local_steps} steps, {s.clients_per_round} of "
+    f"{s.num_clients} clients per round) for the smallest client's rate q = {s.batch_size} / min_k n_k"
+    f"{dirichlet}. Seeds {seeds}: the seed sets the partition, the initial adapters and every random draw; for "
+    "one seed all methods see the same partition, start and client sampling. Held-out loss: token-mean "
+    f"cross-entropy on the answers of the first {s.eval_examples} GSM8K test problems, never used for a choice. "
+    "FedSA-LoRA is evaluated with its global adapters (the mean lora_b of the last round's clients). The FedASK "
+    "variants differ only in the reconstruction's gauge (`fedask_jax.sketch.split_factors`): balanced is the "
+    "paper's; orthonormal and norm hold lora_a, the factor frozen under DP, at its initial scale."
+  )
 
 
 def tuning_text(settings: Settings, tuning_stem: str) -> str:
   s = settings
   return (
-      f"**Learning rates** (`{tuning_stem}_tuning_runs.jsonl`, figure `{tuning_stem}_tuning.png`). Tuned per method "
-      f"and epsilon on a validation split (the {s.validation_examples} training problems after the first "
-      f"{s.train_examples}, never trained on), IID, with seeds disjoint from the grid's, over the lattice 0.1 * 2^k "
-      "fixed in advance (module docstring: protocol). Per cell: the chosen rate, its mean validation loss +- "
-      "standard error over the tuning seeds, and the range of rates run; '(edge)' marks a rate on the edge of what "
-      "was run (the extension limit reached).")
+    f"**Learning rates** (`{tuning_stem}_tuning_runs.jsonl`, figure `{tuning_stem}_tuning.png`). Tuned per method "
+    f"and epsilon on a validation split (the {s.validation_examples} training problems after the first "
+    f"{s.train_examples}, never trained on), IID, with seeds disjoint from the grid's, over the lattice 0.1 * 2^k "
+    "fixed in advance (module docstring: protocol). Per cell: the chosen rate, its mean validation loss +- "
+    "standard error over the tuning seeds, and the range of rates run; '(edge)' marks a rate on the edge of what "
+    "was run (the extension limit reached)."
+  )
 
 
 def tuning_table(curves: dict[tuple[str, float | None], dict]) -> list[str]:
@@ -1049,8 +1291,10 @@ def tuning_table(curves: dict[tuple[str, float | None], dict]) -> list[str]:
       losses = c["losses"][c["best"]]
       se = np.std(losses, ddof=1) / math.sqrt(len(losses)) if len(losses) > 1 else math.nan
       edge = "" if c["interior"] else " (edge)"
-      entries.append(f"{lattice_lr(c['best']):.3g}{edge}: {np.mean(losses):.4f} +- {se:.4f} "
-                     f"[{lattice_lr(c['steps'][0]):.2g}, {lattice_lr(c['steps'][-1]):.2g}]")
+      entries.append(
+        f"{lattice_lr(c['best']):.3g}{edge}: {np.mean(losses):.4f} +- {se:.4f} "
+        f"[{lattice_lr(c['steps'][0]):.2g}, {lattice_lr(c['steps'][-1]):.2g}]"
+      )
     rows.append([m, *entries])
   return _common.table(["method", *(f"eps {eps_label(e)}" for e in epsilons)], rows, "l" + "r" * len(epsilons))
 
@@ -1058,8 +1302,11 @@ def tuning_table(curves: dict[tuple[str, float | None], dict]) -> list[str]:
 def loss_table(c: Cells) -> list[str]:
   """One row per (epsilon, method): the tuned rate, the loss per partition (bold: the column's best), mean sigma,
   eps spent."""
-  best = {(p, e): min((m for m in c.methods if (m, p, e) in c.cell), key=lambda m: c.loss(m, p, e))
-          for p, e in c.points if any((m, p, e) in c.cell for m in c.methods)}
+  best = {
+    (p, e): min((m for m in c.methods if (m, p, e) in c.cell), key=lambda m: c.loss(m, p, e))
+    for p, e in c.points
+    if any((m, p, e) in c.cell for m in c.methods)
+  }
   rows = []
   for e in c.epsilons:
     for m in c.methods:
@@ -1073,8 +1320,16 @@ def loss_table(c: Cells) -> list[str]:
       lrs = sorted({lr for r in present if r for lr in r["lrs"]})
       sigma = [r["noise_multiplier_mean"] for r in present if r and r["noise_multiplier_mean"] is not None]
       spent = [r["epsilon_spent_max"] for r in present if r and r["epsilon_spent_max"] is not None]
-      rows.append([m, eps_label(e), ", ".join(f"{lr:.3g}" for lr in lrs), *losses,
-                   f"{np.mean(sigma):.3g}" if sigma else "-", f"{max(spent):.3f}" if spent else "-"])
+      rows.append(
+        [
+          m,
+          eps_label(e),
+          ", ".join(f"{lr:.3g}" for lr in lrs),
+          *losses,
+          f"{np.mean(sigma):.3g}" if sigma else "-",
+          f"{max(spent):.3f}" if spent else "-",
+        ]
+      )
   header = ["method", "epsilon", "lr", *(PARTITION_LABELS[p] for p in c.partitions), "sigma", "eps spent"]
   return _common.table(header, rows, "lrr" + "r" * len(c.partitions) + "rr")
 
@@ -1108,16 +1363,29 @@ def gaps_table(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -
 
 def mechanism_table(runs: Sequence[dict[str, Any]]) -> list[str]:
   """IID, under DP: the clipped fraction and lora_a's scale of the FedASK variants and FFA-LoRA."""
-  rows = [r for r in mechanism_rows(runs)
-          if split_method(r["method"])[0] in ("fedask", "ffa-lora") and r["partition"] == "iid"]
+  rows = [
+    r
+    for r in mechanism_rows(runs)
+    if split_method(r["method"])[0] in ("fedask", "ffa-lora") and r["partition"] == "iid"
+  ]
   methods = _method_order(r["method"] for r in rows)
   lines = []
   for r in sorted(rows, key=lambda r: (r["target_epsilon"], methods.index(r["method"]))):
     c, a = r["clipped"], r["scale"]
-    lines.append([r["method"], eps_label(r["target_epsilon"]),
-                  f"{c[0]:.2f} / {c[1]:.2f} / {c[2]:.2f} ({r['clipped_mean']:.2f})", f"{a[0]:.3g} / {a[1]:.3g}"])
-  header = ["method", "epsilon", "clipped fraction, round 1 / 2 / last (mean over the run)",
-            "‖lora_a_t‖ / ‖lora_a_0‖ after round 1 / last"]
+    lines.append(
+      [
+        r["method"],
+        eps_label(r["target_epsilon"]),
+        f"{c[0]:.2f} / {c[1]:.2f} / {c[2]:.2f} ({r['clipped_mean']:.2f})",
+        f"{a[0]:.3g} / {a[1]:.3g}",
+      ]
+    )
+  header = [
+    "method",
+    "epsilon",
+    "clipped fraction, round 1 / 2 / last (mean over the run)",
+    "‖lora_a_t‖ / ‖lora_a_0‖ after round 1 / last",
+  ]
   return _common.table(header, lines, "lrrr")
 
 
@@ -1126,26 +1394,33 @@ def accuracy_note(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]
   s = settings
   scored = [r for r in rows if r["accuracy_mean"] is not None]
   if not scored:
-    return ("- Task accuracy (GSM8K exact match) was not measured in these runs (settings.accuracy_problems = "
-            "0).")
+    return "- Task accuracy (GSM8K exact match) was not measured in these runs (settings.accuracy_problems = 0)."
   top = max(scored, key=lambda r: r["accuracy_mean"])
   solved = sum(round(r["accuracy"] * s.accuracy_problems) for r in runs if r.get("accuracy") is not None)
-  best_cell = (f"the best cell mean is {top['accuracy_mean']:.3f} ({top['method']}, "
-               f"{PARTITION_LABELS[top['partition']]}, eps {eps_label(top['target_epsilon'])}); " if solved else "")
+  best_cell = (
+    f"the best cell mean is {top['accuracy_mean']:.3f} ({top['method']}, "
+    f"{PARTITION_LABELS[top['partition']]}, eps {eps_label(top['target_epsilon'])}); "
+    if solved
+    else ""
+  )
   return (
-      "- Task accuracy, GSM8K exact match (`fedask_jax.evaluation.exact_match`: greedy, up to "
-      f"{s.accuracy_tokens} new tokens, the first {s.accuracy_problems} test problems): {best_cell}{solved} "
-      f"problems solved over all {len(runs)} runs together. A 1M-parameter model does not do grade-school "
-      "arithmetic, so accuracy cannot separate the methods here (per-run values are in the JSON); the held-out "
-      "loss does.")
+    "- Task accuracy, GSM8K exact match (`fedask_jax.evaluation.exact_match`: greedy, up to "
+    f"{s.accuracy_tokens} new tokens, the first {s.accuracy_problems} test problems): {best_cell}{solved} "
+    f"problems solved over all {len(runs)} runs together. A 1M-parameter model does not do grade-school "
+    "arithmetic, so accuracy cannot separate the methods here (per-run values are in the JSON); the held-out "
+    "loss does."
+  )
 
 
 def compile_notes(invocations: Sequence[dict[str, Any]]) -> list[str]:
   """Per invocation: its compilations against one per round variant, sampler and evaluation."""
   if not invocations:
     return []
-  lines = ["", "Compile reuse (one compilation per round variant used, per sampler and for the evaluation; "
-           "GSM8K generation not counted):"]
+  lines = [
+    "",
+    "Compile reuse (one compilation per round variant used, per sampler and for the evaluation; "
+    "GSM8K generation not counted):",
+  ]
   for inv in invocations:
     if "compile_counts" not in inv:  # an invocation cut off before its closing line (its "note" says how)
       lines.append(f"- `{inv['command']}`: {inv['runs']} runs; compilations not recorded: {inv['note']}.")
@@ -1153,49 +1428,75 @@ def compile_notes(invocations: Sequence[dict[str, Any]]) -> list[str]:
     counts = inv["compile_counts"]
     verdict = "as expected" if counts == inv["expected_compile_counts"] else "NOT as expected"
     detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
-    lines.append(f"- `{inv['command']}`: {inv['runs']} runs, {sum(counts.values())} compilations, {verdict} "
-                 f"({detail}).")
+    lines.append(
+      f"- `{inv['command']}`: {inv['runs']} runs, {sum(counts.values())} compilations, {verdict} ({detail})."
+    )
   return lines
 
 
 SCALE_NOTE = (
-    "- Scale: the paper fine-tunes Llama-2-7B/13B for 800 rounds and scores task accuracy (MMLU 46.15 vs FedAvg "
-    "45.13 non-private; 45.80 vs 42.07 at eps 1; GSM8K 22.7 vs FFA-LoRA 14.2 at eps 1). This is a 1M-parameter "
-    "model for a few rounds, measured by held-out loss: it tests the direction of the claims at small scale, not "
-    "their size.")
+  "- Scale: the paper fine-tunes Llama-2-7B/13B for 800 rounds and scores task accuracy (MMLU 46.15 vs FedAvg "
+  "45.13 non-private; 45.80 vs 42.07 at eps 1; GSM8K 22.7 vs FFA-LoRA 14.2 at eps 1). This is a 1M-parameter "
+  "model for a few rounds, measured by held-out loss: it tests the direction of the claims at small scale, not "
+  "their size."
+)
 
 
-def markdown(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], invocations: Sequence[dict[str, Any]],
-             settings: Settings, command: str, stem: str, curves: dict | None, tuning_stem: str) -> str:
+def markdown(
+  runs: Sequence[dict[str, Any]],
+  rows: Sequence[dict[str, Any]],
+  invocations: Sequence[dict[str, Any]],
+  settings: Settings,
+  command: str,
+  stem: str,
+  curves: dict | None,
+  tuning_stem: str,
+) -> str:
   c = cells(rows)
   base_loss = invocations[-1]["base_eval_loss"] if invocations else None
   tuning_settings = MODES[settings.lr_source] if settings.lr_source else settings
-  return "\n".join([
+  return "\n".join(
+    [
       "# Method comparison: held-out loss by method, privacy level and data distribution, at tuned learning rates",
-      "", provenance(runs, invocations, command, stem), "",
-      setup_text(runs, c, settings), "",
-      tuning_text(tuning_settings, tuning_stem), "",
-      *(tuning_table(curves) if curves else ["(no tuning runs yet)"]), "",
+      "",
+      provenance(runs, invocations, command, stem),
+      "",
+      setup_text(runs, c, settings),
+      "",
+      tuning_text(tuning_settings, tuning_stem),
+      "",
+      *(tuning_table(curves) if curves else ["(no tuning runs yet)"]),
+      "",
       "Held-out loss, mean +- sample std over seeds (bold: the lowest mean of the column's epsilon); lr: the tuned "
       "rate; sigma: mean noise multiplier over partitions and seeds; eps spent: the largest over partitions and "
-      "seeds.", "",
-      *loss_table(c), "",
+      "seeds.",
+      "",
+      *loss_table(c),
+      "",
       "**FedASK minus the best other method** of each cell (the lowest mean held-out loss among the methods that "
       "are not FedASK, fedask-alt included), paired by seed, mean +- standard error (bold: FedASK lower). Issue "
       "14's rule: a gauge becomes the default if it is best or tied (within two paired standard errors) in every "
-      "private cell at both run lengths.", "",
-      *gaps_table(runs, rows), "",
+      "private cell at both run lengths.",
+      "",
+      *gaps_table(runs, rows),
+      "",
       "**Mechanism** (IID, under DP, means over seeds): the fraction of per-example gradients clipped and the scale "
-      "of lora_a, the factor frozen under DP, against its initial scale.", "",
-      *mechanism_table(runs), "",
-      "## What the numbers show", "",
+      "of lora_a, the factor frozen under DP, against its initial scale.",
+      "",
+      *mechanism_table(runs),
+      "",
+      "## What the numbers show",
+      "",
       *(f"- {f}" for f in findings(runs, rows, base_loss)),
       SCALE_NOTE,
       accuracy_note(runs, rows, settings),
-      *compile_notes(invocations), "",
-      f"![held-out loss vs epsilon]({stem}.png)", "",
+      *compile_notes(invocations),
+      "",
+      f"![held-out loss vs epsilon]({stem}.png)",
+      "",
       *([f"![validation loss vs learning rate]({tuning_stem}_tuning.png)", ""] if curves else []),
-  ])
+    ]
+  )
 
 
 def stems(mode: str) -> tuple[str, str]:
@@ -1220,17 +1521,33 @@ def write_report(mode: str, out: Path, command: str, settings: Settings | None =
   tuning_runs = read_runs(out / f"{tuning_stem}_tuning_runs.jsonl")
   curves = tuning_curves(tuning_settings_of(settings), tuning_runs) if tuning_runs else None
   if curves and not settings.lr_source:
-    plot_tuning(curves, out / f"{stem}_tuning.png", f"Validation loss after {settings.rounds} rounds (IID, "
-                f"{len(settings.tuning_seeds)} tuning seeds) against the learning rate")
+    plot_tuning(
+      curves,
+      out / f"{stem}_tuning.png",
+      f"Validation loss after {settings.rounds} rounds (IID, "
+      f"{len(settings.tuning_seeds)} tuning seeds) against the learning rate",
+    )
   path = out / f"{stem}_runs.jsonl"
   lines = runner.MetricsLog(path).read() if path.exists() else []
   runs = read_runs(path)
   invocations = [r for r in lines if r.get("kind") == "invocation"]
-  result = {"command": command, "settings": settings.as_json(), "device": _common.device_report(),
-            "tuning": None if curves is None else [
-                {"method": m, "target_epsilon": e, **c, "lr": None if c["best"] is None else lattice_lr(c["best"]),
-                 "losses": {f"{lattice_lr(k):.6g}": v for k, v in c["losses"].items()}}
-                for (m, e), c in curves.items()]}
+  result = {
+    "command": command,
+    "settings": settings.as_json(),
+    "device": _common.device_report(),
+    "tuning": None
+    if curves is None
+    else [
+      {
+        "method": m,
+        "target_epsilon": e,
+        **c,
+        "lr": None if c["best"] is None else lattice_lr(c["best"]),
+        "losses": {f"{lattice_lr(k):.6g}": v for k, v in c["losses"].items()},
+      }
+      for (m, e), c in curves.items()
+    ],
+  }
   if not runs:
     _common.save(out / f"{stem}.json", result)
     return result
@@ -1238,33 +1555,62 @@ def write_report(mode: str, out: Path, command: str, settings: Settings | None =
   base_loss = invocations[-1]["base_eval_loss"] if invocations else None
   example = (settings.methods[0], settings.epsilons[0], settings.partitions[-1], settings.seeds[0])
   lr = next(r["lr"] for r in runs)
-  config = {"base": str(_common.QUICKSTART.relative_to(_common.REPO)),
-            "overrides": "run_overrides(settings, method, epsilon, partition, seed, lr), e.g. example",
-            "example": {"run": [example[0], eps_key(example[1]), *example[2:], lr],
-                        "overrides": run_overrides(settings, *example, lr),
-                        "resolved": to_dict(run_config(settings, *example, lr))}}
-  result.update({"config": config, "base_eval_loss": base_loss, "summary": rows, "runs": runs,
-                 "invocations": invocations, "findings": findings(runs, rows, base_loss),
-                 "fedask_gaps": {v: [{"partition": p, "target_epsilon": e, "best_other": b, "gap": g[0], "se": g[1],
-                                      "n": g[2]} for p, e, b, g in gaps]
-                                 for v, gaps in fedask_gaps(runs, rows).items()},
-                 "mechanism": mechanism_rows(runs)})
+  config = {
+    "base": str(_common.QUICKSTART.relative_to(_common.REPO)),
+    "overrides": "run_overrides(settings, method, epsilon, partition, seed, lr), e.g. example",
+    "example": {
+      "run": [example[0], eps_key(example[1]), *example[2:], lr],
+      "overrides": run_overrides(settings, *example, lr),
+      "resolved": to_dict(run_config(settings, *example, lr)),
+    },
+  }
+  result.update(
+    {
+      "config": config,
+      "base_eval_loss": base_loss,
+      "summary": rows,
+      "runs": runs,
+      "invocations": invocations,
+      "findings": findings(runs, rows, base_loss),
+      "fedask_gaps": {
+        v: [
+          {"partition": p, "target_epsilon": e, "best_other": b, "gap": g[0], "se": g[1], "n": g[2]}
+          for p, e, b, g in gaps
+        ]
+        for v, gaps in fedask_gaps(runs, rows).items()
+      },
+      "mechanism": mechanism_rows(runs),
+    }
+  )
   _common.save(out / f"{stem}.json", result)
-  (out / f"{stem}.md").write_text(markdown(runs, rows, invocations, settings, command, stem, curves, tuning_stem),
-                                  encoding="utf-8")
-  plot(rows, base_loss, out / f"{stem}.png",
-       f"Held-out loss after {settings.rounds} rounds, mean +- std over {len({r['seed'] for r in runs})} seeds")
+  (out / f"{stem}.md").write_text(
+    markdown(runs, rows, invocations, settings, command, stem, curves, tuning_stem), encoding="utf-8"
+  )
+  plot(
+    rows,
+    base_loss,
+    out / f"{stem}.png",
+    f"Held-out loss after {settings.rounds} rounds, mean +- std over {len({r['seed'] for r in runs})} seeds",
+  )
   return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = _common.parser(__doc__, "the same as --mode quick",
-                          report_help="only rebuild the report from the runs files")
-  parser.add_argument("--mode", choices=tuple(MODES), default=None,
-                      help="quick: a small grid for tests; cpu: the whole grid with short runs (a 2-core CPU); long: "
-                           "100 rounds for a subset; full (the default): the whole grid at full size (a GPU)")
-  parser.add_argument("--tune", action="store_true",
-                      help="only the learning-rate tuning the mode needs (a grid invocation finishes it first)")
+  parser = _common.parser(
+    __doc__, "the same as --mode quick", report_help="only rebuild the report from the runs files"
+  )
+  parser.add_argument(
+    "--mode",
+    choices=tuple(MODES),
+    default=None,
+    help="quick: a small grid for tests; cpu: the whole grid with short runs (a 2-core CPU); long: "
+    "100 rounds for a subset; full (the default): the whole grid at full size (a GPU)",
+  )
+  parser.add_argument(
+    "--tune",
+    action="store_true",
+    help="only the learning-rate tuning the mode needs (a grid invocation finishes it first)",
+  )
   parser.add_argument("--only-methods", default=None, help="comma-separated subset of the methods")
   parser.add_argument("--only-partitions", default=None, help="comma-separated subset of iid,dir0.5,dir0.1")
   parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the mode's)")
@@ -1299,8 +1645,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.tune:
       # The tuning's grid serves the runs too where the settings agree (the same mode, not long).
       shared = grid if grid is not None and grid.settings == settings else None
-      run_grid(settings, out / f"{stem}_runs.jsonl", tuned_lrs(tuning_settings, tuning_path), grid=shared,
-               command=command)
+      run_grid(
+        settings, out / f"{stem}_runs.jsonl", tuned_lrs(tuning_settings, tuning_path), grid=shared, command=command
+      )
   write_report(mode, out, command)
   print(f"wrote {out}/{stem}.{{md,json,png}}")
 

@@ -64,8 +64,11 @@ from fedask_jax.config import Config, load_config, to_dict
 
 NAME = "noise_law"
 STRATEGIES = ("fedavg", "fedask", "ffa-lora")
-LABELS = {"fedavg": "(a) fedavg: DP on both factors", "fedask": "(b) fedask: B only, sketch",
-          "ffa-lora": "(c) ffa-lora: B only, A fixed"}
+LABELS = {
+  "fedavg": "(a) fedavg: DP on both factors",
+  "fedask": "(b) fedask: B only, sketch",
+  "ffa-lora": "(c) ffa-lora: B only, A fixed",
+}
 COLORS = {"fedavg": "tab:red", "fedask": "tab:blue", "ffa-lora": "tab:green"}
 # Local learning rates. AdamW: the quickstart's. SGD: with clipped per-example gradients (||g|| <= C = 1) an SGD
 # step at lr 1 is at most about 1 in norm, the order of an AdamW step at lr 1e-2 (lr sqrt(#entries) ~ 1.2 here);
@@ -93,38 +96,63 @@ class Mode:
 
 
 MODES = {
-    # 96 tokens keep the answer (the loss's targets) in 78% of the examples (64 tokens: 37%); client_chunk=1 is
-    # the fastest on a CPU (benchmarks/round_speed.py) and does not change the results.
-    "quick": Mode("quick", ("batch_size=8", "local_steps=2", "data.max_seq_len=96", "client_chunk=1"),
-                  {"sgd": 3, "adamw": 2}, {"sgd": SIGMAS, "adamw": SIGMAS[::2]}),
-    "full": Mode("full", (), {"sgd": 8, "adamw": 4}, {"sgd": SIGMAS, "adamw": SIGMAS}),
+  # 96 tokens keep the answer (the loss's targets) in 78% of the examples (64 tokens: 37%); client_chunk=1 is
+  # the fastest on a CPU (benchmarks/round_speed.py) and does not change the results.
+  "quick": Mode(
+    "quick",
+    ("batch_size=8", "local_steps=2", "data.max_seq_len=96", "client_chunk=1"),
+    {"sgd": 3, "adamw": 2},
+    {"sgd": SIGMAS, "adamw": SIGMAS[::2]},
+  ),
+  "full": Mode("full", (), {"sgd": 8, "adamw": 4}, {"sgd": SIGMAS, "adamw": SIGMAS}),
 }
 
 # The paper's setting (docs/design.md, section 1.7): dolly-15k (15,011 records) split over 10 clients,
 # 2 per round, 10 local steps of batch 6, 800 rounds, delta 1e-5; LoRA r = 16 on q_proj / v_proj of Llama-2-7B
 # (in = out = 4096) and -13B (5120); AdamW lr 5e-4.
-PAPER = dict(dataset_size=15011, num_clients=10, clients_per_round=2, local_steps=10, batch_size=6, rounds=800,
-             delta=1e-5, clip_norm=1.0, rank=16, lr=5e-4, widths={"Llama-2-7B": 4096, "Llama-2-13B": 5120})
+PAPER = dict(
+  dataset_size=15011,
+  num_clients=10,
+  clients_per_round=2,
+  local_steps=10,
+  batch_size=6,
+  rounds=800,
+  delta=1e-5,
+  clip_norm=1.0,
+  rank=16,
+  lr=5e-4,
+  widths={"Llama-2-7B": 4096, "Llama-2-13B": 5120},
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The measurement.
 
 
-def experiment_config(strategy: str, optimizer: str, overrides: tuple[str, ...] = (),
-                      base: str | Path = _common.QUICKSTART) -> Config:
+def experiment_config(
+  strategy: str, optimizer: str, overrides: tuple[str, ...] = (), base: str | Path = _common.QUICKSTART
+) -> Config:
   """The config of one sweep: `base` with the strategy, the local optimiser at LEARNING_RATES[optimizer], and
   `overrides`. Nothing is written to its run_dir (a temporary path that `runner.prepare` finds empty)."""
   run_dir = Path(tempfile.gettempdir()) / f"{NAME}_unused_run_dir"
-  return load_config(base, [f"strategy={strategy}", f"optimizer.name={optimizer}",
-                            f"lr={LEARNING_RATES[optimizer]}", f"run_dir={run_dir}", *overrides])
+  return load_config(
+    base,
+    [
+      f"strategy={strategy}",
+      f"optimizer.name={optimizer}",
+      f"lr={LEARNING_RATES[optimizer]}",
+      f"run_dir={run_dir}",
+      *overrides,
+    ],
+  )
 
 
 def layer_products(adapters: Adapters, scaling: float) -> dict[str, np.ndarray]:
   """{layer: s a b [..., in, out]} in float64 (a: lora_a [..., in, r], b: lora_b [..., r, out])."""
-  return {name: scaling * np.einsum("...ir,...ro->...io", np.asarray(f.lora_a, np.float64),
-                                    np.asarray(f.lora_b, np.float64))
-          for name, f in adapters.items()}
+  return {
+    name: scaling * np.einsum("...ir,...ro->...io", np.asarray(f.lora_a, np.float64), np.asarray(f.lora_b, np.float64))
+    for name, f in adapters.items()
+  }
 
 
 class Sweep(NamedTuple):
@@ -149,8 +177,14 @@ class Sweep(NamedTuple):
   seconds: float
 
 
-def noise_power_sweep(experiment: runner.Experiment, sigmas: tuple[float, ...], num_seeds: int, *,
-                      round_index: int = 1, progress: bool = False) -> Sweep:
+def noise_power_sweep(
+  experiment: runner.Experiment,
+  sigmas: tuple[float, ...],
+  num_seeds: int,
+  *,
+  round_index: int = 1,
+  progress: bool = False,
+) -> Sweep:
   """P(sigma) of round `round_index` from the experiment's initial adapters (module docstring).
 
   The round's clients and batches come from round key fold_in(run_key, round_index) as in `runner.train`;
@@ -160,11 +194,15 @@ def noise_power_sweep(experiment: runner.Experiment, sigmas: tuple[float, ...], 
 
   config, rnd = experiment.config, experiment.round_fn
   if experiment.privacy is None or rnd is None:
-    raise ValueError(f"config with privacy.enabled={config.privacy.enabled} and no compiled round: the noise law "
-                     "needs a DP round (privacy.enabled: true, runner.prepare(config)).")
+    raise ValueError(
+      f"config with privacy.enabled={config.privacy.enabled} and no compiled round: the noise law "
+      "needs a DP round (privacy.enabled: true, runner.prepare(config))."
+    )
   if num_seeds < 1 or not sigmas or min(sigmas) <= 0:
-    raise ValueError(f"num_seeds={num_seeds}, sigmas={sigmas}: need >= 1 seed and positive sigmas (sigma = 0 "
-                     "is the reference every sigma is compared with).")
+    raise ValueError(
+      f"num_seeds={num_seeds}, sigmas={sigmas}: need >= 1 seed and positive sigmas (sigma = 0 "
+      "is the reference every sigma is compared with)."
+    )
   scaling = config.lora.alpha / config.lora.rank
   round_key = jax.random.fold_in(runner.run_key(config), round_index)
   ids, weights, batches = runner.round_sampler(config, experiment.capacity)(round_key, experiment.client_data)
@@ -178,8 +216,13 @@ def noise_power_sweep(experiment: runner.Experiment, sigmas: tuple[float, ...], 
   power = np.zeros((num_seeds, len(sigmas)))
   invalid = np.zeros((num_seeds, len(sigmas)), int)
   began = time.perf_counter()
-  bar = tqdm(total=num_seeds * (len(sigmas) + 1), desc=f"{config.strategy} {config.optimizer.name}", unit="round",
-             file=sys.stderr, disable=not progress)
+  bar = tqdm(
+    total=num_seeds * (len(sigmas) + 1),
+    desc=f"{config.strategy} {config.optimizer.name}",
+    unit="round",
+    file=sys.stderr,
+    disable=not progress,
+  )
   for j in range(num_seeds):
     key = jax.random.fold_in(round_key, j)
     reference, metrics = run(key, 0.0)
@@ -196,8 +239,18 @@ def noise_power_sweep(experiment: runner.Experiment, sigmas: tuple[float, ...], 
   bar.close()
   start_products, end_products = layer_products(start, scaling), layer_products(noise_free, scaling)
   change = sum(np.sum((end_products[n] - start_products[n]) ** 2) for n in start_products)
-  return Sweep(np.asarray(sigmas, float), power, invalid, jax.device_get(start), noise_free, float(change),
-               np.asarray(ids), np.asarray(weights, np.float64), update_norm, time.perf_counter() - began)
+  return Sweep(
+    np.asarray(sigmas, float),
+    power,
+    invalid,
+    jax.device_get(start),
+    noise_free,
+    float(change),
+    np.asarray(ids),
+    np.asarray(weights, np.float64),
+    update_norm,
+    time.perf_counter() - began,
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,8 +347,10 @@ def setting_sigmas(config: Config, sizes: np.ndarray) -> dict[float, float]:
   RDP and worst-case participation (the report's rows say so)."""
   out = {}
   for eps in EPSILONS:
-    cfg = dataclasses.replace(config, privacy=dataclasses.replace(
-        config.privacy, target_epsilon=eps, accountant="rdp", participation="worst_case"))
+    cfg = dataclasses.replace(
+      config,
+      privacy=dataclasses.replace(config.privacy, target_epsilon=eps, accountant="rdp", participation="worst_case"),
+    )
     out[eps] = runner.plan_privacy(cfg, sizes)[0].noise_multiplier
   return out
 
@@ -308,11 +363,18 @@ def paper_sigmas() -> dict[str, Any]:
   out: dict[str, Any] = {"client_size": n, "sample_rate": q}
   for participation in privacy.PARTICIPATION:
     schedule = privacy.DPSchedule.from_federation(
-        sample_rate=q, local_steps=PAPER["local_steps"], rounds=PAPER["rounds"],
-        clients_per_round=PAPER["clients_per_round"], num_clients=PAPER["num_clients"], participation=participation)
+      sample_rate=q,
+      local_steps=PAPER["local_steps"],
+      rounds=PAPER["rounds"],
+      clients_per_round=PAPER["clients_per_round"],
+      num_clients=PAPER["num_clients"],
+      participation=participation,
+    )
     steps, rounds, _ = schedule.composition
-    out[participation] = {"steps": steps * rounds, "sigma": {
-        eps: privacy.calibrate_noise(schedule, eps, PAPER["delta"], "rdp") for eps in EPSILONS}}
+    out[participation] = {
+      "steps": steps * rounds,
+      "sigma": {eps: privacy.calibrate_noise(schedule, eps, PAPER["delta"], "rdp") for eps in EPSILONS},
+    }
   return out
 
 
@@ -326,8 +388,9 @@ def init_crossover(batch: float, lr: float, steps: int, sum_w2: float, clip: flo
 # Results.
 
 
-def summarize(sweeps: dict[tuple[str, str], Sweep], configs: dict[tuple[str, str], Config],
-              kappa: dict[int, float]) -> dict[str, Any]:
+def summarize(
+  sweeps: dict[tuple[str, str], Sweep], configs: dict[tuple[str, str], Config], kappa: dict[int, float]
+) -> dict[str, Any]:
   """Every number of the tables: per (optimiser, strategy) means, CIs, slopes, fits and predictions."""
   out: dict[str, Any] = {}
   for (opt, strategy), sw in sweeps.items():
@@ -336,19 +399,32 @@ def summarize(sweeps: dict[tuple[str, str], Sweep], configs: dict[tuple[str, str
     mean, half = mean_ci(power)
     c2, c4 = two_term_fit(sw.sigmas, mean)
     row = dict(
-        sigmas=sw.sigmas.tolist(), power=sw.power.tolist(), invalid=sw.invalid.tolist(), mean=mean.tolist(),
-        ci_half_width=half.tolist(), slope_small=loglog_slope(sw.sigmas, power, SMALL),
-        slope_large=loglog_slope(sw.sigmas, power, LARGE),
-        local_slopes=(np.diff(np.log(mean)) / np.diff(np.log(sw.sigmas))).tolist(),
-        fit_c2=c2, fit_c4=c4, fit_crossover=crossover(c2, c4), client_ids=sw.client_ids.tolist(),
-        weights=sw.weights.tolist(), noise_free_change=sw.noise_free_change,
-        noise_free_update_norm=sw.update_norm.tolist(), seconds=sw.seconds)
+      sigmas=sw.sigmas.tolist(),
+      power=sw.power.tolist(),
+      invalid=sw.invalid.tolist(),
+      mean=mean.tolist(),
+      ci_half_width=half.tolist(),
+      slope_small=loglog_slope(sw.sigmas, power, SMALL),
+      slope_large=loglog_slope(sw.sigmas, power, LARGE),
+      local_slopes=(np.diff(np.log(mean)) / np.diff(np.log(sw.sigmas))).tolist(),
+      fit_c2=c2,
+      fit_c4=c4,
+      fit_crossover=crossover(c2, c4),
+      client_ids=sw.client_ids.tolist(),
+      weights=sw.weights.tolist(),
+      noise_free_change=sw.noise_free_change,
+      noise_free_update_norm=sw.update_norm.tolist(),
+      seconds=sw.seconds,
+    )
     if opt == "sgd":
       p2, p4 = sgd_prediction(sw, cfg)
       row.update(predicted_c2=p2, predicted_c4=p4, predicted_crossover=crossover(p2, p4))
     else:
-      row.update(kappa=kappa[cfg.local_steps], predicted_plateau=adam_plateau(sw, cfg, kappa[cfg.local_steps]),
-                 measured_plateau=float(np.nanmean(mean[-3:])))
+      row.update(
+        kappa=kappa[cfg.local_steps],
+        predicted_plateau=adam_plateau(sw, cfg, kappa[cfg.local_steps]),
+        measured_plateau=float(np.nanmean(mean[-3:])),
+      )
     out[f"{opt}/{strategy}"] = row
   return out
 
@@ -378,22 +454,29 @@ def plot(saved: dict[str, Any], path: Path) -> None:
     fed = summary[f"{opt}/fedavg"]
     grid = np.logspace(math.log10(SIGMAS[0]), math.log10(SIGMAS[-1]), 200)
     if opt == "sgd":
-      ax.plot(grid, fed["fit_c2"] * grid**2 + fed["fit_c4"] * grid**4, "k--", lw=1,
-              label=f"fit c2 s^2 + c4 s^4, sigma* = {fmt(fed['fit_crossover'])}")
+      ax.plot(
+        grid,
+        fed["fit_c2"] * grid**2 + fed["fit_c4"] * grid**4,
+        "k--",
+        lw=1,
+        label=f"fit c2 s^2 + c4 s^4, sigma* = {fmt(fed['fit_crossover'])}",
+      )
       ax.axvline(fed["fit_crossover"], color="k", lw=0.8, ls=":")
     else:
       for strategy in ("fedavg", "ffa-lora"):
         ax.axhline(summary[f"{opt}/{strategy}"]["predicted_plateau"], color=COLORS[strategy], lw=0.8, ls="--")
     for eps, sigma in marks.items():
       ax.axvline(sigma, color="gray", lw=0.8, alpha=0.6)
-      ax.text(sigma, 0.02, f" eps={eps:g}", rotation=90, fontsize=7, transform=ax.get_xaxis_transform(),
-              color="gray")
+      ax.text(sigma, 0.02, f" eps={eps:g}", rotation=90, fontsize=7, transform=ax.get_xaxis_transform(), color="gray")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("noise multiplier sigma")
     ax.set_ylabel("noise power E ||dW(sigma) - dW(0)||_F^2")
-    ax.set_title(f"one round, local {OPTIMIZER_NAMES[opt]} (lr {LEARNING_RATES[opt]:g})"
-                 + ("" if opt == "sgd" else ": saturates (dashed: predicted plateaus)"), fontsize=10)
+    ax.set_title(
+      f"one round, local {OPTIMIZER_NAMES[opt]} (lr {LEARNING_RATES[opt]:g})"
+      + ("" if opt == "sgd" else ": saturates (dashed: predicted plateaus)"),
+      fontsize=10,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left")
   fig.suptitle("Noise law (Lemma 1): DP noise in the aggregated LoRA product, base model + GSM8K", fontsize=11)
@@ -434,33 +517,41 @@ def setting_text(r: Report) -> str:
     adamw_norms = ", ".join(f"{x:.3g}" for x in r.summary["adamw/fedavg"]["noise_free_update_norm"])
     update_norms = f" (noise-free update norm of (a)'s clients in this round: SGD {sgd_norms}, AdamW {adamw_norms})"
   return (
-      _common.generated_by(meta["command"], meta["total_seconds"], meta["device"]) + " Setting: "
-      f"experiments/configs/quickstart.yaml{overrides} (base model, GSM8K IID over {cfg['num_clients']} clients, "
-      f"{cfg['clients_per_round']} per round, batch {cfg['batch_size']} expected (Poisson), {cfg['local_steps']} "
-      f"local steps, LoRA r {cfg['rank']} alpha {cfg['alpha']:g} on q_proj/v_proj, clip C = {cfg['clip_norm']:g}, "
-      "B-space DP); round 1 from the initial adapters (a random, b = 0); the same clients and batches for every "
-      "strategy and sigma. dW = sum over layers of s (a'b' - ab); noise power = E ||dW(sigma) - dW(0)||_F^2 with "
-      f"the same keys, E over {meta['seeds']['sgd']} noise seeds (SGD) / {meta['seeds'].get('adamw', 0)} (AdamW), "
-      f"{CONFIDENCE:.0%} t-intervals over seeds. Local SGD at lr {LEARNING_RATES['sgd']:g} is the law's setting "
-      f"(the main result); AdamW at lr {LEARNING_RATES['adamw']:g} (the quickstart's) is the secondary "
-      f"panel{update_norms}.")
+    _common.generated_by(meta["command"], meta["total_seconds"], meta["device"]) + " Setting: "
+    f"experiments/configs/quickstart.yaml{overrides} (base model, GSM8K IID over {cfg['num_clients']} clients, "
+    f"{cfg['clients_per_round']} per round, batch {cfg['batch_size']} expected (Poisson), {cfg['local_steps']} "
+    f"local steps, LoRA r {cfg['rank']} alpha {cfg['alpha']:g} on q_proj/v_proj, clip C = {cfg['clip_norm']:g}, "
+    "B-space DP); round 1 from the initial adapters (a random, b = 0); the same clients and batches for every "
+    "strategy and sigma. dW = sum over layers of s (a'b' - ab); noise power = E ||dW(sigma) - dW(0)||_F^2 with "
+    f"the same keys, E over {meta['seeds']['sgd']} noise seeds (SGD) / {meta['seeds'].get('adamw', 0)} (AdamW), "
+    f"{CONFIDENCE:.0%} t-intervals over seeds. Local SGD at lr {LEARNING_RATES['sgd']:g} is the law's setting "
+    f"(the main result); AdamW at lr {LEARNING_RATES['adamw']:g} (the quickstart's) is the secondary "
+    f"panel{update_norms}."
+  )
 
 
 def power_table(r: Report) -> list[str]:
   """Noise power per sigma and strategy with local SGD (mean ± CI over seeds), and (a) / (c)."""
   sgd = {st: r.summary[f"sgd/{st}"] for st in STRATEGIES}
-  rows = [[f"{s:.3g}", *(f"{sgd[st]['mean'][i]:.3g} ± {sgd[st]['ci_half_width'][i]:.2g}" for st in STRATEGIES),
-           f"{r.fed['mean'][i] / r.ffa['mean'][i]:.3g}"] for i, s in enumerate(r.fed["sigmas"])]
+  rows = [
+    [
+      f"{s:.3g}",
+      *(f"{sgd[st]['mean'][i]:.3g} ± {sgd[st]['ci_half_width'][i]:.2g}" for st in STRATEGIES),
+      f"{r.fed['mean'][i] / r.ffa['mean'][i]:.3g}",
+    ]
+    for i, s in enumerate(r.fed["sigmas"])
+  ]
   return _common.table(["sigma", *(LABELS[st] for st in STRATEGIES), "(a) / (c)"], rows, "r" * (len(STRATEGIES) + 2))
 
 
 def slopes_text(r: Report) -> str:
   """How the slopes are fitted, and where the two regimes lie against sigma*."""
   return (
-      f"Slopes of log P against log sigma (least squares on the seed-mean curve; ± {CONFIDENCE:.0%} t-interval of "
-      f"the seeds' own slopes). Small regime sigma in [{SMALL[0]:.3g}, {SMALL[-1]:.3g}] (<= sigma* / "
-      f"{r.star / SMALL[-1]:.0f}), large regime [{LARGE[0]:.3g}, {LARGE[-1]:.3g}] (>= {LARGE[0] / r.star:.0f} "
-      "sigma*).")
+    f"Slopes of log P against log sigma (least squares on the seed-mean curve; ± {CONFIDENCE:.0%} t-interval of "
+    f"the seeds' own slopes). Small regime sigma in [{SMALL[0]:.3g}, {SMALL[-1]:.3g}] (<= sigma* / "
+    f"{r.star / SMALL[-1]:.0f}), large regime [{LARGE[0]:.3g}, {LARGE[-1]:.3g}] (>= {LARGE[0] / r.star:.0f} "
+    "sigma*)."
+  )
 
 
 def slopes_table(r: Report) -> list[str]:
@@ -468,13 +559,35 @@ def slopes_table(r: Report) -> list[str]:
   rows = []
   for key, row in r.summary.items():
     opt, st = key.split("/")
-    predicted = ([fmt(row["predicted_c2"]), fmt(row["predicted_c4"]), fmt(row["predicted_crossover"])]
-                 if opt == "sgd" else ["-", "-", "-"])
-    rows.append([st, opt, f"{row['slope_small'][0]:.3f} ± {row['slope_small'][1]:.2g}",
-                 f"{row['slope_large'][0]:.3f} ± {row['slope_large'][1]:.2g}", fmt(row["fit_c2"]),
-                 fmt(row["fit_c4"]), fmt(row["fit_crossover"]), *predicted])
-  header = ["strategy", "optimiser", "slope, small sigma", "slope, large sigma", "fit c2", "fit c4",
-            "sigma* = sqrt(c2/c4)", "Lemma 1 c2", "Lemma 1 c4", "Lemma 1 sigma*"]
+    predicted = (
+      [fmt(row["predicted_c2"]), fmt(row["predicted_c4"]), fmt(row["predicted_crossover"])]
+      if opt == "sgd"
+      else ["-", "-", "-"]
+    )
+    rows.append(
+      [
+        st,
+        opt,
+        f"{row['slope_small'][0]:.3f} ± {row['slope_small'][1]:.2g}",
+        f"{row['slope_large'][0]:.3f} ± {row['slope_large'][1]:.2g}",
+        fmt(row["fit_c2"]),
+        fmt(row["fit_c4"]),
+        fmt(row["fit_crossover"]),
+        *predicted,
+      ]
+    )
+  header = [
+    "strategy",
+    "optimiser",
+    "slope, small sigma",
+    "slope, large sigma",
+    "fit c2",
+    "fit c4",
+    "sigma* = sqrt(c2/c4)",
+    "Lemma 1 c2",
+    "Lemma 1 c4",
+    "Lemma 1 sigma*",
+  ]
   return _common.table(header, rows, "ll" + "r" * 8)
 
 
@@ -485,16 +598,33 @@ def adamw_section(r: Report) -> list[str]:
   rows = []
   for st in STRATEGIES:
     row = r.summary[f"adamw/{st}"]
-    rows.append([st, f"{row['slope_small'][0]:.3f}", f"{row['slope_large'][0]:.3f}", f"{row['measured_plateau']:.4g}",
-                 f"{row['predicted_plateau']:.4g}", f"{row['measured_plateau'] / row['predicted_plateau']:.3f}"])
-  header = ["strategy", "slope, small sigma", "slope, large sigma",
-            "plateau, measured (mean of the 3 largest sigmas)", "plateau, predicted", "ratio"]
+    rows.append(
+      [
+        st,
+        f"{row['slope_small'][0]:.3f}",
+        f"{row['slope_large'][0]:.3f}",
+        f"{row['measured_plateau']:.4g}",
+        f"{row['predicted_plateau']:.4g}",
+        f"{row['measured_plateau'] / row['predicted_plateau']:.3f}",
+      ]
+    )
+  header = [
+    "strategy",
+    "slope, small sigma",
+    "slope, large sigma",
+    "plateau, measured (mean of the 3 largest sigmas)",
+    "plateau, predicted",
+    "ratio",
+  ]
   kappa = r.summary["adamw/fedavg"]["kappa"]
   return [
-      "## AdamW (secondary)", "",
-      *_common.table(header, rows, "l" + "r" * 5), "",
-      f"kappa_S (Adam's mean-square displacement on pure noise, units of lr^2, S = "
-      f"{r.meta['measured_setting']['local_steps']}): {kappa:.4f}.", "",
+    "## AdamW (secondary)",
+    "",
+    *_common.table(header, rows, "l" + "r" * 5),
+    "",
+    f"kappa_S (Adam's mean-square displacement on pure noise, units of lr^2, S = "
+    f"{r.meta['measured_setting']['local_steps']}): {kappa:.4f}.",
+    "",
   ]
 
 
@@ -507,11 +637,22 @@ def sigmas_table(r: Report) -> list[str]:
   """The sigmas that epsilon needs: this run's setting, the quickstart's, and the paper's."""
   setting, paper = r.meta["setting_sigmas"], r.meta["paper"]
   sigmas = lambda info: [f"{info['sigma'][str(e)]:.3f}" for e in EPSILONS]
-  rows = [[f"{label} (RDP, worst case)", f"{info['sample_rate']:.4g}", info["steps"], *sigmas(info)]
-          for label, info in (("this run's setting", setting["measured"]),
-                              ("quickstart as configured", setting["quickstart"]))]
-  rows += [[f"paper: dolly-15k / 10 clients, batch 6, 10 steps, 800 rounds (RDP, {p})", f"{paper['sample_rate']:.4g}",
-            paper[p]["steps"], *sigmas(paper[p])] for p in participations(paper)]
+  rows = [
+    [f"{label} (RDP, worst case)", f"{info['sample_rate']:.4g}", info["steps"], *sigmas(info)]
+    for label, info in (
+      ("this run's setting", setting["measured"]),
+      ("quickstart as configured", setting["quickstart"]),
+    )
+  ]
+  rows += [
+    [
+      f"paper: dolly-15k / 10 clients, batch 6, 10 steps, 800 rounds (RDP, {p})",
+      f"{paper['sample_rate']:.4g}",
+      paper[p]["steps"],
+      *sigmas(paper[p]),
+    ]
+    for p in participations(paper)
+  ]
   header = ["setting", "q", "DP steps", *(f"sigma at eps={e:g}" for e in EPSILONS)]
   return _common.table(header, rows, "lrr" + "r" * len(EPSILONS))
 
@@ -520,13 +661,14 @@ def law_finding(r: Report) -> str:
   """The slopes: 2 for one noised factor, 2 then 4 for both."""
   fed, ffa, ask = r.fed, r.ffa, r.ask
   return (
-      f"- **The law holds with local SGD.** One factor noised ((b), (c)): slope {ffa['slope_small'][0]:.3f} "
-      f"(small sigma) and {ffa['slope_large'][0]:.3f} (large sigma) for ffa-lora, {ask['slope_small'][0]:.3f} and "
-      f"{ask['slope_large'][0]:.3f} for fedask: sigma^2 throughout. Both factors noised ((a)): slope "
-      f"{fed['slope_small'][0]:.3f} ± {fed['slope_small'][1]:.2g} below and {fed['slope_large'][0]:.3f} ± "
-      f"{fed['slope_large'][1]:.2g} above the crossover, the sigma^4 regime of the xi_A xi_B cross term; at the "
-      f"largest sigma (a) carries {fed['mean'][-1] / ffa['mean'][-1]:.3g}x the noise power of (c), at the smallest "
-      f"{fed['mean'][0] / ffa['mean'][0]:.3g}x.")
+    f"- **The law holds with local SGD.** One factor noised ((b), (c)): slope {ffa['slope_small'][0]:.3f} "
+    f"(small sigma) and {ffa['slope_large'][0]:.3f} (large sigma) for ffa-lora, {ask['slope_small'][0]:.3f} and "
+    f"{ask['slope_large'][0]:.3f} for fedask: sigma^2 throughout. Both factors noised ((a)): slope "
+    f"{fed['slope_small'][0]:.3f} ± {fed['slope_small'][1]:.2g} below and {fed['slope_large'][0]:.3f} ± "
+    f"{fed['slope_large'][1]:.2g} above the crossover, the sigma^4 regime of the xi_A xi_B cross term; at the "
+    f"largest sigma (a) carries {fed['mean'][-1] / ffa['mean'][-1]:.3g}x the noise power of (c), at the smallest "
+    f"{fed['mean'][0] / ffa['mean'][0]:.3g}x."
+  )
 
 
 def crossover_finding(r: Report) -> str:
@@ -535,21 +677,23 @@ def crossover_finding(r: Report) -> str:
   low, high = r.meta["crossover_ci"]
   c2_ratio, c4_ratio = fed["fit_c2"] / fed["predicted_c2"], fed["fit_c4"] / fed["predicted_c4"]
   return (
-      f"- **Crossover.** The fit P = c2 sigma^2 + c4 sigma^4 to (a) gives sigma* = {fmt(r.star)} ({CONFIDENCE:.0%} "
-      f"t-interval over the seeds' own fits: {fmt(low)} to {fmt(high)}). Lemma 1 with no fitted parameter predicts "
-      f"sigma* = {fmt(fed['predicted_crossover'])}: measured c2 = {c2_ratio:.3f} x and c4 = {c4_ratio:.3f} x the "
-      f"prediction (c2 of (c): {ffa['fit_c2'] / ffa['predicted_c2']:.3f} x; the rest is the gradients' dependence "
-      "on the noisy factors, which the law leaves out).")
+    f"- **Crossover.** The fit P = c2 sigma^2 + c4 sigma^4 to (a) gives sigma* = {fmt(r.star)} ({CONFIDENCE:.0%} "
+    f"t-interval over the seeds' own fits: {fmt(low)} to {fmt(high)}). Lemma 1 with no fitted parameter predicts "
+    f"sigma* = {fmt(fed['predicted_crossover'])}: measured c2 = {c2_ratio:.3f} x and c4 = {c4_ratio:.3f} x the "
+    f"prediction (c2 of (c): {ffa['fit_c2'] / ffa['predicted_c2']:.3f} x; the rest is the gradients' dependence "
+    "on the noisy factors, which the law leaves out)."
+  )
 
 
 def same_noise_finding(r: Report) -> str:
   """(b) and (c) carry the same noise in round 1 (Theorem 2)."""
   same = max(abs(a / f - 1) for a, f in zip(r.ask["mean"], r.ffa["mean"]))
   return (
-      f"- **(b) = (c) in round 1.** With the same frozen a, FedASK's sketch aggregation reproduces the average of "
-      f"the clients' products exactly (Theorem 2), so its noise equals FFA-LoRA's: largest relative difference "
-      f"{same:.1e} over the grid. They part only in later rounds, when FedASK's reconstructed a (||a||^2 = the "
-      "nuclear norm of the aggregate) replaces the initial one.")
+    f"- **(b) = (c) in round 1.** With the same frozen a, FedASK's sketch aggregation reproduces the average of "
+    f"the clients' products exactly (Theorem 2), so its noise equals FFA-LoRA's: largest relative difference "
+    f"{same:.1e} over the grid. They part only in later rounds, when FedASK's reconstructed a (||a||^2 = the "
+    "nuclear norm of the aggregate) replaces the initial one."
+  )
 
 
 def own_sigmas_finding(r: Report) -> str:
@@ -566,21 +710,28 @@ def own_sigmas_finding(r: Report) -> str:
   else:
     regime = "the sigma^4 term dominates where sigma > sigma*"
   return (
-      "- **At the sigmas privacy needs, here.** In this run's setting epsilon = "
-      + ", ".join(f"{e:g}" for e in EPSILONS) + " needs sigma = " + ", ".join(f"{s:.3f}" for s in sigmas)
-      + f", i.e. {min(ratios):.2g} to {max(ratios):.2g} x sigma*, where the fits give (a) "
-      + ", ".join(f"{x:.3g}x" for x in fit_ratios) + f" the noise power of (c): {regime}. sigma* scales as 1/lr "
-      f"(module docstring), and this run's SGD lr {LEARNING_RATES['sgd']:g} is large for a model of width "
-      f"{r.meta['measured_setting']['width']} (the round-1 formula gives sigma* = "
-      f"{r.meta['init_formula_crossover']:.3g} here, close to the fit).")
+    "- **At the sigmas privacy needs, here.** In this run's setting epsilon = "
+    + ", ".join(f"{e:g}" for e in EPSILONS)
+    + " needs sigma = "
+    + ", ".join(f"{s:.3f}" for s in sigmas)
+    + f", i.e. {min(ratios):.2g} to {max(ratios):.2g} x sigma*, where the fits give (a) "
+    + ", ".join(f"{x:.3g}x" for x in fit_ratios)
+    + f" the noise power of (c): {regime}. sigma* scales as 1/lr "
+    f"(module docstring), and this run's SGD lr {LEARNING_RATES['sgd']:g} is large for a model of width "
+    f"{r.meta['measured_setting']['width']} (the round-1 formula gives sigma* = "
+    f"{r.meta['init_formula_crossover']:.3g} here, close to the fit)."
+  )
 
 
 def paper_sigma_range(r: Report) -> tuple[float, float, float]:
   """The paper's sigma at epsilon = 1 (worst case), and the smallest and largest over its epsilons and models."""
   paper = r.meta["paper"]
   models = participations(paper)
-  return (paper["worst_case"]["sigma"][str(EPSILONS[0])], min(min(paper[p]["sigma"].values()) for p in models),
-          max(max(paper[p]["sigma"].values()) for p in models))
+  return (
+    paper["worst_case"]["sigma"][str(EPSILONS[0])],
+    min(min(paper[p]["sigma"].values()) for p in models),
+    max(max(paper[p]["sigma"].values()) for p in models),
+  )
 
 
 def paper_finding(r: Report) -> str:
@@ -591,18 +742,21 @@ def paper_finding(r: Report) -> str:
   per_model = lambda field, spec: ", ".join(f"{spec(v[field])} ({k})" for k, v in sgd.items())
   smallest_at_paper_lr = min(v["at_paper_lr"] for v in sgd.values())
   return (
-      f"- **At the paper's sigmas.** The paper's setting needs sigma = {paper_eps1:.3f} for epsilon = 1 (worst-case "
-      f"participation; {paper_hi:.3f} at most over its epsilons and the {len(participations(r.meta['paper']))} "
-      "participation models). Lemma 1's round-1 crossover, validated above, at the paper's widths with batch 6, 10 "
-      "steps, 2 clients: sigma* = " + per_model("per_lr", lambda x: f"{x:.3g} / eta")
-      + " for an SGD lr eta; the quadratic regime (sigma > sigma*) is reached at the paper's epsilon = 1 only for "
-      + ", ".join(f"eta > {v['lr_to_reach_eps1']:.3g} ({k})" for k, v in sgd.items())
-      + f". At the paper's own lr {PAPER['lr']:g} read as an SGD lr, sigma* = "
-      + per_model("at_paper_lr", lambda x: f"{x:.1f}")
-      + f", {smallest_at_paper_lr / paper_hi:.0f}x the largest sigma the paper uses; an SGD lr that moves a "
-      "coordinate per step as far as the paper's AdamW does under dominant noise (eta = lr B_e / (sigma C) = "
-      f"{matched_lr:.2g} at epsilon = 1) leaves sigma / sigma* = "
-      + per_model("adam_matched_ratio", lambda x: f"{x:.2f}") + ": the paper's sigmas sit in the linear regime.")
+    f"- **At the paper's sigmas.** The paper's setting needs sigma = {paper_eps1:.3f} for epsilon = 1 (worst-case "
+    f"participation; {paper_hi:.3f} at most over its epsilons and the {len(participations(r.meta['paper']))} "
+    "participation models). Lemma 1's round-1 crossover, validated above, at the paper's widths with batch 6, 10 "
+    "steps, 2 clients: sigma* = "
+    + per_model("per_lr", lambda x: f"{x:.3g} / eta")
+    + " for an SGD lr eta; the quadratic regime (sigma > sigma*) is reached at the paper's epsilon = 1 only for "
+    + ", ".join(f"eta > {v['lr_to_reach_eps1']:.3g} ({k})" for k, v in sgd.items())
+    + f". At the paper's own lr {PAPER['lr']:g} read as an SGD lr, sigma* = "
+    + per_model("at_paper_lr", lambda x: f"{x:.1f}")
+    + f", {smallest_at_paper_lr / paper_hi:.0f}x the largest sigma the paper uses; an SGD lr that moves a "
+    "coordinate per step as far as the paper's AdamW does under dominant noise (eta = lr B_e / (sigma C) = "
+    f"{matched_lr:.2g} at epsilon = 1) leaves sigma / sigma* = "
+    + per_model("adam_matched_ratio", lambda x: f"{x:.2f}")
+    + ": the paper's sigmas sit in the linear regime."
+  )
 
 
 def adamw_finding(r: Report) -> str | None:
@@ -613,54 +767,85 @@ def adamw_finding(r: Report) -> str | None:
   ext = r.meta["paper_crossover"]
   shares = ", ".join(f"{v:.1%} ({k})" for k, v in ext["adamw_cross_share"].items())
   return (
-      "- **With AdamW (what the paper and the quickstart run) there is no sigma^4 regime.** Adam normalises each "
-      "coordinate's step, so once the noise dominates the gradient the displacement no longer grows with sigma: "
-      f"slope {fa['slope_large'][0]:.3f} for (a), {fc['slope_large'][0]:.3f} for (c) at large sigma, plateaus "
-      f"{fa['measured_plateau'] / fa['predicted_plateau']:.3f} and "
-      f"{fc['measured_plateau'] / fc['predicted_plateau']:.3f} x the predicted ones; (a) stays within "
-      f"{fa['measured_plateau'] / fc['measured_plateau']:.3g}x of (c). Below the plateau the growth is already slow "
-      f"(slope {fa['slope_small'][0]:.2f} for (a), {fc['slope_small'][0]:.2f} for (c) at small sigma, not 2): "
-      "Adam's first step is lr sign(g + noise), so a coordinate whose gradient is below the noise moves by about "
-      "lr whatever sigma, and in round 1 every lora_a gradient of (a) is exactly 0 (b = 0). The cross term's "
-      f"share at the plateau is 3 in kappa_S lr^2 sum w^2 (PEFT's init): {shares} in the paper's setting "
-      f"(kappa_10 = {ext['kappa_paper']:.2f}, lr {PAPER['lr']:g}).")
+    "- **With AdamW (what the paper and the quickstart run) there is no sigma^4 regime.** Adam normalises each "
+    "coordinate's step, so once the noise dominates the gradient the displacement no longer grows with sigma: "
+    f"slope {fa['slope_large'][0]:.3f} for (a), {fc['slope_large'][0]:.3f} for (c) at large sigma, plateaus "
+    f"{fa['measured_plateau'] / fa['predicted_plateau']:.3f} and "
+    f"{fc['measured_plateau'] / fc['predicted_plateau']:.3f} x the predicted ones; (a) stays within "
+    f"{fa['measured_plateau'] / fc['measured_plateau']:.3g}x of (c). Below the plateau the growth is already slow "
+    f"(slope {fa['slope_small'][0]:.2f} for (a), {fc['slope_small'][0]:.2f} for (c) at small sigma, not 2): "
+    "Adam's first step is lr sign(g + noise), so a coordinate whose gradient is below the noise moves by about "
+    "lr whatever sigma, and in round 1 every lora_a gradient of (a) is exactly 0 (b = 0). The cross term's "
+    f"share at the plateau is 3 in kappa_S lr^2 sum w^2 (PEFT's init): {shares} in the paper's setting "
+    f"(kappa_10 = {ext['kappa_paper']:.2f}, lr {PAPER['lr']:g})."
+  )
 
 
 def verdict(r: Report) -> str:
   """The paper's claim: the mechanism is real; whether it matters is a question of scale."""
   _, paper_lo, paper_hi = paper_sigma_range(r)
   return (
-      "- **Verdict on the paper's claim.** The mechanism of Lemma 1 is real and measured here: noising both "
-      "factors adds a xi_A xi_B term that grows as sigma^4 and overtakes the linear term above sigma*; freezing "
-      "one factor (FFA-LoRA, FedASK under DP) removes it. Whether it matters is a question of scale: in one round "
-      f"from PEFT's init, at the paper's sigmas ({paper_lo:.2f} to {paper_hi:.2f}) the crossover is far away unless "
-      "the SGD lr is large (above), and with the paper's AdamW the term is bounded at a few percent. This measures "
-      "one round; it does not cover the noise that accumulates in the global factors over rounds (Lemma 1's "
-      "||B||^2 term grows with training), which the method comparison experiment measures end to end.")
+    "- **Verdict on the paper's claim.** The mechanism of Lemma 1 is real and measured here: noising both "
+    "factors adds a xi_A xi_B term that grows as sigma^4 and overtakes the linear term above sigma*; freezing "
+    "one factor (FFA-LoRA, FedASK under DP) removes it. Whether it matters is a question of scale: in one round "
+    f"from PEFT's init, at the paper's sigmas ({paper_lo:.2f} to {paper_hi:.2f}) the crossover is far away unless "
+    "the SGD lr is large (above), and with the paper's AdamW the term is bounded at a few percent. This measures "
+    "one round; it does not cover the noise that accumulates in the global factors over rounds (Lemma 1's "
+    "||B||^2 term grows with training), which the method comparison experiment measures end to end."
+  )
 
 
 def markdown(saved: dict[str, Any]) -> str:
   r = report_of(saved)
-  findings = [law_finding(r), crossover_finding(r), same_noise_finding(r), own_sigmas_finding(r), paper_finding(r),
-              adamw_finding(r), verdict(r)]
-  quick_note = ["", "Quick mode: a reduced setting (see the overrides above) and few seeds; the full mode uses the "
-                "quickstart's batch, steps and length."] if r.meta["mode"] == "quick" else []
-  return "\n".join([
-      "# Noise law (Lemma 1): DP noise power of one round against sigma", "",
-      setting_text(r), "",
-      "## Noise power, local SGD", "",
-      *power_table(r), "",
-      slopes_text(r), "",
-      *slopes_table(r), "",
-      "'Lemma 1' columns: the law of the module docstring evaluated on this run's factors (the noise-free round's "
-      "a and b for fedavg, the frozen a for the others), weights, lr, S, C and B_e, with no fitted parameter.", "",
-      *adamw_section(r),
-      "## Which sigmas epsilon needs", "",
-      *sigmas_table(r), "",
-      "## Findings", "",
-      *(f for f in findings if f is not None),
-      *quick_note,
-  ]) + "\n"
+  findings = [
+    law_finding(r),
+    crossover_finding(r),
+    same_noise_finding(r),
+    own_sigmas_finding(r),
+    paper_finding(r),
+    adamw_finding(r),
+    verdict(r),
+  ]
+  quick_note = (
+    [
+      "",
+      "Quick mode: a reduced setting (see the overrides above) and few seeds; the full mode uses the "
+      "quickstart's batch, steps and length.",
+    ]
+    if r.meta["mode"] == "quick"
+    else []
+  )
+  return (
+    "\n".join(
+      [
+        "# Noise law (Lemma 1): DP noise power of one round against sigma",
+        "",
+        setting_text(r),
+        "",
+        "## Noise power, local SGD",
+        "",
+        *power_table(r),
+        "",
+        slopes_text(r),
+        "",
+        *slopes_table(r),
+        "",
+        "'Lemma 1' columns: the law of the module docstring evaluated on this run's factors (the noise-free round's "
+        "a and b for fedavg, the frozen a for the others), weights, lr, S, C and B_e, with no fitted parameter.",
+        "",
+        *adamw_section(r),
+        "## Which sigmas epsilon needs",
+        "",
+        *sigmas_table(r),
+        "",
+        "## Findings",
+        "",
+        *(f for f in findings if f is not None),
+        *quick_note,
+      ]
+    )
+    + "\n"
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -685,8 +870,11 @@ def sigma_info(config: Config, sizes: np.ndarray) -> dict[str, Any]:
   """The smallest client's q, the DP steps R S and {epsilon: sigma} of `config` (the report's "Which sigmas" rows,
   RDP and worst-case participation)."""
   sig = setting_sigmas(config, sizes)
-  return {"sample_rate": config.batch_size / int(sizes.min()), "steps": config.rounds * config.local_steps,
-          "sigma": {str(e): s for e, s in sig.items()}}
+  return {
+    "sample_rate": config.batch_size / int(sizes.min()),
+    "steps": config.rounds * config.local_steps,
+    "sigma": {str(e): s for e, s in sig.items()},
+  }
 
 
 def paper_crossover(paper: dict[str, Any]) -> dict[str, Any]:
@@ -695,14 +883,19 @@ def paper_crossover(paper: dict[str, Any]) -> dict[str, Any]:
   kappa_paper = adam_noise_gain(PAPER["local_steps"])
   sum_w2 = PAPER["clients_per_round"] * (1 / PAPER["clients_per_round"]) ** 2
   paper_eps1 = paper["worst_case"]["sigma"][EPSILONS[0]]
-  crossover_at = lambda lr, width: init_crossover(PAPER["batch_size"], lr, PAPER["local_steps"], sum_w2,
-                                                  PAPER["clip_norm"], width)
+  crossover_at = lambda lr, width: init_crossover(
+    PAPER["batch_size"], lr, PAPER["local_steps"], sum_w2, PAPER["clip_norm"], width
+  )
   out = {
-      "sgd": {name: {"per_lr": crossover_at(1.0, width), "at_paper_lr": crossover_at(PAPER["lr"], width)}
-              for name, width in PAPER["widths"].items()},
-      "adamw_cross_share": {name: 3 * width * kappa_paper * PAPER["lr"] ** 2 * sum_w2
-                            for name, width in PAPER["widths"].items()},
-      "kappa_paper": kappa_paper, "sum_w2": sum_w2,
+    "sgd": {
+      name: {"per_lr": crossover_at(1.0, width), "at_paper_lr": crossover_at(PAPER["lr"], width)}
+      for name, width in PAPER["widths"].items()
+    },
+    "adamw_cross_share": {
+      name: 3 * width * kappa_paper * PAPER["lr"] ** 2 * sum_w2 for name, width in PAPER["widths"].items()
+    },
+    "kappa_paper": kappa_paper,
+    "sum_w2": sum_w2,
   }
   # The SGD lr whose noise step per coordinate, eta sigma C / B_e, equals AdamW's lr (Adam's step under dominant
   # noise): at it, (sigma / sigma*)^2 = 3 in S sum w^2 lr^2, the SGD twin of the AdamW cross share.
@@ -726,27 +919,53 @@ def measure(mode: Mode, optimizers: list[str], command: str) -> dict[str, Any]:
   crossover_ci = [float(np.exp(log_mean - log_half)), float(np.exp(log_mean + log_half))]
   measured = configs[("sgd", "fedavg")]
   paper = paper_sigmas()
-  paper_json = {k: ({"steps": v["steps"], "sigma": {str(e): s for e, s in v["sigma"].items()}}
-                    if isinstance(v, dict) else v) for k, v in paper.items()}
+  paper_json = {
+    k: ({"steps": v["steps"], "sigma": {str(e): s for e, s in v["sigma"].items()}} if isinstance(v, dict) else v)
+    for k, v in paper.items()
+  }
   width = int(np.asarray(next(iter(fed_sgd.start.values())).lora_a).shape[-2])
   # The round-1 formula of init_crossover against this run's fitted sigma*: the same law as the paper numbers.
-  own_init = init_crossover(measured.batch_size, measured.lr, measured.local_steps,
-                            float(np.sum(fed_sgd.weights**2)), measured.privacy.clip_norm, width)
+  own_init = init_crossover(
+    measured.batch_size,
+    measured.lr,
+    measured.local_steps,
+    float(np.sum(fed_sgd.weights**2)),
+    measured.privacy.clip_norm,
+    width,
+  )
   meta = dict(
-      mode=mode.name, overrides=list(mode.overrides), seeds=mode.seeds, sigmas=mode.sigmas,
-      small_regime=list(SMALL), large_regime=list(LARGE), learning_rates=LEARNING_RATES, command=command,
-      crossover_ci=crossover_ci, per_seed_crossover=per_seed,
-      measured_setting=dict(num_clients=measured.num_clients, clients_per_round=measured.clients_per_round,
-                            batch_size=measured.batch_size, local_steps=measured.local_steps,
-                            rank=measured.lora.rank, alpha=measured.lora.alpha,
-                            clip_norm=measured.privacy.clip_norm, width=width,
-                            max_seq_len=measured.data.max_seq_len),
-      init_formula_crossover=own_init,
-      setting_sigmas={"measured": sigma_info(measured, sizes),
-                      "quickstart": sigma_info(experiment_config("fedavg", "sgd"), sizes)},
-      paper=paper_json, paper_settings=PAPER, paper_crossover=paper_crossover(paper),
-      configs={f"{o}/{s}": to_dict(c) for (o, s), c in configs.items()},
-      device=_common.device_report(), total_seconds=time.perf_counter() - began,
+    mode=mode.name,
+    overrides=list(mode.overrides),
+    seeds=mode.seeds,
+    sigmas=mode.sigmas,
+    small_regime=list(SMALL),
+    large_regime=list(LARGE),
+    learning_rates=LEARNING_RATES,
+    command=command,
+    crossover_ci=crossover_ci,
+    per_seed_crossover=per_seed,
+    measured_setting=dict(
+      num_clients=measured.num_clients,
+      clients_per_round=measured.clients_per_round,
+      batch_size=measured.batch_size,
+      local_steps=measured.local_steps,
+      rank=measured.lora.rank,
+      alpha=measured.lora.alpha,
+      clip_norm=measured.privacy.clip_norm,
+      width=width,
+      max_seq_len=measured.data.max_seq_len,
+    ),
+    init_formula_crossover=own_init,
+    setting_sigmas={
+      "measured": sigma_info(measured, sizes),
+      "quickstart": sigma_info(experiment_config("fedavg", "sgd"), sizes),
+    },
+    paper=paper_json,
+    paper_settings=PAPER,
+    paper_crossover=paper_crossover(paper),
+    configs={f"{o}/{s}": to_dict(c) for (o, s), c in configs.items()},
+    device=_common.device_report(),
+    total_seconds=time.perf_counter() - began,
   )
   return dict(meta=meta, results=summary)
 

@@ -66,8 +66,12 @@ class Variant:
   broken: str | None = None  # None, "noise_off" or "clipping_off"
 
 
-VARIANTS = (Variant("real", 1.0), Variant("real", 4.0), Variant("noise off", 1.0, "noise_off"),
-            Variant("clipping off", 1.0, "clipping_off"))
+VARIANTS = (
+  Variant("real", 1.0),
+  Variant("real", 4.0),
+  Variant("noise off", 1.0, "noise_off"),
+  Variant("clipping off", 1.0, "clipping_off"),
+)
 SPACES = ("b_space", "w_space")
 
 
@@ -78,15 +82,20 @@ class SampledVariant:
   understated: int = 1  # the accountant is told q_c = K / N / understated
 
 
-SAMPLED_VARIANTS = (SampledVariant("real", 1.0), SampledVariant("real", 4.0),
-                    SampledVariant("q_c understated x10", 1.0, 10), SampledVariant("q_c understated x100", 1.0, 100))
+SAMPLED_VARIANTS = (
+  SampledVariant("real", 1.0),
+  SampledVariant("real", 4.0),
+  SampledVariant("q_c understated x10", 1.0, 10),
+  SampledVariant("q_c understated x100", 1.0, 100),
+)
 # The sampled audit's canary: a target 1e4 away keeps its gradient along u over 20 rounds of noise. The ordinary
 # examples never touch u's row of lora_b, so 3 of them (not 15) give the same scores at a fifth of the cost.
 SAMPLED_CANARY = dict(num_examples=3, canary_gradient_norm=1e4)
 
 
-SAMPLING = auditing.ClientSampling(rounds=20, clients_per_round=5, num_clients=10,
-                                   sample_clients=simulation.sample_clients)
+SAMPLING = auditing.ClientSampling(
+  rounds=20, clients_per_round=5, num_clients=10, sample_clients=simulation.sample_clients
+)
 
 
 def sampled_runs(quick: bool) -> int:
@@ -107,25 +116,50 @@ def run_audit(problem, setting: Setting, space: str, variant: Variant, key) -> d
   elif variant.broken == "clipping_off":
     clip_norm, multiplier = CLIP_NORM * NO_CLIP_FACTOR, sigma / NO_CLIP_FACTOR
   mechanism = problem.mechanism(
-      space, clip_norm=clip_norm, noise_multiplier=multiplier,
-      expected_batch_size=setting.sample_rate * problem.num_examples)
+    space,
+    clip_norm=clip_norm,
+    noise_multiplier=multiplier,
+    expected_batch_size=setting.sample_rate * problem.num_examples,
+  )
   start = time.perf_counter()
   result = auditing.audit_dp_gradient(
-      mechanism, problem.params, problem.data, problem.direction, key, num_runs=setting.runs, steps=setting.steps,
-      sample_rate=setting.sample_rate, delta=DELTA, confidence=CONFIDENCE)
+    mechanism,
+    problem.params,
+    problem.data,
+    problem.direction,
+    key,
+    num_runs=setting.runs,
+    steps=setting.steps,
+    sample_rate=setting.sample_rate,
+    delta=DELTA,
+    confidence=CONFIDENCE,
+  )
   seconds = time.perf_counter() - start
   return dict(
-      setting=setting.name, steps=setting.steps, sample_rate=setting.sample_rate, space=space,
-      variant=variant.name, broken=variant.broken, claimed_epsilon=variant.claim, sigma=sigma,
-      clip_norm=clip_norm, noise_multiplier=multiplier,
-      rdp_epsilon=privacy.epsilon_spent(schedule, sigma, DELTA, "rdp"),
-      epsilon_lower_bound=result.epsilon_lower_bound, ratio=result.epsilon_lower_bound / variant.claim,
-      bonferroni_epsilon=result.bonferroni_epsilon, max_certifiable=result.max_certifiable, auroc=result.auroc,
-      runs_per_side=result.num_runs, confidence=result.confidence, delta=result.delta, seconds=seconds,
-      mean_in=float(np.mean(result.scores_in)), mean_out=float(np.mean(result.scores_out)),
-      std_out=float(np.std(result.scores_out)),
-      oracle=gaussian_oracle(sigma) if setting.steps == 1 and setting.sample_rate == 1.0 and not variant.broken
-      else None,
+    setting=setting.name,
+    steps=setting.steps,
+    sample_rate=setting.sample_rate,
+    space=space,
+    variant=variant.name,
+    broken=variant.broken,
+    claimed_epsilon=variant.claim,
+    sigma=sigma,
+    clip_norm=clip_norm,
+    noise_multiplier=multiplier,
+    rdp_epsilon=privacy.epsilon_spent(schedule, sigma, DELTA, "rdp"),
+    epsilon_lower_bound=result.epsilon_lower_bound,
+    ratio=result.epsilon_lower_bound / variant.claim,
+    bonferroni_epsilon=result.bonferroni_epsilon,
+    max_certifiable=result.max_certifiable,
+    auroc=result.auroc,
+    runs_per_side=result.num_runs,
+    confidence=result.confidence,
+    delta=result.delta,
+    seconds=seconds,
+    mean_in=float(np.mean(result.scores_in)),
+    mean_out=float(np.mean(result.scores_out)),
+    std_out=float(np.std(result.scores_out)),
+    oracle=gaussian_oracle(sigma) if setting.steps == 1 and setting.sample_rate == 1.0 and not variant.broken else None,
   ), result
 
 
@@ -139,20 +173,41 @@ def run_sampled_audit(problem, runs: int, variant: SampledVariant, key) -> dict:
   mechanism = problem.mechanism("b_space", clip_norm=CLIP_NORM, noise_multiplier=sigma, expected_batch_size=batch)
   start = time.perf_counter()
   result = auditing.audit_dp_gradient(
-      mechanism, problem.params, problem.data, problem.direction, key, num_runs=runs, steps=1, sample_rate=1.0,
-      sampling=SAMPLING,
-      canary_step=problem.canary_step("b_space", clip_norm=CLIP_NORM, expected_batch_size=batch), delta=DELTA,
-      confidence=CONFIDENCE)
+    mechanism,
+    problem.params,
+    problem.data,
+    problem.direction,
+    key,
+    num_runs=runs,
+    steps=1,
+    sample_rate=1.0,
+    sampling=SAMPLING,
+    canary_step=problem.canary_step("b_space", clip_norm=CLIP_NORM, expected_batch_size=batch),
+    delta=DELTA,
+    confidence=CONFIDENCE,
+  )
   return dict(
-      setting=f"{SAMPLING.rounds} rounds, {SAMPLING.clients_per_round} of {SAMPLING.num_clients} clients",
-      space="b_space", variant=variant.name, broken=None if variant.understated == 1 else "understated_participation",
-      participation_rate=rate, told_participation_rate=told, claimed_epsilon=variant.claim,
-      sigma=sigma, noise_multiplier=sigma, actual_epsilon=privacy.epsilon_spent(actual, sigma, DELTA, "pld"),
-      rdp_epsilon=privacy.epsilon_spent(claimed, sigma, DELTA, "rdp"),
-      epsilon_lower_bound=result.epsilon_lower_bound, ratio=result.epsilon_lower_bound / variant.claim,
-      bonferroni_epsilon=result.bonferroni_epsilon, max_certifiable=result.max_certifiable, auroc=result.auroc,
-      runs_per_side=result.num_runs, confidence=result.confidence, delta=result.delta,
-      seconds=time.perf_counter() - start)
+    setting=f"{SAMPLING.rounds} rounds, {SAMPLING.clients_per_round} of {SAMPLING.num_clients} clients",
+    space="b_space",
+    variant=variant.name,
+    broken=None if variant.understated == 1 else "understated_participation",
+    participation_rate=rate,
+    told_participation_rate=told,
+    claimed_epsilon=variant.claim,
+    sigma=sigma,
+    noise_multiplier=sigma,
+    actual_epsilon=privacy.epsilon_spent(actual, sigma, DELTA, "pld"),
+    rdp_epsilon=privacy.epsilon_spent(claimed, sigma, DELTA, "rdp"),
+    epsilon_lower_bound=result.epsilon_lower_bound,
+    ratio=result.epsilon_lower_bound / variant.claim,
+    bonferroni_epsilon=result.bonferroni_epsilon,
+    max_certifiable=result.max_certifiable,
+    auroc=result.auroc,
+    runs_per_side=result.num_runs,
+    confidence=result.confidence,
+    delta=result.delta,
+    seconds=time.perf_counter() - start,
+  )
 
 
 def gaussian_oracle(sigma: float) -> tuple[float, float, float]:
@@ -187,44 +242,75 @@ def sampled_markdown(rows: list[dict]) -> list[str]:
   """The sampled mechanism's section: the setting, one row per audit, and findings (c) and (d)."""
   real = [r for r in rows if r["broken"] is None]
   broken = [r for r in rows if r["broken"] is not None]
-  cells = [[r["variant"], f"{r['told_participation_rate']:g}", f"{r['sigma']:.4g}", f"{r['claimed_epsilon']:g}",
-            f"{r['rdp_epsilon']:.2f}", f"{r['actual_epsilon']:.2f}", f"**{r['epsilon_lower_bound']:.3f}**",
-            f"{r['ratio']:.2f}", f"{r['bonferroni_epsilon']:.3f}", f"{r['max_certifiable']:.2f}", f"{r['auroc']:.3f}",
-            f"{r['runs_per_side']:,}", f"{r['confidence']:.2f}"] for r in rows]
-  header = ["variant", "q_c told", "sigma", "claimed eps (PLD)", "RDP eps of the claim", "eps at true q_c",
-            "**eps lower bound**", "lb / claim", "Bonferroni", "ceiling", "AUROC", "runs per side", "confidence"]
+  cells = [
+    [
+      r["variant"],
+      f"{r['told_participation_rate']:g}",
+      f"{r['sigma']:.4g}",
+      f"{r['claimed_epsilon']:g}",
+      f"{r['rdp_epsilon']:.2f}",
+      f"{r['actual_epsilon']:.2f}",
+      f"**{r['epsilon_lower_bound']:.3f}**",
+      f"{r['ratio']:.2f}",
+      f"{r['bonferroni_epsilon']:.3f}",
+      f"{r['max_certifiable']:.2f}",
+      f"{r['auroc']:.3f}",
+      f"{r['runs_per_side']:,}",
+      f"{r['confidence']:.2f}",
+    ]
+    for r in rows
+  ]
+  header = [
+    "variant",
+    "q_c told",
+    "sigma",
+    "claimed eps (PLD)",
+    "RDP eps of the claim",
+    "eps at true q_c",
+    "**eps lower bound**",
+    "lb / claim",
+    "Bonferroni",
+    "ceiling",
+    "AUROC",
+    "runs per side",
+    "confidence",
+  ]
   lines = [
-      "## The sampled mechanism: a client drawn in some rounds",
-      "",
-      f"The canary's client is drawn by the runner's sampler (`simulation.sample_clients`), "
-      f"{SAMPLING.clients_per_round} of {SAMPLING.num_clients} clients each round (q_c = "
-      f"{SAMPLING.clients_per_round / SAMPLING.num_clients:g}, independently across rounds), over {SAMPLING.rounds} "
-      "rounds of one local B-space DP-SGD step with q = 1 (`auditing.audit_dp_gradient` with `sampling`). The "
-      "adversary sees every release and who took part; the score is the transcript's Gaussian log likelihood ratio, "
-      "<b_R - b_0, u> - k m / 2 (k rounds taken, m the canary's step). The claim is the `sampled` PLD epsilon "
-      "for the q_c the accountant is told: K / N for the real mechanism; 10 or 100 times less for the broken "
-      "ones, which run the same code with the smaller sigma that the under-stated q_c calibrates. 'eps at true "
-      "q_c' is what the accountant gives that sigma at q_c = K / N, the broken mechanism's real cost. The canary "
-      "problem has 3 ordinary examples (they never touch u's row of lora_b) and a target 1e4 away.",
-      "",
-      *_common.table(header, cells, "l" + "r" * 12),
+    "## The sampled mechanism: a client drawn in some rounds",
+    "",
+    f"The canary's client is drawn by the runner's sampler (`simulation.sample_clients`), "
+    f"{SAMPLING.clients_per_round} of {SAMPLING.num_clients} clients each round (q_c = "
+    f"{SAMPLING.clients_per_round / SAMPLING.num_clients:g}, independently across rounds), over {SAMPLING.rounds} "
+    "rounds of one local B-space DP-SGD step with q = 1 (`auditing.audit_dp_gradient` with `sampling`). The "
+    "adversary sees every release and who took part; the score is the transcript's Gaussian log likelihood ratio, "
+    "<b_R - b_0, u> - k m / 2 (k rounds taken, m the canary's step). The claim is the `sampled` PLD epsilon "
+    "for the q_c the accountant is told: K / N for the real mechanism; 10 or 100 times less for the broken "
+    "ones, which run the same code with the smaller sigma that the under-stated q_c calibrates. 'eps at true "
+    "q_c' is what the accountant gives that sigma at q_c = K / N, the broken mechanism's real cost. The canary "
+    "problem has 3 ordinary examples (they never touch u's row of lora_b) and a target 1e4 away.",
+    "",
+    *_common.table(header, cells, "l" + "r" * 12),
   ]
   caught = [r for r in broken if r["epsilon_lower_bound"] > r["claimed_epsilon"]]
   lines += [
-      "",
-      f"- (c) Real sampled mechanism: every lower bound is "
-      f"{'below' if all(r['epsilon_lower_bound'] <= r['claimed_epsilon'] for r in real) else 'NOT below'} its "
-      "claim (" + ", ".join(f"{r['epsilon_lower_bound']:.2f} for claim {r['claimed_epsilon']:g}" for r in real)
-      + "). The claims are what the `sampled` accounting proves, so this is the check that the proof's model "
-      "(participation seen by everyone, rounds composed) is not too optimistic for the code as it runs.",
-      f"- (d) Under-stated participation: {len(caught)} of {len(broken)} broken claims refuted ("
-      + ", ".join(f"{r['variant']}: lower bound {r['epsilon_lower_bound']:.2f} against claim "
-                  f"{r['claimed_epsilon']:g}, real cost {r['actual_epsilon']:.2f}" for r in broken)
-      + "). What an audit can refute is bounded by its runs: here the lower bounds reach "
-      + ", ".join(f"{r['epsilon_lower_bound'] / r['actual_epsilon']:.2f}" for r in broken)
-      + " of the broken mechanisms' real cost, so a claim above about that fraction of the truth needs more runs "
-      "to refute.",
-      "",
+    "",
+    f"- (c) Real sampled mechanism: every lower bound is "
+    f"{'below' if all(r['epsilon_lower_bound'] <= r['claimed_epsilon'] for r in real) else 'NOT below'} its "
+    "claim ("
+    + ", ".join(f"{r['epsilon_lower_bound']:.2f} for claim {r['claimed_epsilon']:g}" for r in real)
+    + "). The claims are what the `sampled` accounting proves, so this is the check that the proof's model "
+    "(participation seen by everyone, rounds composed) is not too optimistic for the code as it runs.",
+    f"- (d) Under-stated participation: {len(caught)} of {len(broken)} broken claims refuted ("
+    + ", ".join(
+      f"{r['variant']}: lower bound {r['epsilon_lower_bound']:.2f} against claim "
+      f"{r['claimed_epsilon']:g}, real cost {r['actual_epsilon']:.2f}"
+      for r in broken
+    )
+    + "). What an audit can refute is bounded by its runs: here the lower bounds reach "
+    + ", ".join(f"{r['epsilon_lower_bound'] / r['actual_epsilon']:.2f}" for r in broken)
+    + " of the broken mechanisms' real cost, so a claim above about that fraction of the truth needs more runs "
+    "to refute.",
+    "",
   ]
   return lines
 
@@ -232,40 +318,68 @@ def sampled_markdown(rows: list[dict]) -> list[str]:
 def setup_text() -> str:
   """The audited code path, the canary, the score and the claims."""
   return (
-      "**Setup.** Each run is a client update through the real code path: T local steps of Poisson sampling "
-      "(`privacy.poisson_sample`), the DP gradient of lora_b through `fedask_jax.lora.Linear` (B-space "
-      "`privacy.dp_gradient` or W-space `privacy.wspace_dp_gradient`), SGD, and the final lora_b released. "
-      "The layer has 15 ordinary examples; the canary is a gradient canary (its own input coordinate, a target "
-      "so far away that its gradient, 100 C in W-space and 200 C in B-space, is clipped to exactly C, in a "
-      "coordinate u of lora_b that no other example touches). The score is <b_T - b_0, u>; runs with the canary "
-      "(n + 1 examples) against runs without it (n), add/remove neighbours. sigma is calibrated by "
-      f"`privacy.calibrate_noise` with the PLD accountant at delta = {DELTA:g} for each setting's q and T "
-      "(the RDP epsilon of the same sigma is larger and listed too). Broken "
-      "mechanisms carry the claim they would report (epsilon = 1): noise off (sigma = 0), clipping off (clip "
-      f"norm {NO_CLIP_FACTOR:g} C with multiplier sigma / {NO_CLIP_FACTOR:g}: noise still sigma C, the canary "
-      "unclipped).")
+    "**Setup.** Each run is a client update through the real code path: T local steps of Poisson sampling "
+    "(`privacy.poisson_sample`), the DP gradient of lora_b through `fedask_jax.lora.Linear` (B-space "
+    "`privacy.dp_gradient` or W-space `privacy.wspace_dp_gradient`), SGD, and the final lora_b released. "
+    "The layer has 15 ordinary examples; the canary is a gradient canary (its own input coordinate, a target "
+    "so far away that its gradient, 100 C in W-space and 200 C in B-space, is clipped to exactly C, in a "
+    "coordinate u of lora_b that no other example touches). The score is <b_T - b_0, u>; runs with the canary "
+    "(n + 1 examples) against runs without it (n), add/remove neighbours. sigma is calibrated by "
+    f"`privacy.calibrate_noise` with the PLD accountant at delta = {DELTA:g} for each setting's q and T "
+    "(the RDP epsilon of the same sigma is larger and listed too). Broken "
+    "mechanisms carry the claim they would report (epsilon = 1): noise off (sigma = 0), clipping off (clip "
+    f"norm {NO_CLIP_FACTOR:g} C with multiplier sigma / {NO_CLIP_FACTOR:g}: noise still sigma C, the canary "
+    "unclipped)."
+  )
 
 
 def bound_text() -> str:
   """How the lower bound is computed, and the two cross-checks in the table."""
   return (
-      f"**Bound.** Clopper-Pearson at {CONFIDENCE:.0%} confidence (alpha/2 on each of TPR and FPR): eps_lb = "
-      "log((TPR_lb - delta) / FPR_ub) at a threshold chosen on a random half of each side's runs and tested on "
-      "the other half (`jax_privacy.auditing.Split`), valid for any score law. 'Bonferroni' is jax_privacy's "
-      "default on all runs (alpha divided by the number of thresholds on the data-dependent ROC frontier: a "
-      "heuristic, shown as a cross-check). 'Ceiling' is the most N runs per side can certify (perfectly "
-      "separated scores), ~ log(N / (2 log(2 / alpha))).")
+    f"**Bound.** Clopper-Pearson at {CONFIDENCE:.0%} confidence (alpha/2 on each of TPR and FPR): eps_lb = "
+    "log((TPR_lb - delta) / FPR_ub) at a threshold chosen on a random half of each side's runs and tested on "
+    "the other half (`jax_privacy.auditing.Split`), valid for any score law. 'Bonferroni' is jax_privacy's "
+    "default on all runs (alpha divided by the number of thresholds on the data-dependent ROC frontier: a "
+    "heuristic, shown as a cross-check). 'Ceiling' is the most N runs per side can certify (perfectly "
+    "separated scores), ~ log(N / (2 log(2 / alpha)))."
+  )
 
 
 def audit_table(rows: list[dict]) -> list[str]:
   """One row per audit: setting, mechanism, variant, sigma, the claims, the bound and its cross-checks."""
-  cells = [[r["setting"], r["space"].replace("_", "-"), r["variant"], f"{r['noise_multiplier']:.4g}",
-            f"{r['claimed_epsilon']:g}", f"{r['rdp_epsilon']:.2f}" if r["broken"] is None else "-",
-            f"**{r['epsilon_lower_bound']:.3f}**", f"{r['ratio']:.2f}", f"{r['bonferroni_epsilon']:.3f}",
-            f"{r['max_certifiable']:.2f}", f"{r['auroc']:.3f}", f"{r['runs_per_side']:,}", f"{r['confidence']:.2f}"]
-           for r in rows]
-  header = ["setting", "mechanism", "variant", "sigma", "claimed eps (PLD)", "RDP eps", "**eps lower bound**",
-            "lb / claim", "Bonferroni", "ceiling", "AUROC", "runs per side", "confidence"]
+  cells = [
+    [
+      r["setting"],
+      r["space"].replace("_", "-"),
+      r["variant"],
+      f"{r['noise_multiplier']:.4g}",
+      f"{r['claimed_epsilon']:g}",
+      f"{r['rdp_epsilon']:.2f}" if r["broken"] is None else "-",
+      f"**{r['epsilon_lower_bound']:.3f}**",
+      f"{r['ratio']:.2f}",
+      f"{r['bonferroni_epsilon']:.3f}",
+      f"{r['max_certifiable']:.2f}",
+      f"{r['auroc']:.3f}",
+      f"{r['runs_per_side']:,}",
+      f"{r['confidence']:.2f}",
+    ]
+    for r in rows
+  ]
+  header = [
+    "setting",
+    "mechanism",
+    "variant",
+    "sigma",
+    "claimed eps (PLD)",
+    "RDP eps",
+    "**eps lower bound**",
+    "lb / claim",
+    "Bonferroni",
+    "ceiling",
+    "AUROC",
+    "runs per side",
+    "confidence",
+  ]
   return _common.table(header, cells, "lll" + "r" * 10)
 
 
@@ -277,55 +391,79 @@ def real_finding(rows: list[dict]) -> str:
   held_out = single[0]["runs_per_side"] - single[0]["runs_per_side"] // 2
   # The Clopper-Pearson upper bound on the FPR with no false positive among the held-out runs.
   resolution = math.log(2 / (1 - CONFIDENCE)) / held_out
-  reached = ", ".join(f"{r['ratio']:.2f} ({r['space'].replace('_', '-')}, eps {r['claimed_epsilon']:g})"
-                      for r in single)
-  oracles = ", ".join(f"{o[0]:.3f} at FPR {o[1]:.1e} (90% of it at FPR {o[2]:.1e}) for claim {c:g}"
-                      for c, o in sorted({(r["claimed_epsilon"], tuple(r["oracle"])) for r in single}))
+  reached = ", ".join(
+    f"{r['ratio']:.2f} ({r['space'].replace('_', '-')}, eps {r['claimed_epsilon']:g})" for r in single
+  )
+  oracles = ", ".join(
+    f"{o[0]:.3f} at FPR {o[1]:.1e} (90% of it at FPR {o[2]:.1e}) for claim {c:g}"
+    for c, o in sorted({(r["claimed_epsilon"], tuple(r["oracle"])) for r in single})
+  )
   return (
-      f"- (a) Real mechanism: every lower bound is {'below' if below else 'NOT below'} its claim ({len(real)} "
-      "audits, B-space and W-space). In the single-step, q = 1 setting (the Gaussian mechanism itself, the "
-      f"strongest white-box audit) the bound reaches {reached} of the claim (lb / claim): not vacuous. What is "
-      "left is the finite number of runs, not slack in the mechanism or the claim: a perfect auditor's best "
-      f"threshold test on this Gaussian reaches {oracles}, while {held_out:,} held-out runs per side resolve "
-      f"false-positive rates only down to ~{resolution:.0e} (the Clopper-Pearson bound with no false positive). "
-      "Over ten Poisson-sampled steps, with only the final factor released, the bound is looser, as expected for "
-      "final-model audits of subsampled DP-SGD.")
+    f"- (a) Real mechanism: every lower bound is {'below' if below else 'NOT below'} its claim ({len(real)} "
+    "audits, B-space and W-space). In the single-step, q = 1 setting (the Gaussian mechanism itself, the "
+    f"strongest white-box audit) the bound reaches {reached} of the claim (lb / claim): not vacuous. What is "
+    "left is the finite number of runs, not slack in the mechanism or the claim: a perfect auditor's best "
+    f"threshold test on this Gaussian reaches {oracles}, while {held_out:,} held-out runs per side resolve "
+    f"false-positive rates only down to ~{resolution:.0e} (the Clopper-Pearson bound with no false positive). "
+    "Over ten Poisson-sampled steps, with only the final factor released, the bound is looser, as expected for "
+    "final-model audits of subsampled DP-SGD."
+  )
 
 
 def broken_finding(rows: list[dict]) -> str:
   """(b) Broken mechanisms: the audit's power."""
   above = min(r["epsilon_lower_bound"] / r["claimed_epsilon"] for r in rows if r["broken"] is not None)
   return (
-      f"- (b) Broken mechanisms: every bound is at least {above:.1f} x the claim of 1, i.e. at or near the "
-      "ceiling that the number of runs allows; the audit has the power to catch missing noise or missing "
-      "clipping, and more runs would only raise these bounds (by log 10 per decade).")
+    f"- (b) Broken mechanisms: every bound is at least {above:.1f} x the claim of 1, i.e. at or near the "
+    "ceiling that the number of runs allows; the audit has the power to catch missing noise or missing "
+    "clipping, and more runs would only raise these bounds (by log 10 per decade)."
+  )
 
 
 def markdown(results: dict[str, Any]) -> str:
   rows, config = results["rows"], results["config"]
-  return "\n".join([
+  return "\n".join(
+    [
       "# Privacy audit: empirical lower bounds on epsilon for the client DP-SGD mechanism, alone and over sampled "
-      "rounds", "",
+      "rounds",
+      "",
       # "note": what the provenance line cannot say, e.g. a section measured in a later run.
-      " ".join([_common.generated_by(config["command"], config["total_seconds"], config["device"]),
-                *([config["note"]] if "note" in config else []), "Method: `fedask_jax/auditing.py`."]), "",
-      setup_text(), "",
-      bound_text(), "",
-      *audit_table(rows), "",
+      " ".join(
+        [
+          _common.generated_by(config["command"], config["total_seconds"], config["device"]),
+          *([config["note"]] if "note" in config else []),
+          "Method: `fedask_jax/auditing.py`.",
+        ]
+      ),
+      "",
+      setup_text(),
+      "",
+      bound_text(),
+      "",
+      *audit_table(rows),
+      "",
       "(sigma column: the noise multiplier passed to the mechanism; for 'clipping off' it is sigma / "
-      f"{NO_CLIP_FACTOR:g} with clip norm {NO_CLIP_FACTOR:g}.)", "",
-      "## Findings", "",
-      real_finding(rows), broken_finding(rows),
+      f"{NO_CLIP_FACTOR:g} with clip norm {NO_CLIP_FACTOR:g}.)",
+      "",
+      "## Findings",
+      "",
+      real_finding(rows),
+      broken_finding(rows),
       "- B-space and W-space give the same picture: with the canary's frozen-factor column orthonormal to the "
       "rest, the W-space noise s a^T N is isotropic in lora_b, and the released coordinate is again the Gaussian "
-      "mechanism (shift s C, std s sigma C).", "",
+      "mechanism (shift s C, std s sigma C).",
+      "",
       *sampled_markdown(results["sampled_rows"]),
       "Not used: `CanaryScoreAuditor.epsilon_from_gdp` of jax_privacy 2.0.0, which takes `abs` of "
       "isf(FPR_ub) - ppf(FNR_ub) and so turns trivial evidence into a bound (about 3 for identical in/out score "
-      "laws; google-deepmind/jax_privacy PR #270).", "",
-      "![score histograms](privacy_audit.png)", "",
-      "Score histograms, B-space, one step with q = 1.", "",
-  ])
+      "laws; google-deepmind/jax_privacy PR #270).",
+      "",
+      "![score histograms](privacy_audit.png)",
+      "",
+      "Score histograms, B-space, one step with q = 1.",
+      "",
+    ]
+  )
 
 
 def measure(quick: bool, seed: int, out: Path, command: str) -> dict[str, Any]:
@@ -340,9 +478,12 @@ def measure(quick: bool, seed: int, out: Path, command: str) -> dict[str, Any]:
       for v, variant in enumerate(VARIANTS):
         row, result = run_audit(problem, setting, space, variant, jax.random.fold_in(key, 1 + 100 * s + 10 * m + v))
         rows.append(row)
-        print(f"{setting.name:18s} {space:8s} {variant.name:12s} claim {variant.claim:g}: "
-              f"eps_lb {row['epsilon_lower_bound']:.3f} (Bonferroni {row['bonferroni_epsilon']:.3f}, ceiling "
-              f"{row['max_certifiable']:.2f}, AUROC {row['auroc']:.3f}) {row['seconds']:.1f} s", flush=True)
+        print(
+          f"{setting.name:18s} {space:8s} {variant.name:12s} claim {variant.claim:g}: "
+          f"eps_lb {row['epsilon_lower_bound']:.3f} (Bonferroni {row['bonferroni_epsilon']:.3f}, ceiling "
+          f"{row['max_certifiable']:.2f}, AUROC {row['auroc']:.3f}) {row['seconds']:.1f} s",
+          flush=True,
+        )
         if s == 0 and space == "b_space":
           title = variant.name + (f", eps {variant.claim:g}" if variant.broken is None else "")
           panels.append((title, result))
@@ -351,32 +492,55 @@ def measure(quick: bool, seed: int, out: Path, command: str) -> dict[str, Any]:
   for v, variant in enumerate(SAMPLED_VARIANTS):
     row = run_sampled_audit(sampled_problem, sampled_runs(quick), variant, jax.random.fold_in(key, 1000 + v))
     sampled_rows.append(row)
-    print(f"{row['setting']:18s} {variant.name:20s} claim {variant.claim:g} (q_c told "
-          f"{row['told_participation_rate']:g}, true-q_c eps {row['actual_epsilon']:.2f}): eps_lb "
-          f"{row['epsilon_lower_bound']:.3f} (Bonferroni {row['bonferroni_epsilon']:.3f}, ceiling "
-          f"{row['max_certifiable']:.2f}, AUROC {row['auroc']:.3f}) {row['seconds']:.1f} s", flush=True)
+    print(
+      f"{row['setting']:18s} {variant.name:20s} claim {variant.claim:g} (q_c told "
+      f"{row['told_participation_rate']:g}, true-q_c eps {row['actual_epsilon']:.2f}): eps_lb "
+      f"{row['epsilon_lower_bound']:.3f} (Bonferroni {row['bonferroni_epsilon']:.3f}, ceiling "
+      f"{row['max_certifiable']:.2f}, AUROC {row['auroc']:.3f}) {row['seconds']:.1f} s",
+      flush=True,
+    )
   plot(panels, out / f"{NAME}.png")
   config = dict(
-      command=command, quick=quick, seed=seed, delta=DELTA, confidence=CONFIDENCE, clip_norm=CLIP_NORM,
-      no_clip_factor=NO_CLIP_FACTOR, accountant="pld", threshold="held-out half (jax_privacy Split, seed 0)",
-      problem=dict(num_examples=problem.num_examples, in_features=int(problem.kernel.shape[0]),
-                   out_features=int(problem.kernel.shape[1]), rank=int(problem.frozen.shape[1]),
-                   scaling=problem.scaling, canary_gradient_norm=100.0, learning_rate=1.0),
-      settings=[dataclasses.asdict(s) for s in settings(quick)],
-      sampling=dict(rounds=SAMPLING.rounds, clients_per_round=SAMPLING.clients_per_round,
-                    num_clients=SAMPLING.num_clients, sampler="fedask_jax.simulation.sample_clients"),
-      sampled_runs=sampled_runs(quick), sampled_canary=SAMPLED_CANARY,
-      device=_common.device_report(jax_privacy=getattr(jax_privacy, "__version__", "2.x")),
-      total_seconds=time.perf_counter() - start,
+    command=command,
+    quick=quick,
+    seed=seed,
+    delta=DELTA,
+    confidence=CONFIDENCE,
+    clip_norm=CLIP_NORM,
+    no_clip_factor=NO_CLIP_FACTOR,
+    accountant="pld",
+    threshold="held-out half (jax_privacy Split, seed 0)",
+    problem=dict(
+      num_examples=problem.num_examples,
+      in_features=int(problem.kernel.shape[0]),
+      out_features=int(problem.kernel.shape[1]),
+      rank=int(problem.frozen.shape[1]),
+      scaling=problem.scaling,
+      canary_gradient_norm=100.0,
+      learning_rate=1.0,
+    ),
+    settings=[dataclasses.asdict(s) for s in settings(quick)],
+    sampling=dict(
+      rounds=SAMPLING.rounds,
+      clients_per_round=SAMPLING.clients_per_round,
+      num_clients=SAMPLING.num_clients,
+      sampler="fedask_jax.simulation.sample_clients",
+    ),
+    sampled_runs=sampled_runs(quick),
+    sampled_canary=SAMPLED_CANARY,
+    device=_common.device_report(jax_privacy=getattr(jax_privacy, "__version__", "2.x")),
+    total_seconds=time.perf_counter() - start,
   )
   return dict(config=config, rows=rows, sampled_rows=sampled_rows)
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = _common.parser(
-      __doc__, "fewer runs (< 5 min on 2 cores)",
-      out_help="output folder (default experiments/results; --quick: a temp dir)",
-      report_help="only rebuild the .md from the stored .json (the histograms need the runs' scores: rerun)")
+    __doc__,
+    "fewer runs (< 5 min on 2 cores)",
+    out_help="output folder (default experiments/results; --quick: a temp dir)",
+    report_help="only rebuild the .md from the stored .json (the histograms need the runs' scores: rerun)",
+  )
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   temporary = args.quick and not args.report

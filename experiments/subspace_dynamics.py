@@ -46,10 +46,10 @@ class Method:
 
 
 METHODS = (
-    Method("fedask-dp", "fedask", True, "FedASK, DP (B trained, A frozen locally)"),
-    Method("fedask", "fedask", False, "FedASK, no DP (A and B trained)"),
-    Method("fedask-alt-dp", "fedask-alt", True, "fedask-alt, DP (B and A trained in alternate rounds)"),
-    Method("ffa-lora-dp", "ffa-lora", True, "FFA-LoRA, DP (A fixed: the baseline)"),
+  Method("fedask-dp", "fedask", True, "FedASK, DP (B trained, A frozen locally)"),
+  Method("fedask", "fedask", False, "FedASK, no DP (A and B trained)"),
+  Method("fedask-alt-dp", "fedask-alt", True, "fedask-alt, DP (B and A trained in alternate rounds)"),
+  Method("ffa-lora-dp", "ffa-lora", True, "FFA-LoRA, DP (A fixed: the baseline)"),
 )
 
 
@@ -65,18 +65,27 @@ class Settings:
 
 
 SETTINGS = {
-    True: Settings(rounds=6, local_steps=2, batch_size=8, max_train_examples=800, max_seq_len=128),
-    False: Settings(rounds=30, local_steps=4, batch_size=16, max_train_examples=None, max_seq_len=128),
+  True: Settings(rounds=6, local_steps=2, batch_size=8, max_train_examples=800, max_seq_len=128),
+  False: Settings(rounds=30, local_steps=4, batch_size=16, max_train_examples=None, max_seq_len=128),
 }
 
 
 def overrides(method: Method, settings: Settings) -> list[str]:
   """quickstart.yaml overrides for one method."""
   s = settings
-  return _common.overrides({
-      "strategy": method.strategy, "privacy.enabled": method.private, "rounds": s.rounds,
-      "local_steps": s.local_steps, "batch_size": s.batch_size, "data.max_train_examples": s.max_train_examples,
-      "data.max_seq_len": s.max_seq_len, "eval.max_examples": 10, "client_chunk": _common.cpu_client_chunk()})
+  return _common.overrides(
+    {
+      "strategy": method.strategy,
+      "privacy.enabled": method.private,
+      "rounds": s.rounds,
+      "local_steps": s.local_steps,
+      "batch_size": s.batch_size,
+      "data.max_train_examples": s.max_train_examples,
+      "data.max_seq_len": s.max_seq_len,
+      "eval.max_examples": 10,
+      "client_chunk": _common.cpu_client_chunk(),
+    }
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,8 +120,7 @@ def angle_summary(initial: dict[str, np.ndarray], current: dict[str, np.ndarray]
     at = np.asarray(current[name], np.float64)
     change = np.linalg.norm(at - a0) / np.linalg.norm(a0)
     scale = np.linalg.norm(at) / np.linalg.norm(a0)
-    out[name] = dict(largest=float(angles.max()), mean=float(angles.mean()), change=float(change),
-                     scale=float(scale))
+    out[name] = dict(largest=float(angles.max()), mean=float(angles.mean()), change=float(change), scale=float(scale))
   return out
 
 
@@ -138,19 +146,36 @@ def run_method(method: Method, settings: Settings) -> dict[str, Any]:
     # Read before the next round: its call donates this state's buffers.
     current = lora_a(state.adapters)
     layers = angle_summary(initial, current)
-    rounds.append(dict(round=t, trained=round_fn.trained(t), train_loss=float(metrics["train_loss"]),
-                       clipped_fraction=float(metrics["clipped_fraction"]) if method.private else None,
-                       a_unchanged=all(np.array_equal(current[n], a0) for n, a0 in initial.items()),
-                       layers=layers))
+    rounds.append(
+      dict(
+        round=t,
+        trained=round_fn.trained(t),
+        train_loss=float(metrics["train_loss"]),
+        clipped_fraction=float(metrics["clipped_fraction"]) if method.private else None,
+        a_unchanged=all(np.array_equal(current[n], a0) for n, a0 in initial.items()),
+        layers=layers,
+      )
+    )
     largest = max(v["largest"] for v in layers.values())
-    print(f"{method.name} round {t}/{config.rounds}: trained {rounds[-1]['trained']}, largest angle "
-          f"{largest:.3g} rad, train loss {rounds[-1]['train_loss']:.4f} "
-          f"({time.perf_counter() - began:.0f} s)", flush=True)
+    print(
+      f"{method.name} round {t}/{config.rounds}: trained {rounds[-1]['trained']}, largest angle "
+      f"{largest:.3g} rad, train loss {rounds[-1]['train_loss']:.4f} "
+      f"({time.perf_counter() - began:.0f} s)",
+      flush=True,
+    )
   plan = experiment.privacy
-  return dict(method=method.name, strategy=method.strategy, private=method.private, label=method.label,
-              rounds=rounds, seconds=time.perf_counter() - began, overrides=overrides(method, settings),
-              notes=experiment.notes, noise_multiplier=None if plan is None else plan.noise_multiplier,
-              rank=config.lora.rank)
+  return dict(
+    method=method.name,
+    strategy=method.strategy,
+    private=method.private,
+    label=method.label,
+    rounds=rounds,
+    seconds=time.perf_counter() - began,
+    overrides=overrides(method, settings),
+    notes=experiment.notes,
+    noise_multiplier=None if plan is None else plan.noise_multiplier,
+    rank=config.lora.rank,
+  )
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -160,15 +185,24 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
   per_round = []
   for r in result["rounds"]:
     largest = np.array([v["largest"] for v in r["layers"].values()])
-    per_round.append(dict(
-        round=r["round"], largest_mean=float(largest.mean()), largest_max=float(largest.max()),
-        largest_min=float(largest.min()), mean_angle=float(np.mean([v["mean"] for v in r["layers"].values()])),
+    per_round.append(
+      dict(
+        round=r["round"],
+        largest_mean=float(largest.mean()),
+        largest_max=float(largest.max()),
+        largest_min=float(largest.min()),
+        mean_angle=float(np.mean([v["mean"] for v in r["layers"].values()])),
         change=float(np.mean([v["change"] for v in r["layers"].values()])),
         scale=float(np.mean([v["scale"] for v in r["layers"].values()])),
-        clipped_fraction=r.get("clipped_fraction")))
-  return dict(per_round=per_round, final_layers=result["rounds"][-1]["layers"],
-              max_largest=max(p["largest_max"] for p in per_round),
-              a_never_changed=all(r["a_unchanged"] for r in result["rounds"]))
+        clipped_fraction=r.get("clipped_fraction"),
+      )
+    )
+  return dict(
+    per_round=per_round,
+    final_layers=result["rounds"][-1]["layers"],
+    max_largest=max(p["largest_max"] for p in per_round),
+    a_never_changed=all(r["a_unchanged"] for r in result["rounds"]),
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,25 +219,36 @@ def plot(report: dict[str, Any], path: Path) -> None:
   for result in results:
     summary, color = result["summary"], COLORS[result["method"]]
     rounds = [0] + [p["round"] for p in summary["per_round"]]
+
     def degrees(key, per_round=summary["per_round"]):
       return [0.0] + [np.degrees(p[key]) for p in per_round]
 
     axes[0].plot(rounds, degrees("largest_mean"), "-", color=color, label=result["label"])
     axes[0].fill_between(rounds, degrees("largest_min"), degrees("largest_max"), color=color, alpha=0.15)
     axes[0].plot(rounds, degrees("mean_angle"), "--", color=color)
-    axes[1].plot([p["round"] for p in summary["per_round"]], [p["largest_max"] for p in summary["per_round"]],
-                 "o-", ms=3, color=color)
+    axes[1].plot(
+      [p["round"] for p in summary["per_round"]],
+      [p["largest_max"] for p in summary["per_round"]],
+      "o-",
+      ms=3,
+      color=color,
+    )
     axes[2].plot(rounds, [0.0] + [p["change"] for p in summary["per_round"]], "-", color=color)
     axes[3].plot(rounds, [1.0] + [p["scale"] for p in summary["per_round"]], "-", color=color)
-  axes[0].set_title("Largest principal angle (solid; band: min-max over layers)\nand mean angle (dashed), mean "
-                    "over layers", fontsize=9)
+  axes[0].set_title(
+    "Largest principal angle (solid; band: min-max over layers)\nand mean angle (dashed), mean over layers", fontsize=9
+  )
   axes[0].set_ylabel("angle between row(A_t) and row(A_0) (degrees)")
   axes[1].set_title("Largest principal angle, max over layers (log scale)", fontsize=9)
   axes[1].set_ylabel("angle (radians)")
   axes[1].set_yscale("log")
   axes[1].axhline(ROUNDOFF_ANGLE, color="k", ls=":", lw=1)
-  axes[1].annotate(f"float32 round-off level ({ROUNDOFF_ANGLE:g} rad)", (0.02, ROUNDOFF_ANGLE * 2),
-                   xycoords=("axes fraction", "data"), fontsize=7)
+  axes[1].annotate(
+    f"float32 round-off level ({ROUNDOFF_ANGLE:g} rad)",
+    (0.02, ROUNDOFF_ANGLE * 2),
+    xycoords=("axes fraction", "data"),
+    fontsize=7,
+  )
   axes[2].set_title("Change of A as a matrix, mean over layers", fontsize=9)
   axes[2].set_ylabel("||A_t - A_0||_F / ||A_0||_F")
   axes[3].set_title("Scale of A, mean over layers (log scale)", fontsize=9)
@@ -213,8 +258,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("round")
     ax.grid(alpha=0.3, which="both")
   fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(results), fontsize=8)
-  fig.suptitle("Does the paper's A leave its initial row space? (base model + GSM8K, LoRA r = "
-               f"{results[0]['rank']})", fontsize=10)
+  fig.suptitle(
+    f"Does the paper's A leave its initial row space? (base model + GSM8K, LoRA r = {results[0]['rank']})", fontsize=10
+  )
   fig.tight_layout(rect=(0, 0.07, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -229,14 +275,15 @@ def setup_text(report: dict[str, Any]) -> str:
   """The setting and what is measured per round and layer."""
   s, rank = report["config"]["settings"], report["results"][0]["rank"]
   return (
-      "**Setup.** The embedded base model and GSM8K with quickstart.yaml (4 clients, 2 per round, LoRA r = "
-      f"{rank} on q_proj and v_proj, lr 1e-2, (3, 1e-5)-DP when private), {s['rounds']} rounds of "
-      f"{s['local_steps']} local steps of batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens. The "
-      "paper's A [r x n] is lora_a^T (docs/design.md, section 1.1), so its row space is col(lora_a). Per round "
-      "and layer: the principal angles between col(lora_a^t) and col(lora_a^0) (float64; checked against "
-      "scipy.linalg.subspace_angles in the test), their largest and their mean, ||A_t - A_0||_F / ||A_0||_F and "
-      "||A_t||_F / ||A_0||_F; with DP, the fraction of per-example gradients clipped in the round. "
-      f"Angles below {ROUNDOFF_ANGLE:g} rad count as float32 round-off.")
+    "**Setup.** The embedded base model and GSM8K with quickstart.yaml (4 clients, 2 per round, LoRA r = "
+    f"{rank} on q_proj and v_proj, lr 1e-2, (3, 1e-5)-DP when private), {s['rounds']} rounds of "
+    f"{s['local_steps']} local steps of batch {s['batch_size']}, sequences of {s['max_seq_len']} tokens. The "
+    "paper's A [r x n] is lora_a^T (docs/design.md, section 1.1), so its row space is col(lora_a). Per round "
+    "and layer: the principal angles between col(lora_a^t) and col(lora_a^0) (float64; checked against "
+    "scipy.linalg.subspace_angles in the test), their largest and their mean, ||A_t - A_0||_F / ||A_0||_F and "
+    "||A_t||_F / ||A_0||_F; with DP, the fraction of per-example gradients clipped in the round. "
+    f"Angles below {ROUNDOFF_ANGLE:g} rad count as float32 round-off."
+  )
 
 
 def method_table(report: dict[str, Any]) -> list[str]:
@@ -246,15 +293,35 @@ def method_table(report: dict[str, Any]) -> list[str]:
     per_round = r["summary"]["per_round"]
     first, last = per_round[0], per_round[-1]
     sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
-    clipped = "-" if first["clipped_fraction"] is None else " / ".join(
-        f"{p['clipped_fraction']:.2f}" for p in (first, round_two(per_round), last))
-    rows.append([
-        r["label"], sigma, f"{np.degrees(last['largest_mean']):.3g}", f"{r['summary']['max_largest']:.3g}",
-        f"{np.degrees(last['mean_angle']):.3g}", f"{last['change']:.3g}",
-        f"{first['scale']:.3g} / {last['scale']:.3g}", clipped, f"{r['rounds'][-1]['train_loss']:.4f}"])
-  header = ["method", "noise multiplier", "final largest angle, mean over layers (deg)",
-            "max over layers and rounds (rad)", "final mean angle (deg)", "final ‖A_t - A_0‖ / ‖A_0‖",
-            "‖A_t‖ / ‖A_0‖ after round 1 / last", "clipped fraction in round 1 / 2 / last", "final train loss"]
+    clipped = (
+      "-"
+      if first["clipped_fraction"] is None
+      else " / ".join(f"{p['clipped_fraction']:.2f}" for p in (first, round_two(per_round), last))
+    )
+    rows.append(
+      [
+        r["label"],
+        sigma,
+        f"{np.degrees(last['largest_mean']):.3g}",
+        f"{r['summary']['max_largest']:.3g}",
+        f"{np.degrees(last['mean_angle']):.3g}",
+        f"{last['change']:.3g}",
+        f"{first['scale']:.3g} / {last['scale']:.3g}",
+        clipped,
+        f"{r['rounds'][-1]['train_loss']:.4f}",
+      ]
+    )
+  header = [
+    "method",
+    "noise multiplier",
+    "final largest angle, mean over layers (deg)",
+    "max over layers and rounds (rad)",
+    "final mean angle (deg)",
+    "final ‖A_t - A_0‖ / ‖A_0‖",
+    "‖A_t‖ / ‖A_0‖ after round 1 / last",
+    "clipped fraction in round 1 / 2 / last",
+    "final train loss",
+  ]
   return _common.table(header, rows, "l" + "r" * 8)
 
 
@@ -274,47 +341,61 @@ def dp_finding(dp: dict[str, Any], rounds: int) -> str:
   """FedASK under DP: A changes as a matrix; does its row space move beyond round-off?"""
   still = dp["max_largest"] < ROUNDOFF_ANGLE
   change_last, change_first = dp["per_round"][-1]["change"], dp["per_round"][0]["change"]
-  movement = ("float32 round-off: A does not leave its initial row space. " if still else
-              f"above the {ROUNDOFF_ANGLE:g} rad round-off level: A moves. ")
-  claim = ("So in DP mode FedASK updates A, but only within the random subspace it started from, the subspace "
-           "that FFA-LoRA fixes; the paper's 'beyond fixed-matrix' claim holds for A's values, not for its "
-           "subspace." if still else "The paper's 'beyond fixed-matrix' claim holds here for the subspace too.")
+  movement = (
+    "float32 round-off: A does not leave its initial row space. "
+    if still
+    else f"above the {ROUNDOFF_ANGLE:g} rad round-off level: A moves. "
+  )
+  claim = (
+    "So in DP mode FedASK updates A, but only within the random subspace it started from, the subspace "
+    "that FFA-LoRA fixes; the paper's 'beyond fixed-matrix' claim holds for A's values, not for its "
+    "subspace."
+    if still
+    else "The paper's 'beyond fixed-matrix' claim holds here for the subspace too."
+  )
   return (
-      f"- FedASK under DP: the largest principal angle stays at most {dp['max_largest']:.2g} rad over all layers "
-      f"and rounds, {movement}Yet A changes as a matrix (||A_t - A_0|| / ||A_0|| = {change_last:.3g} after round "
-      f"{rounds}, {change_first:.3g} already after round 1, where the balanced factors replace PEFT's initial "
-      "scale): each reconstruction (the paper's A^t = S_r^{1/2} V_r^T; in our layout lora_a = Q U_r S_r^{1/2}) "
-      "rescales and rotates it inside row(A^{t-1}), because with A frozen locally sum_k w_k B_k A has its row "
-      f"space inside row(A) (docs/design.md, section 1.5). {claim}")
+    f"- FedASK under DP: the largest principal angle stays at most {dp['max_largest']:.2g} rad over all layers "
+    f"and rounds, {movement}Yet A changes as a matrix (||A_t - A_0|| / ||A_0|| = {change_last:.3g} after round "
+    f"{rounds}, {change_first:.3g} already after round 1, where the balanced factors replace PEFT's initial "
+    "scale): each reconstruction (the paper's A^t = S_r^{1/2} V_r^T; in our layout lora_a = Q U_r S_r^{1/2}) "
+    "rescales and rotates it inside row(A^{t-1}), because with A frozen locally sum_k w_k B_k A has its row "
+    f"space inside row(A) (docs/design.md, section 1.5). {claim}"
+  )
 
 
 def free_finding(free: dict[str, Any], rounds: int) -> str:
   """FedASK without DP: clients train A, and its subspace moves."""
   last = free["per_round"][-1]
   return (
-      f"- FedASK without DP (both factors trained): the largest angle reaches "
-      f"{np.degrees(last['largest_mean']):.3g} degrees (mean over layers) after round {rounds}, the mean angle "
-      f"{np.degrees(last['mean_angle']):.3g} degrees: A's subspace moves when clients train A.")
+    f"- FedASK without DP (both factors trained): the largest angle reaches "
+    f"{np.degrees(last['largest_mean']):.3g} degrees (mean over layers) after round {rounds}, the mean angle "
+    f"{np.degrees(last['mean_angle']):.3g} degrees: A's subspace moves when clients train A."
+  )
 
 
 def alt_finding(alt: dict[str, Any]) -> str:
   """fedask-alt under DP: alternating the frozen factor moves A's subspace."""
   last = alt["per_round"][-1]
   return (
-      "- fedask-alt under DP (ours: A trained in even rounds, with noise on one factor per round): the largest "
-      f"angle reaches {np.degrees(last['largest_mean']):.3g} degrees, the mean angle "
-      f"{np.degrees(last['mean_angle']):.3g} degrees: alternating the frozen factor does move A's subspace under "
-      "DP, while keeping the noise linear and the aggregation exact. Whether that improves the model is a "
-      "separate experiment; the train losses above are single noisy runs, not a comparison.")
+    "- fedask-alt under DP (ours: A trained in even rounds, with noise on one factor per round): the largest "
+    f"angle reaches {np.degrees(last['largest_mean']):.3g} degrees, the mean angle "
+    f"{np.degrees(last['mean_angle']):.3g} degrees: alternating the frozen factor does move A's subspace under "
+    "DP, while keeping the noise linear and the aggregation exact. Whether that improves the model is a "
+    "separate experiment; the train losses above are single noisy runs, not a comparison."
+  )
 
 
 def ffa_finding(ffa: dict[str, Any]) -> str:
   """FFA-LoRA: A must never change."""
   if ffa["a_never_changed"]:
-    return ("- FFA-LoRA (the baseline): A is bit-identical to A_0 after every round; the angles computed, at most "
-            f"{ffa['max_largest']:.2g} rad, are the float64 round-off of the angle computation itself.")
-  return (f"- FFA-LoRA (the baseline): A CHANGED (largest angle {ffa['max_largest']:.2g} rad), which FFA-LoRA "
-          "should never do.")
+    return (
+      "- FFA-LoRA (the baseline): A is bit-identical to A_0 after every round; the angles computed, at most "
+      f"{ffa['max_largest']:.2g} rad, are the float64 round-off of the angle computation itself."
+    )
+  return (
+    f"- FFA-LoRA (the baseline): A CHANGED (largest angle {ffa['max_largest']:.2g} rad), which FFA-LoRA "
+    "should never do."
+  )
 
 
 def scale_finding(dp: dict[str, Any], ffa: dict[str, Any], rounds: int) -> str:
@@ -323,15 +404,16 @@ def scale_finding(dp: dict[str, Any], ffa: dict[str, Any], rounds: int) -> str:
   ffa_second, ffa_last = round_two(ffa["per_round"]), ffa["per_round"][-1]
   word = lambda x: "smaller" if x < 1 else "larger"
   return (
-      f"- Scale of A under DP, and clipping: the balanced reconstruction makes FedASK's A {first['scale']:.3g}x "
-      f"as large as A_0 after round 1 ({word(first['scale'])}) and {last['scale']:.3g}x after round {rounds}. "
-      "The clients' per-example gradients of B are proportional to A (dL/dlora_b = (x lora_a)^T dL/dy), while "
-      "the clip norm C and the noise sigma C stay fixed, so A's scale sets the signal-to-noise ratio of DP-SGD "
-      f"on B: the fraction of per-example gradients clipped is {second['clipped_fraction']:.2f} in round 2 and "
-      f"{last['clipped_fraction']:.2f} in round {rounds} for FedASK, against {ffa_second['clipped_fraction']:.2f} "
-      f"and {ffa_last['clipped_fraction']:.2f} for FFA-LoRA. With A {word(first['scale'])} than A_0 in the first "
-      "rounds, FedASK's early DP rounds have " + ("less" if first["scale"] < 1 else "more") + " signal under the "
-      "same noise than FFA-LoRA's (method_comparison_cpu.md: it matters in short runs).")
+    f"- Scale of A under DP, and clipping: the balanced reconstruction makes FedASK's A {first['scale']:.3g}x "
+    f"as large as A_0 after round 1 ({word(first['scale'])}) and {last['scale']:.3g}x after round {rounds}. "
+    "The clients' per-example gradients of B are proportional to A (dL/dlora_b = (x lora_a)^T dL/dy), while "
+    "the clip norm C and the noise sigma C stay fixed, so A's scale sets the signal-to-noise ratio of DP-SGD "
+    f"on B: the fraction of per-example gradients clipped is {second['clipped_fraction']:.2f} in round 2 and "
+    f"{last['clipped_fraction']:.2f} in round {rounds} for FedASK, against {ffa_second['clipped_fraction']:.2f} "
+    f"and {ffa_last['clipped_fraction']:.2f} for FFA-LoRA. With A {word(first['scale'])} than A_0 in the first "
+    "rounds, FedASK's early DP rounds have " + ("less" if first["scale"] < 1 else "more") + " signal under the "
+    "same noise than FFA-LoRA's (method_comparison_cpu.md: it matters in short runs)."
+  )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -340,16 +422,28 @@ def markdown(report: dict[str, Any]) -> str:
   by_name = {r["method"]: r["summary"] for r in report["results"]}
   dp, free, alt, ffa = (by_name[m.name] for m in METHODS)
   lines = [
-      "# Subspace dynamics: principal angles between the row space of A at round t and at round 0", "",
-      _common.generated_by(config["command"], config["total_seconds"], config["device"]), "",
-      setup_text(report), "",
-      *method_table(report), "",
-      f"Per layer, after round {rounds}: largest / mean principal angle (degrees).", "",
-      *layer_table(report), "",
-      "## Findings", "",
-      dp_finding(dp, rounds), free_finding(free, rounds), alt_finding(alt), ffa_finding(ffa),
-      scale_finding(dp, ffa, rounds), "",
-      f"![angles vs round]({report['stem']}.png)", "",
+    "# Subspace dynamics: principal angles between the row space of A at round t and at round 0",
+    "",
+    _common.generated_by(config["command"], config["total_seconds"], config["device"]),
+    "",
+    setup_text(report),
+    "",
+    *method_table(report),
+    "",
+    f"Per layer, after round {rounds}: largest / mean principal angle (degrees).",
+    "",
+    *layer_table(report),
+    "",
+    "## Findings",
+    "",
+    dp_finding(dp, rounds),
+    free_finding(free, rounds),
+    alt_finding(alt),
+    ffa_finding(ffa),
+    scale_finding(dp, ffa, rounds),
+    "",
+    f"![angles vs round]({report['stem']}.png)",
+    "",
   ]
   return "\n".join(lines)
 
@@ -364,9 +458,14 @@ def measure(quick: bool, stem: str, command: str) -> dict[str, Any]:
     result["summary"] = summarize(result)
     results.append(result)
   config = dict(
-      command=command, quick=quick, base_config=str(_common.QUICKSTART.relative_to(_common.REPO)),
-      settings=dataclasses.asdict(settings), methods=[dataclasses.asdict(m) for m in METHODS],
-      device=_common.device_report(), total_seconds=time.perf_counter() - start)
+    command=command,
+    quick=quick,
+    base_config=str(_common.QUICKSTART.relative_to(_common.REPO)),
+    settings=dataclasses.asdict(settings),
+    methods=[dataclasses.asdict(m) for m in METHODS],
+    device=_common.device_report(),
+    total_seconds=time.perf_counter() - start,
+  )
   return dict(stem=stem, config=config, results=results)
 
 

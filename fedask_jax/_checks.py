@@ -25,8 +25,18 @@ def check_int(name: str, value: Any, minimum: int, *, what: str = "", hint: str 
   return int(value)
 
 
-def check_real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
-               hi_open: bool = False, what: str = "", hint: str = "", traced_ok: bool = False) -> Any:
+def check_real(
+  name: str,
+  value: Any,
+  lo: float = -math.inf,
+  hi: float = math.inf,
+  *,
+  lo_open: bool = False,
+  hi_open: bool = False,
+  what: str = "",
+  hint: str = "",
+  traced_ok: bool = False,
+) -> Any:
   """`value` unchanged; ValueError unless it is a finite real number (a bool is not) within the bounds.
 
   The interval is [lo, hi], each end open when `lo_open` / `hi_open`. With `traced_ok`, an array (a traced or
@@ -35,7 +45,7 @@ def check_real(name: str, value: Any, lo: float = -math.inf, hi: float = math.in
   if traced_ok and hasattr(value, "dtype") and not isinstance(value, numbers.Real):
     return value
   number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-  if (not number or (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi)):
+  if not number or (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
     if math.isinf(hi):
       rule = f"a finite number {'>' if lo_open else '>='} {lo:g}"
     elif math.isinf(lo):

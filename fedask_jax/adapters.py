@@ -52,15 +52,21 @@ def check_trained(trained: str) -> None:
 def select(adapters: Adapters, trained: Trained) -> AdapterSubset:
   """The trained subset: the same adapters with the frozen factor replaced by None."""
   check_trained(trained)
-  return {name: LoRAFactors(f.lora_a if trained != "lora_b" else None, f.lora_b if trained != "lora_a" else None)
-          for name, f in adapters.items()}
+  return {
+    name: LoRAFactors(f.lora_a if trained != "lora_b" else None, f.lora_b if trained != "lora_a" else None)
+    for name, f in adapters.items()
+  }
 
 
 def combine(subset: Mapping[str, LoRAFactors[Array | None]], adapters: Adapters) -> Adapters:
   """Full adapters from a trained subset, taking each None factor from `adapters`."""
-  return {name: LoRAFactors(s.lora_a if s.lora_a is not None else adapters[name].lora_a,
-                            s.lora_b if s.lora_b is not None else adapters[name].lora_b)
-          for name, s in subset.items()}
+  return {
+    name: LoRAFactors(
+      s.lora_a if s.lora_a is not None else adapters[name].lora_a,
+      s.lora_b if s.lora_b is not None else adapters[name].lora_b,
+    )
+    for name, s in subset.items()
+  }
 
 
 def stack_adapters(adapters: Sequence[Adapters]) -> Adapters:

@@ -80,18 +80,23 @@ CANARY_CLIENT = 0
 
 def _check_confidence(confidence: Any) -> float:
   # jax_privacy asks for significance in (0, 0.5).
-  return float(check_real("confidence", confidence, 0.5, 1, lo_open=True, hi_open=True,
-                          what="the confidence level", hint=", e.g. 0.95"))
+  return float(
+    check_real(
+      "confidence", confidence, 0.5, 1, lo_open=True, hi_open=True, what="the confidence level", hint=", e.g. 0.95"
+    )
+  )
 
 
 def _check_delta(delta: Any) -> float:
-  return float(check_real("delta", delta, 0, 1, hi_open=True, what="delta",
-                          hint=", the delta of the claim audited (e.g. 1e-5)"))
+  return float(
+    check_real("delta", delta, 0, 1, hi_open=True, what="delta", hint=", the delta of the claim audited (e.g. 1e-5)")
+  )
 
 
 def _check_runs(name: str, value: Any) -> int:
-  return check_int(name, value, 2, hint=" (the held-out threshold needs runs on both halves; thousands give a "
-                   "useful bound)")
+  return check_int(
+    name, value, 2, hint=" (the held-out threshold needs runs on both halves; thousands give a useful bound)"
+  )
 
 
 def _check_schedule(steps: Any, sample_rate: Any) -> None:
@@ -106,19 +111,20 @@ def _as_scores(name: str, scores: Any) -> np.ndarray:
   _check_runs(f"len({name})", len(scores))
   if not np.all(np.isfinite(scores)):
     raise ValueError(
-        f"{name} holds {int(np.sum(~np.isfinite(scores)))} non-finite scores: the mechanism released NaN/inf "
-        "parameters; fix the run (learning rate, loss) before auditing it.")
+      f"{name} holds {int(np.sum(~np.isfinite(scores)))} non-finite scores: the mechanism released NaN/inf "
+      "parameters; fix the run (learning rate, loss) before auditing it."
+    )
   return scores
 
 
 def epsilon_lower_bound(
-    scores_in: Any,
-    scores_out: Any,
-    delta: float,
-    confidence: float = 0.95,
-    *,
-    threshold: float | None = None,
-    seed: int = 0,
+  scores_in: Any,
+  scores_out: Any,
+  delta: float,
+  confidence: float = 0.95,
+  *,
+  threshold: float | None = None,
+  seed: int = 0,
 ) -> float:
   """Epsilon lower bound at `confidence` from canary scores, by Clopper-Pearson at one threshold.
 
@@ -168,15 +174,15 @@ def max_certifiable_epsilon(num_runs: int, delta: float, confidence: float = 0.9
 
 
 def client_release(
-    mechanism: Mechanism,
-    params: Any,
-    data: Any,
-    num_examples: int,
-    key: Array,
-    *,
-    steps: int,
-    sample_rate: float,
-    learning_rate: float = 1.0,
+  mechanism: Mechanism,
+  params: Any,
+  data: Any,
+  num_examples: int,
+  key: Array,
+  *,
+  steps: int,
+  sample_rate: float,
+  learning_rate: float = 1.0,
 ) -> Any:
   """The client's released factor after T DP-SGD steps: theta_T = theta_0 - lr sum_t g_t (jit- and vmap-safe).
 
@@ -207,7 +213,8 @@ def client_release(
   def step(theta, t):
     step_key = jax.random.fold_in(key, t)
     indices, mask = privacy.poisson_sample(
-        jax.random.fold_in(step_key, _SAMPLING_STREAM), num_examples, sample_rate, max_examples, max_examples)
+      jax.random.fold_in(step_key, _SAMPLING_STREAM), num_examples, sample_rate, max_examples, max_examples
+    )
     batch = jax.tree.map(lambda x: x[indices], data)
     grad, _ = mechanism(theta, batch, mask, jax.random.fold_in(step_key, _NOISE_STREAM))
     return jax.tree.map(lambda p, g: p - learning_rate * g, theta, grad), None
@@ -233,30 +240,35 @@ class ClientSampling(NamedTuple):
 
 def _check_sampling(sampling: Any) -> None:
   if not isinstance(sampling, ClientSampling):
-    raise TypeError(f"sampling={sampling!r}: expected a ClientSampling(rounds, clients_per_round, num_clients, "
-                    "sample_clients).")
+    raise TypeError(
+      f"sampling={sampling!r}: expected a ClientSampling(rounds, clients_per_round, num_clients, sample_clients)."
+    )
   if not callable(sampling.sample_clients):
-    raise TypeError(f"sampling.sample_clients={sampling.sample_clients!r}: expected the client sampler, e.g. "
-                    "fedask_jax.simulation.sample_clients.")
+    raise TypeError(
+      f"sampling.sample_clients={sampling.sample_clients!r}: expected the client sampler, e.g. "
+      "fedask_jax.simulation.sample_clients."
+    )
   check_int("sampling.rounds", sampling.rounds, 1, what="the number of rounds R")
   check_int("sampling.num_clients", sampling.num_clients, 1, what="the number of clients N")
   check_int("sampling.clients_per_round", sampling.clients_per_round, 1, what="the clients drawn per round K")
   if sampling.clients_per_round > sampling.num_clients:
-    raise ValueError(f"sampling.clients_per_round={sampling.clients_per_round} exceeds sampling.num_clients="
-                     f"{sampling.num_clients}: draw at most {sampling.num_clients} clients per round.")
+    raise ValueError(
+      f"sampling.clients_per_round={sampling.clients_per_round} exceeds sampling.num_clients="
+      f"{sampling.num_clients}: draw at most {sampling.num_clients} clients per round."
+    )
 
 
 def sampled_client_release(
-    mechanism: Mechanism,
-    params: Any,
-    data: Any,
-    num_examples: int,
-    key: Array,
-    sampling: ClientSampling,
-    *,
-    steps: int,
-    sample_rate: float,
-    learning_rate: float = 1.0,
+  mechanism: Mechanism,
+  params: Any,
+  data: Any,
+  num_examples: int,
+  key: Array,
+  sampling: ClientSampling,
+  *,
+  steps: int,
+  sample_rate: float,
+  learning_rate: float = 1.0,
 ) -> tuple[Any, Array]:
   """The canary client's releases over R rounds of uniform client sampling (jit- and vmap-safe).
 
@@ -283,8 +295,16 @@ def sampled_client_release(
     round_key = jax.random.fold_in(key, t)
     drawn = sampling.sample_clients(round_key, sampling.num_clients, sampling.clients_per_round)
     present = jnp.any(drawn == CANARY_CLIENT)
-    released = client_release(mechanism, theta, data, num_examples, jax.random.fold_in(round_key, CANARY_CLIENT),
-                              steps=steps, sample_rate=sample_rate, learning_rate=learning_rate)
+    released = client_release(
+      mechanism,
+      theta,
+      data,
+      num_examples,
+      jax.random.fold_in(round_key, CANARY_CLIENT),
+      steps=steps,
+      sample_rate=sample_rate,
+      learning_rate=learning_rate,
+    )
     return jax.tree.map(lambda new, old: jnp.where(present, new, old), released, theta), present
 
   theta, present = jax.lax.scan(one_round, params, jnp.arange(sampling.rounds))
@@ -292,19 +312,19 @@ def sampled_client_release(
 
 
 def canary_scores(
-    mechanism: Mechanism,
-    params: Any,
-    data: Any,
-    direction: Any,
-    key: Array,
-    *,
-    num_runs: int,
-    steps: int,
-    sample_rate: float,
-    learning_rate: float = 1.0,
-    chunk_size: int = 8192,
-    sampling: ClientSampling | None = None,
-    canary_step: float | None = None,
+  mechanism: Mechanism,
+  params: Any,
+  data: Any,
+  direction: Any,
+  key: Array,
+  *,
+  num_runs: int,
+  steps: int,
+  sample_rate: float,
+  learning_rate: float = 1.0,
+  chunk_size: int = 8192,
+  sampling: ClientSampling | None = None,
+  canary_step: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Scores of N runs with the canary and N without: one client update, or R rounds of client sampling.
 
@@ -341,35 +361,62 @@ def canary_scores(
   _check_schedule(steps, sample_rate)
   # Why the ignore below: jax's stubs leave PyTreeDef unresolved ("PyTreeDef?"), which mypy will not compare.
   if jax.tree.structure(direction) != jax.tree.structure(params) or any(  # type: ignore[operator]
-      jnp.shape(u) != jnp.shape(p) for u, p in zip(jax.tree.leaves(direction), jax.tree.leaves(params))):
+    jnp.shape(u) != jnp.shape(p) for u, p in zip(jax.tree.leaves(direction), jax.tree.leaves(params))
+  ):
     raise ValueError("direction must have the structure and shapes of params (one score weight per parameter).")
   rows = {jnp.shape(x)[0] for x in jax.tree.leaves(data)}
   check_int("chunk_size", chunk_size, 1, hint=" (runs vmapped at once; memory only)")
   if len(rows) != 1 or min(rows) < 2:
     raise ValueError(
-        f"data leaves have leading axes {sorted(rows)}: expected one example axis [n + 1, ...], n >= 1, with the "
-        "canary in the last row.")
+      f"data leaves have leading axes {sorted(rows)}: expected one example axis [n + 1, ...], n >= 1, with the "
+      "canary in the last row."
+    )
   (total,) = rows
   if sampling is None:
     if canary_step is not None:
       raise ValueError("canary_step is the sampled score's offset: pass it with sampling, or leave it out.")
   else:
     _check_sampling(sampling)
-    check_real("canary_step", canary_step, 0, lo_open=True, what="the canary's movement along u per sampled step",
-               hint=" (CanaryProblem.canary_step)")
+    check_real(
+      "canary_step",
+      canary_step,
+      0,
+      lo_open=True,
+      what="the canary's movement along u per sampled step",
+      hint=" (CanaryProblem.canary_step)",
+    )
 
   def one_run(run_key, num_examples):
     if sampling is None:
-      theta = client_release(mechanism, params, data, num_examples, run_key, steps=steps, sample_rate=sample_rate,
-                             learning_rate=learning_rate)
+      theta = client_release(
+        mechanism,
+        params,
+        data,
+        num_examples,
+        run_key,
+        steps=steps,
+        sample_rate=sample_rate,
+        learning_rate=learning_rate,
+      )
       offset = 0.0
     else:
-      theta, taken = sampled_client_release(mechanism, params, data, num_examples, run_key, sampling, steps=steps,
-                                            sample_rate=sample_rate, learning_rate=learning_rate)
+      theta, taken = sampled_client_release(
+        mechanism,
+        params,
+        data,
+        num_examples,
+        run_key,
+        sampling,
+        steps=steps,
+        sample_rate=sample_rate,
+        learning_rate=learning_rate,
+      )
       offset = taken * steps * sample_rate * canary_step / 2
     moved = jax.tree.map(lambda new, old: new.astype(jnp.float32) - old.astype(jnp.float32), theta, params)
-    return sum(jnp.vdot(m, u.astype(jnp.float32))
-               for m, u in zip(jax.tree.leaves(moved), jax.tree.leaves(direction))) - offset
+    return (
+      sum(jnp.vdot(m, u.astype(jnp.float32)) for m, u in zip(jax.tree.leaves(moved), jax.tree.leaves(direction)))
+      - offset
+    )
 
   # Equal chunks covering N (a few spare runs, dropped): lax.map would compile a ragged last chunk apart. The
   # side (its key and n + 1 or n) is traced, so both sides share one compilation.
@@ -378,8 +425,9 @@ def canary_scores(
 
   @jax.jit
   def run_side(side_key, num_examples):
-    return jax.lax.map(lambda i: one_run(jax.random.fold_in(side_key, i), num_examples),
-                       jnp.arange(num_chunks * size), batch_size=size)
+    return jax.lax.map(
+      lambda i: one_run(jax.random.fold_in(side_key, i), num_examples), jnp.arange(num_chunks * size), batch_size=size
+    )
 
   def scores(side: int, num_examples: int) -> np.ndarray:
     out = run_side(jax.random.fold_in(key, side), jnp.asarray(num_examples, jnp.int32))
@@ -421,28 +469,28 @@ def audit_scores(scores_in: Any, scores_out: Any, delta: float, confidence: floa
   confidence = _check_confidence(confidence)
   auditor = jp_auditing.CanaryScoreAuditor(scores_in, scores_out)
   return AuditResult(
-      epsilon_lower_bound=epsilon_lower_bound(scores_in, scores_out, delta, confidence),
-      bonferroni_epsilon=float(auditor.epsilon_clopper_pearson(1 - confidence, delta)),
-      max_certifiable=max_certifiable_epsilon(len(scores_in), delta, confidence),
-      auroc=float(auditor.attack_auroc()),
-      num_runs=len(scores_in),
-      confidence=confidence,
-      delta=delta,
-      scores_in=scores_in,
-      scores_out=scores_out,
+    epsilon_lower_bound=epsilon_lower_bound(scores_in, scores_out, delta, confidence),
+    bonferroni_epsilon=float(auditor.epsilon_clopper_pearson(1 - confidence, delta)),
+    max_certifiable=max_certifiable_epsilon(len(scores_in), delta, confidence),
+    auroc=float(auditor.attack_auroc()),
+    num_runs=len(scores_in),
+    confidence=confidence,
+    delta=delta,
+    scores_in=scores_in,
+    scores_out=scores_out,
   )
 
 
 def audit_dp_gradient(
-    mechanism: Mechanism,
-    params: Any,
-    data: Any,
-    direction: Any,
-    key: Array,
-    *,
-    delta: float,
-    confidence: float = 0.95,
-    **score_options: Any,
+  mechanism: Mechanism,
+  params: Any,
+  data: Any,
+  direction: Any,
+  key: Array,
+  *,
+  delta: float,
+  confidence: float = 0.95,
+  **score_options: Any,
 ) -> AuditResult:
   """Audit a client's DP-SGD: `canary_scores` of N runs per side, then `audit_scores` (module docstring).
 
@@ -495,7 +543,8 @@ class CanaryProblem:
     return split_lora(layer)
 
   def mechanism(
-      self, space: str, *, clip_norm: float, noise_multiplier: float, expected_batch_size: float) -> Mechanism:
+    self, space: str, *, clip_norm: float, noise_multiplier: float, expected_batch_size: float
+  ) -> Mechanism:
     """The DP gradient of lora_b through the real layer: "b_space" (`privacy.dp_gradient`) or "w_space"
     (`privacy.wspace_dp_gradient`, W-space probe of `Linear`), with C, sigma and q n bound."""
     check_choice("space", space, SPACES)
@@ -509,21 +558,27 @@ class CanaryProblem:
       return 0.5 * jnp.sum((layer(example["x"]) - example["target"]) ** 2)
 
     kwargs: dict[str, Any] = dict(
-        clip_norm=clip_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size)
+      clip_norm=clip_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size
+    )
     if space == "b_space":
       return functools.partial(privacy.dp_gradient, lambda p, example: loss(model(p["linear"]), example), **kwargs)
 
     def per_example_fn(p, perturbations, example):
-      init = None if perturbations is None else nnx.from_flat_state(
-          [(("lora_output",), nnx.Perturbation(perturbations["linear"]))])
+      init = (
+        None
+        if perturbations is None
+        else nnx.from_flat_state([(("lora_output",), nnx.Perturbation(perturbations["linear"]))])
+      )
       value, sown = nnx.capture(loss, nnx.Intermediate, init=init)(model(p["linear"]), example)
       return value, {"linear": dict(nnx.to_flat_state(sown))[("lora_input",)].get_value()[0]}
 
     return functools.partial(
-        privacy.wspace_dp_gradient, per_example_fn, frozen={"linear": self.frozen}, scaling=self.scaling, **kwargs)
+      privacy.wspace_dp_gradient, per_example_fn, frozen={"linear": self.frozen}, scaling=self.scaling, **kwargs
+    )
 
   def canary_step(
-      self, space: str, *, clip_norm: float, expected_batch_size: float, learning_rate: float = 1.0) -> float:
+    self, space: str, *, clip_norm: float, expected_batch_size: float, learning_rate: float = 1.0
+  ) -> float:
     """m: how far a step that samples the canary moves lora_b along u, lr C / (q n) in B-space and s lr C / (q n)
     in W-space (its W-space gradient, clipped to C, maps to s C u; `linear_canary_problem`), while the canary's
     gradient is far above C and its direction u."""
@@ -532,14 +587,14 @@ class CanaryProblem:
 
 
 def linear_canary_problem(
-    key: Array,
-    *,
-    num_examples: int = 15,
-    in_features: int = 8,
-    out_features: int = 4,
-    rank: int = 2,
-    alpha: float = 4.0,
-    canary_gradient_norm: float = 100.0,
+  key: Array,
+  *,
+  num_examples: int = 15,
+  in_features: int = 8,
+  out_features: int = 4,
+  rank: int = 2,
+  alpha: float = 4.0,
+  canary_gradient_norm: float = 100.0,
 ) -> CanaryProblem:
   """Build a `CanaryProblem`: n Gaussian examples and a gradient canary that no other example can mask.
 
@@ -553,12 +608,17 @@ def linear_canary_problem(
   or, with clipping off, to show it. The target is so far away that u stays the gradient's direction over a
   few local steps.
   """
-  for name, value, minimum in [("num_examples", num_examples, 1), ("in_features", in_features, 2),
-                               ("out_features", out_features, 1), ("rank", rank, 1)]:
+  for name, value, minimum in [
+    ("num_examples", num_examples, 1),
+    ("in_features", in_features, 2),
+    ("out_features", out_features, 1),
+    ("rank", rank, 1),
+  ]:
     check_int(name, value, minimum)
   if rank > min(in_features, out_features):
     raise ValueError(
-        f"rank={rank} with in_features={in_features}, out_features={out_features}: need rank <= min(in, out).")
+      f"rank={rank} with in_features={in_features}, out_features={out_features}: need rank <= min(in, out)."
+    )
   check_real("canary_gradient_norm", canary_gradient_norm, 0, lo_open=True, hint=" (>= C to be clipped to C)")
   keys = jax.random.split(key, 4)
   kernel = jax.random.normal(keys[0], (in_features, out_features)) / math.sqrt(in_features)

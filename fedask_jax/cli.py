@@ -65,52 +65,74 @@ def _at_least_one(what: str) -> Callable[[str], int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(
-      prog="fedask-jax", description="Differentially private federated LoRA fine-tuning (FedASK) in JAX.")
+  parser = _Parser(prog="fedask-jax", description="Differentially private federated LoRA fine-tuning (FedASK) in JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
   train = commands.add_parser(
-      "train", help="run or resume a federated fine-tuning run",
-      description="Run the rounds of a config; the same command on the same run_dir resumes from its latest "
-                  "checkpoint.")
+    "train",
+    help="run or resume a federated fine-tuning run",
+    description="Run the rounds of a config; the same command on the same run_dir resumes from its latest checkpoint.",
+  )
   train.add_argument("--config", required=True, help="YAML config file (see fedask_jax.config)")
-  train.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="dotted overrides parsed as YAML values, e.g. rounds=20 privacy.target_epsilon=6")
+  train.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="key=value",
+    help="dotted overrides parsed as YAML values, e.g. rounds=20 privacy.target_epsilon=6",
+  )
   train.add_argument("--quiet", action="store_true", help="no progress bar or notes; only the summary")
-  train.add_argument("--stop_after", type=_at_least_one("a round number"), metavar="ROUND",
-                     help="stop after this round, checkpointed, as an interruption would (resume later)")
+  train.add_argument(
+    "--stop_after",
+    type=_at_least_one("a round number"),
+    metavar="ROUND",
+    help="stop after this round, checkpointed, as an interruption would (resume later)",
+  )
   evaluate = commands.add_parser("eval", help="held-out loss of a run's latest checkpoint")
   evaluate.add_argument("--run_dir", required=True, help="the run directory of a (finished or interrupted) run")
   calculator = commands.add_parser(
-      "privacy", help="privacy calculator: sigma for a target epsilon, or epsilon for a sigma",
-      description="Example-level (epsilon, delta)-DP of one client's data over a run (fedask_jax.privacy). "
-                  "Prints the asked participation model and, for comparison, the others.")
+    "privacy",
+    help="privacy calculator: sigma for a target epsilon, or epsilon for a sigma",
+    description="Example-level (epsilon, delta)-DP of one client's data over a run (fedask_jax.privacy). "
+    "Prints the asked participation model and, for comparison, the others.",
+  )
   calculator.add_argument("--delta", type=float, required=True, help="delta, e.g. 1e-5")
-  calculator.add_argument("--sample-rate", type=float, required=True,
-                          help="q: per-local-step Poisson rate within a client (batch_size / the smallest client's "
-                               "examples), not multiplied by clients-per-round / num-clients")
+  calculator.add_argument(
+    "--sample-rate",
+    type=float,
+    required=True,
+    help="q: per-local-step Poisson rate within a client (batch_size / the smallest client's "
+    "examples), not multiplied by clients-per-round / num-clients",
+  )
   calculator.add_argument("--local-steps", type=int, required=True, help="S: local steps per round")
   calculator.add_argument("--rounds", type=int, required=True, help="R: rounds")
   calculator.add_argument("--clients-per-round", type=int, required=True, help="K: clients drawn per round")
   calculator.add_argument("--num-clients", type=int, required=True, help="N: clients in the federation")
   # Participation models and accountants are checked by fedask_jax.privacy (importing it here costs seconds).
-  calculator.add_argument("--participation", default=None,
-                          help="sampled, worst_case or expected (NOT a guarantee); default: sampled when K < N, "
-                               "worst_case when K = N")
+  calculator.add_argument(
+    "--participation",
+    default=None,
+    help="sampled, worst_case or expected (NOT a guarantee); default: sampled when K < N, worst_case when K = N",
+  )
   calculator.add_argument("--accountant", default=None, help="pld (default) or rdp")
   solve = calculator.add_mutually_exclusive_group(required=True)
   solve.add_argument("--target-epsilon", type=float, help="find the smallest sigma that meets this epsilon")
   solve.add_argument("--noise-multiplier", type=float, help="find the epsilon of this sigma")
   calculator.add_argument("--json", action="store_true", help="one JSON object (the asked model only)")
   launch = commands.add_parser(
-      "launch", help="run `train` as several processes on this machine (CPU devices)",
-      description="Start a train command as PROCESSES processes joined by jax.distributed, each with "
-                  "DEVICES_PER_PROCESS CPU devices, their output prefixed by [process]; stop them all when one "
-                  "fails.")
+    "launch",
+    help="run `train` as several processes on this machine (CPU devices)",
+    description="Start a train command as PROCESSES processes joined by jax.distributed, each with "
+    "DEVICES_PER_PROCESS CPU devices, their output prefixed by [process]; stop them all when one "
+    "fails.",
+  )
   count = _at_least_one("an integer")
   launch.add_argument("--processes", type=count, required=True, help="the number of processes")
   launch.add_argument("--devices-per-process", type=count, default=1, help="CPU devices of each process")
-  launch.add_argument("train_command", nargs=argparse.REMAINDER, metavar="-- train --config CONFIG [key=value ...]",
-                      help="the train command every process runs")
+  launch.add_argument(
+    "train_command",
+    nargs=argparse.REMAINDER,
+    metavar="-- train --config CONFIG [key=value ...]",
+    help="the train command every process runs",
+  )
   return parser
 
 
@@ -127,30 +149,46 @@ def _privacy(args: argparse.Namespace) -> int:
   accountant = args.accountant or privacy.DEFAULT_ACCOUNTANT
   try:
     schedule = privacy.DPSchedule.from_federation(
-        sample_rate=args.sample_rate, local_steps=args.local_steps, rounds=args.rounds,
-        clients_per_round=args.clients_per_round, num_clients=args.num_clients, participation=args.participation)
+      sample_rate=args.sample_rate,
+      local_steps=args.local_steps,
+      rounds=args.rounds,
+      clients_per_round=args.clients_per_round,
+      num_clients=args.num_clients,
+      participation=args.participation,
+    )
     ask = dict(target_epsilon=args.target_epsilon, noise_multiplier=args.noise_multiplier)
     result = privacy.calculate(schedule, args.delta, accountant, **ask)
     if args.json:
       print(json.dumps(result))
       return 0
-    others = [privacy.calculate(dataclasses.replace(schedule, participation=p), args.delta, accountant, **ask)
-              for p in privacy.PARTICIPATION if p != schedule.participation]
+    others = [
+      privacy.calculate(dataclasses.replace(schedule, participation=p), args.delta, accountant, **ask)
+      for p in privacy.PARTICIPATION
+      if p != schedule.participation
+    ]
   except ValueError as error:
     return _fail(error)
-  print(f"schedule: q {schedule.sample_rate:g} per local step, {schedule.local_steps} local steps, "
-        f"{schedule.rounds} rounds, {args.clients_per_round} of {args.num_clients} clients per round "
-        f"(q_c {schedule.participation_rate:.4g}); delta {args.delta:g}; accountant {accountant}")
-  notes = {"sampled": "rigorous: uniform client sampling, independent across rounds",
-           "worst_case": "rigorous: any client selection",
-           "expected": "NOT a guarantee: the official code's heuristic, under-states epsilon"}
+  print(
+    f"schedule: q {schedule.sample_rate:g} per local step, {schedule.local_steps} local steps, "
+    f"{schedule.rounds} rounds, {args.clients_per_round} of {args.num_clients} clients per round "
+    f"(q_c {schedule.participation_rate:.4g}); delta {args.delta:g}; accountant {accountant}"
+  )
+  notes = {
+    "sampled": "rigorous: uniform client sampling, independent across rounds",
+    "worst_case": "rigorous: any client selection",
+    "expected": "NOT a guarantee: the official code's heuristic, under-states epsilon",
+  }
   print(f"{'participation':<14} {'noise multiplier':>16} {'epsilon':>9}  what it guarantees")
   for row in [result, *others]:
     mark = " *" if row is result else ""
-    print(f"{row['participation'] + mark:<14} {row['noise_multiplier']:>16.4f} {row['epsilon']:>9.4f}  "
-          f"{notes[row['participation']]}")
-  print("* the asked model" + ("; each row's sigma is the smallest meeting the target epsilon"
-                               if args.target_epsilon is not None else ""))
+    print(
+      f"{row['participation'] + mark:<14} {row['noise_multiplier']:>16.4f} {row['epsilon']:>9.4f}  "
+      f"{notes[row['participation']]}"
+    )
+  print(
+    "* the asked model"
+    + ("; each row's sigma is the smallest meeting the target epsilon" if args.target_epsilon is not None else "")
+  )
   return 0
 
 
@@ -170,13 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
       # appends each process's distributed.* ones.
       train = _parser().parse_args(command)
       if train.command != "train":
-        raise _UsageError(f"fedask-jax launch runs a train command, got {shlex.join(command)!r}: write "
-                          "fedask-jax launch --processes 2 -- train --config CONFIG.")
+        raise _UsageError(
+          f"fedask-jax launch runs a train command, got {shlex.join(command)!r}: write "
+          "fedask-jax launch --processes 2 -- train --config CONFIG."
+        )
       flags = (["--quiet"] if train.quiet else []) + (
-          ["--stop_after", str(train.stop_after)] if train.stop_after else [])
-      return launch(args.processes, args.devices_per_process,
-                    ["train", "--config", train.config, *flags, *train.overrides],
-                    resume_command=shlex.join(["fedask-jax", *argv]))
+        ["--stop_after", str(train.stop_after)] if train.stop_after else []
+      )
+      return launch(
+        args.processes,
+        args.devices_per_process,
+        ["train", "--config", train.config, *flags, *train.overrides],
+        resume_command=shlex.join(["fedask-jax", *argv]),
+      )
     except (_UsageError, ValueError) as error:
       return _fail(error)
   # Deferred: importing JAX and the models costs seconds that `--help` and argument errors should not pay.

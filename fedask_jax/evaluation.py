@@ -77,7 +77,7 @@ def _eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
 def _special_prefix(tokenizer: Any) -> list[int]:
   """The ids `encode` puts before every prompt (Llama: [BOS]; GPT-2: none): an empty pair's prompt."""
   probe = encode_pairs([""], [""], tokenizer, max_seq_len=16)
-  return probe.input_ids[0, :probe.prompt_length[0]].tolist()
+  return probe.input_ids[0, : probe.prompt_length[0]].tolist()
 
 
 def _tokenize(tokenizer: Any, texts: Sequence[str], prefix: list[int]) -> list[list[int]]:
@@ -115,8 +115,9 @@ class EvalResult(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _batch_sums(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array,
-                loss_mask: Array) -> tuple[Array, Array]:
+def _batch_sums(
+  graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array, loss_mask: Array
+) -> tuple[Array, Array]:
   """(summed cross-entropy, number of targets) of one batch [b, L]."""
   model = nnx.merge(graphdef, state)
   logits = model(input_ids, attention_mask)
@@ -125,8 +126,9 @@ def _batch_sums(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, atte
   return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def evaluate(model: nnx.Module, data: EncodedDataset, *, batch_size: int = 16,
-             mesh: jax.sharding.Mesh | None = None) -> EvalResult:
+def evaluate(
+  model: nnx.Module, data: EncodedDataset, *, batch_size: int = 16, mesh: jax.sharding.Mesh | None = None
+) -> EvalResult:
   """Token-mean cross-entropy of `model` on the targets of `data` [N, L] (module docstring).
 
   `model(input_ids [b, L], attention_mask [b, L]) -> logits [b, L, V]`, evaluated as it is (adapters included,
@@ -151,14 +153,15 @@ def evaluate(model: nnx.Module, data: EncodedDataset, *, batch_size: int = 16,
   total, count = 0.0, 0.0
   for rows, valid in _batches(n, batch_size):
     batch_total, batch_count = _batch_sums(
-        graphdef, state,
-        *place(data.input_ids[rows], data.attention_mask[rows], data.loss_mask[rows] & valid[:, None]))
+      graphdef, state, *place(data.input_ids[rows], data.attention_mask[rows], data.loss_mask[rows] & valid[:, None])
+    )
     # Scalars are whole on every device, the addressable ones included.
     total += float(batch_total.addressable_data(0))
     count += float(batch_count.addressable_data(0))
   if count == 0:
     raise ValueError(
-        f"the held-out set's {n} examples have no target tokens (all truncated away?): raise data.max_seq_len.")
+      f"the held-out set's {n} examples have no target tokens (all truncated away?): raise data.max_seq_len."
+    )
   loss = total / count
   return EvalResult(eval_loss=loss, perplexity=math.exp(loss), tokens=int(count), examples=n)
 
@@ -178,12 +181,13 @@ def text_windows(texts: Sequence[str], tokenizer: Any, seq_len: int) -> EncodedD
   stream = [token for document in documents for token in document + [tokenizer.eos_token_id]]
   if len(stream) < 2:
     raise ValueError(f"text_windows got {len(texts)} documents, {len(stream)} tokens: pass some held-out text.")
-  windows = [stream[start:start + seq_len] for start in range(0, len(stream), seq_len)]
+  windows = [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
   input_ids, attention_mask = _pad(windows, seq_len, left=False)
   loss_mask = attention_mask.copy()
   loss_mask[:, 0] = False
-  return EncodedDataset(input_ids, attention_mask, loss_mask, np.zeros(len(windows), np.int32),
-                        attention_mask.sum(axis=1).astype(np.int32))
+  return EncodedDataset(
+    input_ids, attention_mask, loss_mask, np.zeros(len(windows), np.int32), attention_mask.sum(axis=1).astype(np.int32)
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,9 +231,16 @@ def parse_final_number(text: str) -> str | None:
   return (found.group(1) or "") + found.group(2).replace(",", "")
 
 
-def exact_match(model: nnx.Module, tokenizer: Any, problems: Sequence[Mapping[str, Any]], *,
-                template: Template = GSM8K_ALPACA, max_new_tokens: int = 256, batch_size: int = 16,
-                max_prompt_tokens: int = 1024) -> ExactMatchResult:
+def exact_match(
+  model: nnx.Module,
+  tokenizer: Any,
+  problems: Sequence[Mapping[str, Any]],
+  *,
+  template: Template = GSM8K_ALPACA,
+  max_new_tokens: int = 256,
+  batch_size: int = 16,
+  max_prompt_tokens: int = 1024,
+) -> ExactMatchResult:
   """GSM8K exact-match accuracy of greedy completions (module docstring).
 
   Args:
@@ -261,24 +272,34 @@ def exact_match(model: nnx.Module, tokenizer: Any, problems: Sequence[Mapping[st
   width = max(len(p) for p in prompts)
   if width > max_prompt_tokens:
     longest = int(np.argmax([len(p) for p in prompts]))
-    raise ValueError(f"problem {longest}'s prompt has {width} tokens, more than max_prompt_tokens="
-                     f"{max_prompt_tokens}: raise max_prompt_tokens or drop the problem.")
+    raise ValueError(
+      f"problem {longest}'s prompt has {width} tokens, more than max_prompt_tokens="
+      f"{max_prompt_tokens}: raise max_prompt_tokens or drop the problem."
+    )
   all_ids, all_mask = _pad(prompts, width, left=True)
   eos = tokenizer.eos_token_id
   tokens = np.zeros((len(prompts), max_new_tokens), np.int32)
   for rows, valid in _batches(len(prompts), batch_size):
-    out = generate(model, jnp.asarray(all_ids[rows]), jnp.asarray(all_mask[rows]), max_new_tokens=max_new_tokens,
-                   eos_token_id=eos)
+    out = generate(
+      model, jnp.asarray(all_ids[rows]), jnp.asarray(all_mask[rows]), max_new_tokens=max_new_tokens, eos_token_id=eos
+    )
     tokens[rows[valid]] = np.asarray(out)[valid]
   # generate() writes EOS in every slot after a row's first EOS, and decoding drops special tokens: the text ends
   # where the model stopped.
   completions = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens.tolist()]
   predictions = [parse_final_number(c) for c in completions]
   # Decimal equality: '3.0' == '3', '2.50' == '2.5'; both strings are parser output, so they are valid decimals.
-  correct = np.array([p is not None and decimal.Decimal(p) == decimal.Decimal(r)
-                      for p, r in zip(predictions, references)])
-  return ExactMatchResult(accuracy=float(correct.mean()), count=len(problems), correct=correct,
-                          predictions=predictions, references=references, completions=completions)
+  correct = np.array(
+    [p is not None and decimal.Decimal(p) == decimal.Decimal(r) for p, r in zip(predictions, references)]
+  )
+  return ExactMatchResult(
+    accuracy=float(correct.mean()),
+    count=len(problems),
+    correct=correct,
+    predictions=predictions,
+    references=references,
+    completions=completions,
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,15 +319,19 @@ class MultipleChoiceResult(NamedTuple):
   log_probs: np.ndarray
 
 
-def multiple_choice_prompt(question: str, choices: Sequence[str], letters: Sequence[str] = MMLU_LETTERS,
-                           subject: str | None = None) -> str:
+def multiple_choice_prompt(
+  question: str, choices: Sequence[str], letters: Sequence[str] = MMLU_LETTERS, subject: str | None = None
+) -> str:
   """`[header\\n\\n]question\\nA. choice\\n...\\nAnswer:` (lm-eval-harness's MMLU prompt; Hendrycks et al. 2021).
 
   The header, when `subject` is given: "The following are multiple choice questions (with answers) about
   {subject with '_' as ' '}."
   """
-  header = "" if subject is None else (
-      f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n")
+  header = (
+    ""
+    if subject is None
+    else (f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n")
+  )
   lines = [question.strip()] + [f"{letter}. {choice}" for letter, choice in zip(letters, choices)]
   return header + "\n".join(lines) + "\nAnswer:"
 
@@ -317,13 +342,16 @@ def _answer_index(record: Mapping[str, Any], letters: Sequence[str], i: int) -> 
     return list(letters).index(answer)
   if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool) and 0 <= answer < len(letters):
     return int(answer)
-  raise ValueError(f"question {i} has answer={answer!r}: it must be a choice index 0..{len(letters) - 1} or one "
-                   f"of the letters {tuple(letters)}.")
+  raise ValueError(
+    f"question {i} has answer={answer!r}: it must be a choice index 0..{len(letters) - 1} or one "
+    f"of the letters {tuple(letters)}."
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _next_token_log_probs(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array,
-                          candidates: Array) -> Array:
+def _next_token_log_probs(
+  graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array, candidates: Array
+) -> Array:
   """log p(candidates [b, K] | each row's real tokens) [b, K], from the logits at each row's last real token."""
   model = nnx.merge(graphdef, state)
   logits = model(input_ids, attention_mask)
@@ -333,8 +361,9 @@ def _next_token_log_probs(graphdef: nnx.GraphDef, state: nnx.State, input_ids: A
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _target_log_probs(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array,
-                      target_mask: Array) -> Array:
+def _target_log_probs(
+  graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array, target_mask: Array
+) -> Array:
   """sum_t target_mask[t] log p(ids[t] | ids[<t]) for each row [R] of input_ids [R, T]."""
   model = nnx.merge(graphdef, state)
   logits = model(input_ids, attention_mask)
@@ -342,9 +371,15 @@ def _target_log_probs(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array
   return -jnp.sum(nll * target_mask[:, 1:], axis=1)
 
 
-def multiple_choice(model: nnx.Module, tokenizer: Any, questions: Sequence[Mapping[str, Any]], *,
-                    letters: Sequence[str] = MMLU_LETTERS, separator: str = " ",
-                    batch_size: int = 16) -> MultipleChoiceResult:
+def multiple_choice(
+  model: nnx.Module,
+  tokenizer: Any,
+  questions: Sequence[Mapping[str, Any]],
+  *,
+  letters: Sequence[str] = MMLU_LETTERS,
+  separator: str = " ",
+  batch_size: int = 16,
+) -> MultipleChoiceResult:
   """MMLU-style accuracy: each letter scored by its log-likelihood after the prompt (module docstring).
 
   Args:
@@ -372,11 +407,14 @@ def multiple_choice(model: nnx.Module, tokenizer: Any, questions: Sequence[Mappi
   for i, record in enumerate(questions):
     missing = [key for key in ("question", "choices", "answer") if key not in record]
     if missing:
-      raise ValueError(f"question {i} lacks {missing} (its keys: {sorted(record)}): records need "
-                       "'question', 'choices' and 'answer' (multiple_choice's docstring).")
+      raise ValueError(
+        f"question {i} lacks {missing} (its keys: {sorted(record)}): records need "
+        "'question', 'choices' and 'answer' (multiple_choice's docstring)."
+      )
     if len(record["choices"]) != k:
-      raise ValueError(f"question {i} has {len(record['choices'])} choices but letters={letters}: pass one letter "
-                       "per choice.")
+      raise ValueError(
+        f"question {i} has {len(record['choices'])} choices but letters={letters}: pass one letter per choice."
+      )
     prompts.append(multiple_choice_prompt(record["question"], record["choices"], letters, record.get("subject")))
     answers.append(_answer_index(record, letters, i))
   prefix = _special_prefix(tokenizer)
@@ -385,12 +423,13 @@ def multiple_choice(model: nnx.Module, tokenizer: Any, questions: Sequence[Mappi
   continuations = []
   for row, joint in enumerate(joints):
     context = contexts[row // k]
-    if joint[:len(context)] != context or len(joint) == len(context):
+    if joint[: len(context)] != context or len(joint) == len(context):
       raise ValueError(
-          f"question {row // k}: the tokenizer does not split {separator + letters[row % k]!r} off the prompt "
-          f"(prompt ends {prompts[row // k][-20:]!r}): its tokens merge across the boundary; choose another "
-          "separator.")
-    continuations.append(joint[len(context):])
+        f"question {row // k}: the tokenizer does not split {separator + letters[row % k]!r} off the prompt "
+        f"(prompt ends {prompts[row // k][-20:]!r}): its tokens merge across the boundary; choose another "
+        "separator."
+      )
+    continuations.append(joint[len(context) :])
 
   n = len(prompts)
   graphdef, state = _eval_split(model)
@@ -399,21 +438,29 @@ def multiple_choice(model: nnx.Module, tokenizer: Any, questions: Sequence[Mappi
     ids, mask = _pad(contexts, max(map(len, contexts)), left=False)
     candidates = np.array(continuations, np.int32).reshape(n, k)
     for rows, valid in _batches(n, batch_size):
-      out = _next_token_log_probs(graphdef, state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]),
-                                  jnp.asarray(candidates[rows]))
+      out = _next_token_log_probs(
+        graphdef, state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]), jnp.asarray(candidates[rows])
+      )
       log_probs[rows[valid]] = np.asarray(out)[valid]
   else:
     ids, mask = _pad(joints, max(map(len, joints)), left=False)
     targets = mask.copy()
     for row, joint in enumerate(joints):
-      targets[row, :len(joint) - len(continuations[row])] = False
+      targets[row, : len(joint) - len(continuations[row])] = False
     ids, mask, targets = (a.reshape(n, k, -1) for a in (ids, mask, targets))
     for rows, valid in _batches(n, batch_size):
-      out = _target_log_probs(graphdef, state, *(jnp.asarray(a[rows].reshape(len(rows) * k, -1))
-                                                 for a in (ids, mask, targets)))
+      out = _target_log_probs(
+        graphdef, state, *(jnp.asarray(a[rows].reshape(len(rows) * k, -1)) for a in (ids, mask, targets))
+      )
       log_probs[rows[valid]] = np.asarray(out).reshape(len(rows), k)[valid]
   predictions = np.argmax(log_probs, axis=1)
   answer_indices = np.array(answers)
   correct = predictions == answer_indices
-  return MultipleChoiceResult(accuracy=float(correct.mean()), count=n, correct=correct, predictions=predictions,
-                              answers=answer_indices, log_probs=log_probs)
+  return MultipleChoiceResult(
+    accuracy=float(correct.mean()),
+    count=n,
+    correct=correct,
+    predictions=predictions,
+    answers=answer_indices,
+    log_probs=log_probs,
+  )

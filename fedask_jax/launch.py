@@ -65,8 +65,9 @@ def _exit_code(returncode: int) -> int:
   return 128 - returncode if returncode < 0 else returncode
 
 
-def launch(processes: int, devices_per_process: int, command: Sequence[str], *,
-           resume_command: str | None = None) -> int:
+def launch(
+  processes: int, devices_per_process: int, command: Sequence[str], *, resume_command: str | None = None
+) -> int:
   """Runs `fedask-jax <command>` (a `train` command whose key=value overrides come last) as `processes` processes
   of `devices_per_process` CPU devices each (module docstring); returns the exit code. `resume_command` is what
   a run stopped by a signal tells the user to run again (default: the processes' own command)."""
@@ -77,20 +78,28 @@ def launch(processes: int, devices_per_process: int, command: Sequence[str], *,
   if given:
     raise ValueError(f"{' '.join(given)}: the launcher sets the distributed section itself; remove them.")
   address = f"127.0.0.1:{free_port()}"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_per_process),
-         "PYTHONUNBUFFERED": "1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices_per_process), "PYTHONUNBUFFERED": "1"}
   if resume_command is not None:
     env[COMMAND_ENV] = resume_command
   children = []
   for i in range(processes):
-    argv = [sys.executable, "-m", "fedask_jax.cli", *command, f"distributed.coordinator_address={address}",
-            f"distributed.num_processes={processes}", f"distributed.process_id={i}"]
+    argv = [
+      sys.executable,
+      "-m",
+      "fedask_jax.cli",
+      *command,
+      f"distributed.coordinator_address={address}",
+      f"distributed.num_processes={processes}",
+      f"distributed.process_id={i}",
+    ]
     child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     children.append(child)
   prefixes = [f"[{i}] ".encode() for i in range(processes)]
-  copiers = [threading.Thread(target=_forward, args=(stream, prefix, out), daemon=True)
-             for child, prefix in zip(children, prefixes)
-             for stream, out in ((child.stdout, sys.stdout.buffer), (child.stderr, sys.stderr.buffer))]
+  copiers = [
+    threading.Thread(target=_forward, args=(stream, prefix, out), daemon=True)
+    for child, prefix in zip(children, prefixes)
+    for stream, out in ((child.stdout, sys.stdout.buffer), (child.stderr, sys.stderr.buffer))
+  ]
   for copier in copiers:
     copier.start()
 

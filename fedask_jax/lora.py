@@ -126,8 +126,9 @@ class LoRALayer(nnx.Module):
     r = config.rank
     if r > min(self.in_features, self.out_features):
       raise ValueError(
-          f"lora.rank={r} exceeds min(in, out) = {min(self.in_features, self.out_features)} of a "
-          f"{self.in_features} x {self.out_features} layer: choose rank <= {min(self.in_features, self.out_features)}.")
+        f"lora.rank={r} exceeds min(in, out) = {min(self.in_features, self.out_features)} of a "
+        f"{self.in_features} x {self.out_features} layer: choose rank <= {min(self.in_features, self.out_features)}."
+      )
     self.lora_a = nnx.LoRAParam(peft_lora_a_init(key, (self.in_features, r), dtype))
     self.lora_b = nnx.LoRAParam(jnp.zeros((r, self.out_features), dtype))
     self.scaling = config.scaling
@@ -137,8 +138,9 @@ class LoRALayer(nnx.Module):
   def lora_params(self) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
     """(lora_a, lora_b) of an adapted layer; ValueError when the layer has no adapter."""
     if self.lora_a is None or self.lora_b is None:
-      raise ValueError(f"this {type(self).__name__} has no LoRA adapter: add one with inject_lora (or import_peft) "
-                       "first.")
+      raise ValueError(
+        f"this {type(self).__name__} has no LoRA adapter: add one with inject_lora (or import_peft) first."
+      )
     return self.lora_a, self.lora_b
 
   def adapter_output(self, h: Array) -> Array:
@@ -178,13 +180,13 @@ class Linear(LoRALayer):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      *,
-      use_bias: bool = False,
-      dtype: Any = jnp.float32,
-      rngs: nnx.Rngs | None = None,
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = False,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs | None = None,
   ):
     if rngs is None:
       kernel = jnp.zeros((in_features, out_features), dtype)
@@ -234,8 +236,10 @@ def _contraction(spec: str) -> _Contraction:
     raise ValueError(f"einsum {spec!r} sums over the input's '...' axes")
   shared = [c for c in kernel if c in inputs and c in outputs]
   if shared:
-    raise ValueError(f"kernel axes {shared} of einsum {spec!r} are also in the input and the output (a batch of "
-                     "weights, one matrix per entry): no single in x out matrix to adapt")
+    raise ValueError(
+      f"kernel axes {shared} of einsum {spec!r} are also in the input and the output (a batch of "
+      "weights, one matrix per entry): no single in x out matrix to adapt"
+    )
   dropped = [c for c in letters(inputs) + kernel if c not in outputs and not (c in inputs and c in kernel)]
   if dropped:
     raise ValueError(f"einsum {spec!r} sums over axes {dropped} that are not contracted with the kernel")
@@ -252,7 +256,7 @@ def _base_contraction(base: nnx.Module, ndim: int) -> _Contraction:
   if isinstance(base, nnx.LinearGeneral):
     axes = [a % ndim for a in base.axis]
     names = string.ascii_letters[:ndim]
-    produced = string.ascii_letters[ndim:ndim + len(base.out_features)]
+    produced = string.ascii_letters[ndim : ndim + len(base.out_features)]
     kernel = "".join(names[a] for a in axes) + produced
     outputs = "".join(c for i, c in enumerate(names) if i not in axes) + produced
     return _contraction(f"{names},{kernel}->{outputs}")
@@ -264,8 +268,8 @@ def _base_contraction(base: nnx.Module, ndim: int) -> _Contraction:
 def _kernel_axes(base: nnx.Module) -> tuple[str, str, str]:
   """(kernel spec, contracted axes, produced axes) of `base`'s kernel, the axes in the kernel's order."""
   if isinstance(base, nnx.LinearGeneral):  # kernel [*in_features, *out_features]
-    kernel = string.ascii_letters[:len(base.in_features) + len(base.out_features)]
-    return kernel, kernel[:len(base.in_features)], kernel[len(base.in_features):]
+    kernel = string.ascii_letters[: len(base.in_features) + len(base.out_features)]
+    return kernel, kernel[: len(base.in_features)], kernel[len(base.in_features) :]
   c = _base_contraction(base, 1)
   return c.kernel, c.contracted, c.produced
 
@@ -274,12 +278,13 @@ def _unsupported(module: nnx.Module) -> str | None:
   """Why LoRA cannot wrap `module` (a layer with a kernel), or None when `LoRAWrapper` can."""
   kind = type(module).__name__
   if isinstance(module, nnx.LoRALinear):
-    return ("nnx.LoRALinear carries Flax's own LoRA: build the model with nnx.Linear and let inject_lora add the "
-            "adapter")
+    return "nnx.LoRALinear carries Flax's own LoRA: build the model with nnx.Linear and let inject_lora add the adapter"
   if isinstance(module, nnx.LinearGeneral):
     if module.batch_axis:
-      return (f"nnx.LinearGeneral with batch_axis={dict(module.batch_axis)} holds one matrix per batch entry: no "
-              "single in x out matrix to adapt")
+      return (
+        f"nnx.LinearGeneral with batch_axis={dict(module.batch_axis)} holds one matrix per batch entry: no "
+        "single in x out matrix to adapt"
+      )
     return None
   if isinstance(module, nnx.Einsum):
     if module.einsum_str is None:
@@ -291,8 +296,10 @@ def _unsupported(module: nnx.Module) -> str | None:
     return None
   if isinstance(module, nnx.Linear):
     return None
-  return (f"{kind} is not a linear map that LoRA here knows (fedask_jax.lora.Linear, nnx.Linear, "
-          "nnx.LinearGeneral, nnx.Einsum)")
+  return (
+    f"{kind} is not a linear map that LoRA here knows (fedask_jax.lora.Linear, nnx.Linear, "
+    "nnx.LinearGeneral, nnx.Einsum)"
+  )
 
 
 class LoRAWrapper(LoRALayer):
@@ -327,7 +334,7 @@ class LoRAWrapper(LoRALayer):
       return y
     c = _base_contraction(self.base_module, x.ndim)
     h = jnp.einsum(f"{c.inputs}->{c.rest}{c.contracted}", x)
-    h = h.reshape(*h.shape[:h.ndim - len(c.contracted)], self.in_features)
+    h = h.reshape(*h.shape[: h.ndim - len(c.contracted)], self.in_features)
     delta = self.adapter_output(h)
     dims = dict(zip(c.kernel, self.base_module.kernel.shape))
     delta = delta.reshape(*delta.shape[:-1], *(dims[a] for a in c.produced))
@@ -365,8 +372,9 @@ def _replace(model: nnx.Module, path: tuple[Any, ...], new: LoRAWrapper) -> None
   """Put `new` at `path` of `model` (a Module attribute, or an entry of an nnx.List / nnx.Dict)."""
   if not path:
     raise ValueError(
-        f"the model itself is a {type(new.base_module).__name__}: wrap it, fedask_jax.lora.LoRAWrapper(layer), and "
-        "call add_lora on the wrapper.")
+      f"the model itself is a {type(new.base_module).__name__}: wrap it, fedask_jax.lora.LoRAWrapper(layer), and "
+      "call add_lora on the wrapper."
+    )
   parent: Any = functools.reduce(_child, path[:-1], model)
   if isinstance(path[-1], int) or isinstance(parent, Mapping):
     parent[path[-1]] = new
@@ -400,9 +408,10 @@ def inject_lora(model: nnx.Module, config: LoRAConfig, key: Array, dtype: Any = 
       refused[name] = _unsupported(m)
   if refused:
     raise ValueError(
-        f"lora.target_modules={config.target_modules!r} selects layers that LoRA cannot adapt: "
-        + "; ".join(f"{name} ({reason})" for name, reason in refused.items())
-        + ". Leave them out of target_modules.")
+      f"lora.target_modules={config.target_modules!r} selects layers that LoRA cannot adapt: "
+      + "; ".join(f"{name} ({reason})" for name, reason in refused.items())
+      + ". Leave them out of target_modules."
+    )
   aliases = {tuple(p): [tuple(q) for q in group] for group in nnx.find_duplicates(model) for p in group}
   adapted = []
   for i, (p, name, m) in enumerate(adaptable):
@@ -416,14 +425,20 @@ def inject_lora(model: nnx.Module, config: LoRAConfig, key: Array, dtype: Any = 
     adapted.append(name)
   if not adapted:
     names = sorted({name.rsplit(".", 1)[-1] for _, name, _ in adaptable})
-    others = sorted({type(m).__name__ for p, m in modules if p and not isinstance(m, LoRALayer) and
-                     not any(m is a for _, _, a in adaptable)})
+    others = sorted(
+      {
+        type(m).__name__
+        for p, m in modules
+        if p and not isinstance(m, LoRALayer) and not any(m is a for _, _, a in adaptable)
+      }
+    )
     raise ValueError(
-        f"lora.target_modules={config.target_modules!r} matches no linear layer of this model; available module "
-        f"names: {names} (the last components of the paths of its layers that LoRA can adapt: "
-        "fedask_jax.lora.Linear, nnx.Linear, nnx.LinearGeneral, nnx.Einsum; its other modules are "
-        f"{others}). A name matches a layer whose dotted path equals it or ends with '.' + name: choose among "
-        "these, or pass a regular expression over the whole path.")
+      f"lora.target_modules={config.target_modules!r} matches no linear layer of this model; available module "
+      f"names: {names} (the last components of the paths of its layers that LoRA can adapt: "
+      "fedask_jax.lora.Linear, nnx.Linear, nnx.LinearGeneral, nnx.Einsum; its other modules are "
+      f"{others}). A name matches a layer whose dotted path equals it or ends with '.' + name: choose among "
+      "these, or pass a regular expression over the whole path."
+    )
   return adapted
 
 

@@ -36,8 +36,8 @@ def _weighted_loss(nll: Array, weights: Array) -> CausalLMLoss:
   total = jnp.sum(nll * weights, axis=-1)
   count = jnp.sum(weights, axis=-1)
   return CausalLMLoss(
-      per_example=total / jnp.maximum(count, 1.0),
-      token_mean=jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0))
+    per_example=total / jnp.maximum(count, 1.0), token_mean=jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
+  )
 
 
 def causal_lm_loss(logits: Array, input_ids: Array, loss_mask: Array) -> CausalLMLoss:
@@ -55,10 +55,10 @@ def causal_lm_loss(logits: Array, input_ids: Array, loss_mask: Array) -> CausalL
   """
   if logits.shape[:-1] != input_ids.shape or input_ids.shape != loss_mask.shape:
     raise ValueError(
-        f"causal_lm_loss got logits {logits.shape}, input_ids {input_ids.shape}, loss_mask {loss_mask.shape}: "
-        "need logits [..., L, V] with input_ids and loss_mask [..., L].")
-  nll = optax.softmax_cross_entropy_with_integer_labels(
-      logits[..., :-1, :].astype(jnp.float32), input_ids[..., 1:])
+      f"causal_lm_loss got logits {logits.shape}, input_ids {input_ids.shape}, loss_mask {loss_mask.shape}: "
+      "need logits [..., L, V] with input_ids and loss_mask [..., L]."
+    )
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits[..., :-1, :].astype(jnp.float32), input_ids[..., 1:])
   weights = loss_mask[..., 1:].astype(jnp.float32)
   return _weighted_loss(nll, weights)
 
@@ -77,8 +77,13 @@ def response_positions(loss_mask: Array, capacity: int) -> tuple[Array, Array]:
   the slots beyond an example's count hold position 0 with weight 0. `capacity` (static) must be at least every
   example's number of targets (`max_targets`): under jit the extra ones cannot raise, and would be left out.
   """
-  capacity = check_int("capacity", capacity, 1, what="the response capacity (positions per example)",
-                       hint="; use max_targets(loss_mask) of the data")
+  capacity = check_int(
+    "capacity",
+    capacity,
+    1,
+    what="the response capacity (positions per example)",
+    hint="; use max_targets(loss_mask) of the data",
+  )
   targets = loss_mask[..., 1:] != 0
   flat = targets.reshape(-1, targets.shape[-1])
   positions = jax.vmap(lambda m: jnp.nonzero(m, size=capacity, fill_value=0)[0])(flat)
@@ -102,8 +107,9 @@ def response_loss(logits: Array, input_ids: Array, positions: Array, weights: Ar
   """
   if logits.shape[:-1] != positions.shape or positions.shape != weights.shape:
     raise ValueError(
-        f"response_loss got logits {logits.shape}, positions {positions.shape}, weights {weights.shape}: need "
-        f"logits [..., P, V] with positions and weights [..., P].")
+      f"response_loss got logits {logits.shape}, positions {positions.shape}, weights {weights.shape}: need "
+      f"logits [..., P, V] with positions and weights [..., P]."
+    )
   labels = jnp.take_along_axis(input_ids, positions + 1, axis=-1)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   return _weighted_loss(nll, weights)

@@ -73,16 +73,18 @@ METHODS = ("householder", "cholesky")
 
 
 def _check_rank(rank: Any, width: int, m: int, n: int, where: str = "") -> None:
-  check_int(f"{where}rank", rank, 1, what="the target rank",
-            hint=", static under jit (jax.jit(..., static_argnames='rank'))")
+  check_int(
+    f"{where}rank", rank, 1, what="the target rank", hint=", static under jit (jax.jit(..., static_argnames='rank'))"
+  )
   if rank > min(m, n):
     raise ValueError(
-        f"{where}rank={rank} exceeds min(m, n) = {min(m, n)} of an {m} x {n} update: "
-        f"choose rank <= {min(m, n)}.")
+      f"{where}rank={rank} exceeds min(m, n) = {min(m, n)} of an {m} x {n} update: choose rank <= {min(m, n)}."
+    )
   if rank > width:
     raise ValueError(
-        f"{where}rank={rank} exceeds the sketch width w = {width} (columns of omega): the sketch cannot hold "
-        f"a rank-{rank} result; draw omega with width r + p >= {rank} (oversampling p >= 0).")
+      f"{where}rank={rank} exceeds the sketch width w = {width} (columns of omega): the sketch cannot hold "
+      f"a rank-{rank} result; draw omega with width r + p >= {rank} (oversampling p >= 0)."
+    )
 
 
 def _check_clients(lora_a: Any, lora_b: Any, weights: Any, where: str = "") -> tuple[int, int, int, int]:
@@ -92,8 +94,9 @@ def _check_clients(lora_a: Any, lora_b: Any, weights: Any, where: str = "") -> t
   k, m, r = jnp.shape(lora_a)
   if jnp.shape(lora_b)[:2] != (k, r):
     raise ValueError(
-        f"{where}lora_a {jnp.shape(lora_a)} and lora_b {jnp.shape(lora_b)} do not chain: expected lora_a "
-        f"[K, m, r] and lora_b [K, r, n] with the same K and r.")
+      f"{where}lora_a {jnp.shape(lora_a)} and lora_b {jnp.shape(lora_b)} do not chain: expected lora_a "
+      f"[K, m, r] and lora_b [K, r, n] with the same K and r."
+    )
   if jnp.shape(weights) != (k,):
     raise ValueError(f"{where}weights has shape {jnp.shape(weights)}: expected ({k},), one weight per client.")
   return k, m, r, jnp.shape(lora_b)[2]
@@ -104,7 +107,7 @@ def _check_omega(omega: Any, m: int, n: int, rank: Any, name: str = "omega", whe
   check_ndim(name, omega, 2, f"[n, w] with n = {n}")
   if jnp.shape(omega)[0] != n:
     raise ValueError(f"{name} has shape {jnp.shape(omega)}: expected [n, w] with n = {n} (the columns of lora_b).")
-  omega = omega[:, :min(m, n)]
+  omega = omega[:, : min(m, n)]
   _check_rank(rank, jnp.shape(omega)[1], m, n, where)
   return omega
 
@@ -115,8 +118,9 @@ def _check_estimate(lora_a_hat: Any, lora_b_hat: Any, m: int, n: int, where: str
   s = jnp.shape(lora_a_hat)[1]
   if jnp.shape(lora_a_hat)[0] != m or jnp.shape(lora_b_hat) != (s, n):
     raise ValueError(
-        f"{where}lora_a_hat {jnp.shape(lora_a_hat)} and lora_b_hat {jnp.shape(lora_b_hat)} do not match the "
-        f"clients' [m, n] = [{m}, {n}]: expected lora_a_hat [{m}, s] and lora_b_hat [s, {n}].")
+      f"{where}lora_a_hat {jnp.shape(lora_a_hat)} and lora_b_hat {jnp.shape(lora_b_hat)} do not match the "
+      f"clients' [m, n] = [{m}, {n}]: expected lora_a_hat [{m}, s] and lora_b_hat [s, {n}]."
+    )
 
 
 def make_omega(key: Array, n: int, width: int, dtype: Any = jnp.float32) -> Array:
@@ -154,8 +158,9 @@ def stage1_sketch(lora_a: Array, lora_b: Array, omega: Array) -> Array:
   check_ndim("omega", omega, 2, "[n, w]")
   if jnp.shape(lora_a)[1] != jnp.shape(lora_b)[0] or jnp.shape(lora_b)[1] != jnp.shape(omega)[0]:
     raise ValueError(
-        f"lora_a {jnp.shape(lora_a)}, lora_b {jnp.shape(lora_b)} and omega {jnp.shape(omega)} do not chain: "
-        f"expected [m, r], [r, n] and [n, w].")
+      f"lora_a {jnp.shape(lora_a)}, lora_b {jnp.shape(lora_b)} and omega {jnp.shape(omega)} do not chain: "
+      f"expected [m, r], [r, n] and [n, w]."
+    )
   dtype = compute_dtype(lora_a, lora_b, omega)
   return einsum("mr,rw->mw", lora_a.astype(dtype), einsum("rn,nw->rw", lora_b.astype(dtype), omega.astype(dtype)))
 
@@ -182,8 +187,8 @@ def orthonormal_basis(y: Array, method: str | None = None) -> Array:
   m, w = jnp.shape(y)
   if w > m:
     raise ValueError(
-        f"y has shape {(m, w)}: a thin QR needs width w <= m; clip the sketch width to min(m, n) "
-        f"(as make_omegas does).")
+      f"y has shape {(m, w)}: a thin QR needs width w <= m; clip the sketch width to min(m, n) (as make_omegas does)."
+    )
   return _orthonormal_basis(y, _check_method(method))
 
 
@@ -274,8 +279,9 @@ def stage2_project(lora_a: Array, lora_b: Array, q: Array) -> Array:
   check_ndim("q", q, 2, "[m, w]")
   if jnp.shape(lora_a)[1] != jnp.shape(lora_b)[0] or jnp.shape(lora_a)[0] != jnp.shape(q)[0]:
     raise ValueError(
-        f"lora_a {jnp.shape(lora_a)}, lora_b {jnp.shape(lora_b)} and q {jnp.shape(q)} do not chain: expected "
-        f"[m, r], [r, n] and [m, w].")
+      f"lora_a {jnp.shape(lora_a)}, lora_b {jnp.shape(lora_b)} and q {jnp.shape(q)} do not chain: expected "
+      f"[m, r], [r, n] and [m, w]."
+    )
   dtype = compute_dtype(lora_a, lora_b, q)
   return einsum("rn,rw->nw", lora_b.astype(dtype), einsum("mr,mw->rw", lora_a.astype(dtype), q.astype(dtype)))
 
@@ -285,13 +291,21 @@ def _check_gauge(gauge: Any, fixed: Any, scale: Any) -> None:
   check_choice("fixed", fixed, FIXED, what="the factor whose scale the gauge holds")
   if gauge != "balanced":
     if scale is None:
-      raise ValueError(f"gauge={gauge!r} needs scale, the Frobenius norm to hold the {fixed} factor at (e.g. the "
-                       "norm of the factor frozen in the round just finished).")
+      raise ValueError(
+        f"gauge={gauge!r} needs scale, the Frobenius norm to hold the {fixed} factor at (e.g. the "
+        "norm of the factor frozen in the round just finished)."
+      )
     check_real("scale", scale, 0, lo_open=True, what="the fixed factor's Frobenius norm", traced_ok=True)
 
 
-def split_factors(left: Array, s: Array, right: Array, gauge: str = "balanced", scale: Array | float | None = None,
-                  fixed: str = "lora_a") -> tuple[Array, Array]:
+def split_factors(
+  left: Array,
+  s: Array,
+  right: Array,
+  gauge: str = "balanced",
+  scale: Array | float | None = None,
+  fixed: str = "lora_a",
+) -> tuple[Array, Array]:
   """The rank-r matrix `left diag(s) right` as LoRA factors in the chosen gauge: (lora_a [m, r], lora_b [r, n]).
 
   left [m, r] with orthonormal columns, s [r] >= 0, right [r, n] with orthonormal rows (a thin SVD's factors,
@@ -306,14 +320,17 @@ def split_factors(left: Array, s: Array, right: Array, gauge: str = "balanced", 
   check_ndim("s", s, 1, "[r]")
   check_ndim("right", right, 2, "[r, n]")
   if jnp.shape(left)[1] != jnp.shape(s)[0] or jnp.shape(right)[0] != jnp.shape(s)[0]:
-    raise ValueError(f"left {jnp.shape(left)}, s {jnp.shape(s)} and right {jnp.shape(right)} do not chain: "
-                     "expected [m, r], [r] and [r, n].")
+    raise ValueError(
+      f"left {jnp.shape(left)}, s {jnp.shape(s)} and right {jnp.shape(right)} do not chain: "
+      "expected [m, r], [r] and [r, n]."
+    )
   _check_gauge(gauge, fixed, scale)
   return _split_factors(left, s, right, gauge, scale, fixed)
 
 
-def _split_factors(left: Array, s: Array, right: Array, gauge: str, scale: Array | float | None,
-                   fixed: str) -> tuple[Array, Array]:
+def _split_factors(
+  left: Array, s: Array, right: Array, gauge: str, scale: Array | float | None, fixed: str
+) -> tuple[Array, Array]:
   dtype = compute_dtype(left, s, right)
   left, s, right = left.astype(dtype), s.astype(dtype), right.astype(dtype)
   # Column weights of lora_a and row weights of lora_b with w_a * w_b = s, so the product is left diag(s) right.
@@ -336,8 +353,15 @@ def _split_factors(left: Array, s: Array, right: Array, gauge: str, scale: Array
   return left * w_a[None, :], w_b[:, None] * right
 
 
-def reconstruct(p: Array, q: Array, rank: int, gauge: str = "balanced", scale: Array | float | None = None,
-                fixed: str = "lora_a", method: str | None = None) -> tuple[Array, Array]:
+def reconstruct(
+  p: Array,
+  q: Array,
+  rank: int,
+  gauge: str = "balanced",
+  scale: Array | float | None = None,
+  fixed: str = "lora_a",
+  method: str | None = None,
+) -> tuple[Array, Array]:
   """Rank-`rank` factors from the stage-2 sum: (lora_a [m, rank], lora_b [rank, n]).
 
   p [n, w] = sum_k w_k P_k, q [m, w] the stage-1 basis. With P^T = U S V^T (thin SVD), lora_a @ lora_b is the
@@ -382,9 +406,17 @@ def _decompose(p: Array, q: Array, rank: int, method: str) -> tuple[Array, Array
   return einsum("mw,rw->mr", q.astype(dtype), ut[:rank]), s[:rank], v[:, :rank].T
 
 
-def aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, rank: int, gauge: str = "balanced",
-                    scale: Array | float | None = None, fixed: str = "lora_a",
-                    method: str | None = None) -> tuple[Array, Array]:
+def aggregate_layer(
+  lora_a: Array,
+  lora_b: Array,
+  weights: Array,
+  omega: Array,
+  rank: int,
+  gauge: str = "balanced",
+  scale: Array | float | None = None,
+  fixed: str = "lora_a",
+  method: str | None = None,
+) -> tuple[Array, Array]:
   """FedASK's server aggregation of one layer's K client factors: (lora_a [m, rank], lora_b [rank, n]).
 
   lora_a [K, m, r], lora_b [K, r, n], weights [K] (used as given: normalised for the weighted mean; all zero
@@ -400,8 +432,17 @@ def aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, 
   return _aggregate_layer(lora_a, lora_b, weights, omega, rank, gauge, scale, fixed, _check_method(method))
 
 
-def _aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array, rank: int, gauge: str,
-                     scale: Array | float | None, fixed: str, method: str) -> tuple[Array, Array]:
+def _aggregate_layer(
+  lora_a: Array,
+  lora_b: Array,
+  weights: Array,
+  omega: Array,
+  rank: int,
+  gauge: str,
+  scale: Array | float | None,
+  fixed: str,
+  method: str,
+) -> tuple[Array, Array]:
   """`aggregate_layer` on checked arguments, omega already clipped to min(m, n) columns."""
   out_dtype = jnp.result_type(lora_a, lora_b)
   dtype = compute_dtype(lora_a, lora_b, omega)
@@ -416,8 +457,7 @@ def _aggregate_layer(lora_a: Array, lora_b: Array, weights: Array, omega: Array,
   return new_a.astype(out_dtype), new_b.astype(out_dtype)
 
 
-def reconstruction_error(lora_a: Array, lora_b: Array, weights: Array, lora_a_hat: Array,
-                         lora_b_hat: Array) -> Array:
+def reconstruction_error(lora_a: Array, lora_b: Array, weights: Array, lora_a_hat: Array, lora_b_hat: Array) -> Array:
   """Exactness certificate: ||lora_a_hat lora_b_hat - T||_F / ||T||_F with T = sum_k w_k lora_a_k lora_b_k;
   ||lora_a_hat lora_b_hat||_F (absolute) when T = 0.
 
@@ -435,8 +475,7 @@ def reconstruction_error(lora_a: Array, lora_b: Array, weights: Array, lora_a_ha
   return _reconstruction_error(lora_a, lora_b, weights, lora_a_hat, lora_b_hat)
 
 
-def _reconstruction_error(lora_a: Array, lora_b: Array, weights: Array, lora_a_hat: Array,
-                          lora_b_hat: Array) -> Array:
+def _reconstruction_error(lora_a: Array, lora_b: Array, weights: Array, lora_a_hat: Array, lora_b_hat: Array) -> Array:
   (k, m, r), n, s = jnp.shape(lora_a), jnp.shape(lora_b)[2], jnp.shape(lora_a_hat)[1]
   dtype = compute_dtype(lora_a, lora_b, lora_a_hat, lora_b_hat)
   w = jnp.asarray(weights, dtype)
@@ -450,8 +489,9 @@ def _reconstruction_error(lora_a: Array, lora_b: Array, weights: Array, lora_a_h
   return jnp.where(target > 0, error / jnp.where(target > 0, target, 1), error)
 
 
-def _map_layers(fn: Callable[..., Any], layers: Mapping[str, tuple[Array, ...]],
-                batched: bool = False) -> dict[str, Any]:
+def _map_layers(
+  fn: Callable[..., Any], layers: Mapping[str, tuple[Array, ...]], batched: bool = False
+) -> dict[str, Any]:
   """{name: fn(*arrays)} with layers of identical shapes and dtypes stacked and mapped by one `lax.map`, or,
   with `batched`, by one `vmap` (every decomposition one batched call).
 
@@ -484,9 +524,16 @@ def batch_layers(method: str) -> bool:
   return method == "cholesky" and jax.default_backend() != "cpu"
 
 
-def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Array], rank: int,
-                       gauge: str = "balanced", scales: dict[str, Array] | None = None,
-                       fixed: str = "lora_a", method: str | None = None) -> Adapters:
+def aggregate_adapters(
+  adapters: Adapters,
+  weights: Array,
+  omegas: dict[str, Array],
+  rank: int,
+  gauge: str = "balanced",
+  scales: dict[str, Array] | None = None,
+  fixed: str = "lora_a",
+  method: str | None = None,
+) -> Adapters:
   """`aggregate_layer` on every layer: {name: LoRAFactors(lora_a [m, rank], lora_b [rank, n])}.
 
   adapters: the clients' {name: LoRAFactors(lora_a [K, m, r], lora_b [K, r, n])}; weights [K] (as in
@@ -498,12 +545,14 @@ def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Arr
   """
   if set(omegas) != set(adapters):
     raise ValueError(
-        f"omegas has layers {sorted(omegas)} but adapters has {sorted(adapters)}: give one omega per adapted "
-        f"layer (make_omegas(key, adapters, width) does).")
+      f"omegas has layers {sorted(omegas)} but adapters has {sorted(adapters)}: give one omega per adapted "
+      f"layer (make_omegas(key, adapters, width) does)."
+    )
   if gauge != "balanced" and (scales is None or set(scales) != set(adapters)):
     raise ValueError(
-        f"gauge={gauge!r} needs scales with one entry per layer {sorted(adapters)}; got "
-        f"{None if scales is None else sorted(scales)}.")
+      f"gauge={gauge!r} needs scales with one entry per layer {sorted(adapters)}; got "
+      f"{None if scales is None else sorted(scales)}."
+    )
   _check_adapters(adapters, weights, "adapters")
   layers = {}
   for name, factors in adapters.items():
@@ -514,13 +563,16 @@ def aggregate_adapters(adapters: Adapters, weights: Array, omegas: dict[str, Arr
     layers[name] = (factors.lora_a, factors.lora_b, omega, jnp.asarray(scale, jnp.float32))
   weights, method = jnp.asarray(weights), _check_method(method)
   merged = _map_layers(
-      lambda a, b, omega, scale: _aggregate_layer(a, b, weights, omega, rank, gauge, scale, fixed, method), layers,
-      batched=batch_layers(method))
+    lambda a, b, omega, scale: _aggregate_layer(a, b, weights, omega, rank, gauge, scale, fixed, method),
+    layers,
+    batched=batch_layers(method),
+  )
   return {name: LoRAFactors(*merged[name]) for name in adapters}
 
 
 def adapters_reconstruction_error(
-    adapters: Adapters, weights: Array, aggregated: Adapters) -> tuple[dict[str, Array], Array]:
+  adapters: Adapters, weights: Array, aggregated: Adapters
+) -> tuple[dict[str, Array], Array]:
   """`reconstruction_error` of every layer and their maximum: ({name: scalar}, scalar).
 
   adapters: the clients' {name: LoRAFactors(lora_a [K, m, r], lora_b [K, r, n])}; weights [K] (as in
@@ -529,14 +581,21 @@ def adapters_reconstruction_error(
   """
   if set(aggregated) != set(adapters):
     raise ValueError(
-        f"aggregated has layers {sorted(aggregated)} but adapters has {sorted(adapters)}: they must match.")
+      f"aggregated has layers {sorted(aggregated)} but adapters has {sorted(adapters)}: they must match."
+    )
   _check_adapters(adapters, weights, "adapters")
   for name, f in adapters.items():
-    _check_estimate(aggregated[name].lora_a, aggregated[name].lora_b, jnp.shape(f.lora_a)[1],
-                    jnp.shape(f.lora_b)[2], where=f"aggregated[{name!r}]: ")
+    _check_estimate(
+      aggregated[name].lora_a,
+      aggregated[name].lora_b,
+      jnp.shape(f.lora_a)[1],
+      jnp.shape(f.lora_b)[2],
+      where=f"aggregated[{name!r}]: ",
+    )
   weights = jnp.asarray(weights)
-  layers = {name: (f.lora_a, f.lora_b, aggregated[name].lora_a, aggregated[name].lora_b)
-            for name, f in adapters.items()}
+  layers = {
+    name: (f.lora_a, f.lora_b, aggregated[name].lora_a, aggregated[name].lora_b) for name, f in adapters.items()
+  }
   errors = _map_layers(lambda a, b, a_hat, b_hat: _reconstruction_error(a, b, weights, a_hat, b_hat), layers)
   errors = {name: errors[name] for name in adapters}
   return errors, jnp.max(jnp.stack(list(errors.values())))

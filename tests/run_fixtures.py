@@ -39,15 +39,26 @@ def make_tiny_setup(root: Path) -> dict:
   train, held_out = _records(240, seed=1), _records(40, seed=2)
   backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
   backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  backend.train_from_iterator([r["prompt"] + " " + r["response"] for r in train],
-                              trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False))
+  backend.train_from_iterator(
+    [r["prompt"] + " " + r["response"] for r in train],
+    trainers.WordLevelTrainer(special_tokens=SPECIAL, show_progress=False),
+  )
   backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   tokenizer = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+  )
   hf_config = transformers.LlamaConfig(
-      vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
-      pad_token_id=3)
+    vocab_size=backend.get_vocab_size(),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+  )
   transformers.set_seed(0)
   model_dir = root / "model"
   transformers.LlamaForCausalLM(hf_config).save_pretrained(model_dir)
@@ -56,25 +67,39 @@ def make_tiny_setup(root: Path) -> dict:
     f.writelines(json.dumps(r) + "\n" for r in train)
   (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
   return {
-      "strategy": "fedavg", "rounds": 4, "num_clients": 4, "clients_per_round": 2, "local_steps": 3,
-      "batch_size": 4, "lr": 1e-2, "seed": 0, "run_dir": str(root / "run"),
-      "model": {"path": str(model_dir)},
-      "data": {"source": "jsonl", "path": str(root / "train.jsonl.gz"), "eval_path": str(root / "eval.jsonl"),
-               "template": "plain", "template_fields": {"prompt_field": "prompt", "response_field": "response",
-                                                        "separator": " "},
-               "max_seq_len": 16},
-      "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-      "privacy": {"enabled": False},
-      "eval": {"max_examples": 40, "batch_size": 20},
-      "checkpoint": {"every": 2, "keep": 3},
+    "strategy": "fedavg",
+    "rounds": 4,
+    "num_clients": 4,
+    "clients_per_round": 2,
+    "local_steps": 3,
+    "batch_size": 4,
+    "lr": 1e-2,
+    "seed": 0,
+    "run_dir": str(root / "run"),
+    "model": {"path": str(model_dir)},
+    "data": {
+      "source": "jsonl",
+      "path": str(root / "train.jsonl.gz"),
+      "eval_path": str(root / "eval.jsonl"),
+      "template": "plain",
+      "template_fields": {"prompt_field": "prompt", "response_field": "response", "separator": " "},
+      "max_seq_len": 16,
+    },
+    "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+    "privacy": {"enabled": False},
+    "eval": {"max_examples": 40, "batch_size": 20},
+    "checkpoint": {"every": 2, "keep": 3},
   }
 
 
 def compilation_cache_env(root: Path) -> dict:
   """Environment variables that give the CLI runs of a test module one persistent compilation cache: it only
   saves the later runs their compilations (a cached executable computes what a fresh one does)."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  return {
+    "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:

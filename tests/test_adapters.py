@@ -9,9 +9,12 @@ from fedask_jax.adapters import TRAINED, LoRAFactors, combine, select, stack_ada
 
 def random_adapters(rng, lead=()):
   """Two layers of different shapes, lora_a [*lead, in, r] and lora_b [*lead, r, out]."""
-  return {name: LoRAFactors(rng.standard_normal((*lead, m, 2)).astype(np.float32),
-                            rng.standard_normal((*lead, 2, n)).astype(np.float32))
-          for name, (m, n) in {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (6, 3)}.items()}
+  return {
+    name: LoRAFactors(
+      rng.standard_normal((*lead, m, 2)).astype(np.float32), rng.standard_normal((*lead, 2, n)).astype(np.float32)
+    )
+    for name, (m, n) in {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (6, 3)}.items()
+  }
 
 
 def test_stack_unstack_round_trip():
@@ -29,8 +32,10 @@ def test_select_and_combine_are_inverse():
   adapters = random_adapters(np.random.default_rng(1))
   for trained in TRAINED:
     subset = select(adapters, trained)
-    assert all((f.lora_a is None) == (trained == "lora_b") and (f.lora_b is None) == (trained == "lora_a")
-               for f in subset.values())
+    assert all(
+      (f.lora_a is None) == (trained == "lora_b") and (f.lora_b is None) == (trained == "lora_a")
+      for f in subset.values()
+    )
     chex.assert_trees_all_equal(combine(subset, adapters), adapters)
 
 

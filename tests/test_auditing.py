@@ -33,17 +33,30 @@ def _problem():
 def _audit(space, *, clip_norm, noise_multiplier, steps=1, sample_rate=1.0, runs=RUNS, seed=1):
   problem = _problem()
   mechanism = problem.mechanism(
-      space, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-      expected_batch_size=sample_rate * problem.num_examples)
+    space,
+    clip_norm=clip_norm,
+    noise_multiplier=noise_multiplier,
+    expected_batch_size=sample_rate * problem.num_examples,
+  )
   return auditing.audit_dp_gradient(
-      mechanism, problem.params, problem.data, problem.direction, jax.random.key(seed), num_runs=runs, steps=steps,
-      sample_rate=sample_rate, delta=DELTA, confidence=CONFIDENCE)
+    mechanism,
+    problem.params,
+    problem.data,
+    problem.direction,
+    jax.random.key(seed),
+    num_runs=runs,
+    steps=steps,
+    sample_rate=sample_rate,
+    delta=DELTA,
+    confidence=CONFIDENCE,
+  )
 
 
 @functools.cache
 def _sigma(epsilon, sample_rate=1.0, steps=1, accountant="pld"):
-  return privacy.calibrate_noise(privacy.DPSchedule(sample_rate, local_steps=steps, rounds=1), epsilon, DELTA,
-                                 accountant)
+  return privacy.calibrate_noise(
+    privacy.DPSchedule(sample_rate, local_steps=steps, rounds=1), epsilon, DELTA, accountant
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,7 +79,8 @@ def test_bound_matches_a_hand_computation():
   # FPR_ub = 1 - 0.691503 = 0.308497, eps = log(0.691503 / 0.308497) = 0.807155 (by hand, 6 digits).
   scores_in, scores_out = np.arange(10.0) + 10, np.arange(10.0)
   assert auditing.epsilon_lower_bound(scores_in, scores_out, 0.0, 0.95, threshold=9.5) == pytest.approx(
-      0.807155, abs=2e-6)
+    0.807155, abs=2e-6
+  )
 
 
 @pytest.mark.parametrize("threshold", [-0.5, 0.3, 1.0, 2.2, 9.0])
@@ -133,27 +147,46 @@ def test_bad_input_is_named():
   mechanism = problem.mechanism("b_space", clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0)
   common = dict(num_runs=4, steps=1, sample_rate=1.0)
   with pytest.raises(ValueError, match="steps=0"):
-    auditing.canary_scores(mechanism, problem.params, problem.data, problem.direction, jax.random.key(0),
-                           **dict(common, steps=0))
+    auditing.canary_scores(
+      mechanism, problem.params, problem.data, problem.direction, jax.random.key(0), **dict(common, steps=0)
+    )
   with pytest.raises(ValueError, match="sample_rate=1.5"):
-    auditing.canary_scores(mechanism, problem.params, problem.data, problem.direction, jax.random.key(0),
-                           **dict(common, sample_rate=1.5))
+    auditing.canary_scores(
+      mechanism, problem.params, problem.data, problem.direction, jax.random.key(0), **dict(common, sample_rate=1.5)
+    )
   with pytest.raises(ValueError, match="direction must have"):
-    auditing.canary_scores(mechanism, problem.params, problem.data, {"other": problem.direction["linear"]},
-                           jax.random.key(0), **common)
+    auditing.canary_scores(
+      mechanism, problem.params, problem.data, {"other": problem.direction["linear"]}, jax.random.key(0), **common
+    )
   with pytest.raises(ValueError, match="sampling.clients_per_round=3 exceeds sampling.num_clients=2"):
-    auditing.canary_scores(mechanism, problem.params, problem.data, problem.direction, jax.random.key(0),
-                           sampling=auditing.ClientSampling(4, 3, 2, simulation.sample_clients), canary_step=1.0,
-                           **common)
+    auditing.canary_scores(
+      mechanism,
+      problem.params,
+      problem.data,
+      problem.direction,
+      jax.random.key(0),
+      sampling=auditing.ClientSampling(4, 3, 2, simulation.sample_clients),
+      canary_step=1.0,
+      **common,
+    )
   with pytest.raises(ValueError, match="canary_step=None: the canary's movement"):
-    auditing.canary_scores(mechanism, problem.params, problem.data, problem.direction, jax.random.key(0),
-                           sampling=auditing.ClientSampling(4, 1, 2, simulation.sample_clients), **common)
+    auditing.canary_scores(
+      mechanism,
+      problem.params,
+      problem.data,
+      problem.direction,
+      jax.random.key(0),
+      sampling=auditing.ClientSampling(4, 1, 2, simulation.sample_clients),
+      **common,
+    )
   with pytest.raises(ValueError, match="canary_step is the sampled score's offset"):
-    auditing.canary_scores(mechanism, problem.params, problem.data, problem.direction, jax.random.key(0),
-                           canary_step=1.0, **common)
+    auditing.canary_scores(
+      mechanism, problem.params, problem.data, problem.direction, jax.random.key(0), canary_step=1.0, **common
+    )
   with pytest.raises(TypeError, match=r"sampling=\(4, 1, 2\): expected a ClientSampling"):
-    auditing.sampled_client_release(mechanism, problem.params, problem.data, 4, jax.random.key(0), (4, 1, 2),
-                                    steps=1, sample_rate=1.0)
+    auditing.sampled_client_release(
+      mechanism, problem.params, problem.data, 4, jax.random.key(0), (4, 1, 2), steps=1, sample_rate=1.0
+    )
   with pytest.raises(ValueError, match="10 scores in and 9 out"):
     auditing.audit_scores(scores, scores[:9], DELTA)
   with pytest.raises(ValueError, match="space='c_space'"):
@@ -180,15 +213,17 @@ def _numpy_release(problem, space, key, *, steps, sample_rate, clip_norm, learni
     chosen = np.asarray(indices)[np.asarray(mask)]
     residual = x @ (w0 + s * a @ b) - t  # dl/dy [rows, out]
     grads = s * np.einsum("er,eo->ero", x @ a, residual)  # dl/db
-    norms = (np.linalg.norm(grads, axis=(1, 2)) if space == "b_space"
-             else np.linalg.norm(x, axis=1) * np.linalg.norm(residual, axis=1))  # ||dl/dW|| = ||x|| ||dl/dy||
+    norms = (
+      np.linalg.norm(grads, axis=(1, 2))
+      if space == "b_space"
+      else np.linalg.norm(x, axis=1) * np.linalg.norm(residual, axis=1)
+    )  # ||dl/dW|| = ||x|| ||dl/dy||
     clipped = grads * np.minimum(1.0, clip_norm / norms)[:, None, None]
     b = b - learning_rate * clipped[chosen].sum(0) / (sample_rate * problem.num_examples)
   return b
 
 
 class ClientReleaseTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.product(space=SPACES, steps_rate=[(1, 1.0), (3, 0.5)])
   def test_release_matches_numpy_client_update(self, space, steps_rate):
@@ -196,12 +231,20 @@ class ClientReleaseTest(chex.TestCase):
     problem = _problem()
     # Noise off, so the release is deterministic; C = 1 clips the canary (gradient norm 100 or 200) and some
     # of the ordinary examples.
-    mechanism = problem.mechanism(space, clip_norm=1.0, noise_multiplier=0.0,
-                                  expected_batch_size=rate * problem.num_examples)
+    mechanism = problem.mechanism(
+      space, clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=rate * problem.num_examples
+    )
     key = jax.random.key(3)
-    release = self.variant(functools.partial(
-        auditing.client_release, mechanism, num_examples=problem.num_examples + 1, steps=steps, sample_rate=rate,
-        learning_rate=0.5))
+    release = self.variant(
+      functools.partial(
+        auditing.client_release,
+        mechanism,
+        num_examples=problem.num_examples + 1,
+        steps=steps,
+        sample_rate=rate,
+        learning_rate=0.5,
+      )
+    )
     got = release(problem.params, problem.data, key=key)["linear"]
     expected = _numpy_release(problem, space, key, steps=steps, sample_rate=rate, clip_norm=1.0, learning_rate=0.5)
     # float32 against float64 over a few steps of O(1) values: ~1e-6 relative.
@@ -211,8 +254,17 @@ class ClientReleaseTest(chex.TestCase):
 def test_scores_do_not_depend_on_the_chunk_size():
   problem = _problem()
   mechanism = problem.mechanism("b_space", clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=7.5)
-  run = functools.partial(auditing.canary_scores, mechanism, problem.params, problem.data, problem.direction,
-                          jax.random.key(4), num_runs=21, steps=2, sample_rate=0.5)
+  run = functools.partial(
+    auditing.canary_scores,
+    mechanism,
+    problem.params,
+    problem.data,
+    problem.direction,
+    jax.random.key(4),
+    num_runs=21,
+    steps=2,
+    sample_rate=0.5,
+  )
   small, large = run(chunk_size=4), run(chunk_size=64)
   # Same keys, same per-run computation; vmapping in other chunks may reorder float32 sums by an ulp.
   np.testing.assert_allclose(small[0], large[0], rtol=1e-6, atol=1e-7)
@@ -299,12 +351,24 @@ def _sampled_problem():
 
 def _sampled_audit(noise_multiplier, runs=RUNS, seed=5):
   problem = _sampled_problem()
-  mechanism = problem.mechanism("b_space", clip_norm=1.0, noise_multiplier=noise_multiplier,
-                                expected_batch_size=problem.num_examples)
+  mechanism = problem.mechanism(
+    "b_space", clip_norm=1.0, noise_multiplier=noise_multiplier, expected_batch_size=problem.num_examples
+  )
   step = problem.canary_step("b_space", clip_norm=1.0, expected_batch_size=problem.num_examples)
   result = auditing.audit_dp_gradient(
-      mechanism, problem.params, problem.data, problem.direction, jax.random.key(seed), num_runs=runs, steps=1,
-      sample_rate=1.0, sampling=SAMPLING, canary_step=step, delta=DELTA, confidence=CONFIDENCE)
+    mechanism,
+    problem.params,
+    problem.data,
+    problem.direction,
+    jax.random.key(seed),
+    num_runs=runs,
+    steps=1,
+    sample_rate=1.0,
+    sampling=SAMPLING,
+    canary_step=step,
+    delta=DELTA,
+    confidence=CONFIDENCE,
+  )
   return result, step
 
 
@@ -320,17 +384,21 @@ def _sigma_of(schedule, epsilon):
 def test_sampled_release_is_client_release_in_the_rounds_the_client_takes_part():
   problem = _problem()
   # Noise off: deterministic; q = 0.5 Poisson batches and 2 local steps per round.
-  mechanism = problem.mechanism("b_space", clip_norm=1.0, noise_multiplier=0.0,
-                                expected_batch_size=0.5 * problem.num_examples)
+  mechanism = problem.mechanism(
+    "b_space", clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=0.5 * problem.num_examples
+  )
   common = dict(steps=2, sample_rate=0.5, learning_rate=0.5)
   key, rounds, k, n = jax.random.key(6), 6, 2, 5
   sampling = auditing.ClientSampling(rounds, k, n, simulation.sample_clients)
-  theta, taken = jax.jit(functools.partial(
-      auditing.sampled_client_release, mechanism, num_examples=problem.num_examples + 1, sampling=sampling,
-      **common))(problem.params, problem.data, key=key)
+  theta, taken = jax.jit(
+    functools.partial(
+      auditing.sampled_client_release, mechanism, num_examples=problem.num_examples + 1, sampling=sampling, **common
+    )
+  )(problem.params, problem.data, key=key)
   # The same rounds written out: the runner's sampler, the runner's client key, the release carried over.
-  client = jax.jit(functools.partial(auditing.client_release, mechanism, num_examples=problem.num_examples + 1,
-                                     **common))
+  client = jax.jit(
+    functools.partial(auditing.client_release, mechanism, num_examples=problem.num_examples + 1, **common)
+  )
   expected, expected_taken = problem.params, 0
   for t in range(rounds):
     round_key = jax.random.fold_in(key, t)
@@ -345,11 +413,19 @@ def test_sampled_participation_is_binomial():
   """The canary client takes part in Binomial(R, K / N) rounds: rate q_c and independence across rounds, the
   premise of the `sampled` accounting, checked on the harness itself (chi-square, false failure 1e-4)."""
   problem = _problem()
-  mechanism = problem.mechanism("b_space", clip_norm=1.0, noise_multiplier=1.0,
-                                expected_batch_size=problem.num_examples)
+  mechanism = problem.mechanism(
+    "b_space", clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=problem.num_examples
+  )
   release = functools.partial(
-      auditing.sampled_client_release, mechanism, problem.params, problem.data, problem.num_examples,
-      sampling=SAMPLING, steps=1, sample_rate=1.0)
+    auditing.sampled_client_release,
+    mechanism,
+    problem.params,
+    problem.data,
+    problem.num_examples,
+    sampling=SAMPLING,
+    steps=1,
+    sample_rate=1.0,
+  )
   keys = jax.random.split(jax.random.key(7), 4000)
   taken = np.asarray(jax.jit(jax.vmap(lambda k: release(k)[1]))(keys))
   # Bins 5..15 and the two tails (expected counts >= 80 each).
@@ -389,7 +465,8 @@ def test_understated_participation_is_caught():
   mean: false failure ~1e-5)."""
   claim = 1.0
   sigma = _sampled_sigma(claim, 0.002)
-  true_epsilon = privacy.epsilon_spent(privacy.DPSchedule(1.0, 1, ROUNDS, CLIENTS_PER_ROUND / NUM_CLIENTS), sigma,
-                                       DELTA)
+  true_epsilon = privacy.epsilon_spent(
+    privacy.DPSchedule(1.0, 1, ROUNDS, CLIENTS_PER_ROUND / NUM_CLIENTS), sigma, DELTA
+  )
   result, _ = _sampled_audit(sigma)
   assert claim < result.epsilon_lower_bound <= true_epsilon

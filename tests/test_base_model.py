@@ -65,7 +65,10 @@ def test_shipped_config_matches_tokenizer(shipped):
   config = model.config
   assert config.vocab_size == len(tokenizer)
   assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
-      tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    tokenizer.bos_token_id,
+    tokenizer.eos_token_id,
+    tokenizer.pad_token_id,
+  )
   assert config.num_key_value_heads < config.num_attention_heads  # GQA, which the Flax model must handle
   assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 

@@ -20,8 +20,21 @@ import torch_peer  # noqa: E402
 from fedask_jax import simulation  # noqa: E402
 from fedask_jax.models import load_pretrained  # noqa: E402
 
-TINY = bench.Setup(hidden=32, layers=1, heads=2, intermediate=64, vocab=64, sequence=8, clients=3, local_steps=2,
-                   batch=2, scaling=(1, 3), rank=4, alpha=8.0, chunk=2)
+TINY = bench.Setup(
+  hidden=32,
+  layers=1,
+  heads=2,
+  intermediate=64,
+  vocab=64,
+  sequence=8,
+  clients=3,
+  local_steps=2,
+  batch=2,
+  scaling=(1, 3),
+  rank=4,
+  alpha=8.0,
+  chunk=2,
+)
 # A tiny aggregation problem: the real one (4096 x 4096) takes seconds per dense run.
 TINY_AGG = dict(m=64, n=48, r=4, p=2, k=3)
 
@@ -75,11 +88,20 @@ def test_torch_peer_computes_the_same_round(tmp_path):
   assert float(metrics["clipped_fraction"]) == 1.0
 
   peer = torch_peer.TorchFedASKRound(
-      TINY.hf_config(), rank=TINY.rank, alpha=TINY.alpha, target_modules=TINY.lora().target_modules,
-      clip_norm=clip, noise_multiplier=0.0, expected_batch_size=float(TINY.batch), checkpoint=str(tmp_path),
-      device="cpu")
-  as_torch = {name: torch.from_numpy(np.asarray(getattr(batches, name)).astype(
-      np.int64 if name == "input_ids" else bool)) for name in ("input_ids", "attention_mask", "loss_mask")}
+    TINY.hf_config(),
+    rank=TINY.rank,
+    alpha=TINY.alpha,
+    target_modules=TINY.lora().target_modules,
+    clip_norm=clip,
+    noise_multiplier=0.0,
+    expected_batch_size=float(TINY.batch),
+    checkpoint=str(tmp_path),
+    device="cpu",
+  )
+  as_torch = {
+    name: torch.from_numpy(np.asarray(getattr(batches, name)).astype(np.int64 if name == "input_ids" else bool))
+    for name in ("input_ids", "attention_mask", "loss_mask")
+  }
   new = peer(peer.to_torch(start), as_torch, torch.tensor(np.asarray(weights)), seed=0)
   ours, theirs = products(as_pairs(state.adapters)), products(peer.to_flax(new))
   # float32 forward/backward in two libraries (different summation orders, ~1e-6 relative on the gradients),
@@ -104,8 +126,16 @@ def test_missing_peer_is_recorded_with_its_reason(monkeypatch, result):
 def test_json_has_every_figure(result, tmp_path):
   for key in ("round_s", "loop_s", "limit_s", "nodp_round_s", "torch_round_s", "agg_fedask_s", "agg_dense_s"):
     assert result[key] > 0, key
-  for variant in ("round", "loop", "limit", "nodp_round", "nodp_both_round", "torch_round", "sketch_aggregation",
-                  "certificate"):
+  for variant in (
+    "round",
+    "loop",
+    "limit",
+    "nodp_round",
+    "nodp_both_round",
+    "torch_round",
+    "sketch_aggregation",
+    "certificate",
+  ):
     timing = result["main"][variant]
     assert len(timing["runs_s"]) == bench.MIN_REPEATS and timing["median_s"] == np.median(timing["runs_s"])
     assert timing["compile_s"] > 0

@@ -87,23 +87,31 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
   path = tmp_path / "config.yaml"
   path.write_text(yaml.safe_dump({"rounds": 3}))
   script = os.path.join(os.path.dirname(sys.executable), "fedask-jax")
-  result = subprocess.run([script, "train", "--config", str(path), "lora.rnak=4"], capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run(
+    [script, "train", "--config", str(path), "lora.rnak=4"], capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 2
   assert result.stdout == ""
   assert result.stderr.startswith("error: unknown key 'lora.rnak'") and "Did you mean 'rank'?" in result.stderr
   assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     (["data.path=/nonexistent/train.jsonl"], "error: JSONL source '/nonexistent/train.jsonl' is not a file"),
     (["privacy.enabled=true", "batch_size=61"], "error: batch_size=61 exceeds the smallest client's 60 examples"),
-    (["num_clients=5", "data.partition=natural", "data.category_column=category"],
-     "error: data.partition='natural' over 'category' gives 8 clients but num_clients=5"),
+    (
+      ["num_clients=5", "data.partition=natural", "data.category_column=category"],
+      "error: data.partition='natural' over 'category' gives 8 clients but num_clients=5",
+    ),
     (["lora.target_modules=[nope]"], "error: lora.target_modules=('nope',) matches no linear layer"),
-    (["privacy.enabled=true", "privacy.mechanism=w_space", "strategy=fedavg"],
-     "error: dp.mechanism='w_space' needs a frozen factor"),
-])
+    (
+      ["privacy.enabled=true", "privacy.mechanism=w_space", "strategy=fedavg"],
+      "error: dp.mechanism='w_space' needs a frozen factor",
+    ),
+  ],
+)
 def test_input_errors_found_while_preparing_exit_2(setup, tmp_path, capsys, overrides, match):
   root, raw = setup
   path = tmp_path / "config.yaml"
@@ -161,8 +169,13 @@ _NO_TORCH_ADVICE = "PyTorch was not found"
 
 
 def _python_without_torch(code: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-c", _WITHOUT_TORCH + code], capture_output=True, text=True, timeout=120,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return subprocess.run(
+    [sys.executable, "-c", _WITHOUT_TORCH + code],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
 
 
 def test_no_pytorch_advice_without_torch():
@@ -175,9 +188,10 @@ def test_no_pytorch_advice_without_torch():
   # Other transformers warnings still show: a tokenizer input longer than its model_max_length (512), logged by
   # a transformers module, and a message on the "transformers" logger that the filter sits on.
   library = _python_without_torch(
-      "import logging\nimport fedask_jax.runner\nfrom transformers import AutoTokenizer\n"
-      "AutoTokenizer.from_pretrained('experiments/base_model')('a ' * 600)\n"
-      "logging.getLogger('transformers').warning('another message on the transformers logger')\n")
+    "import logging\nimport fedask_jax.runner\nfrom transformers import AutoTokenizer\n"
+    "AutoTokenizer.from_pretrained('experiments/base_model')('a ' * 600)\n"
+    "logging.getLogger('transformers').warning('another message on the transformers logger')\n"
+  )
   assert library.returncode == 0, library.stderr
   assert _NO_TORCH_ADVICE not in library.stderr
   assert "Token indices sequence length is longer than the specified maximum" in library.stderr
@@ -187,8 +201,21 @@ def test_no_pytorch_advice_without_torch():
 # ---------------------------------------------------------------------------------------------------------------
 # `fedask-jax privacy`, the calculator. A small schedule keeps each calibration well under a second.
 
-CALCULATOR = ["privacy", "--delta", "1e-5", "--sample-rate", "0.02", "--local-steps", "5", "--rounds", "40",
-              "--clients-per-round", "2", "--num-clients", "10"]
+CALCULATOR = [
+  "privacy",
+  "--delta",
+  "1e-5",
+  "--sample-rate",
+  "0.02",
+  "--local-steps",
+  "5",
+  "--rounds",
+  "40",
+  "--clients-per-round",
+  "2",
+  "--num-clients",
+  "10",
+]
 
 
 def test_privacy_calculator_json_finds_sigma(capsys):
@@ -205,20 +232,42 @@ def test_privacy_calculator_json_finds_sigma(capsys):
 
 
 def test_privacy_calculator_json_finds_epsilon(capsys):
-  assert cli.main([*CALCULATOR, "--noise-multiplier", "1.2", "--participation", "worst_case", "--accountant", "rdp",
-                   "--json"]) == 0
+  assert (
+    cli.main(
+      [*CALCULATOR, "--noise-multiplier", "1.2", "--participation", "worst_case", "--accountant", "rdp", "--json"]
+    )
+    == 0
+  )
   result = json.loads(capsys.readouterr().out)
   assert result["noise_multiplier"] == 1.2 and result["participation"] == "worst_case" and result["guarantee"]
-  assert result["epsilon"] == privacy.epsilon_spent(privacy.DPSchedule(0.02, 5, 40, 1.0, "worst_case"), 1.2, 1e-5,
-                                                    "rdp")
+  assert result["epsilon"] == privacy.epsilon_spent(
+    privacy.DPSchedule(0.02, 5, 40, 1.0, "worst_case"), 1.2, 1e-5, "rdp"
+  )
 
 
 def test_privacy_calculator_human_output_through_the_console_script():
   """The three participation models side by side, the asked one marked, `expected` labelled as no guarantee.
   q = 0.5 and sigma = 3 make dp_accounting's RDP log "failed to converge" warnings, which stay out of stderr."""
   script = os.path.join(os.path.dirname(sys.executable), "fedask-jax")
-  args = ["privacy", "--delta", "1e-5", "--sample-rate", "0.5", "--local-steps", "5", "--rounds", "40",
-          "--clients-per-round", "2", "--num-clients", "10", "--accountant", "rdp", "--noise-multiplier", "3"]
+  args = [
+    "privacy",
+    "--delta",
+    "1e-5",
+    "--sample-rate",
+    "0.5",
+    "--local-steps",
+    "5",
+    "--rounds",
+    "40",
+    "--clients-per-round",
+    "2",
+    "--num-clients",
+    "10",
+    "--accountant",
+    "rdp",
+    "--noise-multiplier",
+    "3",
+  ]
   result = subprocess.run([script, *args], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and result.stderr == ""
   rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:5]}
@@ -252,16 +301,20 @@ def test_privacy_calculator_human_output_finds_each_models_sigma(capsys):
 def test_privacy_calculator_exit_code_2_through_the_console_script():
   # An argument error, refused before JAX is imported: the process's exit code and its one stderr line.
   script = os.path.join(os.path.dirname(sys.executable), "fedask-jax")
-  result = subprocess.run([script, *CALCULATOR, "--target-epsilon", "one"], capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run([script, *CALCULATOR, "--target-epsilon", "one"], capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and result.stdout == ""
-  assert result.stderr == ("error: argument --target-epsilon: invalid float value: 'one' (see fedask-jax privacy "
-                           "--help)\n")
+  assert result.stderr == (
+    "error: argument --target-epsilon: invalid float value: 'one' (see fedask-jax privacy --help)\n"
+  )
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--target-epsilon", "1", "--noise-multiplier", "1"],
-     "error: argument --noise-multiplier: not allowed with argument --target-epsilon"),
+@pytest.mark.parametrize(
+  "args, match",
+  [
+    (
+      ["--target-epsilon", "1", "--noise-multiplier", "1"],
+      "error: argument --noise-multiplier: not allowed with argument --target-epsilon",
+    ),
     ([], "error: one of the arguments --target-epsilon --noise-multiplier is required"),
     (["--target-epsilon", "1", "--sample-rate", "1.5"], "error: sample_rate=1.5: the per-step Poisson rate q"),
     (["--target-epsilon", "1", "--sample-rate", "0"], "error: sample_rate=0.0"),
@@ -272,7 +325,8 @@ def test_privacy_calculator_exit_code_2_through_the_console_script():
     (["--noise-multiplier", "-1"], "error: noise_multiplier=-1.0"),
     (["--target-epsilon", "1", "--delta", "0"], "error: delta=0.0"),
     (["--target-epsilon", "one"], "error: argument --target-epsilon: invalid float value: 'one'"),
-])
+  ],
+)
 def test_privacy_calculator_bad_arguments_exit_2(capsys, args, match):
   assert cli.main([*CALCULATOR, *args]) == 2
   captured = capsys.readouterr()

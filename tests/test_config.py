@@ -27,10 +27,19 @@ def write_yaml(tmp_path, data, name="config.yaml"):
 
 
 def test_yaml_then_overrides_in_order(tmp_path):
-  path = write_yaml(tmp_path, {"rounds": 7, "privacy": {"target_epsilon": 6, "accountant": "rdp"},
-                               "lora": {"rank": 4}})
-  config = load_config(path, ["rounds=9", "privacy.target_epsilon=1", "lora.target_modules=[q_proj, k_proj]",
-                              "strategy=fedprox", "strategy_args={mu: 0.1}", "rounds=11", "eval.max_examples=null"])
+  path = write_yaml(tmp_path, {"rounds": 7, "privacy": {"target_epsilon": 6, "accountant": "rdp"}, "lora": {"rank": 4}})
+  config = load_config(
+    path,
+    [
+      "rounds=9",
+      "privacy.target_epsilon=1",
+      "lora.target_modules=[q_proj, k_proj]",
+      "strategy=fedprox",
+      "strategy_args={mu: 0.1}",
+      "rounds=11",
+      "eval.max_examples=null",
+    ],
+  )
   assert config.rounds == 11  # the last override wins
   assert config.privacy.target_epsilon == 1.0 and isinstance(config.privacy.target_epsilon, float)
   assert config.privacy.accountant == "rdp"  # untouched YAML value kept
@@ -49,8 +58,14 @@ def test_exponent_without_dot_reads_as_float(tmp_path):
 
 
 def test_round_trip_and_diff():
-  config = load_config(None, ["rounds=3", "privacy.delta=1e-6", "data.template_fields={instruction_field: q, "
-                              "input_field: null, response_field: a}"])
+  config = load_config(
+    None,
+    [
+      "rounds=3",
+      "privacy.delta=1e-6",
+      "data.template_fields={instruction_field: q, input_field: null, response_field: a}",
+    ],
+  )
   assert from_dict(to_dict(config)) == config
   assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config
   other = dataclasses.replace(config, lr=1e-3, privacy=dataclasses.replace(config.privacy, accountant="rdp"))
@@ -58,13 +73,16 @@ def test_round_trip_and_diff():
   assert config_diff(config, dataclasses.replace(config, run_dir="x"), ignore=("run_dir",)) == []
 
 
-@pytest.mark.parametrize("override, match", [
+@pytest.mark.parametrize(
+  "override, match",
+  [
     ("privacy.delt=1e-6", r"unknown key 'privacy.delt'.*Did you mean 'delta'\?"),
     ("lora.rnak=4", r"unknown key 'lora.rnak'.*Did you mean 'rank'\?"),
     ("round=4", r"unknown key 'round'.*Did you mean 'rounds'\?"),
     ("optimiser.name=sgd", r"unknown key 'optimiser'.*Did you mean 'optimizer'\?"),
     ("zzz=1", r"unknown key 'zzz' in the config\. Known keys"),
-])
+  ],
+)
 def test_unknown_key_with_suggestion(override, match):
   with pytest.raises(ConfigError, match=match):
     load_config(None, [override])
@@ -76,7 +94,9 @@ def test_unknown_key_in_yaml_file(tmp_path):
     load_config(path)
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     (["rounds=1.5"], r"rounds=1.5: expected an integer"),
     (["rounds=true"], r"rounds=True: expected an integer"),  # a bool is not an int
     (["lr=fast"], r"lr='fast': expected a finite number"),
@@ -88,13 +108,16 @@ def test_unknown_key_in_yaml_file(tmp_path):
     (["model=3"], r"model must be a mapping"),
     (["run_dir=5"], r"run_dir=5: expected a string"),
     (["strategy=fedaks"], r"strategy='fedaks': unknown strategy.*Did you mean 'fedask'\?"),
-])
+  ],
+)
 def test_type_errors(overrides, match):
   with pytest.raises(ConfigError, match=match):
     load_config(None, overrides)
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     (["num_clients=4", "clients_per_round=5"], r"clients_per_round=5 exceeds num_clients=4"),
     (["rounds=0"], r"rounds=0: must be >= 1"),
     (["lr=0"], r"lr=0.0: the learning rate must be > 0"),
@@ -115,13 +138,16 @@ def test_type_errors(overrides, match):
     (["eval.every=-1"], r"eval.every=-1: must be >= 0"),
     (["checkpoint.keep=0"], r"checkpoint.keep=0: must be >= 1"),
     (["optimizer.name=sgd", "optimizer.weight_decay=0.1"], r"weight_decay=0.1 applies to adamw only"),
-])
+  ],
+)
 def test_range_errors(overrides, match):
   with pytest.raises(ConfigError, match=match):
     load_config(None, overrides)
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     (["data.source=jsonl", "data.path=train.jsonl"], r"data.eval_path is required for data.source='jsonl'"),
     (["data.source=hf"], r"data.path is required for data.source='hf'"),
     (["data.eval_path=x.jsonl"], r"data.eval_path is for data.source='jsonl'"),
@@ -130,18 +156,22 @@ def test_range_errors(overrides, match):
     (["strategy=fedprox", "strategy_args={m: 0.1}"], r"strategy_args.m: .*Did you mean 'mu'\?"),
     (["strategy_args={oversample: 4}"], r"set it as sketch.oversample"),
     (["strategy_args={gauge: norm}"], r"set it as sketch.gauge"),
-])
+  ],
+)
 def test_cross_field_rules(overrides, match):
   with pytest.raises(ConfigError, match=match):
     load_config(None, overrides)
 
 
-@pytest.mark.parametrize("text, match", [
+@pytest.mark.parametrize(
+  "text, match",
+  [
     ("rounds", r"override 'rounds' is not key=value"),
     ("=3", r"override '=3' is not key=value"),
     ("lora..rank=4", r"override key 'lora..rank' is not a dotted name"),
     ("rounds=[1,", r"override 'rounds=\[1,': the value is not valid YAML"),
-])
+  ],
+)
 def test_bad_override_syntax(text, match):
   with pytest.raises(ConfigError, match=match):
     parse_override(text)
@@ -152,11 +182,14 @@ def test_override_through_a_value_is_refused():
     apply_overrides({"rounds": 3}, ["rounds.x=1"])
 
 
-@pytest.mark.parametrize("content, match", [
+@pytest.mark.parametrize(
+  "content, match",
+  [
     (None, r"does not exist"),
     ("- a\n- b\n", r"must hold a mapping of keys to values, not list"),
     ("rounds: [1,\n", r"is not valid YAML"),
-])
+  ],
+)
 def test_bad_config_file(tmp_path, content, match):
   path = tmp_path / "config.yaml"
   if content is not None:
@@ -182,4 +215,6 @@ def test_sketch_defaults_are_the_strategies():
   for name in ("fedask", "fedask-alt"):
     params = inspect.signature(STRATEGIES[name]).parameters
     assert (params["oversample"].default, params["certify_every"].default) == (
-        defaults.oversample, defaults.certify_every)
+      defaults.oversample,
+      defaults.certify_every,
+    )

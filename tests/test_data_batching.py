@@ -12,8 +12,7 @@ from fedask_jax.data import batching, encoding, partition
 
 LENGTH = 4
 # Client k holds the examples listed here; sizes 3, 9, 1, 20 (uneven, so padding matters).
-CLIENT_INDICES = (np.array([0, 5, 7]), np.array([1, 2, 3, 4, 6, 8, 9, 10, 11]), np.array([12]),
-                  np.arange(13, 33))
+CLIENT_INDICES = (np.array([0, 5, 7]), np.array([1, 2, 3, 4, 6, 8, 9, 10, 11]), np.array([12]), np.arange(13, 33))
 
 
 def make_encoded(num_examples: int = 33) -> encoding.EncodedDataset:
@@ -26,7 +25,8 @@ def make_encoded(num_examples: int = 33) -> encoding.EncodedDataset:
   loss_mask = np.zeros((num_examples, LENGTH), bool)
   loss_mask[:, 1] = True
   return encoding.EncodedDataset(
-      input_ids, attention_mask, loss_mask, np.ones(num_examples, np.int32), np.full(num_examples, 2, np.int32))
+    input_ids, attention_mask, loss_mask, np.ones(num_examples, np.int32), np.full(num_examples, 2, np.int32)
+  )
 
 
 def make_client_data() -> batching.ClientData:
@@ -39,15 +39,18 @@ def test_stack_clients_pads_to_the_largest_client():
   chex.assert_shape([data.input_ids, data.attention_mask, data.loss_mask], (4, 20, LENGTH))
   np.testing.assert_array_equal(data.client_sizes, [3, 9, 1, 20])
   for k, idx in enumerate(CLIENT_INDICES):
-    np.testing.assert_array_equal(data.input_ids[k, :len(idx)], encoded.input_ids[idx])
-    np.testing.assert_array_equal(data.loss_mask[k, :len(idx)], encoded.loss_mask[idx])
-    assert not data.attention_mask[k, len(idx):].any() and not data.loss_mask[k, len(idx):].any()
+    np.testing.assert_array_equal(data.input_ids[k, : len(idx)], encoded.input_ids[idx])
+    np.testing.assert_array_equal(data.loss_mask[k, : len(idx)], encoded.loss_mask[idx])
+    assert not data.attention_mask[k, len(idx) :].any() and not data.loss_mask[k, len(idx) :].any()
 
 
-@pytest.mark.parametrize("indices, match", [
+@pytest.mark.parametrize(
+  "indices, match",
+  [
     ((np.array([0, 1]), np.array([], np.int64)), "empty client"),
     ((np.array([0, 40]),), "holds index 40"),
-])
+  ],
+)
 def test_stack_clients_errors(indices, match):
   with pytest.raises(ValueError, match=match):
     batching.stack_clients(make_encoded(), partition.Partition(indices))
@@ -67,7 +70,6 @@ def check_batch_belongs_to_clients(batch: batching.Batch, client_ids) -> None:
 
 
 class ClientBatchesTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_shapes_and_membership(self):
     sample = self.variant(functools.partial(batching.client_batches, local_steps=3, batch_size=2, capacity=6))
@@ -91,8 +93,7 @@ class ClientBatchesTest(chex.TestCase):
 
   def test_poisson_rate_is_batch_size_over_client_size(self):
     steps, batch_size = 400, 4
-    sample = jax.jit(functools.partial(
-        batching.client_batches, local_steps=steps, batch_size=batch_size, capacity=16))
+    sample = jax.jit(functools.partial(batching.client_batches, local_steps=steps, batch_size=batch_size, capacity=16))
     client_ids = [1, 3, 2]
     batch = sample(jax.random.key(3), make_client_data(), jnp.array(client_ids))
     check_batch_belongs_to_clients(batch, client_ids)
@@ -111,8 +112,9 @@ class ClientBatchesTest(chex.TestCase):
 
   def test_a_public_sample_rate_does_not_depend_on_the_client_size(self):
     steps = 400
-    sample = jax.jit(functools.partial(
-        batching.client_batches, local_steps=steps, batch_size=4, capacity=16, sample_rate=0.25))
+    sample = jax.jit(
+      functools.partial(batching.client_batches, local_steps=steps, batch_size=4, capacity=16, sample_rate=0.25)
+    )
     batch = sample(jax.random.key(3), make_client_data(), jnp.array([1, 3]))
     sizes = np.asarray(batch.example_mask).sum(-1)
     # Binomial(9, 0.25) and Binomial(20, 0.25): means 2.25 and 5 whatever batch_size; sds 1.30 and 1.94, of the
@@ -120,8 +122,9 @@ class ClientBatchesTest(chex.TestCase):
     np.testing.assert_allclose(sizes.mean(1), [9 * 0.25, 20 * 0.25], atol=0.5)
 
   def test_uniform_minibatches_have_fixed_size(self):
-    sample = jax.jit(functools.partial(
-        batching.client_batches, local_steps=50, batch_size=5, capacity=7, sampling="uniform"))
+    sample = jax.jit(
+      functools.partial(batching.client_batches, local_steps=50, batch_size=5, capacity=7, sampling="uniform")
+    )
     client_ids = [3, 0, 2]
     batch = sample(jax.random.key(4), make_client_data(), jnp.array(client_ids))
     check_batch_belongs_to_clients(batch, client_ids)
@@ -131,14 +134,17 @@ class ClientBatchesTest(chex.TestCase):
     assert not np.asarray(batch.example_mask[..., 5:]).any()
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(local_steps=1, batch_size=2, capacity=21), "capacity=21 exceeds the largest client's 20"),
     (dict(local_steps=1, batch_size=4, capacity=3, sampling="uniform"), "capacity=3 < batch_size=4"),
     (dict(local_steps=1, batch_size=2, capacity=4, sampling="shuffle"), "sampling='shuffle'"),
     (dict(local_steps=0, batch_size=2, capacity=4), "local_steps=0"),
     (dict(local_steps=1, batch_size=2, capacity=4, sampling="uniform", sample_rate=0.5), "sample_rate=0.5 with"),
     (dict(local_steps=1, batch_size=2, capacity=4, sample_rate=1.5), "sample_rate=1.5 with"),
-])
+  ],
+)
 def test_client_batches_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     batching.client_batches(jax.random.key(0), make_client_data(), jnp.array([0]), **kwargs)

@@ -19,7 +19,8 @@ def word_tokenizer(with_bos: bool) -> PreTrainedTokenizerFast:
   if with_bos:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   return PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+  )
 
 
 @functools.cache
@@ -30,7 +31,8 @@ def gsm8k_tokenizer() -> PreTrainedTokenizerFast:
   tok.pre_tokenizer = pre_tokenizers.Metaspace()
   tok.decoder = decoders.Metaspace()
   tok.train_from_iterator(
-      texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+  )
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -40,15 +42,18 @@ def test_alpaca_template_exact_text():
   template = templates.AlpacaTemplate()
   prompt, response = template({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"})
   assert prompt == (
-      "Below is an instruction that describes a task, paired with an input that provides further context. "
-      "Write a response that appropriately completes the request.\n\n"
-      "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:")
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:"
+  )
   assert response == "5"
   for record in ({"instruction": "Say hi.", "input": "", "output": "Hi"}, {"instruction": "Say hi.", "output": "Hi"}):
     assert template(record) == (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nSay hi.\n\n### Response:", "Hi")
+      "Below is an instruction that describes a task. "
+      "Write a response that appropriately completes the request.\n\n"
+      "### Instruction:\nSay hi.\n\n### Response:",
+      "Hi",
+    )
 
 
 def test_gsm8k_alpaca_and_plain_templates():
@@ -60,12 +65,15 @@ def test_gsm8k_alpaca_and_plain_templates():
   assert plain(record) == ("What is 2+2?\n", "2+2=4\n#### 4")
 
 
-@pytest.mark.parametrize("call, match", [
+@pytest.mark.parametrize(
+  "call, match",
+  [
     (lambda: templates.AlpacaTemplate()({"question": "q", "answer": "a"}), "record has no field 'instruction'"),
     (lambda: templates.PlainTemplate()({"prompt": 1, "response": "a"}), "'prompt' is a int, not text"),
     (lambda: templates.get_template("chatml"), "template='chatml'"),
     (lambda: templates.get_template("plain", instruction_field="q"), "accepts"),
-])
+  ],
+)
 def test_template_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()
@@ -128,8 +136,8 @@ def test_gsm8k_encoding_agrees_with_the_tokenizer():
     prompt_ids = tokenizer(prompt)["input_ids"]
     target_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert prompt_ids[0] == tokenizer.bos_token_id
-    np.testing.assert_array_equal(encoded.input_ids[i, :encoded.prompt_length[i]], prompt_ids)
-    np.testing.assert_array_equal(encoded.input_ids[i][encoded.loss_mask[i]], target_ids[:256 - len(prompt_ids)])
+    np.testing.assert_array_equal(encoded.input_ids[i, : encoded.prompt_length[i]], prompt_ids)
+    np.testing.assert_array_equal(encoded.input_ids[i][encoded.loss_mask[i]], target_ids[: 256 - len(prompt_ids)])
     assert encoded.full_length[i] == len(prompt_ids) + len(target_ids)
   assert encoded.num_truncated == int(np.sum(encoded.full_length > 256))
 

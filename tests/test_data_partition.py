@@ -85,7 +85,9 @@ def test_dirichlet_redraws_until_no_client_is_too_small():
   assert p.sizes.min() >= 5
 
 
-@pytest.mark.parametrize("call, match", [
+@pytest.mark.parametrize(
+  "call, match",
+  [
     (lambda: partition.iid_partition(["a", "b"], 3, seed=0), "exceeds the 2 examples"),
     (lambda: partition.dirichlet_partition(["a"] * 9, 3, alpha=0.0, seed=0), "alpha=0.0"),
     (lambda: partition.dirichlet_partition(["a"] * 9, 3, alpha=1.0, seed=0, min_client_size=4), "min_client_size=4"),
@@ -93,7 +95,8 @@ def test_dirichlet_redraws_until_no_client_is_too_small():
     (lambda: partition.partition_records([{"category": 1}], "dirichlet", num_clients=1), "needs alpha"),
     (lambda: partition.partition_records([{"category": 1}], "random", num_clients=1), "scheme='random'"),
     (lambda: partition.partition_records([{"category": 1}], "natural", column=None), "needs a column"),
-])
+  ],
+)
 def test_partition_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()

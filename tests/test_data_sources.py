@@ -38,10 +38,13 @@ def test_load_jsonl_plain_file_and_max_records(tmp_path):
   assert sources.load_jsonl(path, max_records=2) == [{"a": 1}, {"a": 2}]
 
 
-@pytest.mark.parametrize("content, match", [
+@pytest.mark.parametrize(
+  "content, match",
+  [
     ('{"a": 1}\n{"a": \n', r"toy.jsonl:2 is not valid JSON"),
     ('[1, 2]\n', r"toy.jsonl:1 holds a list"),
-])
+  ],
+)
 def test_load_jsonl_rejects_bad_lines(tmp_path, content, match):
   path = tmp_path / "toy.jsonl"
   path.write_text(content)
@@ -72,9 +75,10 @@ def test_load_hf_local_gzip_matches_jsonl(tmp_path, hf_offline):
   assert head == via_datasets[:5]
   # A held-out tail given as a sliced split (experiments/configs/paper_llama2_7b_dolly.yaml), then capped.
   n = len(via_datasets)
-  tail = sources.load_hf("json", data_files=str(GSM8K_TEST), split="train[95%:]", max_records=7,
-                         cache_dir=str(tmp_path))
-  assert tail == via_datasets[round(0.95 * n):][:7]  # `datasets` rounds percent boundaries to the closest row
+  tail = sources.load_hf(
+    "json", data_files=str(GSM8K_TEST), split="train[95%:]", max_records=7, cache_dir=str(tmp_path)
+  )
+  assert tail == via_datasets[round(0.95 * n) :][:7]  # `datasets` rounds percent boundaries to the closest row
 
 
 def test_load_hf_parquet_keeps_column_types(tmp_path, hf_offline):
@@ -82,9 +86,16 @@ def test_load_hf_parquet_keeps_column_types(tmp_path, hf_offline):
   import pyarrow.parquet as pq
 
   # Independent reference: the rows as pyarrow itself reads them back from the file.
-  table = pa.table({
-      "text": ["é ü", "b", ""], "label": pa.array([1, -2, 3], pa.int32()), "score": [0.5, 1.25, -3.0],
-      "tokens": [[1, 2], [], [3]], "raw": [b"\xff\x00", b"ok", b""], "maybe": ["x", None, "z"]})
+  table = pa.table(
+    {
+      "text": ["é ü", "b", ""],
+      "label": pa.array([1, -2, 3], pa.int32()),
+      "score": [0.5, 1.25, -3.0],
+      "tokens": [[1, 2], [], [3]],
+      "raw": [b"\xff\x00", b"ok", b""],
+      "maybe": ["x", None, "z"],
+    }
+  )
   path = tmp_path / "toy.parquet"
   pq.write_table(table, path)
   records = sources.load_hf("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
@@ -101,8 +112,9 @@ def saved_gsm8k(tmp_path):
 
   records = corpora.load_gsm8k("test")
   datasets.Dataset.from_list(records).save_to_disk(tmp_path / "dataset")
-  datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:1000]),
-                        "test": datasets.Dataset.from_list(records[1000:])}).save_to_disk(tmp_path / "dict")
+  datasets.DatasetDict(
+    {"train": datasets.Dataset.from_list(records[:1000]), "test": datasets.Dataset.from_list(records[1000:])}
+  ).save_to_disk(tmp_path / "dict")
   return records, str(tmp_path / "dataset"), str(tmp_path / "dict")
 
 
@@ -115,7 +127,7 @@ def test_load_hf_saved_dataset(saved_gsm8k, hf_offline):
   assert sources.load_hf(dict_dir, split="test[:10]+train[-2:]") == records[1000:1010] + records[998:1000]
   # A sliced split selects the same rows from a saved dataset as `load_dataset` from the files it was made of.
   n = len(records)
-  assert sources.load_hf(dataset_dir, split="train[95%:]", max_records=20) == records[round(0.95 * n):][:20]
+  assert sources.load_hf(dataset_dir, split="train[95%:]", max_records=20) == records[round(0.95 * n) :][:20]
   with pytest.raises(ValueError, match=r"Unknown split \"validation\".*has the splits \['test', 'train'\]"):
     sources.load_hf(dict_dir, split="validation")
   with pytest.raises(ValueError, match=r"\['cache_dir', 'name'\] apply to datasets.load_dataset only"):
@@ -129,7 +141,7 @@ def test_runner_reads_a_saved_hf_dataset(saved_gsm8k, hf_offline):
   held_out = runner.load_records(config, "eval", config.eval.max_examples)
   check_records(config, train, "train")
   check_records(config, held_out, "eval")
-  assert (train, held_out) == (records[:1000], records[1000:1000 + config.eval.max_examples])
+  assert (train, held_out) == (records[:1000], records[1000 : 1000 + config.eval.max_examples])
 
 
 def test_load_tfds_names_the_extra_when_missing(monkeypatch):
@@ -187,21 +199,38 @@ def test_load_tfds_reads_array_record_without_tensorflow(tfds_gsm8k):
 def test_load_tfds_converts_feature_types(tmp_path):
   import tensorflow_datasets as tfds
 
-  features = tfds.features.FeaturesDict({
-      "text": tfds.features.Text(), "raw": tfds.features.Tensor(shape=(), dtype=np.object_),
-      "n": tfds.features.Scalar(dtype=np.int32), "x": np.float32, "label": tfds.features.ClassLabel(names=["a", "b"]),
-      "vec": tfds.features.Tensor(shape=(2,), dtype=np.int64), "tags": tfds.features.Sequence(tfds.features.Text()),
-      "steps": tfds.features.Sequence({"k": np.int32, "say": tfds.features.Text()})})
+  features = tfds.features.FeaturesDict(
+    {
+      "text": tfds.features.Text(),
+      "raw": tfds.features.Tensor(shape=(), dtype=np.object_),
+      "n": tfds.features.Scalar(dtype=np.int32),
+      "x": np.float32,
+      "label": tfds.features.ClassLabel(names=["a", "b"]),
+      "vec": tfds.features.Tensor(shape=(2,), dtype=np.int64),
+      "tags": tfds.features.Sequence(tfds.features.Text()),
+      "steps": tfds.features.Sequence({"k": np.int32, "say": tfds.features.Text()}),
+    }
+  )
   examples = [
-      {"text": "é ü", "raw": b"\xff\x00", "n": -7, "x": 0.25, "label": 1, "vec": [3, -4], "tags": ["p", "q"],
-       "steps": [{"k": 1, "say": "one"}, {"k": 2, "say": "two"}]},
-      {"text": "", "raw": b"", "n": 0, "x": -1.5, "label": 0, "vec": [0, 0], "tags": [], "steps": []},
+    {
+      "text": "é ü",
+      "raw": b"\xff\x00",
+      "n": -7,
+      "x": 0.25,
+      "label": 1,
+      "vec": [3, -4],
+      "tags": ["p", "q"],
+      "steps": [{"k": 1, "say": "one"}, {"k": 2, "say": "two"}],
+    },
+    {"text": "", "raw": b"", "n": 0, "x": -1.5, "label": 0, "vec": [0, 0], "tags": [], "steps": []},
   ]
   _write_tfds(tmp_path, "typed_local", features, {"train": examples})
   # Text becomes str; other byte strings stay bytes (b"\xff" is no UTF-8); numbers and arrays become Python
   # scalars and lists; a sequence of dicts is a dict of lists (tfds' layout). The values are exact in float32.
-  expected = [{**examples[0], "steps": {"k": [1, 2], "say": ["one", "two"]}},
-              {**examples[1], "steps": {"k": [], "say": []}}]
+  expected = [
+    {**examples[0], "steps": {"k": [1, 2], "say": ["one", "two"]}},
+    {**examples[1], "steps": {"k": [], "say": []}},
+  ]
   records = sources.load_tfds("typed_local", split="train", data_dir=tmp_path)
   assert records == expected
   assert {k: type(v) for k, v in records[0].items()} == {k: type(v) for k, v in expected[0].items()}
@@ -223,25 +252,38 @@ def test_load_tfds_tfrecord_needs_tensorflow(tfds_gsm8k, tmp_path, monkeypatch):
   assert info["fileFormat"] == "array_record"
   info_path.write_text(json.dumps({**info, "fileFormat": "tfrecord"}))
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # as if TensorFlow were not installed
-  with pytest.raises(ValueError, match=r"stored as tfrecord, which only TensorFlow reads: pip install tensorflow, "
-                                        r"or prepare it as ArrayRecord \(tfds build --file_format=array_record\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"stored as tfrecord, which only TensorFlow reads: pip install tensorflow, "
+    r"or prepare it as ArrayRecord \(tfds build --file_format=array_record\)",
+  ):
     sources.load_tfds("gsm8k_local", split="train", data_dir=tmp_path)
 
 
 def test_runner_reads_a_tfds_dataset(tfds_gsm8k):
   records, data_dir = tfds_gsm8k
-  config = load_config(QUICKSTART, ["data.source=tfds", "data.path=gsm8k_local", f"data.data_dir={data_dir}",
-                                    "data.strip_calculator=false", "data.max_train_examples=600"])
+  config = load_config(
+    QUICKSTART,
+    [
+      "data.source=tfds",
+      "data.path=gsm8k_local",
+      f"data.data_dir={data_dir}",
+      "data.strip_calculator=false",
+      "data.max_train_examples=600",
+    ],
+  )
   train = runner.load_records(config, "train", config.data.max_train_examples)
   held_out = runner.load_records(config, "eval", config.eval.max_examples)
   check_records(config, train, "train")
   check_records(config, held_out, "eval")
-  assert (train, held_out) == (records[:600], records[1000:1000 + config.eval.max_examples])
+  assert (train, held_out) == (records[:600], records[1000 : 1000 + config.eval.max_examples])
 
 
 def test_gsm8k_helpers_on_a_hand_checked_answer():
-  answer = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-            "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 1,072")
+  answer = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 1,072"
+  )
   assert corpora.gsm8k_num_steps(answer) == 2
   assert corpora.gsm8k_category(answer) == "2 steps"
   assert corpora.gsm8k_category(answer, max_steps=2) == "2+ steps"

@@ -12,9 +12,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_sphinx_html_build_has_no_warnings(tmp_path):
   # --keep-going: report every warning, then fail (-W), rather than stop at the first. -E: read every source.
   result = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html", str(ROOT / "docs"),
-       str(tmp_path / "html"), "-d", str(tmp_path / "doctrees")],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "sphinx",
+      "-W",
+      "--keep-going",
+      "-E",
+      "-q",
+      "-b",
+      "html",
+      str(ROOT / "docs"),
+      str(tmp_path / "html"),
+      "-d",
+      str(tmp_path / "doctrees"),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, f"sphinx-build -b html failed:\n{result.stderr}\n{result.stdout[-3000:]}"
   # A build that documented nothing would pass too: the API pages must hold the package's objects.
   page = (tmp_path / "html/api/privacy.html").read_text(encoding="utf-8")

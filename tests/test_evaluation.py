@@ -58,8 +58,11 @@ class BigramModel(nnx.Module):
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
   x = np.asarray(x, np.float64)
-  return x - np.max(x, axis=-1, keepdims=True) - np.log(np.sum(np.exp(x - np.max(x, axis=-1, keepdims=True)),
-                                                                axis=-1, keepdims=True))
+  return (
+    x
+    - np.max(x, axis=-1, keepdims=True)
+    - np.log(np.sum(np.exp(x - np.max(x, axis=-1, keepdims=True)), axis=-1, keepdims=True))
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,12 +77,15 @@ def test_text_perplexity_matches_transformers(tokenizer):
   seq_len = 64
   data = text_windows(texts, tokenizer, seq_len)
 
-  stream = [t for text in texts for t in [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False),
-                                          tokenizer.eos_token_id]]
+  stream = [
+    t
+    for text in texts
+    for t in [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+  ]
   n = -(-len(stream) // seq_len)
   assert len(stream) % seq_len, "the test needs a padded last window"
   expected_ids = np.zeros(n * seq_len, np.int64)
-  expected_ids[:len(stream)] = stream
+  expected_ids[: len(stream)] = stream
   expected_ids = expected_ids.reshape(n, seq_len)
   real = (np.arange(n * seq_len) < len(stream)).reshape(n, seq_len)
   np.testing.assert_array_equal(np.where(data.attention_mask, data.input_ids, 0), expected_ids)
@@ -91,9 +97,15 @@ def test_text_perplexity_matches_transformers(tokenizer):
   result = evaluate(load_pretrained(SHIPPED), data, batch_size=4)
   labels = np.where(real, expected_ids, -100)  # transformers shifts labels itself: window starts are never targets
   with torch.no_grad():
-    reference = transformers.LlamaForCausalLM.from_pretrained(SHIPPED).eval()(
-        input_ids=torch.from_numpy(expected_ids), attention_mask=torch.from_numpy(real.astype(np.int64)),
-        labels=torch.from_numpy(labels)).loss.item()
+    reference = (
+      transformers.LlamaForCausalLM.from_pretrained(SHIPPED)
+      .eval()(
+        input_ids=torch.from_numpy(expected_ids),
+        attention_mask=torch.from_numpy(real.astype(np.int64)),
+        labels=torch.from_numpy(labels),
+      )
+      .loss.item()
+    )
   assert result.tokens == len(stream) - n and result.examples == n
   # Both are float32 forwards (different op orders) of a loss ~4 nats averaged over ~1.5k tokens: the logits
   # agree to ~1e-5 (tests/test_base_model.py), so 1e-5 relative is ample and still far below any real error.
@@ -120,20 +132,23 @@ def test_text_perplexity_of_a_bigram_model_is_its_closed_form():
 # GSM8K exact match.
 
 
-@pytest.mark.parametrize("text, number", [
+@pytest.mark.parametrize(
+  "text, number",
+  [
     ("#### 1,234", "1234"),
     ("The answer is 72.", "72"),
     ("She has 5 apples and gives away 3.\n#### 2", "2"),
-    ("#### 2\nThen 7 more.", "2"),                    # the first number after the last marker
+    ("#### 2\nThen 7 more.", "2"),  # the first number after the last marker
     ("It dropped to -17 degrees", "-17"),
     ("#### -3", "-3"),
-    ("10-3=7, so 7", "7"),                              # a minus between numbers is subtraction
+    ("10-3=7, so 7", "7"),  # a minus between numbers is subtraction
     ("each costs $5.50.", "5.50"),
     ("#### $1,000.00", "1000.00"),
     ("I do not know.", None),
     ("#### unknown, maybe 4", "4"),
     ("#### none", None),
-])
+  ],
+)
 def test_parse_final_number(text, number):
   assert parse_final_number(text) == number
 
@@ -154,7 +169,7 @@ class ScriptedModel(nnx.Module):
   def __init__(self, scripts: dict[int, list[int]], vocab_size: int, fill: int, width: int = 64):
     table = np.full((max(scripts) + 1, width), fill, np.int32)
     for length, script in scripts.items():
-      table[length, :len(script)] = script
+      table[length, : len(script)] = script
     self.table = nnx.Variable(jnp.asarray(table))
     self.vocab_size = vocab_size
     self.config = _NoPositionLimit()
@@ -174,10 +189,10 @@ class ScriptedModel(nnx.Module):
 # (question, reference answer, scripted completion, right?): decimal, comma and dollar normalisation; a wrong
 # sign; no number at all.
 PROBLEMS = [
-    ("How much?", "Ten boxes at 100 dollars.\n#### 1,000", "10 * 100 = $1,000.00\n#### $1,000.00", True),
-    ("How much is it?", "#### 3", "The answer is 3.0.", True),
-    ("How much is it in all?", "It rose by 4.\n#### -4", "It dropped by 4.\n#### 4", False),
-    ("How much is it in all, in dollars?", "#### 72", "I cannot tell.", False),
+  ("How much?", "Ten boxes at 100 dollars.\n#### 1,000", "10 * 100 = $1,000.00\n#### $1,000.00", True),
+  ("How much is it?", "#### 3", "The answer is 3.0.", True),
+  ("How much is it in all?", "It rose by 4.\n#### -4", "It dropped by 4.\n#### 4", False),
+  ("How much is it in all, in dollars?", "#### 72", "I cannot tell.", False),
 ]
 
 
@@ -189,8 +204,10 @@ def scripted(tokenizer):
   lengths = [1 + len(tokenizer.encode(GSM8K_ALPACA(p)[0], add_special_tokens=False)) for p in problems]
   assert len(set(lengths)) == len(lengths), "the scripted model tells prompts apart by length"
   decoy = tokenizer.encode("#### 999", add_special_tokens=False)
-  scripts = {length: tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id] + decoy
-             for length, (_, _, completion, _) in zip(lengths, PROBLEMS)}
+  scripts = {
+    length: tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id] + decoy
+    for length, (_, _, completion, _) in zip(lengths, PROBLEMS)
+  }
   return problems, ScriptedModel(scripts, len(tokenizer), fill=tokenizer.eos_token_id)
 
 
@@ -221,17 +238,21 @@ def test_exact_match_rejects_bad_input(tokenizer, scripted):
 # Multiple choice.
 
 QUESTIONS = [
-    {"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": 1},
-    {"question": "Which word rhymes with cat?", "choices": ["dog", "hat", "cow", "sun"], "answer": "B",
-     "subject": "high_school_english"},
-    {"question": "Pick one.", "choices": ["w", "x", "y", "z"], "answer": 3},
+  {"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": 1},
+  {
+    "question": "Which word rhymes with cat?",
+    "choices": ["dog", "hat", "cow", "sun"],
+    "answer": "B",
+    "subject": "high_school_english",
+  },
+  {"question": "Pick one.", "choices": ["w", "x", "y", "z"], "answer": 3},
 ]
 
 
 def test_multiple_choice_prompt_is_mmlu_format():
   assert multiple_choice_prompt("  Is it? ", ["yes", "no"], ("A", "B"), subject="formal_logic") == (
-      "The following are multiple choice questions (with answers) about formal logic.\n\n"
-      "Is it?\nA. yes\nB. no\nAnswer:")
+    "The following are multiple choice questions (with answers) about formal logic.\n\nIs it?\nA. yes\nB. no\nAnswer:"
+  )
 
 
 def test_single_token_letters_are_read_from_the_prompts_last_logits(tokenizer):
@@ -254,11 +275,14 @@ def test_single_token_letters_are_read_from_the_prompts_last_logits(tokenizer):
 def test_multi_token_letters_sum_their_token_log_probs():
   """Char tokens: ' A' is [' ', 'A'], ' BB' is [' ', 'B', 'B']. After ' ', B is likelier than A, but B -> B is
   unlikely, so the sum picks A while the first letter token alone would pick BB."""
-  questions = [{"question": "abc", "choices": ["a", "b"], "answer": 0},
-               {"question": "ab", "choices": ["b", "c"], "answer": 1}]
+  questions = [
+    {"question": "abc", "choices": ["a", "b"], "answer": 0},
+    {"question": "ab", "choices": ["b", "c"], "answer": 1},
+  ]
   letters = ("A", "BB")
-  tokenizer = char_tokenizer("".join(multiple_choice_prompt(q["question"], q["choices"], letters)
-                                     for q in questions) + " ")
+  tokenizer = char_tokenizer(
+    "".join(multiple_choice_prompt(q["question"], q["choices"], letters) for q in questions) + " "
+  )
   token = {c: tokenizer.convert_tokens_to_ids(c) for c in ": AB"}
   table = np.zeros((len(tokenizer), len(tokenizer)))
   table[token[":"], token[" "]] = 2.0
@@ -278,9 +302,18 @@ def tiny_llama(tmp_path_factory, tokenizer):
   """(our model, the transformers model it was loaded from): a random 1-layer Llama on the shipped vocabulary,
   initializer_range 0.3 so that letters get clearly different scores."""
   torch.manual_seed(0)
-  hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.3)).eval()
+  hf_model = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=len(tokenizer),
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      max_position_embeddings=256,
+      initializer_range=0.3,
+    )
+  ).eval()
   directory = tmp_path_factory.mktemp("tiny_llama")
   hf_model.save_pretrained(directory)
   return load_pretrained(directory), hf_model
@@ -313,12 +346,12 @@ def test_multiple_choice_rejects_bad_input(tokenizer):
   model = BigramModel(np.zeros((len(tokenizer), len(tokenizer))))
   question = QUESTIONS[0]
   cases = [
-      ([{"question": "q", "choices": ["a", "b", "c", "d"]}], {}, r"lacks \['answer'\]"),
-      ([{**question, "choices": ["a", "b"]}], {}, "has 2 choices"),
-      ([{**question, "answer": 4}], {}, "answer=4"),
-      ([{**question, "answer": "E"}], {}, "answer='E'"),
-      ([question], dict(letters=("A", "A")), "distinct"),
-      ([], {}, "no questions"),
+    ([{"question": "q", "choices": ["a", "b", "c", "d"]}], {}, r"lacks \['answer'\]"),
+    ([{**question, "choices": ["a", "b"]}], {}, "has 2 choices"),
+    ([{**question, "answer": 4}], {}, "answer=4"),
+    ([{**question, "answer": "E"}], {}, "answer='E'"),
+    ([question], dict(letters=("A", "A")), "distinct"),
+    ([], {}, "no questions"),
   ]
   for questions, kwargs, message in cases:
     with pytest.raises(ValueError, match=message):
@@ -328,8 +361,13 @@ def test_multiple_choice_rejects_bad_input(tokenizer):
   words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   word_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", unk_token="<unk>")
   with pytest.raises(ValueError, match="merge across the boundary"):
-    multiple_choice(BigramModel(np.zeros((5, 5))), word_tokenizer,
-                    [{"question": "A", "choices": ["A", "B"], "answer": 0}], letters=("A", "B"), separator="")
+    multiple_choice(
+      BigramModel(np.zeros((5, 5))),
+      word_tokenizer,
+      [{"question": "A", "choices": ["A", "B"], "answer": 0}],
+      letters=("A", "B"),
+      separator="",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

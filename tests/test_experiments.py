@@ -16,8 +16,14 @@ import exact_aggregation as ea  # noqa: E402  (experiments/exact_aggregation.py)
 
 def test_exact_aggregation_quick(tmp_path):
   env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-  done = subprocess.run([sys.executable, "experiments/exact_aggregation.py", "--quick", "--out", str(tmp_path)],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  done = subprocess.run(
+    [sys.executable, "experiments/exact_aggregation.py", "--quick", "--out", str(tmp_path)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert done.returncode == 0, done.stderr[-4000:]
   stem = tmp_path / "exact_aggregation_quick"
   for suffix in (".md", ".json", ".png"):

@@ -85,8 +85,17 @@ def test_halko_bound():
 def test_captured_clients_give_the_compiled_rounds_state(tmp_path):
   # DP, the case Theorem 2 is about; without DP the same code runs with trained = "both" (one compilation of
   # each kind already costs ~10 s of CPU, so one case only).
-  raw = dict(make_tiny_setup(tmp_path), strategy="fedask", rounds=2, num_clients=4, clients_per_round=3,
-             local_steps=2, batch_size=4, client_chunk=1, privacy={"enabled": True})
+  raw = dict(
+    make_tiny_setup(tmp_path),
+    strategy="fedask",
+    rounds=2,
+    num_clients=4,
+    clients_per_round=3,
+    local_steps=2,
+    batch_size=4,
+    client_chunk=1,
+    privacy={"enabled": True},
+  )
   experiment = runner.prepare(from_dict(raw))
   config, round_fn = experiment.config, experiment.round_fn
   sample = runner.round_sampler(config, experiment.capacity)
@@ -108,7 +117,8 @@ def test_captured_clients_give_the_compiled_rounds_state(tmp_path):
     # over 2 AdamW steps and the sketch's QR/SVD); 1e-4 relative on the products is far above it.
     for name, f in state.adapters.items():
       got = np.asarray(f.lora_a, np.float64) @ np.asarray(f.lora_b, np.float64)
-      want = (np.asarray(reference.adapters[name].lora_a, np.float64)
-              @ np.asarray(reference.adapters[name].lora_b, np.float64))
+      want = np.asarray(reference.adapters[name].lora_a, np.float64) @ np.asarray(
+        reference.adapters[name].lora_b, np.float64
+      )
       assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), name
       assert np.linalg.norm(want) > 0

@@ -24,10 +24,27 @@ from fedask_jax import runner  # noqa: E402
 # non-private rounds compile the same way; the quick mode's invocation line checks them). L = 96 tokens: 34 of
 # the 48 problems keep answer tokens (at 48, only 3 would).
 TINY = mc.Settings(
-    methods=("fedask:norm", "ffa-lora"), epsilons=(1.0, 3.0), partitions=("iid",), seeds=(0, 1), rounds=2,
-    num_clients=1, clients_per_round=1, local_steps=1, batch_size=4, max_seq_len=96, train_examples=48,
-    validation_examples=16, eval_examples=8, eval_batch_size=8, min_client_size=4, tuning_steps=(-3, -2),
-    max_extension=1, tuning_seeds=(7,), accuracy_problems=2, accuracy_tokens=4)
+  methods=("fedask:norm", "ffa-lora"),
+  epsilons=(1.0, 3.0),
+  partitions=("iid",),
+  seeds=(0, 1),
+  rounds=2,
+  num_clients=1,
+  clients_per_round=1,
+  local_steps=1,
+  batch_size=4,
+  max_seq_len=96,
+  train_examples=48,
+  validation_examples=16,
+  eval_examples=8,
+  eval_batch_size=8,
+  min_client_size=4,
+  tuning_steps=(-3, -2),
+  max_extension=1,
+  tuning_seeds=(7,),
+  accuracy_problems=2,
+  accuracy_tokens=4,
+)
 COMPILES = {"round fedask:norm dp lora_b": 1, "round ffa-lora dp lora_b": 1, "sampler poisson": 1, "evaluate": 1}
 
 
@@ -66,10 +83,17 @@ def test_tuning_follows_the_protocol(tiny):
 
 
 def test_the_edge_rule_on_synthetic_curves(tmp_path):
-  settings = dataclasses.replace(TINY, methods=("ffa-lora",), epsilons=(1.0,), tuning_steps=(-3, -2, -1),
-                                 max_extension=2, tuning_seeds=(0, 1))
-  record = lambda k, seed, loss: {"method": "ffa-lora", "target_epsilon": 1.0, "partition": "iid", "seed": seed,
-                                  "lr": mc.lattice_lr(k), "valid_loss": loss}
+  settings = dataclasses.replace(
+    TINY, methods=("ffa-lora",), epsilons=(1.0,), tuning_steps=(-3, -2, -1), max_extension=2, tuning_seeds=(0, 1)
+  )
+  record = lambda k, seed, loss: {
+    "method": "ffa-lora",
+    "target_epsilon": 1.0,
+    "partition": "iid",
+    "seed": seed,
+    "lr": mc.lattice_lr(k),
+    "valid_loss": loss,
+  }
   falling = lambda steps: [record(k, s, 5.0 - 0.1 * (k + 4) + 0.01 * s) for k in steps for s in (0, 1)]
   # Loss falling with the rate: the best is the top edge, so the next rate up is asked for, for both seeds.
   runs = falling((-3, -2, -1))
@@ -138,23 +162,28 @@ def test_the_validation_split_is_neither_trained_on_nor_tested(tiny):
   n, v = TINY.train_examples, TINY.validation_examples
   assert [r["question"] for r in grid.records] == [r["question"] for r in train[:n]]
   assert grid.validation_data.num_examples == v
-  held = {r["question"] for r in train[n:n + v]}
+  held = {r["question"] for r in train[n : n + v]}
   assert not held & {r["question"] for r in train[:n]} and not held & {r["question"] for r in test}
 
 
 def test_runs_made_under_other_settings_are_refused(tiny):
   out = tiny[3]
   with pytest.raises(ValueError, match="other settings"):
-    mc.done_runs(runner.MetricsLog(out / "tiny_runs.jsonl").read(), dataclasses.replace(TINY, rounds=3),
-                 out / "tiny_runs.jsonl")
+    mc.done_runs(
+      runner.MetricsLog(out / "tiny_runs.jsonl").read(), dataclasses.replace(TINY, rounds=3), out / "tiny_runs.jsonl"
+    )
 
 
 def test_run_reproduces_the_runner(tiny, tmp_path):
   out, lrs = tiny[3], tiny[4]
-  record = next(r for r in runs_of(out / "tiny_runs.jsonl") if r["method"] == "fedask:norm"
-                and r["target_epsilon"] == 1.0 and r["seed"] == 1)
-  config = dataclasses.replace(mc.run_config(TINY, "fedask:norm", 1.0, "iid", 1, record["lr"]),
-                               run_dir=str(tmp_path / "run"))
+  record = next(
+    r
+    for r in runs_of(out / "tiny_runs.jsonl")
+    if r["method"] == "fedask:norm" and r["target_epsilon"] == 1.0 and r["seed"] == 1
+  )
+  config = dataclasses.replace(
+    mc.run_config(TINY, "fedask:norm", 1.0, "iid", 1, record["lr"]), run_dir=str(tmp_path / "run")
+  )
   assert config.lr == record["lr"] == lrs["fedask:norm", 1.0] and config.sketch.gauge == "norm"
   summary = runner.train(runner.prepare(config), progress=False)
   assert summary["noise_multiplier"] == record["noise_multiplier"]
@@ -171,8 +200,11 @@ def test_summary_mean_and_std_are_numpys(tiny):
   rows = mc.summarize(runs)
   assert len(rows) == 4
   for row in rows:
-    losses = [r["eval_loss"] for r in runs if (r["method"], r["partition"], r["target_epsilon"]) ==
-              (row["method"], row["partition"], row["target_epsilon"])]
+    losses = [
+      r["eval_loss"]
+      for r in runs
+      if (r["method"], r["partition"], r["target_epsilon"]) == (row["method"], row["partition"], row["target_epsilon"])
+    ]
     assert row["n"] == len(losses) == 2
     assert row["eval_loss_mean"] == pytest.approx(np.mean(losses), rel=1e-12)
     assert row["eval_loss_std"] == pytest.approx(np.std(losses, ddof=1), rel=1e-12)
@@ -182,10 +214,23 @@ def test_summary_mean_and_std_are_numpys(tiny):
 def test_summary_and_gaps_on_synthetic_records():
   rng = np.random.default_rng(0)
   methods = ("fedask:balanced", "fedask:norm", "fedask-alt:balanced", "fedavg")
-  runs = [{"method": m, "partition": p, "target_epsilon": e, "seed": s, "lr": 0.01,
-           "eval_loss": float(rng.normal(4, 0.1)), "accuracy": None, "epsilon_spent": None if e is None else e * 0.999,
-           "noise_multiplier": None if e is None else 1.0 / e}
-          for m in methods for p in ("iid", "dir0.1") for e in (1.0, None) for s in range(3)]
+  runs = [
+    {
+      "method": m,
+      "partition": p,
+      "target_epsilon": e,
+      "seed": s,
+      "lr": 0.01,
+      "eval_loss": float(rng.normal(4, 0.1)),
+      "accuracy": None,
+      "epsilon_spent": None if e is None else e * 0.999,
+      "noise_multiplier": None if e is None else 1.0 / e,
+    }
+    for m in methods
+    for p in ("iid", "dir0.1")
+    for e in (1.0, None)
+    for s in range(3)
+  ]
   rows = mc.summarize(runs)
   by_cell = {(r["method"], r["partition"], r["target_epsilon"]): r for r in rows}
   for (m, p, e), row in by_cell.items():
@@ -193,8 +238,13 @@ def test_summary_and_gaps_on_synthetic_records():
     assert row["eval_loss_mean"] == pytest.approx(losses.mean(), rel=1e-12)
     assert row["eval_loss_std"] == pytest.approx(losses.std(ddof=1), rel=1e-12)
     assert row["epsilon_spent_max"] == (None if e is None else pytest.approx(0.999 * e))
-  pick = lambda m, p, e: np.array([r["eval_loss"] for r in sorted(runs, key=lambda r: r["seed"])
-                                   if (r["method"], r["partition"], r["target_epsilon"]) == (m, p, e)])
+  pick = lambda m, p, e: np.array(
+    [
+      r["eval_loss"]
+      for r in sorted(runs, key=lambda r: r["seed"])
+      if (r["method"], r["partition"], r["target_epsilon"]) == (m, p, e)
+    ]
+  )
   gap = mc.paired_gap(runs, "fedask:norm", "fedavg", "iid", 1.0)
   d = pick("fedask:norm", "iid", 1.0) - pick("fedavg", "iid", 1.0)
   assert gap == pytest.approx((d.mean(), d.std(ddof=1) / math.sqrt(3), 3), rel=1e-12)
@@ -235,8 +285,12 @@ def test_the_cpu_mode_is_the_whole_grid_with_shorter_runs():
   # gauges, epsilon 1/3/6/inf, IID and both Dirichlets, >= 3 seeds), only shorten the runs; the federation is the
   # paper's; the tuning lattice spans at least 3e-3 to 0.1 in factors of 2 with seeds disjoint from the grid's.
   cpu, full, long = mc.MODES["cpu"], mc.MODES["full"], mc.MODES["long"]
-  assert (cpu.methods, cpu.epsilons, cpu.partitions, cpu.seeds) == (full.methods, full.epsilons, full.partitions,
-                                                                    full.seeds)
+  assert (cpu.methods, cpu.epsilons, cpu.partitions, cpu.seeds) == (
+    full.methods,
+    full.epsilons,
+    full.partitions,
+    full.seeds,
+  )
   assert len(cpu.seeds) >= 3 and set(cpu.methods) == set(mc.METHODS)
   assert {mc.split_method(m)[0] for m in cpu.methods} == set(mc.STRATEGIES)
   assert {f"fedask:{g}" for g in mc.sketch.GAUGES} <= set(cpu.methods)

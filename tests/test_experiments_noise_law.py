@@ -58,9 +58,14 @@ def test_ffa_lora_noise_power_matches_the_analytic_value(tiny_setup):
     # weighted chi-square with weights s^2 v eig(a_l^T a_l), each eigenvalue out_l times; its mean over the
     # seeds divides every weight by the number of seeds.
     v = eta**2 * steps * np.sum(w**2) * (sigma * clip / batch) ** 2
-    lam = np.asarray([s**2 * v * e / seeds for f in adapters.values()
-                      for e in np.linalg.eigvalsh(np.asarray(f.lora_a, np.float64).T @ np.asarray(f.lora_a, np.float64))
-                      for _ in range(f.lora_b.shape[-1] * seeds)])
+    lam = np.asarray(
+      [
+        s**2 * v * e / seeds
+        for f in adapters.values()
+        for e in np.linalg.eigvalsh(np.asarray(f.lora_a, np.float64).T @ np.asarray(f.lora_a, np.float64))
+        for _ in range(f.lora_b.shape[-1] * seeds)
+      ]
+    )
     expected = lam.sum()
     # Laurent & Massart (2000), Lemma 1: P(X - EX >= 2 sqrt(x sum lam^2) + 2 x max lam) <= e^-x and
     # P(EX - X >= 2 sqrt(x sum lam^2)) <= e^-x; x = 14: false-failure probability <= 2 sigmas x 2 e^-14 = 3.3e-6.
@@ -69,7 +74,12 @@ def test_ffa_lora_noise_power_matches_the_analytic_value(tiny_setup):
     lower = expected - 2 * math.sqrt(x * np.sum(lam**2))
     measured = math.sqrt(np.mean(sweep.power[:, i]))
     assert math.sqrt(max(lower, 0.0)) - coupling <= measured <= math.sqrt(upper) + coupling, (
-        sigma, measured**2 / expected, lower / expected, upper / expected, coupling**2 / expected)
+      sigma,
+      measured**2 / expected,
+      lower / expected,
+      upper / expected,
+      coupling**2 / expected,
+    )
     # The tolerance is tight enough to catch a wrong factor (sum w^2 vs 1/K, S vs S^2, s vs s^2: all >= 1.5x).
     assert (math.sqrt(upper) + coupling) ** 2 < 1.2 * expected
     assert (math.sqrt(max(lower, 0.0)) - coupling) ** 2 > expected / 1.2

@@ -58,9 +58,18 @@ def test_same_subspace_in_another_basis_has_zero_angles_and_a_known_rotation_is_
 
 
 def test_summary_of_rounds():
-  rounds = [{"round": t, "layers": {"x": {"largest": 0.1 * t, "mean": 0.05 * t, "change": 0.2, "scale": 0.5},
-                                    "y": {"largest": 0.3 * t, "mean": 0.1 * t, "change": 0.4, "scale": 1.5}},
-             "a_unchanged": False, "clipped_fraction": 0.25 * t} for t in (1, 2)]
+  rounds = [
+    {
+      "round": t,
+      "layers": {
+        "x": {"largest": 0.1 * t, "mean": 0.05 * t, "change": 0.2, "scale": 0.5},
+        "y": {"largest": 0.3 * t, "mean": 0.1 * t, "change": 0.4, "scale": 1.5},
+      },
+      "a_unchanged": False,
+      "clipped_fraction": 0.25 * t,
+    }
+    for t in (1, 2)
+  ]
   summary = sd.summarize({"rounds": rounds})
   last = summary["per_round"][-1]
   assert last["largest_mean"] == pytest.approx(0.4) and last["largest_max"] == pytest.approx(0.6)

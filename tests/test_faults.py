@@ -91,9 +91,12 @@ def make_batches(poison: dict[int, float], steps: int = 3, capacity: int = 4) ->
   scale = np.ones((k, steps, capacity), np.float32)
   for client, value in poison.items():
     scale[client, 0, 0], mask[client, 0, 0] = value, True
-  return Examples(jax.random.normal(jax.random.fold_in(key, 0), (k, steps, capacity, 6)),
-                  jax.random.normal(jax.random.fold_in(key, 1), (k, steps, capacity, 5)),
-                  jnp.asarray(scale), jnp.asarray(mask))
+  return Examples(
+    jax.random.normal(jax.random.fold_in(key, 0), (k, steps, capacity, 6)),
+    jax.random.normal(jax.random.fold_in(key, 1), (k, steps, capacity, 5)),
+    jnp.asarray(scale),
+    jnp.asarray(mask),
+  )
 
 
 def random_state(rnd: simulation.FederatedRound) -> simulation.ServerState:
@@ -106,8 +109,14 @@ def random_state(rnd: simulation.FederatedRound) -> simulation.ServerState:
 def run_round(rnd, state, batches, rows):
   """Round 1 on the clients `rows` of CLIENT_IDS (a fresh device copy of the numpy `state`: it is donated)."""
   take = lambda x: x[np.asarray(rows)]
-  new, metrics = rnd(jax.tree.map(jnp.asarray, state), jax.tree.map(take, batches), jnp.asarray(CLIENT_IDS[rows]),
-                     jnp.asarray(WEIGHTS[rows]), jax.random.key(5), 1)
+  new, metrics = rnd(
+    jax.tree.map(jnp.asarray, state),
+    jax.tree.map(take, batches),
+    jnp.asarray(CLIENT_IDS[rows]),
+    jnp.asarray(WEIGHTS[rows]),
+    jax.random.key(5),
+    1,
+  )
   return jax.tree.map(np.asarray, new), jax.device_get(metrics)
 
 
@@ -127,7 +136,8 @@ def synthetic_results(rnd: simulation.FederatedRound, state: simulation.ServerSt
   the trained factor(s), the other one kept; a random mean gradient of the trained factor(s)."""
   trained = rnd.trained(1)
   starts, _ = jax.jit(jax.vmap(rnd.strategy.client_start, in_axes=(None, None, 0)))(
-      state.strategy_state, state.adapters, jnp.asarray(CLIENT_IDS))
+    state.strategy_state, state.adapters, jnp.asarray(CLIENT_IDS)
+  )
   rng = np.random.default_rng(3)
   noise = lambda tree: jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), tree)
   moved = combine(jax.tree.map(np.add, select(starts, trained), noise(select(starts, trained))), starts)
@@ -150,9 +160,16 @@ def test_server_step_leaves_out_a_nonfinite_client(name):
   start = random_state(rnd)
   results = synthetic_results(rnd, jax.tree.map(jnp.asarray, start))
   server_step = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
-  aggregate = lambda results, rows: jax.tree.map(np.asarray, server_step(
-      jax.tree.map(jnp.asarray, start), results, jnp.asarray(WEIGHTS[rows]), jnp.asarray(CLIENT_IDS[rows]),
-      jax.random.key(5)))
+  aggregate = lambda results, rows: jax.tree.map(
+    np.asarray,
+    server_step(
+      jax.tree.map(jnp.asarray, start),
+      results,
+      jnp.asarray(WEIGHTS[rows]),
+      jnp.asarray(CLIENT_IDS[rows]),
+      jax.random.key(5),
+    ),
+  )
   poisoned = poison_result(results, "mean_gradient", float("inf"))
   new, metrics = aggregate(poisoned, np.arange(3))
   rows = np.array([0, 2])
@@ -171,8 +188,9 @@ def test_round_leaves_out_a_client_whose_loss_is_nan():
   the state bit-identical. (Under DP a NaN example does not get this far: `test_dp_round_counts_nonfinite_examples`.)
   """
   name = "scaffold"  # per-client state, and a gradient correction that the NaN client must not reach
-  rnd = simulation.FederatedRound(TinyMLP(), get_strategy(name), per_example_loss=scaled_squared_error,
-                                  optimizer=optax.adam(0.05))
+  rnd = simulation.FederatedRound(
+    TinyMLP(), get_strategy(name), per_example_loss=scaled_squared_error, optimizer=optax.adam(0.05)
+  )
   start = random_state(rnd)
   new, metrics = run_round(rnd, start, make_batches({POISONED: float("nan")}), [0, 1, 2])
   reference, reference_metrics = run_round(rnd, start, make_batches({}), [0, 2])
@@ -197,8 +215,9 @@ def test_dp_round_counts_nonfinite_examples(mechanism, value):
   clipped fraction is over the round's real examples: the poisoned one counts as clipped (its norm is not
   finite), every other as unclipped under C = 1e6."""
   dp = simulation.DPConfig(clip_norm=1e6, noise_multiplier=0.0, expected_batch_size=3.0, mechanism=mechanism)
-  rnd = simulation.FederatedRound(TinyMLP(), get_strategy("fedask"), dp=dp, per_example_loss=scaled_squared_error,
-                                  optimizer=optax.sgd(0.1))
+  rnd = simulation.FederatedRound(
+    TinyMLP(), get_strategy("fedask"), dp=dp, per_example_loss=scaled_squared_error, optimizer=optax.sgd(0.1)
+  )
   batches = make_batches({POISONED: value})
   new, metrics = run_round(rnd, random_state(rnd), batches, [0, 1, 2])
   np.testing.assert_array_equal(metrics["client_valid"], [True, True, True])
@@ -215,8 +234,11 @@ def test_dp_round_counts_nonfinite_examples(mechanism, value):
 
 def small_state(round_index: int) -> dict:
   key = jax.random.key(round_index)
-  return {"adapters": jax.random.normal(key, (300,)), "key": jax.random.fold_in(key, 7),
-          "round": jnp.asarray(round_index, jnp.int32)}
+  return {
+    "adapters": jax.random.normal(key, (300,)),
+    "key": jax.random.fold_in(key, 7),
+    "round": jnp.asarray(round_index, jnp.int32),
+  }
 
 
 def flip_bytes(path: Path) -> None:
@@ -244,12 +266,15 @@ def swap_state(step: Path) -> None:
 
 # Each damage with the error `restore` must raise: (type, message pattern or None).
 DAMAGE = {
-    "state of another round": (swap_state, ValueError, "do not match the SHA-256 saved with them"),
-    "flipped array bytes": (lambda step: [flip_bytes(p) for p in array_files(step)], Exception, None),
-    "truncated array files": (lambda step: [truncate(p) for p in array_files(step)], Exception, None),
-    "truncated ledger": (lambda step: truncate(step / "ledger" / "metadata"), json.JSONDecodeError, "Unterminated"),
-    "emptied tree metadata": (lambda step: (step / "state" / "_METADATA").write_bytes(b""), json.JSONDecodeError,
-                              "Expecting value"),
+  "state of another round": (swap_state, ValueError, "do not match the SHA-256 saved with them"),
+  "flipped array bytes": (lambda step: [flip_bytes(p) for p in array_files(step)], Exception, None),
+  "truncated array files": (lambda step: [truncate(p) for p in array_files(step)], Exception, None),
+  "truncated ledger": (lambda step: truncate(step / "ledger" / "metadata"), json.JSONDecodeError, "Unterminated"),
+  "emptied tree metadata": (
+    lambda step: (step / "state" / "_METADATA").write_bytes(b""),
+    json.JSONDecodeError,
+    "Expecting value",
+  ),
 }
 
 
@@ -302,8 +327,12 @@ def test_no_readable_checkpoint_is_a_clear_error(three_checkpoints):
 # SCAFFOLD with adapter dropout: its per-client control variates and every random stream (client sampling,
 # batches, dropout) must be restored after each kill. Non-private to keep the runs short: tests/test_runner.py
 # resumes DP FedASK bit for bit. Checkpoints every round, the last 3 kept.
-OVERRIDES = {"strategy": "scaffold", "rounds": 4, "checkpoint": {"every": 1, "keep": 3},
-             "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}}
+OVERRIDES = {
+  "strategy": "scaffold",
+  "rounds": 4,
+  "checkpoint": {"every": 1, "keep": 3},
+  "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1},
+}
 WAIT = 300  # seconds: a bound on one tiny run on a loaded 2-core machine, far above its ~10 s
 
 
@@ -321,8 +350,11 @@ def config_file(runs: Runs, name: str) -> Path:
 
 
 def cli_process(runs: Runs, config: Path, *args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", "fedask_jax.cli", "train", "--config", str(config), *args],
-                          env={**runs.env, **(env or {})}, **kwargs)
+  return subprocess.Popen(
+    [sys.executable, "-m", "fedask_jax.cli", "train", "--config", str(config), *args],
+    env={**runs.env, **(env or {})},
+    **kwargs,
+  )
 
 
 def run_cli(runs: Runs, config: Path) -> str:
@@ -358,8 +390,14 @@ def test_a_run_killed_in_a_checkpoint_write_and_in_a_round_resumes_to_the_same_r
   # (b) Killed inside round 3's checkpoint write: the hook pauses after the files are in orbax's temporary
   # directory, before the rename that commits them.
   paused = runs.root / "paused"
-  process = cli_process(runs, config, "--quiet", env={checkpoint_state.PAUSE_BEFORE_COMMIT: f"3:{paused}"},
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  process = cli_process(
+    runs,
+    config,
+    "--quiet",
+    env={checkpoint_state.PAUSE_BEFORE_COMMIT: f"3:{paused}"},
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     deadline = time.monotonic() + WAIT
     while not paused.exists():
@@ -430,8 +468,11 @@ def test_a_signal_stops_after_a_checkpointed_round_and_the_run_resumes_to_the_sa
   assert "Traceback" not in err
   stopped = [line for line in err.splitlines() if line.startswith("stopped by")]
   assert len(stopped) == 1, err
-  match = re.fullmatch(rf"stopped by {name} after round (\d) of 4 \(checkpoint (.*)\); resume with: fedask-jax train "
-                       rf"--config {re.escape(str(config))}", stopped[0])
+  match = re.fullmatch(
+    rf"stopped by {name} after round (\d) of 4 \(checkpoint (.*)\); resume with: fedask-jax train "
+    rf"--config {re.escape(str(config))}",
+    stopped[0],
+  )
   assert match, stopped[0]
   last = int(match[1])
   assert last < 4 and Path(match[2]) == run_dir / "checkpoints" / str(last)

@@ -22,9 +22,17 @@ from fedask_jax.models import (
 
 VOCAB = 128
 CONFIGS = {
-    "llama_gqa": LlamaConfig("llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "gpt2": GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=64, n_layer=2, n_head=4, n_inner=128),
+  "llama_gqa": LlamaConfig(
+    "llama",
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+  ),
+  "gpt2": GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=64, n_layer=2, n_head=4, n_inner=128),
 }
 
 
@@ -46,8 +54,8 @@ def prompts(padding: str):
   mask = np.zeros((3, 7), np.int32)
   for i, row in enumerate(rows):
     start = 7 - len(row) if padding == "left" else 0
-    ids[i, start:start + len(row)] = row
-    mask[i, start:start + len(row)] = 1
+    ids[i, start : start + len(row)] = row
+    mask[i, start : start + len(row)] = 1
   return rows, ids, mask
 
 
@@ -59,10 +67,10 @@ def uncached_greedy(model, row: np.ndarray, steps: int) -> list[int]:
   """
   forward = nnx.jit(lambda m, ids: m(ids))
   buffer = np.zeros((1, len(row) + steps), np.int32)
-  buffer[0, :len(row)] = row
+  buffer[0, : len(row)] = row
   for n in range(len(row), len(row) + steps):
     buffer[0, n] = int(jnp.argmax(forward(model, jnp.asarray(buffer))[0, n - 1]))
-  return buffer[0, len(row):].tolist()
+  return buffer[0, len(row) :].tolist()
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -77,15 +85,31 @@ def test_cached_greedy_equals_uncached_argmax(model, padding):
 def test_greedy_matches_transformers_generate(tmp_path):
   torch.manual_seed(0)
   # initializer_range 0.3 for the same reason as the fixture: varied tokens with clear argmax margins.
-  hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, pad_token_id=0,
-      bos_token_id=None, eos_token_id=None)).eval()
+  hf_model = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=VOCAB,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      initializer_range=0.3,
+      pad_token_id=0,
+      bos_token_id=None,
+      eos_token_id=None,
+    )
+  ).eval()
   hf_model.save_pretrained(tmp_path)
   _, ids, mask = prompts("left")  # transformers' generate expects left padding for decoder-only models
   with torch.no_grad():
-    expected = hf_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                                 max_new_tokens=6, do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    expected = hf_model.generate(
+      torch.tensor(ids, dtype=torch.long),
+      attention_mask=torch.tensor(mask),
+      max_new_tokens=6,
+      do_sample=False,
+      pad_token_id=0,
+    )[:, ids.shape[1] :]
   tokens = generate(load_pretrained(tmp_path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=6)
   np.testing.assert_array_equal(np.asarray(tokens), expected.numpy())
 
@@ -97,8 +121,9 @@ def test_generation_uses_adapters():
   """
   config = CONFIGS["llama_gqa"]
   adapted = init_random(LlamaForCausalLM(config), jax.random.key(1), std=0.3)
-  lora.inject_lora(adapted, lora.LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj"),
-                                                 dropout=0.5), jax.random.key(2))
+  lora.inject_lora(
+    adapted, lora.LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj"), dropout=0.5), jax.random.key(2)
+  )
   for i, layer in enumerate(lora.lora_layers(adapted).values()):
     layer.lora_b[...] = jax.random.normal(jax.random.key(i), layer.lora_b.shape)
   _, ids, mask = prompts("left")
@@ -129,8 +154,9 @@ def test_sampling_follows_tempered_softmax(model):
   n, temperature = 4000, 0.7
   prompt = np.array([[5, 17, 99, 3]], np.int32)
   probs = np.asarray(jax.nn.softmax(model(jnp.asarray(prompt))[0, -1] / temperature))
-  tokens = generate(model, jnp.asarray(np.repeat(prompt, n, axis=0)), max_new_tokens=1,
-                    temperature=temperature, key=jax.random.key(0))
+  tokens = generate(
+    model, jnp.asarray(np.repeat(prompt, n, axis=0)), max_new_tokens=1, temperature=temperature, key=jax.random.key(0)
+  )
   freq = np.bincount(np.asarray(tokens)[:, 0], minlength=VOCAB) / n
   # Each frequency is a binomial mean: |freq - p| <= 5 sd (+ 1/n for tiny p) fails with probability < 6e-7
   # per token, < 1e-4 over the 128 tokens (union bound).
@@ -161,13 +187,16 @@ def test_one_compilation_per_shape(model):
   assert generation._generate._cache_size() == size
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(max_new_tokens=2, temperature=0.5), "pass a PRNG key"),
     (dict(max_new_tokens=2, temperature=-1.0), "temperature=-1.0"),
     (dict(max_new_tokens=2, prompt_mask=np.zeros((3, 7))), r"prompt rows \[0, 1, 2\] have no real token"),
     (dict(max_new_tokens=2, prompt_mask=np.ones((3, 6))), "prompt_mask has shape"),
-])
+  ],
+)
 def test_bad_generation_inputs_are_rejected(model, kwargs, message):
   _, ids, _ = prompts("left")
   with pytest.raises(ValueError, match=message):

@@ -61,7 +61,7 @@ def imports_of(module: str, source: str, is_package: bool) -> list[tuple[int, st
       base = node.module or ""
       if node.level:
         anchor = module.split(".")
-        anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+        anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
         base = ".".join(anchor + ([base] if base else []))
       if base == PACKAGE:
         found += [(node.lineno, f"{PACKAGE}.{alias.name}") for alias in node.names]
@@ -88,12 +88,20 @@ def violations(sources: dict[str, tuple[str, bool]], design: str) -> list[str]:
         if target != own:
           edges.add((own, target))
         if target_layer not in allowed[layer]:
-          problems.append(f"{module}:{line} imports {imported} (layer {target_layer}); layer {layer} may import "
-                          f"only {sorted(allowed[layer])} (docs/design.md, section 2.1)")
-      elif third_party[layer] is not None and root not in sys.stdlib_module_names and root != "__future__" \
-          and root not in third_party[layer]:
-        problems.append(f"{module}:{line} imports {imported}; layer {layer} stands on "
-                        f"{sorted(third_party[layer])} and the standard library only (docs/design.md, section 2.1)")
+          problems.append(
+            f"{module}:{line} imports {imported} (layer {target_layer}); layer {layer} may import "
+            f"only {sorted(allowed[layer])} (docs/design.md, section 2.1)"
+          )
+      elif (
+        third_party[layer] is not None
+        and root not in sys.stdlib_module_names
+        and root != "__future__"
+        and root not in third_party[layer]
+      ):
+        problems.append(
+          f"{module}:{line} imports {imported}; layer {layer} stands on "
+          f"{sorted(third_party[layer])} and the standard library only (docs/design.md, section 2.1)"
+        )
   problems += [f"import cycle between top-level modules: {' -> '.join(cycle)}" for cycle in _cycles(edges)]
   return problems
 
@@ -108,7 +116,7 @@ def _cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
     state[node] = "open"
     for nxt in graph.get(node, []):
       if state.get(nxt) == "open":
-        cycles.append(path[path.index(nxt):] + [nxt])
+        cycles.append(path[path.index(nxt) :] + [nxt])
       elif nxt not in state:
         visit(nxt, path + [nxt])
     state[node] = "done"
@@ -120,8 +128,10 @@ def _cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
 
 
 def package_sources() -> dict[str, tuple[str, bool]]:
-  return {module_name(path): (path.read_text(encoding="utf-8"), path.name == "__init__.py")
-          for path in sorted((ROOT / PACKAGE).rglob("*.py"))}
+  return {
+    module_name(path): (path.read_text(encoding="utf-8"), path.name == "__init__.py")
+    for path in sorted((ROOT / PACKAGE).rglob("*.py"))
+  }
 
 
 def test_package_keeps_the_import_rules():
@@ -129,7 +139,9 @@ def test_package_keeps_the_import_rules():
   assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("module, added, expected", [
+@pytest.mark.parametrize(
+  "module, added, expected",
+  [
     # The sketch standing on the Flax LoRA module: the dependency issue 17 removed.
     ("fedask_jax.sketch", "from fedask_jax.lora import LoRAFactors", "layer beside"),
     ("fedask_jax.privacy.mechanisms", "import flax", "stands on"),
@@ -139,7 +151,8 @@ def test_package_keeps_the_import_rules():
     ("fedask_jax.data.batching", "def f():\n  from ..runner import plan", "layer runner"),
     ("fedask_jax.lora", "from fedask_jax.models import llama", "import cycle"),
     ("fedask_jax.new_module", "import jax", "has no layer"),
-])
+  ],
+)
 def test_a_forbidden_import_is_reported(module, added, expected):
   sources = package_sources()
   source, is_package = sources.get(module, ("", False))

@@ -22,7 +22,6 @@ D = 8  # hidden width of the tiny models
 
 
 class _Attention(nnx.Module):
-
   def __init__(self):
     self.q_proj = Linear(D, D)
     self.k_proj = Linear(D, D // 2)
@@ -34,7 +33,6 @@ class _Attention(nnx.Module):
 
 
 class _MLP(nnx.Module):
-
   def __init__(self):
     self.up_proj = Linear(D, 2 * D)
     self.down_proj = Linear(2 * D, D)
@@ -44,7 +42,6 @@ class _MLP(nnx.Module):
 
 
 class _Block(nnx.Module):
-
   def __init__(self):
     self.self_attn = _Attention()
     self.mlp = _MLP()
@@ -55,7 +52,6 @@ class _Block(nnx.Module):
 
 
 class _Decoder(nnx.Module):
-
   def __init__(self, num_layers):
     self.layers = nnx.List([_Block() for _ in range(num_layers)])
 
@@ -137,14 +133,24 @@ def test_scaling_is_alpha_over_rank_and_scales_the_adapter_output(rank, alpha):
 
 
 _MODULE_NAMES = [
-    "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
-    "model.layers.0.self_attn.o_proj", "model.layers.11.mlp.down_proj", "model.layers.1.self_attn.xq_proj",
-    "q_proj", "lm_head", "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
-    "transformer.h.0.mlp.c_proj", "transformer.h.0.mlp.c_fc",
+  "model.layers.0.self_attn.q_proj",
+  "model.layers.0.self_attn.k_proj",
+  "model.layers.0.self_attn.v_proj",
+  "model.layers.0.self_attn.o_proj",
+  "model.layers.11.mlp.down_proj",
+  "model.layers.1.self_attn.xq_proj",
+  "q_proj",
+  "lm_head",
+  "transformer.h.0.attn.c_attn",
+  "transformer.h.0.attn.c_proj",
+  "transformer.h.0.mlp.c_proj",
+  "transformer.h.0.mlp.c_fc",
 ]
 
 
-@pytest.mark.parametrize("target_modules", [
+@pytest.mark.parametrize(
+  "target_modules",
+  [
     ["q_proj", "v_proj"],
     ["c_proj"],
     ["attn.c_proj"],
@@ -155,7 +161,8 @@ _MODULE_NAMES = [
     r".*\.layers\.0\..*_proj",
     r".*(q|v)_proj",
     r"transformer\.h\.\d+\.(attn|mlp)\.c_.*",
-])
+  ],
+)
 def test_target_matching_agrees_with_peft(target_modules):
   ours = LoRAConfig(rank=1, alpha=1.0, target_modules=target_modules)
   theirs = PeftLoraConfig(r=1, target_modules=target_modules)
@@ -183,14 +190,17 @@ def test_lora_a_init_matches_torch_kaiming_uniform():
   assert scipy.stats.ks_2samp(ours, theirs).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(rank=0, alpha=1.0), "lora.rank=0"),
     (dict(rank=-2, alpha=1.0), "lora.rank=-2"),
     (dict(rank=2.0, alpha=1.0), "lora.rank=2.0"),
     (dict(rank=2, alpha=0.0), "lora.alpha=0.0"),
     (dict(rank=2, alpha=1.0, dropout=1.0), "lora.dropout=1.0"),
     (dict(rank=2, alpha=1.0, target_modules=()), "target_modules is empty"),
-])
+  ],
+)
 def test_config_validation(kwargs, message):
   with pytest.raises(ValueError, match=message):
     LoRAConfig(**kwargs)
@@ -213,8 +223,9 @@ def test_inject_without_match_lists_available_names():
 
 def test_inject_adapts_exactly_the_matching_layers_with_fresh_factors():
   model = TinyLlama()
-  adapted = lora.inject_lora(model, LoRAConfig(rank=3, alpha=6.0, target_modules=("q_proj", "down_proj")),
-                             jax.random.key(0))
+  adapted = lora.inject_lora(
+    model, LoRAConfig(rank=3, alpha=6.0, target_modules=("q_proj", "down_proj")), jax.random.key(0)
+  )
   expected = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")]
   assert sorted(adapted) == sorted(expected)
   assert list(lora.lora_layers(model)) == adapted
@@ -237,8 +248,9 @@ def test_fresh_adapter_leaves_outputs_unchanged(dropout):
   model = TinyLlama()
   x = _inputs()
   before = model(x)
-  lora.inject_lora(model, LoRAConfig(rank=2, alpha=4.0, target_modules=r".*_proj|lm_head", dropout=dropout),
-                   jax.random.key(3))
+  lora.inject_lora(
+    model, LoRAConfig(rank=2, alpha=4.0, target_modules=r".*_proj|lm_head", dropout=dropout), jax.random.key(3)
+  )
   assert len(lora.lora_layers(model)) == 13
   # lora_b = 0 makes the adapter term exactly 0 (also under dropout, which is active by default).
   np.testing.assert_array_equal(model(x), before)
@@ -255,7 +267,8 @@ def test_merge_and_unload_gives_the_lora_logits():
   assert lora.lora_layers(model) == {}
   for name, layer in layers.items():
     np.testing.assert_allclose(
-        layer.kernel[...] - kernels[name], 2.0 * layer_factors[name][0] @ layer_factors[name][1], rtol=1e-5, atol=1e-6)
+      layer.kernel[...] - kernels[name], 2.0 * layer_factors[name][0] @ layer_factors[name][1], rtol=1e-5, atol=1e-6
+    )
   # (x a) b vs x (a b) in float32 through 2 residual blocks: ~1e-6 relative error on O(1) logits.
   np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -283,8 +296,9 @@ def test_dropout_is_active_in_train_mode_and_inactive_in_eval_mode():
   dropped = h == 0
   # Kept entries are rescaled by 1 / (1 - rate); dropout touches only the adapter's input, not the base path.
   np.testing.assert_allclose(h[~dropped], np.asarray(x)[~dropped] / (1 - rate), rtol=1e-6)
-  np.testing.assert_allclose(out1, x @ layer.kernel[...] + 2.0 * (h @ layer.lora_a[...]) @ layer.lora_b[...],
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+    out1, x @ layer.kernel[...] + 2.0 * (h @ layer.lora_a[...]) @ layer.lora_b[...], rtol=1e-5, atol=1e-4
+  )
   # Binomial(4096, 0.5) dropped count: 5 standard deviations (32 each) gives false-failure probability < 1e-6.
   n = h.size
   assert abs(dropped.sum() - rate * n) < 5 * math.sqrt(n * rate * (1 - rate))
@@ -308,7 +322,6 @@ def test_split_merge_round_trip_is_exact():
 
 
 class AdapterStateTest(chex.TestCase):
-
   def test_to_from_adapters_round_trip(self):
     model = _adapted_llama()
     graphdef, lora_state, frozen_state = lora.split_lora(model)
@@ -380,7 +393,7 @@ class AdapterStateTest(chex.TestCase):
 
     def loss(lora_state):
       y = nnx.merge(graphdef, lora_state, frozen_state)(x)
-      return 0.5 * jnp.sum(y ** 2)
+      return 0.5 * jnp.sum(y**2)
 
     g = lora.to_adapters(self.variant(jax.grad(loss))(lora_state))[""]
     a, b, s = layer.lora_a[...], layer.lora_b[...], 1.5
@@ -478,8 +491,10 @@ def test_inject_wraps_nnx_linear_keeping_its_kernel_and_bias():
   kernel, bias = np.asarray(fc1.kernel[...]), np.asarray(fc1.bias[...])
   x = _inputs(d=6)
   before = model(x)
-  assert lora.inject_lora(model, LoRAConfig(rank=2, alpha=4.0, target_modules=("fc1", "fc2")),
-                          jax.random.key(0)) == ["fc1", "fc2"]
+  assert lora.inject_lora(model, LoRAConfig(rank=2, alpha=4.0, target_modules=("fc1", "fc2")), jax.random.key(0)) == [
+    "fc1",
+    "fc2",
+  ]
   assert isinstance(model.fc1, lora.LoRAWrapper) and model.fc1.base_module is fc1 and model.fc2.base_module is fc2
   np.testing.assert_array_equal(model.fc1.base_module.kernel[...], kernel)
   np.testing.assert_array_equal(model.fc1.base_module.bias[...], bias)
@@ -488,8 +503,9 @@ def test_inject_wraps_nnx_linear_keeping_its_kernel_and_bias():
   _randomize_adapters(model, seed=3)
   # Reference: the layer written out in numpy, y = x W + b + s (x a) b, s = alpha / r = 2.
   a, b = np.asarray(model.fc1.lora_a[...]), np.asarray(model.fc1.lora_b[...])
-  np.testing.assert_allclose(model.fc1(x), np.asarray(x) @ kernel + bias + 2.0 * (np.asarray(x) @ a) @ b,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    model.fc1(x), np.asarray(x) @ kernel + bias + 2.0 * (np.asarray(x) @ a) @ b, rtol=1e-5, atol=1e-5
+  )
   # Only the factors are LoRA state; the user's kernel, bias and norm stay frozen.
   _, lora_state, frozen_state = lora.split_lora(model)
   assert sorted(lora.to_adapters(lora_state)) == ["fc1", "fc2"]
@@ -506,7 +522,6 @@ def test_a_shared_layer_is_wrapped_once_at_every_path():
 
 
 class _Wrapped(nnx.Module):
-
   def __init__(self, layer):
     self.layer = layer
 
@@ -516,22 +531,30 @@ class _Wrapped(nnx.Module):
 
 # (layer, input shape, numpy reference y(x, kernel, bias), kernel [in, out] of the update as the kernel's layout)
 _GENERAL_LAYERS = {
-    "linear_general": (
-        lambda: nnx.LinearGeneral((2, 3), (4, 5), axis=(1, -1), rngs=nnx.Rngs(0)), (7, 2, 6, 3),
-        lambda x, k, b: np.tensordot(x, k, axes=([1, 3], [0, 1])) + b,
-        lambda update: update.reshape(2, 3, 4, 5)),
-    "einsum_heads": (
-        lambda: nnx.Einsum("btd,dho->btho", (6, 2, 3), (2, 3), rngs=nnx.Rngs(0)), (3, 4, 6),
-        lambda x, k, b: np.einsum("btd,dho->btho", x, k) + b,
-        lambda update: update.reshape(6, 2, 3)),
-    "einsum_transposed": (
-        lambda: nnx.Einsum("bti,oi->bot", (5, 6), rngs=nnx.Rngs(0)), (3, 4, 6),
-        lambda x, k, b: np.einsum("bti,oi->bot", x, k),
-        lambda update: update.T),
-    "einsum_ellipsis": (
-        lambda: nnx.Einsum("...ij,jik->...k", (3, 2, 5), (5,), rngs=nnx.Rngs(0)), (2, 4, 2, 3),
-        lambda x, k, b: np.einsum("...ij,jik->...k", x, k) + b,
-        lambda update: update.reshape(3, 2, 5)),  # contracted axes in the kernel's order: j, i
+  "linear_general": (
+    lambda: nnx.LinearGeneral((2, 3), (4, 5), axis=(1, -1), rngs=nnx.Rngs(0)),
+    (7, 2, 6, 3),
+    lambda x, k, b: np.tensordot(x, k, axes=([1, 3], [0, 1])) + b,
+    lambda update: update.reshape(2, 3, 4, 5),
+  ),
+  "einsum_heads": (
+    lambda: nnx.Einsum("btd,dho->btho", (6, 2, 3), (2, 3), rngs=nnx.Rngs(0)),
+    (3, 4, 6),
+    lambda x, k, b: np.einsum("btd,dho->btho", x, k) + b,
+    lambda update: update.reshape(6, 2, 3),
+  ),
+  "einsum_transposed": (
+    lambda: nnx.Einsum("bti,oi->bot", (5, 6), rngs=nnx.Rngs(0)),
+    (3, 4, 6),
+    lambda x, k, b: np.einsum("bti,oi->bot", x, k),
+    lambda update: update.T,
+  ),
+  "einsum_ellipsis": (
+    lambda: nnx.Einsum("...ij,jik->...k", (3, 2, 5), (5,), rngs=nnx.Rngs(0)),
+    (2, 4, 2, 3),
+    lambda x, k, b: np.einsum("...ij,jik->...k", x, k) + b,
+    lambda update: update.reshape(3, 2, 5),
+  ),  # contracted axes in the kernel's order: j, i
 }
 
 
@@ -585,12 +608,15 @@ def test_wspace_probe_of_a_wrapped_layer_gives_the_gradient_of_its_matrix(case):
   np.testing.assert_allclose(layout(np.asarray(from_probes)), grad_kernel, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layer, reason", [
+@pytest.mark.parametrize(
+  "layer, reason",
+  [
     (lambda: nnx.Einsum("bhi,hio->bho", (2, 3, 4), rngs=nnx.Rngs(0)), "also in the input and the output"),
     (lambda: nnx.LinearGeneral(3, 4, batch_axis={0: 2}, rngs=nnx.Rngs(0)), "batch_axis"),
     (lambda: nnx.Conv(3, 4, kernel_size=(3,), rngs=nnx.Rngs(0)), "Conv is not a linear map"),
     (lambda: nnx.LoRALinear(3, 4, lora_rank=2, rngs=nnx.Rngs(0)), "Flax's own LoRA"),
-])
+  ],
+)
 def test_a_selected_layer_that_lora_cannot_adapt_is_named_with_the_reason(layer, reason):
   model = _Wrapped(layer())
   with pytest.raises(ValueError, match=f"selects layers that LoRA cannot adapt: layer \\(.*{re.escape(reason)}"):

@@ -31,26 +31,38 @@ TOLERANCE = 0.1
 
 
 def _model(dtype):
-  config = LlamaConfig("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  config = LlamaConfig(
+    "llama",
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+  )
   reference = init_random(LlamaForCausalLM(config), jax.random.key(0), std=0.2)
   model = LlamaForCausalLM(config, dtype=dtype)
   # The same weights, rounded to the base dtype (as a checkpoint loaded with model.dtype).
   nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(reference)))
-  inject_lora(model, LoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), jax.random.key(1),
-              dtype=jnp.float32)
+  inject_lora(
+    model, LoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), jax.random.key(1), dtype=jnp.float32
+  )
   return model
 
 
 def _batches():
   key = jax.random.key(2)
   shape = (K, EXAMPLES, L)
-  data = ClientData(input_ids=jax.random.randint(key, shape, 0, VOCAB, jnp.int32),
-                    attention_mask=jnp.ones(shape, bool),
-                    loss_mask=jnp.broadcast_to(jnp.arange(L) >= L // 2, shape),
-                    client_sizes=jnp.full((K,), EXAMPLES, jnp.int32))
-  return client_batches(jax.random.key(3), data, jnp.arange(K), local_steps=2, batch_size=4, capacity=4,
-                        sampling="uniform")
+  data = ClientData(
+    input_ids=jax.random.randint(key, shape, 0, VOCAB, jnp.int32),
+    attention_mask=jnp.ones(shape, bool),
+    loss_mask=jnp.broadcast_to(jnp.arange(L) >= L // 2, shape),
+    client_sizes=jnp.full((K,), EXAMPLES, jnp.int32),
+  )
+  return client_batches(
+    jax.random.key(3), data, jnp.arange(K), local_steps=2, batch_size=4, capacity=4, sampling="uniform"
+  )
 
 
 def _round(dtype, noise_multiplier):
@@ -60,10 +72,10 @@ def _round(dtype, noise_multiplier):
   # sign(g), which flips for gradient entries near 0 and would measure that instead).
   rnd = simulation.FederatedRound(model, get_strategy("fedask", certify_every=1), optimizer=optax.sgd(0.5), dp=dp)
   state = rnd.init(K)
-  start = {name: np.asarray(f.lora_a, np.float64) @ np.asarray(f.lora_b, np.float64)
-           for name, f in state.adapters.items()}
-  new, metrics = rnd(state, _batches(), jnp.arange(K, dtype=jnp.int32), jnp.full((K,), 1.0 / K),
-                     jax.random.key(4), 1)
+  start = {
+    name: np.asarray(f.lora_a, np.float64) @ np.asarray(f.lora_b, np.float64) for name, f in state.adapters.items()
+  }
+  new, metrics = rnd(state, _batches(), jnp.arange(K, dtype=jnp.int32), jnp.full((K,), 1.0 / K), jax.random.key(4), 1)
   return model, new, start, metrics
 
 
@@ -79,8 +91,10 @@ def test_bfloat16_round_matches_float32(noise_multiplier):
   # The sketch in float32: exact to float32 round-off at either base precision.
   assert float(half_metrics["reconstruction_error"]) < 1e-5
   for name in half.adapters:
-    update = {label: np.asarray(s.adapters[name].lora_a, np.float64) @ np.asarray(s.adapters[name].lora_b)
-              - start[name] for label, s in (("half", half), ("full", full))}
+    update = {
+      label: np.asarray(s.adapters[name].lora_a, np.float64) @ np.asarray(s.adapters[name].lora_b) - start[name]
+      for label, s in (("half", half), ("full", full))
+    }
     assert np.linalg.norm(update["full"]) > 0
     error = np.linalg.norm(update["half"] - update["full"]) / np.linalg.norm(update["full"])
     assert error < TOLERANCE, (name, error)

@@ -36,28 +36,68 @@ from fedask_jax.models import (
 # (a wrong transpose, rope convention or mask changes logits by > 1e-2).
 F32_ATOL = 1e-4
 VOCAB = 128
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=16)
+LLAMA3_ROPE = dict(
+  rope_type="llama3",
+  rope_theta=500000.0,
+  factor=8.0,
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=16,
+)
 
 # Tiny configs, one per family feature: GQA; MQA + llama3 rope scaling (head_dim 16, theta 5e5, original
 # length 16: wavelengths span 6 .. 6e5, so all three llama3 bands are hit) + all biases; Qwen2 with q/k/v
 # biases and tied embeddings; GPT-2 (learned positions, Conv1D, tied head).
 HF_MODELS = {
-    "llama_gqa": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)),
-    "llama3_rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
-        rope_parameters=dict(LLAMA3_ROPE))),
-    "qwen2_tied": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
-    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)),
+  "llama_gqa": lambda: transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=VOCAB,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+    )
+  ),
+  "llama3_rope": lambda: transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=VOCAB,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=1,
+      max_position_embeddings=64,
+      attention_bias=True,
+      mlp_bias=True,
+      rope_parameters=dict(LLAMA3_ROPE),
+    )
+  ),
+  "qwen2_tied": lambda: transformers.Qwen2ForCausalLM(
+    transformers.Qwen2Config(
+      vocab_size=VOCAB,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      tie_word_embeddings=True,
+    )
+  ),
+  "gpt2": lambda: transformers.GPT2LMHeadModel(
+    transformers.GPT2Config(
+      vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+  ),
 }
-TARGETS = {"llama_gqa": ("q_proj", "v_proj"), "llama3_rope": ("q_proj", "v_proj"),
-           "qwen2_tied": ("q_proj", "k_proj", "v_proj"), "gpt2": ("c_attn",)}
+TARGETS = {
+  "llama_gqa": ("q_proj", "v_proj"),
+  "llama3_rope": ("q_proj", "v_proj"),
+  "qwen2_tied": ("q_proj", "k_proj", "v_proj"),
+  "gpt2": ("c_attn",),
+}
 
 
 def make_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -150,7 +190,7 @@ def test_bfloat16_checkpoint(family, tmp_path):
   # transformers' error or 2 u * max|logit|, whichever is larger, while a wrong weight, dtype cast or mask
   # gives errors of the order of the logits themselves.
   scale = np.abs(exact[mask.astype(bool)]).max()
-  tolerance = max(2 * max_diff_on(mask, torch_bf16, exact), 2 * 2.0 ** -8 * scale)
+  tolerance = max(2 * max_diff_on(mask, torch_bf16, exact), 2 * 2.0**-8 * scale)
   assert max_diff_on(mask, ours, exact) <= tolerance
 
 
@@ -189,7 +229,8 @@ def test_lora_targets_match_peft(checkpoint):
   config = lora.LoRAConfig(rank=4, alpha=8, target_modules=TARGETS[family])
   model = load_pretrained(directory, lora=config)
   peft_model = peft.get_peft_model(
-      make_hf_model(family), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS[family])))
+    make_hf_model(family), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS[family]))
+  )
   assert sorted(lora.lora_layers(model)) == sorted(peft_model.base_model.targeted_module_names)
 
 
@@ -232,29 +273,45 @@ def test_lora_logits_and_gradients_match_peft(family, tmp_path):
   (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(lora_state)
   out = peft_model(torch.tensor(ids), attention_mask=torch.tensor(mask))
   torch_loss = torch.nn.functional.cross_entropy(
-      out.logits.reshape(-1, VOCAB), torch.tensor(labels).reshape(-1), ignore_index=-100)
+    out.logits.reshape(-1, VOCAB), torch.tensor(labels).reshape(-1), ignore_index=-100
+  )
   torch_loss.backward()
   assert max_diff_on(mask, logits, out.logits.detach().numpy()) <= F32_ATOL
   np.testing.assert_allclose(loss, torch_loss.item(), rtol=1e-5)
   for name, factors in lora.to_adapters(grads).items():
     peft_layer = peft_model.base_model.model.get_submodule(name)
-    for ours, theirs in ((factors.lora_a, peft_layer.lora_A["default"].weight.grad.numpy().T),
-                         (factors.lora_b, peft_layer.lora_B["default"].weight.grad.numpy().T)):
+    for ours, theirs in (
+      (factors.lora_a, peft_layer.lora_A["default"].weight.grad.numpy().T),
+      (factors.lora_b, peft_layer.lora_B["default"].weight.grad.numpy().T),
+    ):
       assert np.linalg.norm(ours) > 0, name
       # Gradients are sums over tokens of products of float32 activations; 1e-4 relative to the largest
       # entry covers the summation-order differences.
       np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max(), err_msg=name)
 
 
-@pytest.mark.parametrize("hf_config", [
+@pytest.mark.parametrize(
+  "hf_config",
+  [
     transformers.LlamaConfig(head_dim=16, num_attention_heads=4, hidden_size=64),
-    transformers.LlamaConfig(head_dim=16, num_attention_heads=4, hidden_size=64,
-                             rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
-    transformers.LlamaConfig(head_dim=32, num_attention_heads=4, hidden_size=128, max_position_embeddings=64,
-                             rope_parameters=dict(LLAMA3_ROPE)),
-    transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, rope_parameters=dict(
-        rope_type="default", rope_theta=1e6)),
-], ids=["default", "linear", "llama3", "qwen2_theta"])
+    transformers.LlamaConfig(
+      head_dim=16,
+      num_attention_heads=4,
+      hidden_size=64,
+      rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+    ),
+    transformers.LlamaConfig(
+      head_dim=32, num_attention_heads=4, hidden_size=128, max_position_embeddings=64, rope_parameters=dict(LLAMA3_ROPE)
+    ),
+    transformers.Qwen2Config(
+      hidden_size=64,
+      num_attention_heads=4,
+      num_key_value_heads=4,
+      rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
+  ],
+  ids=["default", "linear", "llama3", "qwen2_theta"],
+)
 def test_rope_frequencies_match_transformers(hf_config):
   ours = config_from_hf(hf_config.to_dict())
   rope_type = hf_config.rope_parameters["rope_type"]
@@ -264,30 +321,55 @@ def test_rope_frequencies_match_transformers(hf_config):
 
 def _default_inv_freq(config):
   from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
   return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
 
 
 def test_legacy_rope_scaling_config_is_read():
   """Configs written before transformers 5 keep rope_theta at the top and call the dict rope_scaling."""
-  legacy = {"model_type": "llama", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 8,
-            "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 64,
-            "rope_theta": 500000.0, "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}}
-  modern = transformers.LlamaConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
-                                    num_attention_heads=4, max_position_embeddings=64,
-                                    rope_parameters=dict(LLAMA3_ROPE)).to_dict()
+  legacy = {
+    "model_type": "llama",
+    "vocab_size": 8,
+    "hidden_size": 64,
+    "intermediate_size": 8,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+    "rope_theta": 500000.0,
+    "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"},
+  }
+  modern = transformers.LlamaConfig(
+    vocab_size=8,
+    hidden_size=64,
+    intermediate_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    rope_parameters=dict(LLAMA3_ROPE),
+  ).to_dict()
   assert config_from_hf(legacy).rope == config_from_hf(modern).rope == RopeConfig(**LLAMA3_ROPE)
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0}, "sliding-window"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_type='yarn'"),
     ({"num_attention_heads": None}, r"lacks \['num_attention_heads'\]"),
-])
+  ],
+)
 def test_bad_llama_configs_are_rejected(change, message):
-  hf = {"model_type": "llama", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 8,
-        "num_hidden_layers": 2, "num_attention_heads": 4, **change}
+  hf = {
+    "model_type": "llama",
+    "vocab_size": 8,
+    "hidden_size": 64,
+    "intermediate_size": 8,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    **change,
+  }
   hf = {k: v for k, v in hf.items() if v is not None}
   with pytest.raises(ValueError, match=message):
     config_from_hf(hf)
@@ -302,6 +384,7 @@ def test_hub_id_downloads_config_weights_and_tokenizer_only(checkpoint, monkeypa
     return str(directory)
 
   import huggingface_hub
+
   monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
   model = load_pretrained("someorg/tiny-model")
   assert calls[0][0] == "someorg/tiny-model"
@@ -315,21 +398,35 @@ def test_hub_id_downloads_config_weights_and_tokenizer_only(checkpoint, monkeypa
 
 def test_load_tokenizer_from_directory(tmp_path):
   from tokenizers import Tokenizer, models, pre_tokenizers
+
   vocab = {w: i for i, w in enumerate(["[UNK]", "[PAD]", "the", "cat", "sat", "on", "mat"])}
   backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   backend.pre_tokenizer = pre_tokenizers.Whitespace()
-  transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")\
-      .save_pretrained(tmp_path)
+  transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
+    tmp_path
+  )
   tokenizer = load_tokenizer(tmp_path)
   assert tokenizer("the cat sat on the dog")["input_ids"] == [2, 3, 4, 5, 2, 0]
   assert tokenizer.pad_token_id == 1
 
 
-@pytest.mark.parametrize("config", [
-    LlamaConfig("llama", vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=1,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+@pytest.mark.parametrize(
+  "config",
+  [
+    LlamaConfig(
+      "llama",
+      vocab_size=64,
+      hidden_size=64,
+      intermediate_size=48,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=16,
+    ),
     GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=1, n_head=4, n_inner=48),
-], ids=["llama", "gpt2"])
+  ],
+  ids=["llama", "gpt2"],
+)
 def test_init_random(config):
   cls = LlamaForCausalLM if isinstance(config, LlamaConfig) else GPT2LMHeadModel
   model = init_random(cls(config), jax.random.key(0), std=0.1)

@@ -37,8 +37,14 @@ from fedask_jax.config import load_config
 from fedask_jax.launch import free_port
 
 # DP FedASK, a round's 4 clients split over 4 devices; checkpoints every round, the last 3 kept.
-OVERRIDES = {"strategy": "fedask", "rounds": 3, "num_clients": 8, "clients_per_round": 4,
-             "privacy": {"enabled": True, "target_epsilon": 3.0}, "checkpoint": {"every": 1, "keep": 3}}
+OVERRIDES = {
+  "strategy": "fedask",
+  "rounds": 3,
+  "num_clients": 8,
+  "clients_per_round": 4,
+  "privacy": {"enabled": True, "target_epsilon": 3.0},
+  "checkpoint": {"every": 1, "keep": 3},
+}
 WAIT = 300  # seconds: a bound on one tiny run on a loaded 2-core machine, far above its ~20 s
 # A killed process is noticed once its heartbeats have been missing this long (distributed.heartbeat_timeout).
 HEARTBEAT = 5
@@ -61,8 +67,25 @@ def config_file(runs: Runs, name: str, **changes) -> Path:
 def launch(runs: Runs, config: Path, processes: int, devices: int, *args: str, **kwargs) -> subprocess.Popen:
   """`fedask-jax launch --processes P --devices-per-process D -- train --config CONFIG ARGS`."""
   return subprocess.Popen(
-      [sys.executable, "-m", "fedask_jax.cli", "launch", "--processes", str(processes), "--devices-per-process",
-       str(devices), "--", "train", "--config", str(config), *args], env=runs.env, text=True, **kwargs)
+    [
+      sys.executable,
+      "-m",
+      "fedask_jax.cli",
+      "launch",
+      "--processes",
+      str(processes),
+      "--devices-per-process",
+      str(devices),
+      "--",
+      "train",
+      "--config",
+      str(config),
+      *args,
+    ],
+    env=runs.env,
+    text=True,
+    **kwargs,
+  )
 
 
 def run_launch(runs: Runs, config: Path, processes: int, devices: int) -> str:
@@ -73,14 +96,27 @@ def run_launch(runs: Runs, config: Path, processes: int, devices: int) -> str:
   return err
 
 
-def process_of(runs: Runs, config: Path, process_id: int, address: str, *args: str, env: dict | None = None,
-               **kwargs) -> subprocess.Popen:
+def process_of(
+  runs: Runs, config: Path, process_id: int, address: str, *args: str, env: dict | None = None, **kwargs
+) -> subprocess.Popen:
   """One process of a 2 x 2 run started by hand, as on a cluster (no launcher)."""
   return subprocess.Popen(
-      [sys.executable, "-m", "fedask_jax.cli", "train", "--config", str(config), *args,
-       f"distributed.coordinator_address={address}", "distributed.num_processes=2",
-       f"distributed.process_id={process_id}"],
-      env={**runs.env, "JAX_NUM_CPU_DEVICES": "2", **(env or {})}, text=True, **kwargs)
+    [
+      sys.executable,
+      "-m",
+      "fedask_jax.cli",
+      "train",
+      "--config",
+      str(config),
+      *args,
+      f"distributed.coordinator_address={address}",
+      "distributed.num_processes=2",
+      f"distributed.process_id={process_id}",
+    ],
+    env={**runs.env, "JAX_NUM_CPU_DEVICES": "2", **(env or {})},
+    text=True,
+    **kwargs,
+  )
 
 
 def adapters(run_dir: Path) -> dict[str, np.ndarray]:
@@ -127,8 +163,16 @@ def test_a_killed_process_ends_the_other_and_relaunches_resume_to_the_same_resul
   run_dir, paused = runs.root / "killed", runs.root / "paused"
   address = f"127.0.0.1:{free_port()}"
   # Process 0 commits the checkpoints (orbax's primary process): the hook holds it inside round 2's commit.
-  first = process_of(runs, config, 0, address, "--quiet", env={checkpoint_state.PAUSE_BEFORE_COMMIT: f"2:{paused}"},
-                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  first = process_of(
+    runs,
+    config,
+    0,
+    address,
+    "--quiet",
+    env={checkpoint_state.PAUSE_BEFORE_COMMIT: f"2:{paused}"},
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   second = process_of(runs, config, 1, address, "--quiet", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.monotonic() + WAIT
@@ -155,8 +199,10 @@ def test_a_killed_process_ends_the_other_and_relaunches_resume_to_the_same_resul
   err = signal_on_line(relaunched, f"[0] resuming {run_dir} from the checkpoint of round 1", signal.SIGTERM, WAIT)
   assert relaunched.returncode == 128 + signal.SIGTERM, err[-3000:]
   stopped = [line for line in err.splitlines() if "stopped by" in line]
-  assert stopped == [f"[0] stopped by SIGTERM after round 2 of 3 (checkpoint {run_dir / 'checkpoints' / '2'}); "
-                     f"resume with: fedask-jax launch --processes 2 --devices-per-process 2 -- train --config {config}"]
+  assert stopped == [
+    f"[0] stopped by SIGTERM after round 2 of 3 (checkpoint {run_dir / 'checkpoints' / '2'}); "
+    f"resume with: fedask-jax launch --processes 2 --devices-per-process 2 -- train --config {config}"
+  ]
   assert "Traceback" not in err
   assert [r["round"] for r in metrics_lines(run_dir)] == [0, 1, 2]
 
@@ -171,17 +217,32 @@ def test_processes_that_disagree_are_refused_before_compilation(runs, case):
   config = config_file(runs, case.replace(" ", "_"))
   address = f"127.0.0.1:{free_port()}"
   extra = {"different config": ([], ["lr=0.02"]), "K not divisible": (["clients_per_round=2"],) * 2}[case]
-  processes = [process_of(runs, config, i, address, "--quiet", *extra[i], env={"JAX_LOG_COMPILES": "1"},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in (0, 1)]
+  processes = [
+    process_of(
+      runs,
+      config,
+      i,
+      address,
+      "--quiet",
+      *extra[i],
+      env={"JAX_LOG_COMPILES": "1"},
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+    )
+    for i in (0, 1)
+  ]
   errors = [process.communicate(timeout=WAIT)[1] for process in processes]
   expected = {
-      "K not divisible": ["error: clients_per_round=2 cannot be split evenly over the 4 devices (2 processes): use a "
-                          "multiple of 4."] * 2,
-      "different config": [f"error: the processes of this run have different configs: process 1 differs from "
-                           f"process 0{detail}. Start every process with the same config and overrides (only "
-                           "distributed.process_id differs)."
-                           for detail in ("", "; this process (process 1) differs in lr: 0.01 in process 0, 0.02 "
-                                               "here")],
+    "K not divisible": [
+      "error: clients_per_round=2 cannot be split evenly over the 4 devices (2 processes): use a multiple of 4."
+    ]
+    * 2,
+    "different config": [
+      f"error: the processes of this run have different configs: process 1 differs from "
+      f"process 0{detail}. Start every process with the same config and overrides (only "
+      "distributed.process_id differs)."
+      for detail in ("", "; this process (process 1) differs in lr: 0.01 in process 0, 0.02 here")
+    ],
   }[case]
   for process, err, line in zip(processes, errors, expected):
     assert process.returncode == 2, err[-3000:]
@@ -190,15 +251,24 @@ def test_processes_that_disagree_are_refused_before_compilation(runs, case):
   assert not (runs.root / case.replace(" ", "_")).exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--processes", "0", "--", "train", "--config", "c.yaml"],
-     "argument --processes: expected an integer >= 1, got '0'"),
-    (["--processes", "2", "--", "eval", "--run_dir", "runs/x"],
-     "fedask-jax launch runs a train command, got 'eval --run_dir runs/x': write fedask-jax launch --processes 2 -- "
-     "train --config CONFIG."),
-    (["--processes", "2", "--", "train", "--config", "c.yaml", "distributed.process_id=1"],
-     "distributed.process_id=1: the launcher sets the distributed section itself; remove them."),
-])
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (
+      ["--processes", "0", "--", "train", "--config", "c.yaml"],
+      "argument --processes: expected an integer >= 1, got '0'",
+    ),
+    (
+      ["--processes", "2", "--", "eval", "--run_dir", "runs/x"],
+      "fedask-jax launch runs a train command, got 'eval --run_dir runs/x': write fedask-jax launch --processes 2 -- "
+      "train --config CONFIG.",
+    ),
+    (
+      ["--processes", "2", "--", "train", "--config", "c.yaml", "distributed.process_id=1"],
+      "distributed.process_id=1: the launcher sets the distributed section itself; remove them.",
+    ),
+  ],
+)
 def test_the_launcher_refuses_what_it_cannot_run_before_starting_anything(capsys, argv, message):
   from fedask_jax import cli
 

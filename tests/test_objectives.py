@@ -36,7 +36,6 @@ def reference_loss(logits, input_ids, loss_mask):
 
 
 class CausalLMLossTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_numpy_reference(self):
     batch_shape = (2, 3, 2)  # [K, S, B] as in a round's batch; a plain [B] is the special case of one axis
@@ -84,7 +83,7 @@ def _masks(rng, shape, length):
   mask = np.zeros((*shape, length), bool)
   for index in np.ndindex(*shape):
     start = rng.integers(1, length - 1)
-    mask[index][start:rng.integers(start + 1, length + 1)] = True
+    mask[index][start : rng.integers(start + 1, length + 1)] = True
   flat = mask.reshape(-1, length)
   flat[0] = False
   flat[-1] = rng.random(length) < 0.5
@@ -103,7 +102,7 @@ def test_response_loss_equals_the_full_loss():
   # Every target position once, in order, and nothing else with weight.
   for index in np.ndindex(*shape):
     expected = np.flatnonzero(loss_mask[index][1:])
-    np.testing.assert_array_equal(np.asarray(positions[index])[:len(expected)], expected)
+    np.testing.assert_array_equal(np.asarray(positions[index])[: len(expected)], expected)
     assert np.asarray(weights[index]).sum() == len(expected)
   gathered = np.take_along_axis(logits, np.asarray(positions)[..., None], axis=-2)
   got = response_loss(gathered, input_ids, positions, weights)
@@ -123,11 +122,21 @@ def test_response_capacity_is_checked():
 
 
 MODELS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(
-        "llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                               n_inner=48)),
+  "llama": lambda: LlamaForCausalLM(
+    LlamaConfig(
+      "llama",
+      vocab_size=97,
+      hidden_size=32,
+      intermediate_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=8,
+    )
+  ),
+  "gpt2": lambda: GPT2LMHeadModel(
+    GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=48)
+  ),
 }
 
 
@@ -146,14 +155,21 @@ def test_response_head_matches_the_full_head(name):
   positions, _ = response_positions(jnp.asarray(loss_mask), capacity)
   full = model(input_ids, attention_mask)
   # Same hidden states, the same head rows: equal up to XLA's different fusion of the gathered product.
-  np.testing.assert_allclose(model(input_ids, attention_mask, logit_positions=positions),
-                             np.take_along_axis(np.asarray(full), np.asarray(positions)[..., None], axis=1),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    model(input_ids, attention_mask, logit_positions=positions),
+    np.take_along_axis(np.asarray(full), np.asarray(positions)[..., None], axis=1),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   graphdef, params = nnx.split(model)
   full_loss, response = causal_lm_example_loss, response_example_loss(capacity)
   for i in range(4):
-    example = Batch(input_ids=input_ids[i], attention_mask=attention_mask[i], loss_mask=jnp.asarray(loss_mask[i]),
-                    example_mask=jnp.asarray(True))
+    example = Batch(
+      input_ids=input_ids[i],
+      attention_mask=attention_mask[i],
+      loss_mask=jnp.asarray(loss_mask[i]),
+      example_mask=jnp.asarray(True),
+    )
     value = lambda loss, p, example=example: loss(nnx.merge(graphdef, p), example)
     want, want_grad = jax.value_and_grad(functools.partial(value, full_loss))(params)
     got, got_grad = jax.value_and_grad(functools.partial(value, response))(params)
@@ -164,12 +180,24 @@ def test_response_head_matches_the_full_head(name):
 def test_response_head_flops_scale_with_the_capacity():
   # XLA's FLOP count of one example's loss: the head (2 d V per position, V = 4096 >> d = 32 here) dominates, so
   # a capacity of L / 4 must cut the forward's FLOPs to well under half.
-  config = LlamaConfig("llama", vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=4, head_dim=8)
+  config = LlamaConfig(
+    "llama",
+    vocab_size=4096,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=8,
+  )
   model = init_random(LlamaForCausalLM(config), jax.random.key(0), std=0.2)
   length = 64
-  example = Batch(input_ids=jnp.zeros(length, jnp.int32), attention_mask=jnp.ones(length, bool),
-                  loss_mask=jnp.arange(length) >= 3 * length // 4, example_mask=jnp.asarray(True))
+  example = Batch(
+    input_ids=jnp.zeros(length, jnp.int32),
+    attention_mask=jnp.ones(length, bool),
+    loss_mask=jnp.arange(length) >= 3 * length // 4,
+    example_mask=jnp.asarray(True),
+  )
   flops = {}
   for name, loss in [("full", causal_lm_example_loss), ("response", response_example_loss(length // 4))]:
     analysis = jax.jit(loss).lower(model, example).compile().cost_analysis()

@@ -38,17 +38,31 @@ class Family:
   target_modules: tuple[str, ...]
 
 
-_LLAMA_SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+_LLAMA_SIZES = dict(
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=64,
+)
 FAMILIES = [
-    Family("llama", transformers.LlamaConfig(**_LLAMA_SIZES),
-           ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-    Family("qwen2", transformers.Qwen2Config(**_LLAMA_SIZES), ("q_proj", "v_proj", "down_proj")),
-    # GPT-2's c_attn / c_proj / c_fc are transformers Conv1D layers (weight [in, out]); c_proj exists in both
-    # the attention and the MLP.
-    Family("gpt2", transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                           bos_token_id=0, eos_token_id=0),
-           ("c_attn", "c_proj", "c_fc")),
+  Family(
+    "llama",
+    transformers.LlamaConfig(**_LLAMA_SIZES),
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+  ),
+  Family("qwen2", transformers.Qwen2Config(**_LLAMA_SIZES), ("q_proj", "v_proj", "down_proj")),
+  # GPT-2's c_attn / c_proj / c_fc are transformers Conv1D layers (weight [in, out]); c_proj exists in both
+  # the attention and the MLP.
+  Family(
+    "gpt2",
+    transformers.GPT2Config(
+      vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    ),
+    ("c_attn", "c_proj", "c_fc"),
+  ),
 ]
 
 
@@ -100,9 +114,16 @@ def _max_diff(ours, theirs, inputs):
 
 def _peft_adapter(fam, base, out_dir):
   """PEFT's own adapter with random non-zero lora_A and lora_B, saved with save_pretrained."""
-  peft_model = get_peft_model(_hf_base(base), PeftLoraConfig(
-      r=RANK, lora_alpha=ALPHA, target_modules=list(fam.target_modules), task_type="CAUSAL_LM",
-      fan_in_fan_out=fam.name == "gpt2"))
+  peft_model = get_peft_model(
+    _hf_base(base),
+    PeftLoraConfig(
+      r=RANK,
+      lora_alpha=ALPHA,
+      target_modules=list(fam.target_modules),
+      task_type="CAUSAL_LM",
+      fan_in_fan_out=fam.name == "gpt2",
+    ),
+  )
   generator = torch.Generator().manual_seed(1)
   with torch.no_grad():
     for module in peft_model.modules():
@@ -138,8 +159,9 @@ def test_import_of_a_peft_adapter_gives_peft_logits(family, inputs, tmp_path):
   got = _our_logits(model, inputs)
 
   diff = _max_diff(got, expected, inputs)
-  print(f"\n{fam.name}: PEFT adapter imported, max |logit diff| = {diff:.2e}, "
-        f"max |logit| = {np.abs(expected).max():.2f}")
+  print(
+    f"\n{fam.name}: PEFT adapter imported, max |logit diff| = {diff:.2e}, max |logit| = {np.abs(expected).max():.2f}"
+  )
   assert diff <= LOGIT_TOL
   # The adapters move the logits by far more than the tolerance: the check above sees them.
   assert _max_diff(without_adapter, expected, inputs) > 100 * LOGIT_TOL
@@ -162,7 +184,11 @@ def test_exported_adapters_load_in_peft_and_give_our_logits(family, inputs, tmp_
   assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
   peft_config = PeftConfig.from_pretrained(tmp_path / "ours")
   assert (peft_config.r, peft_config.lora_alpha, peft_config.target_modules, peft_config.task_type) == (
-      RANK, ALPHA, set(fam.target_modules), "CAUSAL_LM")
+    RANK,
+    ALPHA,
+    set(fam.target_modules),
+    "CAUSAL_LM",
+  )
 
   peft_model = PeftModel.from_pretrained(_hf_base(base), tmp_path / "ours").eval()
   loaded = get_peft_model_state_dict(peft_model)
@@ -226,7 +252,9 @@ def _copy_adapter(adapter, out, *, config_update=None, tensors_update=None, drop
 _Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     (dict(config_update={"use_rslora": True}), r"'use_rslora': True"),
     (dict(config_update={"use_dora": True}), r"'use_dora': True"),
     (dict(config_update={"rank_pattern": {"q_proj": 8}}), r"'rank_pattern'"),
@@ -235,17 +263,30 @@ _Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     (dict(config_update={"peft_type": "IA3"}), r"peft_type='IA3'"),
     (dict(config_update={"target_modules": "all-linear"}), r"target_modules='all-linear'"),
     (dict(drop=(_Q0_A,)), rf"missing keys .*\['{_Q0_A}'\]"),
-    (dict(tensors_update={"base_model.model.lm_head.lora_A.weight": np.zeros((4, 32), np.float32)}),
-     r"missing keys .*\['base_model.model.lm_head.lora_B.weight'\]"),
-    (dict(tensors_update={"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 64), np.float32)}),
-     r"unexpected keys .*\['base_model.model.model.embed_tokens.lora_embedding_A'\]"),
-    (dict(tensors_update={"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": np.zeros((4, 32), np.float32),
-                          "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": np.zeros((48, 4), np.float32)}),
-     r"unexpected keys \(factors without a matching layer\): \['base_model.model.model.layers.0.mlp.up_proj"),
-    (dict(config_update={"target_modules": ["q_proj", "v_proj", "o_proj"]}),
-     r"Missing keys \(a layer to adapt without factors\): \['base_model.model.model.layers.0.self_attn.o_proj"),
+    (
+      dict(tensors_update={"base_model.model.lm_head.lora_A.weight": np.zeros((4, 32), np.float32)}),
+      r"missing keys .*\['base_model.model.lm_head.lora_B.weight'\]",
+    ),
+    (
+      dict(tensors_update={"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 64), np.float32)}),
+      r"unexpected keys .*\['base_model.model.model.embed_tokens.lora_embedding_A'\]",
+    ),
+    (
+      dict(
+        tensors_update={
+          "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": np.zeros((4, 32), np.float32),
+          "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": np.zeros((48, 4), np.float32),
+        }
+      ),
+      r"unexpected keys \(factors without a matching layer\): \['base_model.model.model.layers.0.mlp.up_proj",
+    ),
+    (
+      dict(config_update={"target_modules": ["q_proj", "v_proj", "o_proj"]}),
+      r"Missing keys \(a layer to adapt without factors\): \['base_model.model.model.layers.0.self_attn.o_proj",
+    ),
     (dict(tensors_update={_Q0_A: np.zeros((4, 31), np.float32)}), r"shapes \(4, 31\) / \(32, 4\).*\(4, 32\)"),
-])
+  ],
+)
 def test_import_rejects_what_it_cannot_load(llama_adapter, tmp_path, change, message):
   base, adapter = llama_adapter
   model = load_pretrained(base)
@@ -282,7 +323,8 @@ def test_partial_adaptation_exports_the_exact_module_set(llama_adapter, tmp_path
   assert isinstance(config["target_modules"], str)
   peft_model = PeftModel.from_pretrained(_hf_base(base), tmp_path)
   assert set(get_peft_model_state_dict(peft_model)) == {
-      f"base_model.model.model.layers.0.self_attn.{m}_proj.lora_{f}.weight" for m in "qv" for f in "AB"}
+    f"base_model.model.model.layers.0.self_attn.{m}_proj.lora_{f}.weight" for m in "qv" for f in "AB"
+  }
   restored = load_pretrained(base)
   import_peft(restored, tmp_path)
   assert set(lora.lora_layers(restored)) == {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}

@@ -24,8 +24,11 @@ DELTA = 1e-5
 
 def _reference_epsilon(sigma, q, steps, accountant, discretization=privacy.accounting.PLD_DISCRETIZATION):
   """dp_accounting's accountant on `steps` Poisson-subsampled Gaussian steps, built without fedask_jax."""
-  ledger = (dp_accounting.rdp.RdpAccountant() if accountant == "rdp"
-            else dp_accounting.pld.PLDAccountant(value_discretization_interval=discretization))
+  ledger = (
+    dp_accounting.rdp.RdpAccountant()
+    if accountant == "rdp"
+    else dp_accounting.pld.PLDAccountant(value_discretization_interval=discretization)
+  )
   ledger.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
   return ledger.get_epsilon(DELTA)
 
@@ -124,15 +127,17 @@ def test_pld_epsilon_against_monte_carlo_delta():
   inside it)."""
   sigma, q, local_steps, rounds, q_c, delta = 1.0, 0.2, 3, 4, 0.5, 1e-3
   epsilon = privacy.epsilon_spent(DPSchedule(q, local_steps, rounds, q_c), sigma, delta, "pld")
-  estimate, se = _monte_carlo_delta(epsilon, sigma=sigma, q=q, local_steps=local_steps, rounds=rounds, q_c=q_c,
-                                    samples=600_000, seed=0)
+  estimate, se = _monte_carlo_delta(
+    epsilon, sigma=sigma, q=q, local_steps=local_steps, rounds=rounds, q_c=q_c, samples=600_000, seed=0
+  )
   # 99.9% two-sided normal interval (z = 3.29) on the mean of 6e5 bounded samples (standard error 2.7e-5, 2.7%
   # of delta); the seed is fixed, and another seed would fail it with probability ~1e-3. Eight seeds of 1e6
   # samples averaged 0.993e-3 +- 0.007e-3. One sided, the interval's lower end <= delta says the bound holds.
   assert estimate - 3.29 * se <= delta <= estimate + 3.29 * se, (epsilon, estimate, se)
   # Power: 0.1 lower in epsilon, delta is 25% larger, far outside the interval.
-  lower, se_lower = _monte_carlo_delta(epsilon - 0.1, sigma=sigma, q=q, local_steps=local_steps, rounds=rounds,
-                                       q_c=q_c, samples=600_000, seed=1)
+  lower, se_lower = _monte_carlo_delta(
+    epsilon - 0.1, sigma=sigma, q=q, local_steps=local_steps, rounds=rounds, q_c=q_c, samples=600_000, seed=1
+  )
   assert lower - 3.29 * se_lower > delta
 
 
@@ -143,27 +148,41 @@ def _exact_delta_of_gaussian_rounds(epsilon, *, sigma, local_steps, rounds, q_c)
   (Balle and Wang 2018, Theorem 8); k ~ Binomial(R, q_c) mixes them (k = 0 adds nothing)."""
   k = np.arange(1, rounds + 1)
   mu = np.sqrt(k * local_steps) / sigma
-  per_k = (scipy.stats.norm.cdf(-epsilon / mu + mu / 2)
-           - math.exp(epsilon) * scipy.stats.norm.cdf(-epsilon / mu - mu / 2))
+  per_k = scipy.stats.norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * scipy.stats.norm.cdf(
+    -epsilon / mu - mu / 2
+  )
   return float(scipy.stats.binom(rounds, q_c).pmf(k) @ per_k)
 
 
-@pytest.mark.parametrize("sigma, local_steps, rounds, q_c, delta", [
-    (4.0, 2, 10, 0.3, 1e-5), (2.0, 1, 30, 0.1, 1e-5), (6.0, 5, 20, 0.5, 1e-6), (1.5, 1, 3, 0.05, 1e-4)])
+@pytest.mark.parametrize(
+  "sigma, local_steps, rounds, q_c, delta",
+  [(4.0, 2, 10, 0.3, 1e-5), (2.0, 1, 30, 0.1, 1e-5), (6.0, 5, 20, 0.5, 1e-6), (1.5, 1, 3, 0.05, 1e-4)],
+)
 def test_pld_of_gaussian_rounds_against_the_exact_mixture(sigma, local_steps, rounds, q_c, delta):
   """Without example subsampling the mixed and composed PLD has an exact reference: its epsilon is at or above
   the exact one (pessimistic) and within 1e-4 of it (measured 4e-6 at most: the 1e-3 grid of a Gaussian's
   losses is tight)."""
   got = privacy.epsilon_spent(DPSchedule(1.0, local_steps, rounds, q_c), sigma, delta, "pld")
   exact = scipy.optimize.brentq(
-      lambda e: _exact_delta_of_gaussian_rounds(e, sigma=sigma, local_steps=local_steps, rounds=rounds, q_c=q_c)
-      - delta, 0.0, 50.0, xtol=1e-12)
+    lambda e: _exact_delta_of_gaussian_rounds(e, sigma=sigma, local_steps=local_steps, rounds=rounds, q_c=q_c) - delta,
+    0.0,
+    50.0,
+    xtol=1e-12,
+  )
   assert exact * (1 - 1e-9) <= got <= exact * (1 + 1e-4)
 
 
-@pytest.mark.parametrize("q, sigma, q_c, local_steps, rounds", [
-    (0.01, 1.0, 0.2, 10, 100), (0.01, 2.0, 1.0, 10, 100), (0.05, 0.8, 0.5, 5, 40), (0.2, 1.5, 0.1, 5, 50),
-    (1.0, 4.0, 0.3, 1, 20), (0.004, 1.0, 0.2, 10, 800)])
+@pytest.mark.parametrize(
+  "q, sigma, q_c, local_steps, rounds",
+  [
+    (0.01, 1.0, 0.2, 10, 100),
+    (0.01, 2.0, 1.0, 10, 100),
+    (0.05, 0.8, 0.5, 5, 40),
+    (0.2, 1.5, 0.1, 5, 50),
+    (1.0, 4.0, 0.3, 1, 20),
+    (0.004, 1.0, 0.2, 10, 800),
+  ],
+)
 def test_pld_is_below_rdp(q, sigma, q_c, local_steps, rounds):
   schedule = DPSchedule(q, local_steps, rounds, q_c)
   assert privacy.epsilon_spent(schedule, sigma, DELTA, "pld") < privacy.epsilon_spent(schedule, sigma, DELTA, "rdp")
@@ -173,10 +192,12 @@ def test_design_example_expected_vs_worst_case():
   """docs/design.md, section 4.3: sigma=1, q=0.01, 100 rounds, 10 local steps, 2 of 10 clients, delta 1e-5, RDP:
   epsilon 1.34 with expected participation vs 2.10 in the worst case (figures given to 2 decimals); the
   rigorous sampled bound lies between."""
-  make = lambda p: DPSchedule.from_federation(sample_rate=0.01, local_steps=10, rounds=100, clients_per_round=2,
-                                              num_clients=10, participation=p)
-  expected, worst, sampled = (privacy.epsilon_spent(make(p), 1.0, DELTA, "rdp")
-                              for p in ("expected", "worst_case", "sampled"))
+  make = lambda p: DPSchedule.from_federation(
+    sample_rate=0.01, local_steps=10, rounds=100, clients_per_round=2, num_clients=10, participation=p
+  )
+  expected, worst, sampled = (
+    privacy.epsilon_spent(make(p), 1.0, DELTA, "rdp") for p in ("expected", "worst_case", "sampled")
+  )
   assert make("expected").expected_steps == 200
   assert expected == pytest.approx(1.34, abs=0.005) and worst == pytest.approx(2.10, abs=0.005)
   assert expected < sampled < worst
@@ -184,15 +205,20 @@ def test_design_example_expected_vs_worst_case():
 
 def test_expected_steps_round_up_and_ignore_float_noise():
   # 7 x 3 x 2 / 5 = 8.4 steps: the heuristic never rounds the privacy cost down.
-  assert DPSchedule.from_federation(sample_rate=0.1, local_steps=3, rounds=7, clients_per_round=2,
-                                    num_clients=5, participation="expected").expected_steps == 9
+  assert (
+    DPSchedule.from_federation(
+      sample_rate=0.1, local_steps=3, rounds=7, clients_per_round=2, num_clients=5, participation="expected"
+    ).expected_steps
+    == 9
+  )
   # q_c = 0.1 x 3 is 0.30000000000000004 in floats and R S q_c = 900.0000000000001: 900 steps, not 901.
   assert DPSchedule(0.1, 3, 1000, 0.1 * 3, "expected").expected_steps == 900
 
 
 def test_after_and_describe():
-  schedule = DPSchedule.from_federation(sample_rate=0.004, local_steps=10, rounds=800, clients_per_round=2,
-                                        num_clients=10)
+  schedule = DPSchedule.from_federation(
+    sample_rate=0.004, local_steps=10, rounds=800, clients_per_round=2, num_clients=10
+  )
   assert schedule.after(5) == DPSchedule(0.004, 10, 5, 0.2, "sampled")
   eps = [privacy.epsilon_spent(schedule.after(t), 1.0, DELTA) for t in (1, 10, 100)]
   assert eps[0] < eps[1] < eps[2]
@@ -220,12 +246,20 @@ def test_calibrate_agrees_with_jax_privacy(accountant):
   """jax_privacy's calibrate_noise_multiplier (its own bracketing and Brent search, the same dp_accounting
   accountant configured identically) finds the same worst-case sigma, to within both searches' tolerances."""
   target, batch_size, num_samples, steps = 3.0, 50, 1000, 1000
-  config = (jp_accountants.RdpAccountantConfig(orders=dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
-            if accountant == "rdp" else
-            jp_accountants.PldAccountantConfig(value_discretization_interval=privacy.accounting.PLD_DISCRETIZATION))
+  config = (
+    jp_accountants.RdpAccountantConfig(orders=dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+    if accountant == "rdp"
+    else jp_accountants.PldAccountantConfig(value_discretization_interval=privacy.accounting.PLD_DISCRETIZATION)
+  )
   reference = jp_calibrate.calibrate_noise_multiplier(
-      target_epsilon=target, accountant=jp_analysis.DpsgdTrainingAccountant(config), batch_sizes=batch_size,
-      num_updates=steps, num_samples=num_samples, target_delta=DELTA, tol=1e-4)
+    target_epsilon=target,
+    accountant=jp_analysis.DpsgdTrainingAccountant(config),
+    batch_sizes=batch_size,
+    num_updates=steps,
+    num_samples=num_samples,
+    target_delta=DELTA,
+    tol=1e-4,
+  )
   sigma = privacy.calibrate_noise(DPSchedule(batch_size / num_samples, steps, 1), target, DELTA, accountant)
   assert sigma == pytest.approx(reference, rel=2e-3)
 
@@ -236,32 +270,34 @@ def test_overflow_delta_counts_the_steps_that_can_include_the_client():
   worst = DPSchedule(0.01, 10, 800, 0.2, "worst_case")
   assert privacy.overflow_delta(1e-6, worst, 3.0) == pytest.approx((1 + math.exp(3.0)) * 8000e-6)
   assert privacy.overflow_delta(1e-6, DPSchedule(0.01, 10, 800, 0.2), 3.0) == pytest.approx(
-      (1 + math.exp(3.0)) * 1600e-6)
+    (1 + math.exp(3.0)) * 1600e-6
+  )
 
 
 @pytest.mark.parametrize(
-    "call, match",
-    [
-        (lambda: DPSchedule(0.0, 10, 10), r"sample_rate=0.0: .* not multiplied by the client-sampling fraction"),
-        (lambda: DPSchedule(1.5, 10, 10), "sample_rate=1.5"),
-        (lambda: DPSchedule(0.1, 0, 10), "local_steps=0: must be an integer >= 1"),
-        (lambda: DPSchedule(0.1, 10, 2.5), "rounds=2.5"),
-        (lambda: DPSchedule(0.1, 10, 10, 0.0), r"participation_rate=0.0: .* \(0, 1\]"),
-        (lambda: DPSchedule(0.1, 10, 10, 1.2), "participation_rate=1.2"),
-        (lambda: DPSchedule(0.1, 10, 10, 0.2, "mean"),
-         r"participation='mean'.*\('sampled', 'worst_case', 'expected'\)"),
-        (lambda: DPSchedule.from_federation(sample_rate=0.1, local_steps=1, rounds=1, clients_per_round=11,
-                                            num_clients=10), "clients_per_round=11 exceeds num_clients=10"),
-        (lambda: privacy.epsilon_spent(DPSchedule(0.1, 1, 1), 1.0, 0.0), "delta=0.0"),
-        (lambda: privacy.epsilon_spent(DPSchedule(0.1, 1, 1), 1.0, 1.0), "delta=1.0"),
-        (lambda: privacy.epsilon_spent(DPSchedule(0.1, 1, 1), -1.0, DELTA), "noise_multiplier=-1.0"),
-        (lambda: privacy.epsilon_spent(DPSchedule(0.1, 1, 1), 1.0, DELTA, "gdp"),
-         r"accountant='gdp'.*\('rdp', 'pld'\)"),
-        (lambda: privacy.calibrate_noise(DPSchedule(0.1, 1, 1), 0.0, DELTA), "target_epsilon=0.0"),
-        (lambda: privacy.calibrate_noise(DPSchedule(1e-4, 1, 1), 1e4, DELTA, "rdp"),
-         "target_epsilon=10000.0 is met even"),
-        (lambda: privacy.calculate(DPSchedule(0.1, 1, 1), DELTA), "exactly one of target_epsilon"),
-    ],
+  "call, match",
+  [
+    (lambda: DPSchedule(0.0, 10, 10), r"sample_rate=0.0: .* not multiplied by the client-sampling fraction"),
+    (lambda: DPSchedule(1.5, 10, 10), "sample_rate=1.5"),
+    (lambda: DPSchedule(0.1, 0, 10), "local_steps=0: must be an integer >= 1"),
+    (lambda: DPSchedule(0.1, 10, 2.5), "rounds=2.5"),
+    (lambda: DPSchedule(0.1, 10, 10, 0.0), r"participation_rate=0.0: .* \(0, 1\]"),
+    (lambda: DPSchedule(0.1, 10, 10, 1.2), "participation_rate=1.2"),
+    (lambda: DPSchedule(0.1, 10, 10, 0.2, "mean"), r"participation='mean'.*\('sampled', 'worst_case', 'expected'\)"),
+    (
+      lambda: DPSchedule.from_federation(
+        sample_rate=0.1, local_steps=1, rounds=1, clients_per_round=11, num_clients=10
+      ),
+      "clients_per_round=11 exceeds num_clients=10",
+    ),
+    (lambda: privacy.epsilon_spent(DPSchedule(0.1, 1, 1), 1.0, 0.0), "delta=0.0"),
+    (lambda: privacy.epsilon_spent(DPSchedule(0.1, 1, 1), 1.0, 1.0), "delta=1.0"),
+    (lambda: privacy.epsilon_spent(DPSchedule(0.1, 1, 1), -1.0, DELTA), "noise_multiplier=-1.0"),
+    (lambda: privacy.epsilon_spent(DPSchedule(0.1, 1, 1), 1.0, DELTA, "gdp"), r"accountant='gdp'.*\('rdp', 'pld'\)"),
+    (lambda: privacy.calibrate_noise(DPSchedule(0.1, 1, 1), 0.0, DELTA), "target_epsilon=0.0"),
+    (lambda: privacy.calibrate_noise(DPSchedule(1e-4, 1, 1), 1e4, DELTA, "rdp"), "target_epsilon=10000.0 is met even"),
+    (lambda: privacy.calculate(DPSchedule(0.1, 1, 1), DELTA), "exactly one of target_epsilon"),
+  ],
 )
 def test_bad_arguments_fail_early(call, match):
   with pytest.raises(ValueError, match=match):

@@ -21,12 +21,12 @@ def _per_example_grads(num=16, seed=0, dtype=jnp.float32):
 
 
 def _numpy_norms(tree):
-  return np.sqrt(sum(np.sum(np.asarray(x, np.float64).reshape(x.shape[0], -1) ** 2, axis=1)
-                     for x in jax.tree.leaves(tree)))
+  return np.sqrt(
+    sum(np.sum(np.asarray(x, np.float64).reshape(x.shape[0], -1) ** 2, axis=1) for x in jax.tree.leaves(tree))
+  )
 
 
 class ClipPerExampleTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_bound_and_identity_below_the_norm(self):
     grads = _per_example_grads()

@@ -81,7 +81,6 @@ def _brute_force_wspace(dense, norms, a, b, mask, clip_norm, frozen_side):
 
 
 class WSpaceTest(chex.TestCase):
-
   def test_sq_norms_match_dense_per_example_gradients(self):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(3, 11, 13)), jnp.float32)
@@ -99,8 +98,15 @@ class WSpaceTest(chex.TestCase):
     clip_norm = float(np.median(dense_norms[np.asarray(mask)]))
     expected = _brute_force_wspace(dense, dense_norms, a, b, mask, clip_norm, frozen_side)
     step = functools.partial(
-        privacy.wspace_dp_gradient, fn, frozen=frozen, scaling=SCALING, clip_norm=clip_norm, noise_multiplier=0.0,
-        expected_batch_size=4.0, frozen_side=frozen_side)
+      privacy.wspace_dp_gradient,
+      fn,
+      frozen=frozen,
+      scaling=SCALING,
+      clip_norm=clip_norm,
+      noise_multiplier=0.0,
+      expected_batch_size=4.0,
+      frozen_side=frozen_side,
+    )
     grad, stats = self.variant(step)(params, batch, mask, jax.random.key(0))
     for n in LAYERS:
       chex.assert_shape(grad[n], params[n].shape)
@@ -119,7 +125,8 @@ class WSpaceTest(chex.TestCase):
     kwargs = dict(clip_norm=1e6, noise_multiplier=0.0, expected_batch_size=3.0)
     bspace, bstats = privacy.dp_gradient(loss, params, batch, mask, jax.random.key(0), **kwargs)
     wspace, wstats = privacy.wspace_dp_gradient(
-        fn, params, batch, mask, jax.random.key(0), frozen=frozen, scaling=SCALING, frozen_side=frozen_side, **kwargs)
+      fn, params, batch, mask, jax.random.key(0), frozen=frozen, scaling=SCALING, frozen_side=frozen_side, **kwargs
+    )
     chex.assert_trees_all_close(wspace, bspace, rtol=1e-5, atol=1e-7)  # float32 summation order only
     np.testing.assert_allclose(wstats.loss, bstats.loss, rtol=1e-6)
     assert wstats.clipped_fraction == bstats.clipped_fraction == 0
@@ -131,9 +138,23 @@ class WSpaceTest(chex.TestCase):
     fn, params, frozen, batch, mask, *_ = _two_layer_problem(frozen_side=frozen_side, nan_padding=False)
     zero_loss = lambda p, perturbations, example: (0.0 * fn(p, perturbations, example)[0], fn(p, None, example)[1])
     sigma, clip_norm, expected_batch = 1.5, 0.7, 4.0
-    step = jax.jit(jax.vmap(lambda key: privacy.wspace_dp_gradient(
-        zero_loss, params, batch, mask, key, frozen=frozen, scaling=SCALING, clip_norm=clip_norm,
-        noise_multiplier=sigma, expected_batch_size=expected_batch, frozen_side=frozen_side)[0]))
+    step = jax.jit(
+      jax.vmap(
+        lambda key: privacy.wspace_dp_gradient(
+          zero_loss,
+          params,
+          batch,
+          mask,
+          key,
+          frozen=frozen,
+          scaling=SCALING,
+          clip_norm=clip_norm,
+          noise_multiplier=sigma,
+          expected_batch_size=expected_batch,
+          frozen_side=frozen_side,
+        )[0]
+      )
+    )
     draws = step(jax.random.split(jax.random.key(3), 4000))
     for n in LAYERS:
       std = sigma * clip_norm * SCALING[n] / expected_batch
@@ -160,7 +181,6 @@ def _assert_covariance(samples, covariance):
 
 
 class ProjectedNoiseTest(chex.TestCase):
-
   @parameterized.parameters("lora_a", "lora_b")
   def test_covariance(self, frozen_side):
     in_dim, out_dim, stddev = 9, 12, 0.3
@@ -197,7 +217,6 @@ class ProjectedNoiseTest(chex.TestCase):
 
 
 class BSpaceTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_clipped_sum_matches_numpy(self):
     """Linear regression: per-example gradients in closed form, clipped and summed in numpy, with C the
@@ -218,7 +237,8 @@ class BSpaceTest(chex.TestCase):
     batch = jax.tree.map(lambda v: jnp.where(mask.reshape(-1, *[1] * (v.ndim - 1)), v, jnp.nan), batch)
     loss = lambda p, e: 0.5 * jnp.sum((e["x"] @ p["w"] + p["c"] - e["y"]) ** 2)
     step = functools.partial(
-        privacy.dp_gradient, loss, clip_norm=clip_norm, noise_multiplier=0.0, expected_batch_size=5.0)
+      privacy.dp_gradient, loss, clip_norm=clip_norm, noise_multiplier=0.0, expected_batch_size=5.0
+    )
     grad, stats = self.variant(step)(params, batch, jnp.asarray(mask), jax.random.key(0))
     # float32 per-example gradients vs float64: rounding ~1e-6 relative.
     np.testing.assert_allclose(grad["w"], np.einsum("e,eio->io", scale, grad_w) / 5.0, rtol=1e-5, atol=1e-6)
@@ -234,9 +254,15 @@ class BSpaceTest(chex.TestCase):
     params = {"w": jnp.zeros((100, 60)), "v": jnp.zeros(400)}
     batch = jnp.ones((CAPACITY, 2))
     sigma, clip_norm, expected_batch = 1.3, 0.5, 6.0
-    grad, _ = jax.jit(functools.partial(
-        privacy.dp_gradient, lambda p, e: 0.0 * jnp.sum(e), clip_norm=clip_norm, noise_multiplier=sigma,
-        expected_batch_size=expected_batch))(params, batch, jnp.ones(CAPACITY, bool), jax.random.key(4))
+    grad, _ = jax.jit(
+      functools.partial(
+        privacy.dp_gradient,
+        lambda p, e: 0.0 * jnp.sum(e),
+        clip_norm=clip_norm,
+        noise_multiplier=sigma,
+        expected_batch_size=expected_batch,
+      )
+    )(params, batch, jnp.ones(CAPACITY, bool), jax.random.key(4))
     z = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad)]) * expected_batch / (sigma * clip_norm)
     dof = z.size
     chi2 = np.sum(z.astype(np.float64) ** 2)
@@ -246,8 +272,15 @@ class BSpaceTest(chex.TestCase):
   def test_padding_only_batch(self):
     """No real examples: the gradient is pure noise, the loss 0, nothing NaN."""
     grad, stats = privacy.dp_gradient(
-        lambda p, e: jnp.sum(p * e), jnp.ones(3), jnp.full((CAPACITY, 3), jnp.nan), jnp.zeros(CAPACITY, bool),
-        jax.random.key(0), clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=2.0)
+      lambda p, e: jnp.sum(p * e),
+      jnp.ones(3),
+      jnp.full((CAPACITY, 3), jnp.nan),
+      jnp.zeros(CAPACITY, bool),
+      jax.random.key(0),
+      clip_norm=1.0,
+      noise_multiplier=0.0,
+      expected_batch_size=2.0,
+    )
     np.testing.assert_array_equal(grad, 0.0)
     assert stats.loss == 0 and stats.num_examples == 0 and stats.clipped_fraction == 0
 
@@ -285,14 +318,14 @@ class ClientAxisTest(chex.TestCase):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(clip_norm=0.0), "clip_norm=0.0"),
-        (dict(clip_norm=-1.0), "clip_norm=-1.0"),
-        (dict(noise_multiplier=-0.5), "noise_multiplier=-0.5"),
-        (dict(expected_batch_size=0.0), "expected_batch_size=0.0"),
-        (dict(example_mask=jnp.ones(CAPACITY + 1, bool)), "example_mask has"),
-    ],
+  "kwargs, match",
+  [
+    (dict(clip_norm=0.0), "clip_norm=0.0"),
+    (dict(clip_norm=-1.0), "clip_norm=-1.0"),
+    (dict(noise_multiplier=-0.5), "noise_multiplier=-0.5"),
+    (dict(expected_batch_size=0.0), "expected_batch_size=0.0"),
+    (dict(example_mask=jnp.ones(CAPACITY + 1, bool)), "example_mask has"),
+  ],
 )
 def test_bad_arguments_fail_early(kwargs, match):
   fn, params, frozen, batch, mask, *_ = _two_layer_problem()
@@ -303,7 +336,8 @@ def test_bad_arguments_fail_early(kwargs, match):
     privacy.dp_gradient(lambda p, e: fn(p, None, e)[0], params, batch, example_mask, jax.random.key(0), **args)
   with pytest.raises(ValueError, match=match):
     privacy.wspace_dp_gradient(
-        fn, params, batch, example_mask, jax.random.key(0), frozen=frozen, scaling=SCALING, **args)
+      fn, params, batch, example_mask, jax.random.key(0), frozen=frozen, scaling=SCALING, **args
+    )
 
 
 def test_wspace_protocol_errors_name_the_problem():
@@ -313,7 +347,8 @@ def test_wspace_protocol_errors_name_the_problem():
     privacy.wspace_dp_gradient(fn, params, batch, mask, jax.random.key(0), frozen=frozen, frozen_side="c", **common)
   with pytest.raises(ValueError, match="do not chain"):
     privacy.wspace_dp_gradient(
-        fn, params, batch, mask, jax.random.key(0), frozen=frozen, frozen_side="lora_b", **common)
+      fn, params, batch, mask, jax.random.key(0), frozen=frozen, frozen_side="lora_b", **common
+    )
   with pytest.raises(ValueError, match="params has layers"):
     privacy.wspace_dp_gradient(fn, {"l1": params["l1"]}, batch, mask, jax.random.key(0), frozen=frozen, **common)
   missing_input = lambda p, pert, e: (fn(p, pert, e)[0], {"l1": fn(p, pert, e)[1]["l1"], "l2": e["x"]})
@@ -332,8 +367,10 @@ def test_wspace_sum_is_the_clipped_quantity_with_a_bfloat16_model(frozen_side):
   base = jnp.asarray(rng.normal(size=(d_in, d_out)) / np.sqrt(d_in), jnp.bfloat16)
   a = jnp.asarray(rng.normal(size=(d_in, rank)) / np.sqrt(d_in), jnp.float32)
   b = jnp.asarray(rng.normal(size=(rank, d_out)), jnp.float32)
-  batch = {"x": jnp.asarray(rng.normal(size=(capacity, tokens, d_in)), jnp.bfloat16),
-           "target": jnp.asarray(rng.normal(size=(capacity, tokens, d_out)), jnp.bfloat16)}
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(capacity, tokens, d_in)), jnp.bfloat16),
+    "target": jnp.asarray(rng.normal(size=(capacity, tokens, d_out)), jnp.bfloat16),
+  }
   mask = jnp.array([True, True, True, False, True, True])
   trained, frozen = ({"l": b}, {"l": a}) if frozen_side == "lora_a" else ({"l": a}, {"l": b})
 
@@ -361,8 +398,18 @@ def test_wspace_sum_is_the_clipped_quantity_with_a_bfloat16_model(frozen_side):
   expected = s * (a64.T @ clipped if frozen_side == "lora_a" else clipped @ b64.T) / 4.0
 
   grad, stats = privacy.wspace_dp_gradient(
-      per_example_fn, trained, batch, mask, jax.random.key(0), frozen=frozen, scaling=s, clip_norm=clip_norm,
-      noise_multiplier=0.0, expected_batch_size=4.0, frozen_side=frozen_side)
+    per_example_fn,
+    trained,
+    batch,
+    mask,
+    jax.random.key(0),
+    frozen=frozen,
+    scaling=s,
+    clip_norm=clip_norm,
+    noise_multiplier=0.0,
+    expected_batch_size=4.0,
+    frozen_side=frozen_side,
+  )
   assert 0 < stats.clipped_fraction < 1
   deviation = np.max(np.abs(np.asarray(grad["l"], np.float64) - expected)) / np.max(np.abs(expected))
   # float32 sums of float32 products of the same bfloat16 h and G: measured 1.5e-7 and 1.0e-7; bfloat16

@@ -23,8 +23,10 @@ def _exact_tail(n, q, c):
   return float(sum(math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(c + 1, n + 1)))
 
 
-@pytest.mark.parametrize("n, rate, overflow_prob", [(150, 0.04, 1e-6), (150, 0.04, 1e-12), (1000, 0.5, 1e-3),
-                                                    (40, 1.0, 1e-6), (5000, 0.001, 1e-6)])
+@pytest.mark.parametrize(
+  "n, rate, overflow_prob",
+  [(150, 0.04, 1e-6), (150, 0.04, 1e-12), (1000, 0.5, 1e-3), (40, 1.0, 1e-6), (5000, 0.001, 1e-6)],
+)
 def test_capacity_is_the_smallest_meeting_the_bound(n, rate, overflow_prob):
   capacity = privacy.batch_capacity(n, rate, overflow_prob)
   assert scipy.stats.binom.sf(capacity, n, rate) <= overflow_prob
@@ -49,7 +51,8 @@ def _binomial_bounds(trials, p, tests):
 def _draw(num_draws, num_examples, rate, capacity, max_examples=None, seed=0):
   keys = jax.random.split(jax.random.key(seed), num_draws)
   sample = functools.partial(
-      privacy.poisson_sample, num_examples=num_examples, rate=rate, capacity=capacity, max_examples=max_examples)
+    privacy.poisson_sample, num_examples=num_examples, rate=rate, capacity=capacity, max_examples=max_examples
+  )
   indices, mask = jax.jit(jax.vmap(sample))(keys)
   return np.asarray(indices), np.asarray(mask)
 
@@ -82,9 +85,14 @@ def test_traced_size_under_a_static_maximum():
   max_examples, capacity, rate, draws = 64, 20, 0.2, 1000
   sizes = jnp.array([37, 64, 5])
   keys = jax.random.split(jax.random.key(1), (3, draws))
-  sample = jax.jit(jax.vmap(jax.vmap(
-      functools.partial(privacy.poisson_sample, capacity=capacity, max_examples=max_examples),
-      in_axes=(0, None, None)), in_axes=(0, 0, None)))
+  sample = jax.jit(
+    jax.vmap(
+      jax.vmap(
+        functools.partial(privacy.poisson_sample, capacity=capacity, max_examples=max_examples), in_axes=(0, None, None)
+      ),
+      in_axes=(0, 0, None),
+    )
+  )
   indices, mask = (np.asarray(x) for x in sample(keys, sizes, rate))
   for client, n in enumerate(sizes.tolist()):
     _check_structure(indices[client], mask[client], n, max_examples)
@@ -107,8 +115,8 @@ def _assert_law(sizes, pmf):
   expected = pmf * sizes.size
   observed = np.bincount(sizes, minlength=pmf.size).astype(float)
   first = int(np.argmax(np.cumsum(expected) >= 5))
-  expected = np.concatenate([[expected[: first + 1].sum()], expected[first + 1:]])
-  observed = np.concatenate([[observed[: first + 1].sum()], observed[first + 1:]])
+  expected = np.concatenate([[expected[: first + 1].sum()], expected[first + 1 :]])
+  observed = np.concatenate([[observed[: first + 1].sum()], observed[first + 1 :]])
   assert np.all(expected >= 5)
   p_value = scipy.stats.chisquare(observed, expected).pvalue
   assert p_value >= FALSE_FAILURE, p_value
@@ -139,18 +147,18 @@ def test_same_key_same_sample_and_keys_differ():
 
 
 @pytest.mark.parametrize(
-    "call, match",
-    [
-        (lambda: privacy.poisson_sample(jax.random.key(0), 10, 0.0, 5), "rate=0.0"),
-        (lambda: privacy.poisson_sample(jax.random.key(0), 10, 1.5, 5), "rate=1.5"),
-        (lambda: privacy.poisson_sample(jax.random.key(0), 10, 0.5, 11), "capacity=11"),
-        (lambda: privacy.poisson_sample(jax.random.key(0), 10, 0.5, 0), "capacity=0"),
-        (lambda: privacy.poisson_sample(jax.random.key(0), 12, 0.5, 5, max_examples=10), "max_examples=10"),
-        (lambda: jax.jit(lambda n: privacy.poisson_sample(jax.random.key(0), n, 0.5, 5))(3), "max_examples"),
-        (lambda: privacy.batch_capacity(0, 0.5), "num_examples=0"),
-        (lambda: privacy.batch_capacity(10, 0.5, overflow_prob=0.0), "overflow_prob=0.0"),
-        (lambda: privacy.overflow_probability(10, -0.1, 3), "rate=-0.1"),
-    ],
+  "call, match",
+  [
+    (lambda: privacy.poisson_sample(jax.random.key(0), 10, 0.0, 5), "rate=0.0"),
+    (lambda: privacy.poisson_sample(jax.random.key(0), 10, 1.5, 5), "rate=1.5"),
+    (lambda: privacy.poisson_sample(jax.random.key(0), 10, 0.5, 11), "capacity=11"),
+    (lambda: privacy.poisson_sample(jax.random.key(0), 10, 0.5, 0), "capacity=0"),
+    (lambda: privacy.poisson_sample(jax.random.key(0), 12, 0.5, 5, max_examples=10), "max_examples=10"),
+    (lambda: jax.jit(lambda n: privacy.poisson_sample(jax.random.key(0), n, 0.5, 5))(3), "max_examples"),
+    (lambda: privacy.batch_capacity(0, 0.5), "num_examples=0"),
+    (lambda: privacy.batch_capacity(10, 0.5, overflow_prob=0.0), "overflow_prob=0.0"),
+    (lambda: privacy.overflow_probability(10, -0.1, 3), "rate=-0.1"),
+  ],
 )
 def test_bad_arguments_fail_early(call, match):
   with pytest.raises(ValueError, match=match):

@@ -23,8 +23,9 @@ def test_readme_examples_pass_as_doctests():
   globs: dict = {}
   for i, block in enumerate(blocks):
     # lineno: the block's first line in README.md (0-based), so that a failure names the README's line.
-    test = parser.get_doctest(block.group(1), globs, f"README.md, pycon block {i + 1}", str(README),
-                              text.count("\n", 0, block.start(1)))
+    test = parser.get_doctest(
+      block.group(1), globs, f"README.md, pycon block {i + 1}", str(README), text.count("\n", 0, block.start(1))
+    )
     # A block without a `>>>` prompt would pass without testing anything.
     assert test.examples, f"{test.name} holds no doctest example"
     # One namespace for all blocks, as in one Sphinx document: a later block may use an earlier one's names.
@@ -37,7 +38,7 @@ def _noise_table():
   """The README's paper-setting table: the calculator's arguments (from the command above it) and
   {(participation, accountant): {epsilon: sigma}}."""
   text = README.read_text()
-  section = text[text.index("### How much noise: the paper's setting"):]
+  section = text[text.index("### How much noise: the paper's setting") :]
   command = re.search(r"```bash\n.*?(fedask-jax privacy .*?)\ndone", section, re.S).group(1)
   args = command.replace("\\\n", " ").split()[1:]
   header, _, *rows = re.search(r"^\| noise multiplier sigma .*?\n(?=\n)", section, re.S | re.M).group(0).splitlines()
@@ -72,10 +73,16 @@ def test_readme_noise_table_is_the_calculators():
   delta = float(options["--delta"])
   for (participation, accountant), row in table.items():
     schedule = privacy.DPSchedule.from_federation(
-        sample_rate=float(options["--sample-rate"]), local_steps=int(options["--local-steps"]),
-        rounds=int(options["--rounds"]), clients_per_round=int(options["--clients-per-round"]),
-        num_clients=int(options["--num-clients"]), participation=participation)
+      sample_rate=float(options["--sample-rate"]),
+      local_steps=int(options["--local-steps"]),
+      rounds=int(options["--rounds"]),
+      clients_per_round=int(options["--clients-per-round"]),
+      num_clients=int(options["--num-clients"]),
+      participation=participation,
+    )
     for epsilon, sigma in row.items():
       assert privacy.epsilon_spent(schedule, sigma + 5e-5, delta, accountant) <= epsilon, (participation, accountant)
       assert privacy.epsilon_spent(schedule, (sigma - 5e-5) * (1 - 1e-3), delta, accountant) > epsilon, (
-          participation, accountant)
+        participation,
+        accountant,
+      )

@@ -48,15 +48,29 @@ LENGTH = 6
 # federation's data per clipping regime: per-example gradient norms below C, mixed, or above C.
 REGIMES = ("tiny", "mixed", "huge")
 POOL = len(REGIMES) * int(OFFSETS[-1])
-LLAMA = LlamaConfig(model_type="llama", vocab_size=POOL, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=2, head_dim=8)
-CONFIG = from_dict({
-    "strategy": "fedask", "rounds": 100, "num_clients": len(SIZES), "clients_per_round": len(SIZES),
-    "local_steps": 2, "batch_size": 4,
+LLAMA = LlamaConfig(
+  model_type="llama",
+  vocab_size=POOL,
+  hidden_size=16,
+  intermediate_size=32,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+  num_key_value_heads=2,
+  head_dim=8,
+)
+CONFIG = from_dict(
+  {
+    "strategy": "fedask",
+    "rounds": 100,
+    "num_clients": len(SIZES),
+    "clients_per_round": len(SIZES),
+    "local_steps": 2,
+    "batch_size": 4,
     "lora": {"rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"]},
     # C != 1 so that a noise std missing its factor C shows.
     "privacy": {"target_epsilon": 3.0, "clip_norm": 0.5},
-})
+  }
+)
 SCALING = CONFIG.lora.alpha / CONFIG.lora.rank
 
 
@@ -73,15 +87,17 @@ def regime_gradients() -> dict[str, np.ndarray]:
   huge = np.exp(rng.uniform(np.log(2.0), np.log(100.0), POOL))
   regime = np.arange(POOL) // int(OFFSETS[-1])
   magnitude = CONFIG.privacy.clip_norm * np.where(
-      (regime == 0) | ((regime == 1) & (rng.random(POOL) < 0.5)), tiny, huge)
+    (regime == 0) | ((regime == 1) & (rng.random(POOL) < 0.5)), tiny, huge
+  )
   return {name: (d * (magnitude / norm)[:, None, None]).astype(np.float32) for name, d in directions.items()}
 
 
 def tiny_llama() -> LlamaForCausalLM:
   model = init_random(LlamaForCausalLM(LLAMA), jax.random.key(0))
   lora = CONFIG.lora
-  inject_lora(model, LoRAConfig(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules),
-              jax.random.key(1))
+  inject_lora(
+    model, LoRAConfig(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules), jax.random.key(1)
+  )
   return model
 
 
@@ -104,8 +120,9 @@ def client_data(regime: str) -> fdata.ClientData:
   input_ids = rng.integers(0, LLAMA.vocab_size, (POOL, LENGTH)).astype(np.int32)
   input_ids[:, 0] = np.arange(POOL)
   loss_mask = np.broadcast_to(np.arange(LENGTH) >= 2, (POOL, LENGTH))
-  encoded = fdata.EncodedDataset(input_ids, np.ones((POOL, LENGTH), bool), loss_mask,
-                                 np.full(POOL, 2, np.int32), np.full(POOL, LENGTH, np.int32))
+  encoded = fdata.EncodedDataset(
+    input_ids, np.ones((POOL, LENGTH), bool), loss_mask, np.full(POOL, 2, np.int32), np.full(POOL, LENGTH, np.int32)
+  )
   start = REGIMES.index(regime) * int(OFFSETS[-1])
   parts = fdata.Partition(tuple(start + np.arange(OFFSETS[k], OFFSETS[k + 1]) for k in range(len(SIZES))))
   return jax.device_put(fdata.stack_clients(encoded, parts))
@@ -114,8 +131,12 @@ def client_data(regime: str) -> fdata.ClientData:
 def dp_config(mechanism: str, noise_multiplier: float | None = None) -> simulation.DPConfig:
   """The DPConfig `runner.prepare` builds (sigma from the plan unless given)."""
   sigma = plan().noise_multiplier if noise_multiplier is None else noise_multiplier
-  return simulation.DPConfig(clip_norm=CONFIG.privacy.clip_norm, noise_multiplier=sigma,
-                             expected_batch_size=float(CONFIG.batch_size), mechanism=mechanism)
+  return simulation.DPConfig(
+    clip_norm=CONFIG.privacy.clip_norm,
+    noise_multiplier=sigma,
+    expected_batch_size=float(CONFIG.batch_size),
+    mechanism=mechanism,
+  )
 
 
 def reporting_clients(strategy: Strategy) -> Strategy:
@@ -124,16 +145,27 @@ def reporting_clients(strategy: Strategy) -> Strategy:
 
   def server_update(state, global_adapters, results, weights, client_ids, key):
     adapters, new_state, metrics = strategy.server_update(state, global_adapters, results, weights, client_ids, key)
-    return adapters, new_state, dict(
-        metrics, client_b={n: f.lora_b for n, f in results.adapters.items()},
-        mean_gradient={n: f.lora_b for n, f in results.mean_gradient.items()})
+    return (
+      adapters,
+      new_state,
+      dict(
+        metrics,
+        client_b={n: f.lora_b for n, f in results.adapters.items()},
+        mean_gradient={n: f.lora_b for n, f in results.mean_gradient.items()},
+      ),
+    )
 
   return strategy._replace(server_update=server_update)
 
 
 def make_round(dp: simulation.DPConfig, per_example_loss, optimizer) -> simulation.FederatedRound:
-  return simulation.FederatedRound(tiny_llama(), reporting_clients(runner.make_strategy(CONFIG)), dp=dp,
-                                   optimizer=optimizer, per_example_loss=per_example_loss)
+  return simulation.FederatedRound(
+    tiny_llama(),
+    reporting_clients(runner.make_strategy(CONFIG)),
+    dp=dp,
+    optimizer=optimizer,
+    per_example_loss=per_example_loss,
+  )
 
 
 class Rounds(NamedTuple):
@@ -167,13 +199,21 @@ def run_rounds(rnd: simulation.FederatedRound, data: fdata.ClientData, rounds: i
     start = jax.tree.map(lambda x: np.asarray(x, np.float64), state.adapters)  # before the round donates it
     state, metrics = rnd(state, batches, ids, weights, round_key, t)
     order = np.argsort(np.asarray(ids))
+
     def by_id(tree, order=order):
       return jax.tree.map(lambda x: np.asarray(x, np.float64)[order], tree)
 
-    records.append(Rounds(
-        np.asarray(batches.example_mask)[order], np.asarray(batches.input_ids[..., 0])[order],
-        {n: f.lora_a for n, f in start.items()}, {n: f.lora_b for n, f in start.items()},
-        by_id(metrics["client_b"]), by_id(metrics["mean_gradient"]), np.asarray(metrics["clipped_fraction"])))
+    records.append(
+      Rounds(
+        np.asarray(batches.example_mask)[order],
+        np.asarray(batches.input_ids[..., 0])[order],
+        {n: f.lora_a for n, f in start.items()},
+        {n: f.lora_b for n, f in start.items()},
+        by_id(metrics["client_b"]),
+        by_id(metrics["mean_gradient"]),
+        np.asarray(metrics["clipped_fraction"]),
+      )
+    )
   return jax.tree.map(lambda *xs: np.stack(xs), *records)
 
 
@@ -237,8 +277,9 @@ def test_noise_std_and_independence_inside_the_round(mechanism):
     if mechanism == "w_space":
       a = out.start_a[name]
       chol = np.linalg.cholesky(np.einsum("tir,tis->trs", a, a))
-      noise = np.linalg.solve(np.broadcast_to(chol[:, None, None], (*noise.shape[:3], *chol.shape[1:])),
-                              noise) / SCALING
+      noise = (
+        np.linalg.solve(np.broadcast_to(chol[:, None, None], (*noise.shape[:3], *chol.shape[1:])), noise) / SCALING
+      )
     z.append(noise / std)
   z = np.stack(z, axis=3)  # [R, N, S, layer, r, out]
   chex.assert_shape(z, (NOISE_ROUNDS, len(SIZES), CONFIG.local_steps, 2, CONFIG.lora.rank, LLAMA.hidden_size))
@@ -309,6 +350,7 @@ def test_wspace_clipping_extremes_with_the_model_loss():
   (q n), so its norm is <= s max_layers ||a||_2 C count / (q n) (the B-space bound C count is checked in
   test_clipping_inside_the_round_matches_numpy); unclipped, gradients scaled by 1e6 would exceed it by orders
   of magnitude."""
+
   def scaled_loss(model, example):
     regime = example.input_ids[0] // int(OFFSETS[-1])
     return jnp.where(regime == 0, 1e-6, 1e6) * simulation.causal_lm_example_loss(model, example)

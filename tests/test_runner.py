@@ -18,8 +18,11 @@ from fedask_jax.config import ConfigError, from_dict
 
 # DP FedASK with adapter dropout: every random stream of a round (client sampling, Poisson batches, DP noise,
 # dropout, the sketch's Omega) has to be reproduced on resume.
-DP_OVERRIDES = {"strategy": "fedask", "privacy": {"enabled": True, "target_epsilon": 8.0, "overflow_prob": 1e-12},
-                "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}}
+DP_OVERRIDES = {
+  "strategy": "fedask",
+  "privacy": {"enabled": True, "target_epsilon": 8.0, "overflow_prob": 1e-12},
+  "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1},
+}
 
 
 def dp_config(root, run_name):
@@ -161,8 +164,9 @@ def test_capacity_bounds_the_overflow():
     runner.plan_privacy(from_dict({"privacy": {"overflow_prob": 1e-3}}), sizes)
 
 
-@pytest.mark.parametrize("sizes, batch_size, fix", [([9, 9, 9], 8, "no batch size does"),
-                                                    ([20, 20], 16, "lower batch_size to at most 5")])
+@pytest.mark.parametrize(
+  "sizes, batch_size, fix", [([9, 9, 9], 8, "no batch size does"), ([20, 20], 16, "lower batch_size to at most 5")]
+)
 def test_rates_near_one_that_overflow_the_slots_are_refused(sizes, batch_size, fix):
   """A batch has at most as many slots as the largest client has examples (n), so its add-one neighbour's batch
   overflows them when all n + 1 examples are drawn: P(Binomial(n + 1, q) > n), 0.31 and 9.2e-3 per step for the
@@ -175,14 +179,23 @@ def test_rates_near_one_that_overflow_the_slots_are_refused(sizes, batch_size, f
   if "at most 5" in fix:
     for b, fits in ((5, True), (6, False)):
       assert (scipy.stats.binom.sf(n, n + 1, b / n) <= 1e-12) == fits
-    _, capacity = runner.plan_privacy(from_dict({"batch_size": 5, "num_clients": 2, "clients_per_round": 1}),
-                                      np.array(sizes))
+    _, capacity = runner.plan_privacy(
+      from_dict({"batch_size": 5, "num_clients": 2, "clients_per_round": 1}), np.array(sizes)
+    )
     assert capacity <= n and scipy.stats.binom.sf(capacity, n + 1, 5 / n) <= 1e-12
 
 
 def _dp_sizes_config(client_sizes, **privacy_keys):
-  return from_dict({"batch_size": 10, "num_clients": 3, "clients_per_round": 3, "local_steps": 20, "rounds": 4,
-                    "privacy": {"client_sizes": client_sizes, **privacy_keys}})
+  return from_dict(
+    {
+      "batch_size": 10,
+      "num_clients": 3,
+      "clients_per_round": 3,
+      "local_steps": 20,
+      "rounds": 4,
+      "privacy": {"client_sizes": client_sizes, **privacy_keys},
+    }
+  )
 
 
 def test_private_client_sizes_make_nothing_depend_on_a_client_size():
@@ -196,8 +209,9 @@ def test_private_client_sizes_make_nothing_depend_on_a_client_size():
 
   def client_data(sizes):
     valid = np.arange(rows)[None, :, None] < sizes[:, None, None]
-    return fdata.ClientData(ids, np.broadcast_to(valid, ids.shape), np.broadcast_to(valid, ids.shape),
-                            sizes.astype(np.int32))
+    return fdata.ClientData(
+      ids, np.broadcast_to(valid, ids.shape), np.broadcast_to(valid, ids.shape), sizes.astype(np.int32)
+    )
 
   def draws(config, sizes, capacity):
     sample = runner.round_sampler(config, capacity)
@@ -228,10 +242,14 @@ def test_private_client_sizes_make_nothing_depend_on_a_client_size():
   assert [weights for _, weights in d] != [weights for _, weights in d1]
 
 
-@pytest.mark.parametrize("privacy_keys, match", [
+@pytest.mark.parametrize(
+  "privacy_keys, match",
+  [
     ({"client_sizes": "private"}, "privacy.sample_rate=None: privacy.client_sizes='private' needs a public"),
     ({"client_sizes": "private", "sample_rate": 1.5}, "privacy.sample_rate=1.5"),
-    ({"sample_rate": 0.1}, "privacy.sample_rate=0.1 is the public rate of privacy.client_sizes='private'")])
+    ({"sample_rate": 0.1}, "privacy.sample_rate=0.1 is the public rate of privacy.client_sizes='private'"),
+  ],
+)
 def test_client_size_keys_are_checked(privacy_keys, match):
   with pytest.raises(ConfigError, match=re.escape(match)):
     from_dict({"privacy": privacy_keys})
@@ -268,7 +286,8 @@ def test_summary_counts_left_out_clients_and_skipped_rounds(straight):
   counted = runner.summarize(experiment, records)
   assert (counted["invalid_clients"], counted["skipped_rounds"]) == (3, 1)
   assert "faults: 3 client updates left out for non-finite values, 1 rounds skipped" in runner.format_summary(
-      counted, straight_dir)
+    counted, straight_dir
+  )
 
 
 def test_summary_counts_truncated_sequences(tmp_path):
@@ -306,8 +325,9 @@ def test_nonfinite_warning_and_withheld_diagnostics(tmp_path, capsys):
   raw = make_tiny_setup(tmp_path)
   runs = {}
   for release in (True, False):
-    config = from_dict(dict(raw, run_dir=str(tmp_path / f"release_{release}"),
-                            privacy=dict(raw["privacy"], release_diagnostics=release)))
+    config = from_dict(
+      dict(raw, run_dir=str(tmp_path / f"release_{release}"), privacy=dict(raw["privacy"], release_diagnostics=release))
+    )
     experiment = runner.prepare(config)
     experiment.round_fn = _Poisoned(experiment.round_fn)
     summary = runner.train(experiment, progress=True)
@@ -328,13 +348,16 @@ def test_nonfinite_warning_and_withheld_diagnostics(tmp_path, capsys):
     assert key in summary and key not in withheld_summary
   assert withheld_summary["final_train_loss"] is None
   # The rest is the same run's: eval losses, faults, ... (timings aside).
-  same = lambda s: {k: v for k, v in s.items() if k in withheld_summary and "seconds" not in k
-                    and k != "final_train_loss"}
+  same = lambda s: {
+    k: v for k, v in s.items() if k in withheld_summary and "seconds" not in k and k != "final_train_loss"
+  }
   assert same(withheld_summary) == same(summary)
 
 
-@pytest.mark.parametrize("clients_per_round,configured,expected", [
-    (2, None, 2), (8, None, 4), (6, None, 4), (7, None, 4), (8, 8, 8), (8, 3, 3)])
+@pytest.mark.parametrize(
+  "clients_per_round,configured,expected",
+  [(2, None, 2), (8, None, 4), (6, None, 4), (7, None, 4), (8, 8, 8), (8, 3, 3)],
+)
 def test_client_chunk_defaults_to_small_chunks_on_cpu(clients_per_round, configured, expected):
   """Unset: on a CPU chunks of min(K, 4), elsewhere all clients at once; a configured value is kept (it need not
   divide K: `FederatedRound` runs the rest as a last, smaller chunk)."""

@@ -36,8 +36,14 @@ def run_cases() -> dict[str, np.ndarray]:
   out = {}
   for i, (strategy, dp, round_index, chunk) in enumerate(CASES):
     rnd = make_round(strategy, dp, client_chunk=chunk)
-    state, metrics = rnd(random_state(rnd), make_batches(i, num_clients=NUM_SAMPLED, steps=2), ids, weights,
-                         jax.random.key(20 + i), round_index)
+    state, metrics = rnd(
+      random_state(rnd),
+      make_batches(i, num_clients=NUM_SAMPLED, steps=2),
+      ids,
+      weights,
+      jax.random.key(20 + i),
+      round_index,
+    )
     for path, leaf in jax.tree_util.tree_flatten_with_path((state, metrics))[0]:
       out[f"{i}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
     out[f"{i}/devices"] = np.array(len(metrics["client_loss"].sharding.device_set))
@@ -65,8 +71,9 @@ SCRIPT = textwrap.dedent(f"""
 def test_four_devices_equal_one(tmp_path):
   path = tmp_path / "sharded.npz"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  process = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, capture_output=True, text=True,
-                           timeout=600)
+  process = subprocess.run(
+    [sys.executable, "-c", SCRIPT, str(path)], env=env, capture_output=True, text=True, timeout=600
+  )
   assert process.returncode == 0, process.stderr[-4000:]
   sharded = dict(np.load(path))
   assert jax.device_count() == 1

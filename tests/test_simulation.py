@@ -53,8 +53,11 @@ class TinyMLP(nnx.Module):
     self.fc2 = Linear(D_HIDDEN, D_OUT)
     self.fc1.kernel.set_value(jax.random.normal(jax.random.fold_in(key, 1), (D_IN, D_HIDDEN)) / np.sqrt(D_IN))
     self.fc2.kernel.set_value(jax.random.normal(jax.random.fold_in(key, 2), (D_HIDDEN, D_OUT)) / np.sqrt(D_HIDDEN))
-    inject_lora(self, LoRAConfig(rank=RANK, alpha=2.0 * RANK, target_modules=("fc1", "fc2"), dropout=dropout),
-                jax.random.fold_in(key, 3))
+    inject_lora(
+      self,
+      LoRAConfig(rank=RANK, alpha=2.0 * RANK, target_modules=("fc1", "fc2"), dropout=dropout),
+      jax.random.fold_in(key, 3),
+    )
 
   def __call__(self, x):
     return self.fc2(jnp.tanh(self.fc1(x)))
@@ -77,16 +80,22 @@ def make_batches(seed: int, num_clients: int = 4, steps: int = 3, capacity: int 
   """[K, S, capacity, ...] batches, about 70% of the slots real."""
   key = jax.random.key(seed)
   return Examples(
-      jax.random.normal(jax.random.fold_in(key, 0), (num_clients, steps, capacity, D_IN)),
-      jax.random.normal(jax.random.fold_in(key, 1), (num_clients, steps, capacity, D_OUT)),
-      jax.random.bernoulli(jax.random.fold_in(key, 2), 0.7, (num_clients, steps, capacity)))
+    jax.random.normal(jax.random.fold_in(key, 0), (num_clients, steps, capacity, D_IN)),
+    jax.random.normal(jax.random.fold_in(key, 1), (num_clients, steps, capacity, D_OUT)),
+    jax.random.bernoulli(jax.random.fold_in(key, 2), 0.7, (num_clients, steps, capacity)),
+  )
 
 
 def make_round(strategy, dp=None, optimizer=None, model=None, **kwargs) -> simulation.FederatedRound:
   strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
   return simulation.FederatedRound(
-      model if model is not None else TinyMLP(), strategy, dp=dp, per_example_loss=squared_error,
-      optimizer=optimizer if optimizer is not None else optax.adam(0.05), **kwargs)
+    model if model is not None else TinyMLP(),
+    strategy,
+    dp=dp,
+    per_example_loss=squared_error,
+    optimizer=optimizer if optimizer is not None else optax.adam(0.05),
+    **kwargs,
+  )
 
 
 def random_state(rnd: simulation.FederatedRound, seed: int = 1, num_clients: int = NUM_CLIENTS):
@@ -96,10 +105,15 @@ def random_state(rnd: simulation.FederatedRound, seed: int = 1, num_clients: int
   leaves, treedef = jax.tree.flatten(state)
   key = jax.random.key(seed)
   # Counters (the sketch strategies' count of aggregations) stay as initialised.
-  return jax.tree.unflatten(treedef, [
-      x if jnp.issubdtype(x.dtype, jnp.integer) else 0.5 * jax.random.normal(jax.random.fold_in(key, i), x.shape,
-                                                                             x.dtype)
-      for i, x in enumerate(leaves)])
+  return jax.tree.unflatten(
+    treedef,
+    [
+      x
+      if jnp.issubdtype(x.dtype, jnp.integer)
+      else 0.5 * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+      for i, x in enumerate(leaves)
+    ],
+  )
 
 
 def copy(tree):
@@ -119,8 +133,9 @@ def looped_clients(rnd, state, batches, client_ids, round_key, round_index):
   results, metrics = [], []
   for k, client_id in enumerate(np.asarray(client_ids)):
     batch = jax.tree.map(operator.itemgetter(k), batches)
-    result, client_metrics = update(state, rnd.frozen_state, batch, jnp.int32(client_id),
-                                    jax.random.fold_in(round_key, int(client_id)))
+    result, client_metrics = update(
+      state, rnd.frozen_state, batch, jnp.int32(client_id), jax.random.fold_in(round_key, int(client_id))
+    )
     results.append(result)
     metrics.append(client_metrics)
   return jax.tree.map(lambda *xs: jnp.stack(xs), *results), jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
@@ -131,17 +146,25 @@ def looped_round(rnd, state, batches, client_ids, weights, round_key, round_inde
   stacked, client = looped_clients(rnd, state, batches, client_ids, round_key, round_index)
   server_step = jax.jit(functools.partial(simulation.server_step, rnd.strategy))
   new_state, round_metrics = server_step(state, stacked, weights, client_ids, simulation.server_key(round_key))
-  return new_state, dict(round_metrics, client_loss=client.loss, update_norm=client.update_norm,
-                         nonfinite_examples=client.nonfinite_examples, train_loss=jnp.mean(client.loss),
-                         clipped_fraction=jnp.sum(client.clipped_examples) / jnp.sum(client.examples))
+  return new_state, dict(
+    round_metrics,
+    client_loss=client.loss,
+    update_norm=client.update_norm,
+    nonfinite_examples=client.nonfinite_examples,
+    train_loss=jnp.mean(client.loss),
+    clipped_fraction=jnp.sum(client.clipped_examples) / jnp.sum(client.examples),
+  )
 
 
-@pytest.mark.parametrize("strategy,dp,round_index,client_chunk", [
+@pytest.mark.parametrize(
+  "strategy,dp,round_index,client_chunk",
+  [
     ("fedask", B_SPACE, 1, None),
     ("fedask-alt", W_SPACE, 2, None),
     ("scaffold", B_SPACE, 1, 3),
     ("fedsa-lora", None, 1, 1),
-])
+  ],
+)
 def test_mapped_round_equals_loop_over_clients(strategy, dp, round_index, client_chunk):
   rnd = make_round(strategy, dp, client_chunk=client_chunk)
   state = random_state(rnd)
@@ -149,8 +172,10 @@ def test_mapped_round_equals_loop_over_clients(strategy, dp, round_index, client
   expected_state, expected_metrics = looped_round(rnd, state, batches, CLIENT_IDS, WEIGHTS, round_key, round_index)
   # The public per-client view of the same round, before the server step.
   chex.assert_trees_all_close(
-      as_numpy(rnd.client_results(state, batches, CLIENT_IDS, round_key, round_index)),
-      as_numpy(looped_clients(rnd, state, batches, CLIENT_IDS, round_key, round_index)), **SAME_PROGRAM)
+    as_numpy(rnd.client_results(state, batches, CLIENT_IDS, round_key, round_index)),
+    as_numpy(looped_clients(rnd, state, batches, CLIENT_IDS, round_key, round_index)),
+    **SAME_PROGRAM,
+  )
   new_state, metrics = rnd(copy(state), batches, CLIENT_IDS, WEIGHTS, round_key, round_index)
   chex.assert_trees_all_close(as_numpy(new_state), as_numpy(expected_state), **SAME_PROGRAM)
   assert set(metrics) == set(expected_metrics)
@@ -226,12 +251,15 @@ def test_nonprivate_fedask_with_one_client_equals_centralised_lora_training():
     assert np.linalg.norm(factors.lora_a @ factors.lora_b) > 0.1  # training moved away from lora_b = 0
 
 
-@pytest.mark.parametrize("strategy,dp,round_index,frozen", [
+@pytest.mark.parametrize(
+  "strategy,dp,round_index,frozen",
+  [
     ("fedask", B_SPACE, 1, "lora_a"),
     ("fedask-alt", B_SPACE, 2, "lora_b"),
     ("fedask-alt", W_SPACE, 2, "lora_b"),
     ("ffa-lora", W_SPACE, 1, "lora_a"),
-])
+  ],
+)
 def test_dp_noise_reaches_only_the_trained_factor(strategy, dp, round_index, frozen):
   """No real example in any slot, so the update is DP noise alone: it must move the trained factor and leave
   the frozen one bit-identical."""
@@ -265,8 +293,16 @@ def test_lora_dropout_masks_follow_the_client_key():
 
 # ----- a real model: tiny Llama, both DP mechanisms against jax.grad references -----
 
-LLAMA = LlamaConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+LLAMA = LlamaConfig(
+  model_type="llama",
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+)
 LLAMA_LENGTH, LLAMA_CAPACITY = 12, 3
 
 
@@ -307,8 +343,9 @@ def llama_reference(batches: Batch):
     return value, b_grads, jnp.sqrt(w_sq)
 
   flat = lambda x: x.reshape(-1, *x.shape[3:])
-  values, b_grads, w_norms = jax.vmap(per_example)(flat(batches.input_ids), flat(batches.attention_mask),
-                                                   flat(batches.loss_mask))
+  values, b_grads, w_norms = jax.vmap(per_example)(
+    flat(batches.input_ids), flat(batches.attention_mask), flat(batches.loss_mask)
+  )
   b_norms = jnp.sqrt(sum(jnp.sum(jnp.square(g), axis=(1, 2)) for g in b_grads.values()))
   return values, b_grads, {"b_space": b_norms, "w_space": w_norms}, to_adapters(lora_state)
 
@@ -351,6 +388,7 @@ def test_llama_round_with_both_dp_mechanisms_matches_per_example_reference(mecha
 
 # ----- sampling, weights, keys, errors -----
 
+
 def test_sample_clients_is_uniform_without_replacement():
   """2000 draws of 3 of 12 clients: distinct ids in range, reproducible from the key, and each client's count
   ~ Binomial(2000, 1/4) (mean 500, sd 19.4). The bound 500 +- 6 sd fails with probability < 12 * 2e-9."""
@@ -358,8 +396,9 @@ def test_sample_clients_is_uniform_without_replacement():
   ids = np.asarray(draw(jax.random.split(jax.random.key(0), 2000)))
   assert ids.shape == (2000, 3) and ids.min() >= 0 and ids.max() < 12
   assert all(len(set(row)) == 3 for row in ids)
-  np.testing.assert_array_equal(simulation.sample_clients(jax.random.key(5), 12, 3),
-                                simulation.sample_clients(jax.random.key(5), 12, 3))
+  np.testing.assert_array_equal(
+    simulation.sample_clients(jax.random.key(5), 12, 3), simulation.sample_clients(jax.random.key(5), 12, 3)
+  )
   counts = np.bincount(ids.reshape(-1), minlength=12)
   assert np.all(np.abs(counts - 500) < 6 * np.sqrt(2000 * 0.25 * 0.75)), counts
 
@@ -391,9 +430,15 @@ def test_traced_noise_multiplier_equals_the_compiled_constant_and_compiles_once(
   swept = make_round("fedask", dp)
   state = random_state(swept)
   for sigma in (0.0, 0.3, 2.5):
-    fixed = make_round("fedask", simulation.DPConfig(
-        clip_norm=dp.clip_norm, noise_multiplier=sigma, expected_batch_size=dp.expected_batch_size,
-        mechanism=dp.mechanism))
+    fixed = make_round(
+      "fedask",
+      simulation.DPConfig(
+        clip_norm=dp.clip_norm,
+        noise_multiplier=sigma,
+        expected_batch_size=dp.expected_batch_size,
+        mechanism=dp.mechanism,
+      ),
+    )
     expected = fixed(copy(state), batches, CLIENT_IDS, WEIGHTS, round_key, 1)
     got = swept(copy(state), batches, CLIENT_IDS, WEIGHTS, round_key, 1, noise_multiplier=sigma)
     # A constant sigma lets XLA fold sigma * C; as an argument it is a multiply: a few ulps apart.

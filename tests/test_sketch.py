@@ -57,20 +57,22 @@ class Case:
 
 
 CASES = [
-    Case(12, 20, 3, 1, 0, "none", 0),    # K = 1, p = 0, m < n: covered (rank r = w)
-    Case(20, 12, 4, 3, 2, "lora_b", 1),  # m > n, lora_b shared
-    Case(16, 24, 2, 8, 8, "none", 2),    # K r = 16 > w = 10: randomized approximation
-    Case(24, 16, 3, 5, 4, "lora_a", 3),  # DP mode (FedASK: lora_a frozen)
-    Case(10, 30, 4, 2, 0, "none", 4),    # K r = 8 > w = 4, p = 0
-    Case(30, 10, 2, 4, 8, "none", 5),    # covered, aggregate rank 8 > r = 2: Eckart-Young truncation
-    Case(8, 6, 3, 6, 8, "none", 6),      # w = 11 > min(m, n) = 6: width clipped, covered
-    Case(17, 23, 5, 7, 1, "lora_b", 7),
-    Case(5, 40, 2, 2, 3, "none", 8),     # covered through min(m, n) = w
-    Case(40, 5, 1, 3, 0, "lora_a", 9),   # r = 1, p = 0
+  Case(12, 20, 3, 1, 0, "none", 0),  # K = 1, p = 0, m < n: covered (rank r = w)
+  Case(20, 12, 4, 3, 2, "lora_b", 1),  # m > n, lora_b shared
+  Case(16, 24, 2, 8, 8, "none", 2),  # K r = 16 > w = 10: randomized approximation
+  Case(24, 16, 3, 5, 4, "lora_a", 3),  # DP mode (FedASK: lora_a frozen)
+  Case(10, 30, 4, 2, 0, "none", 4),  # K r = 8 > w = 4, p = 0
+  Case(30, 10, 2, 4, 8, "none", 5),  # covered, aggregate rank 8 > r = 2: Eckart-Young truncation
+  Case(8, 6, 3, 6, 8, "none", 6),  # w = 11 > min(m, n) = 6: width clipped, covered
+  Case(17, 23, 5, 7, 1, "lora_b", 7),
+  Case(5, 40, 2, 2, 3, "none", 8),  # covered through min(m, n) = w
+  Case(40, 5, 1, 3, 0, "lora_a", 9),  # r = 1, p = 0
 ]
 # Compiled once per shape and shared by the tests below (compilation dominates this file's run time).
-_AGGREGATE = {method: jax.jit(functools.partial(sketch.aggregate_layer, method=method), static_argnames="rank")
-              for method in sketch.METHODS}
+_AGGREGATE = {
+  method: jax.jit(functools.partial(sketch.aggregate_layer, method=method), static_argnames="rank")
+  for method in sketch.METHODS
+}
 _aggregate = _AGGREGATE["householder"]
 _certificate = jax.jit(sketch.reconstruction_error)
 methods = pytest.mark.parametrize("method", sketch.METHODS)
@@ -93,15 +95,22 @@ def numpy_fedask(lora_a, lora_b, weights, omega, rank):
   clients' factors lora_a [K, m, r] (lora_a) and lora_b [K, r, n] (lora_b) with the weights as given."""
   lora_a, lora_b, weights, omega = (np.asarray(x, np.float64) for x in (lora_a, lora_b, weights, omega))
   m, n = lora_a.shape[1], lora_b.shape[2]
-  omega = omega[:, :min(m, n)]
+  omega = omega[:, : min(m, n)]
   y = sum(w * a @ (b @ omega) for w, a, b in zip(weights, lora_a, lora_b))
   q, _ = np.linalg.qr(y)
   p = sum(w * b.T @ (a.T @ q) for w, a, b in zip(weights, lora_a, lora_b))
   u, s, vt = np.linalg.svd(p.T, full_matrices=False)
   dense = sum(w * a @ b for w, a, b in zip(weights, lora_a, lora_b))
   return Reference(
-      new_a=q @ u[:, :rank] * np.sqrt(s[:rank]), new_b=np.sqrt(s[:rank])[:, None] * vt[:rank], y=y, q=q, p=p,
-      s=s, dense=dense, covered=np.linalg.matrix_rank(dense) <= omega.shape[1])
+    new_a=q @ u[:, :rank] * np.sqrt(s[:rank]),
+    new_b=np.sqrt(s[:rank])[:, None] * vt[:rank],
+    y=y,
+    q=q,
+    p=p,
+    s=s,
+    dense=dense,
+    covered=np.linalg.matrix_rank(dense) <= omega.shape[1],
+  )
 
 
 def _tolerance(ref, rank):
@@ -133,7 +142,7 @@ def _check_against_reference(case, new_a, new_b):
   assert _rel_error(new_a, new_b, ref.new_a @ ref.new_b) < tol
   # Balanced factors: lora_a^T lora_a = lora_b lora_b^T = diag(S_r), S_r from the float64 reference.
   scale = ref.s[0]
-  diagonal = np.diag(ref.s[:case.r]) / scale
+  diagonal = np.diag(ref.s[: case.r]) / scale
   np.testing.assert_allclose(np.asarray(new_a).T @ np.asarray(new_a) / scale, diagonal, atol=tol)
   np.testing.assert_allclose(np.asarray(new_b) @ np.asarray(new_b).T / scale, diagonal, atol=tol)
 
@@ -146,11 +155,11 @@ def test_matches_numpy_reference(case, method):
 
 
 class AggregateTest(chex.TestCase):
-
   # Eager and compiled on cases covering m < n, m > n, both DP layouts and a clipped width, both routes.
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*[(f"{CASES[i].name}_{method}", CASES[i], method)
-                                    for i in (0, 1, 3, 6) for method in sketch.METHODS])
+  @parameterized.named_parameters(
+    *[(f"{CASES[i].name}_{method}", CASES[i], method) for i in (0, 1, 3, 6) for method in sketch.METHODS]
+  )
   def test_jit_and_eager_match_numpy_reference(self, case, method):
     lora_a, lora_b, weights, omega = case.arrays()
     aggregate = self.variant(sketch.aggregate_layer, static_argnames=("rank", "method"))
@@ -165,9 +174,11 @@ class AggregateTest(chex.TestCase):
     lora_a = rng.standard_normal((k, m, r)).astype(np.float32)
     omega = rng.standard_normal((n, r + 2)).astype(np.float32)
     aggregate = self.variant(sketch.aggregate_layer, static_argnames=("rank", "method"))
-    for args in [(lora_a, np.zeros((k, r, n), np.float32), np.ones(k, np.float32)),
-                 (np.zeros_like(lora_a), rng.standard_normal((k, r, n)).astype(np.float32), np.ones(k, np.float32)),
-                 (lora_a, rng.standard_normal((k, r, n)).astype(np.float32), np.zeros(k, np.float32))]:
+    for args in [
+      (lora_a, np.zeros((k, r, n), np.float32), np.ones(k, np.float32)),
+      (np.zeros_like(lora_a), rng.standard_normal((k, r, n)).astype(np.float32), np.ones(k, np.float32)),
+      (lora_a, rng.standard_normal((k, r, n)).astype(np.float32), np.zeros(k, np.float32)),
+    ]:
       new_a, new_b = aggregate(*args, omega, rank=r, method=method)
       chex.assert_trees_all_equal((new_a, new_b), (np.zeros((m, r), np.float32), np.zeros((r, n), np.float32)))
       self.assertEqual(float(_certificate(*args, new_a, new_b)), 0.0)
@@ -183,7 +194,8 @@ class AggregateTest(chex.TestCase):
     lora_b = rng.standard_normal((1, r, n)).astype(np.float32)
     omega = rng.standard_normal((n, r)).astype(np.float32)
     new_a, new_b = self.variant(sketch.aggregate_layer, static_argnames=("rank", "method"))(
-        lora_a, lora_b, np.ones(1, np.float32), omega, rank=r, method=method)
+      lora_a, lora_b, np.ones(1, np.float32), omega, rank=r, method=method
+    )
     chex.assert_tree_all_finite((new_a, new_b))
     target = lora_a[0].astype(np.float64) @ lora_b[0]
     ref = numpy_fedask(lora_a, lora_b, np.ones(1), omega, r)
@@ -198,16 +210,19 @@ class AggregateTest(chex.TestCase):
     # (min(m, n) = 4 < r + p = 7). DP mode: lora_a shared, so every layer is exact.
     rng = np.random.default_rng(12)
     k, r, p = 4, 3, 4
-    shapes = {"model.layers.0.self_attn.q_proj": (12, 12), "model.layers.0.self_attn.v_proj": (12, 12),
-              "tiny": (4, 5)}
+    shapes = {"model.layers.0.self_attn.q_proj": (12, 12), "model.layers.0.self_attn.v_proj": (12, 12), "tiny": (4, 5)}
     adapters = {
-        name: LoRAFactors(np.repeat(rng.standard_normal((1, m, r)), k, 0).astype(np.float32),
-                          rng.standard_normal((k, r, n)).astype(np.float32))
-        for name, (m, n) in shapes.items()}
+      name: LoRAFactors(
+        np.repeat(rng.standard_normal((1, m, r)), k, 0).astype(np.float32),
+        rng.standard_normal((k, r, n)).astype(np.float32),
+      )
+      for name, (m, n) in shapes.items()
+    }
     weights = rng.uniform(0.1, 1.0, k).astype(np.float32)
     omegas = sketch.make_omegas(jax.random.key(0), adapters, r + p)
     merged = self.variant(sketch.aggregate_adapters, static_argnames=("rank", "method"))(
-        adapters, weights, omegas, rank=r, method=method)
+      adapters, weights, omegas, rank=r, method=method
+    )
     self.assertEqual(set(merged), set(adapters))
     for name, factors in adapters.items():
       m, n = shapes[name]
@@ -238,7 +253,7 @@ def test_eckart_young_when_covered(case, method):
 def test_stage_functions_match_numpy(case, method):
   lora_a, lora_b, weights, omega = case.arrays()
   ref = numpy_fedask(lora_a, lora_b, weights, omega, case.r)
-  omega = omega[:, :min(case.m, case.n)]
+  omega = omega[:, : min(case.m, case.n)]
   w = weights
   # A float32 product of inner dimension d errs entrywise by <= d eps |A| |B| (Higham, Thm 3.5), with |.| the
   # entrywise absolute value; the chained products here have d <= r + n (stage 1) and r + m (stage 2).
@@ -254,8 +269,7 @@ def test_stage_functions_match_numpy(case, method):
   assert np.linalg.norm(ref.y - q @ (q.T @ ref.y)) < tol * np.linalg.norm(ref.y)
   q32 = ref.q.astype(np.float32)
   p = sum(wk * sketch.stage2_project(a_k, b_k, q32) for wk, a_k, b_k in zip(w, lora_a, lora_b))
-  bound = sum(wk * np.abs(b_k).T @ (np.abs(a_k).T @ np.abs(q32))
-              for wk, a_k, b_k in zip(w, lora_a, lora_b))
+  bound = sum(wk * np.abs(b_k).T @ (np.abs(a_k).T @ np.abs(q32)) for wk, a_k, b_k in zip(w, lora_a, lora_b))
   assert np.all(np.abs(p - ref.p) <= (case.r + case.m + case.k) * EPS32 * bound)
   new_a, new_b = sketch.reconstruct(ref.p.astype(np.float32), q32, case.r, method=method)
   assert _rel_error(new_a, new_b, ref.new_a @ ref.new_b) < tol
@@ -272,8 +286,9 @@ def test_certificate_matches_dense_error(case):
     got = float(_certificate(lora_a, lora_b, weights, *candidate))
     # Backward-stable QRs of the stacked factors L, R (docstring) leave an absolute error of ~eps ||L|| ||R||
     # relative to ||T||; rtol covers the float32 rounding of an O(1) error.
-    stacked_norms = (np.sqrt(np.sum(np.square(candidate[0])) + np.sum(weights[:, None, None]**2 * lora_a**2))
-                     * np.sqrt(np.sum(np.square(candidate[1])) + np.sum(lora_b**2)))
+    stacked_norms = np.sqrt(
+      np.sum(np.square(candidate[0])) + np.sum(weights[:, None, None] ** 2 * lora_a**2)
+    ) * np.sqrt(np.sum(np.square(candidate[1])) + np.sum(lora_b**2))
     np.testing.assert_allclose(got, dense, rtol=1e-5, atol=10 * EPS32 * stacked_norms / np.linalg.norm(ref.dense))
 
 
@@ -291,8 +306,11 @@ def test_dp_mode_exact_for_any_oversampling(shared, p, method):
   assert float(_certificate(lora_a, lora_b, weights, new_a, new_b)) < tol
 
 
-GAUGE_CASES = [Case(18, 13, 4, 5, 2, "lora_a", 50), Case(13, 18, 3, 4, 0, "lora_b", 51),
-               Case(24, 16, 1, 3, 1, "lora_a", 52)]
+GAUGE_CASES = [
+  Case(18, 13, 4, 5, 2, "lora_a", 50),
+  Case(13, 18, 3, 4, 0, "lora_b", 51),
+  Case(24, 16, 1, 3, 1, "lora_a", 52),
+]
 _gauged = jax.jit(sketch.aggregate_layer, static_argnames=("rank", "gauge", "fixed"))
 
 
@@ -317,7 +335,7 @@ def test_every_gauge_is_exact_in_dp_mode(case, gauge, fixed):
   held = np.asarray(new_a if fixed == "lora_a" else np.asarray(new_b).T, np.float64)  # [m or n, r]
   gram = held.T @ held
   np.testing.assert_allclose(np.linalg.norm(held), scale, rtol=10 * EPS32 * case.r)
-  s = ref.s[:case.r]
+  s = ref.s[: case.r]
   expected = np.eye(case.r) / case.r if gauge == "orthonormal" else np.diag(s / s.sum())
   np.testing.assert_allclose(gram / scale**2, expected, atol=tol)
 
@@ -364,8 +382,9 @@ def test_aggregate_adapters_holds_each_layer_at_its_scale():
   case = Case(12, 10, 2, 3, 1, "lora_a", 62)
   lora_a, lora_b, weights, omega = case.arrays()
   adapters = {"x": LoRAFactors(lora_a, lora_b), "y": LoRAFactors(lora_a, 2 * lora_b)}
-  new = sketch.aggregate_adapters(adapters, weights, {"x": omega, "y": omega}, case.r, "orthonormal",
-                                  {"x": 0.5, "y": 3.0})
+  new = sketch.aggregate_adapters(
+    adapters, weights, {"x": omega, "y": omega}, case.r, "orthonormal", {"x": 0.5, "y": 3.0}
+  )
   for name, scale in (("x", 0.5), ("y", 3.0)):
     np.testing.assert_allclose(np.linalg.norm(new[name].lora_a), scale, rtol=1e-5)
     assert _rel_error(*new[name], wmean_product(*adapters[name], weights)) < 1e-5
@@ -413,8 +432,11 @@ def test_weights_are_used_as_given():
   assert _rel_error(*unit, ref.new_a @ ref.new_b) < tol
   assert _rel_error(*scaled, 37.0 * ref.new_a @ ref.new_b) < tol
   np.testing.assert_allclose(
-      _certificate(lora_a, lora_b, 37.0 * weights, *scaled), _certificate(lora_a, lora_b, weights, *unit),
-      rtol=1e-4, atol=1e-6)
+    _certificate(lora_a, lora_b, 37.0 * weights, *scaled),
+    _certificate(lora_a, lora_b, weights, *unit),
+    rtol=1e-4,
+    atol=1e-6,
+  )
   # Integer sample counts are weights too (the aggregate is then their weighted sum, not a mean).
   counts = np.arange(1, case.k + 1)
   from_counts = _aggregate(lora_a, lora_b, counts, omega, rank=case.r)
@@ -423,8 +445,10 @@ def test_weights_are_used_as_given():
 
 
 def test_make_omegas_seeded_by_sorted_layer_index():
-  adapters = {"z.v_proj": LoRAFactors(jnp.zeros((2, 8, 2)), jnp.zeros((2, 2, 10))),
-              "a.q_proj": LoRAFactors(jnp.zeros((8, 2)), jnp.zeros((2, 3)))}
+  adapters = {
+    "z.v_proj": LoRAFactors(jnp.zeros((2, 8, 2)), jnp.zeros((2, 2, 10))),
+    "a.q_proj": LoRAFactors(jnp.zeros((8, 2)), jnp.zeros((2, 3))),
+  }
   key = jax.random.key(7)
   omegas = sketch.make_omegas(key, adapters, 6)
   # Sorted order: "a.q_proj" is index 0, "z.v_proj" index 1; widths clipped to min(width, m, n).
@@ -447,8 +471,12 @@ def test_make_omega_is_standard_gaussian():
 
 
 def _problem(k=3, m=8, r=2, n=6, w=4):
-  return (np.ones((k, m, r), np.float32), np.ones((k, r, n), np.float32), np.ones(k, np.float32),
-          np.ones((n, w), np.float32))
+  return (
+    np.ones((k, m, r), np.float32),
+    np.ones((k, r, n), np.float32),
+    np.ones(k, np.float32),
+    np.ones((n, w), np.float32),
+  )
 
 
 def _with(**changes):
@@ -459,7 +487,9 @@ def _with(**changes):
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("args,rank,match", [
+@pytest.mark.parametrize(
+  "args,rank,match",
+  [
     (_with(lora_a=np.ones((8, 2), np.float32)), 2, r"lora_a has shape \(8, 2\): expected 3 axes"),
     (_with(lora_b=np.ones((2, 2, 6), np.float32)), 2, r"do not chain"),
     (_with(lora_b=np.ones((3, 3, 6), np.float32)), 2, r"do not chain"),
@@ -468,7 +498,8 @@ def _with(**changes):
     (_with(), 5, r"rank=5 exceeds the sketch width w = 4"),
     (_with(omega=np.ones((6, 8), np.float32)), 7, r"rank=7 exceeds min\(m, n\) = 6"),
     (_with(), 0, r"rank=0: the target rank must be an integer >= 1"),
-])
+  ],
+)
 def test_aggregate_validation(jit, args, rank, match):
   aggregate = jax.jit(sketch.aggregate_layer, static_argnames="rank") if jit else sketch.aggregate_layer
   with pytest.raises(ValueError, match=match):
@@ -480,7 +511,9 @@ def test_traced_rank_is_rejected():
     jax.jit(sketch.aggregate_layer)(*_problem(), 2)
 
 
-@pytest.mark.parametrize("call,match", [
+@pytest.mark.parametrize(
+  "call,match",
+  [
     (lambda: sketch.stage1_sketch(np.ones((8, 2)), np.ones((3, 6)), np.ones((6, 4))), r"do not chain"),
     (lambda: sketch.stage2_project(np.ones((8, 2)), np.ones((2, 6)), np.ones((7, 4))), r"do not chain"),
     (lambda: sketch.orthonormal_basis(np.ones((3, 4))), r"thin QR needs width w <= m"),
@@ -494,17 +527,29 @@ def test_traced_rank_is_rejected():
     (lambda: sketch.reconstruct(np.ones((6, 4)), np.ones((8, 4)), 2, "norm", 0.0), r"scale=0.0: .*must be a finite"),
     (lambda: sketch.reconstruct(np.ones((6, 4)), np.ones((8, 4)), 2, "norm", 1.0, "a"), r"fixed='a'"),
     (lambda: sketch.split_factors(np.ones((6, 2)), np.ones(3), np.ones((2, 5))), r"do not chain"),
-    (lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {"q": np.ones((6, 4))}, 2,
-                                       "orthonormal"), r"needs scales with one entry per layer"),
+    (
+      lambda: sketch.aggregate_adapters(
+        {"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {"q": np.ones((6, 4))}, 2, "orthonormal"
+      ),
+      r"needs scales with one entry per layer",
+    ),
     (lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {}, 2), r"one omega per"),
-    (lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {"q": np.ones((6, 1))}, 2),
-     r"layer 'q': rank=2 exceeds the sketch width"),
-    (lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(2), {"q": np.ones((6, 4))}, 2),
-     r"adapters\['q'\]: weights has shape"),
-    (lambda: sketch.adapters_reconstruction_error({"q": LoRAFactors(*_problem()[:2])}, np.ones(3),
-                                                  {"q": LoRAFactors(np.ones((7, 2)), np.ones((2, 6)))}),
-     r"aggregated\['q'\]: lora_a_hat \(7, 2\) and lora_b_hat \(2, 6\) do not match"),
-])
+    (
+      lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {"q": np.ones((6, 1))}, 2),
+      r"layer 'q': rank=2 exceeds the sketch width",
+    ),
+    (
+      lambda: sketch.aggregate_adapters({"q": LoRAFactors(*_problem()[:2])}, np.ones(2), {"q": np.ones((6, 4))}, 2),
+      r"adapters\['q'\]: weights has shape",
+    ),
+    (
+      lambda: sketch.adapters_reconstruction_error(
+        {"q": LoRAFactors(*_problem()[:2])}, np.ones(3), {"q": LoRAFactors(np.ones((7, 2)), np.ones((2, 6)))}
+      ),
+      r"aggregated\['q'\]: lora_a_hat \(7, 2\) and lora_b_hat \(2, 6\) do not match",
+    ),
+  ],
+)
 def test_validation_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()
@@ -525,7 +570,7 @@ def _dp_tolerance(dense, omega):
   """
   _, s, vt = np.linalg.svd(dense)
   t = int(np.sum(s > s[0] * 1e-9))
-  g = vt[:t] @ np.asarray(omega, np.float64)[:, :min(dense.shape)]
+  g = vt[:t] @ np.asarray(omega, np.float64)[:, : min(dense.shape)]
   return 10 * EPS32 * (np.linalg.norm(g, 2) * np.linalg.norm(np.linalg.pinv(g), "fro") + 1)
 
 
@@ -545,12 +590,12 @@ def _dp_problem(m, n, r, k, p, spectrum, seed):
 
 
 HARD_DP = {
-    # Singular values of the aggregate spanning 1e-6..1 (ill-conditioned Y, P and Gram matrices).
-    "spectrum_1e-6": (160, 96, 8, 5, 2, np.logspace(0, -6, 8)),
-    # Rank 2, far below w = 14: the Gram matrices of Y and P are singular (rank 2 of 14).
-    "rank_2_of_14": (96, 160, 8, 4, 6, [1.0, 0.5] + [0.0] * 6),
-    # Both at once, and a tall layer (the shift grows with sqrt(m)).
-    "rank_4_spectrum_1e-6": (1024, 64, 8, 3, 4, [1.0, 1e-2, 1e-4, 1e-6] + [0.0] * 4),
+  # Singular values of the aggregate spanning 1e-6..1 (ill-conditioned Y, P and Gram matrices).
+  "spectrum_1e-6": (160, 96, 8, 5, 2, np.logspace(0, -6, 8)),
+  # Rank 2, far below w = 14: the Gram matrices of Y and P are singular (rank 2 of 14).
+  "rank_2_of_14": (96, 160, 8, 4, 6, [1.0, 0.5] + [0.0] * 6),
+  # Both at once, and a tall layer (the shift grows with sqrt(m)).
+  "rank_4_spectrum_1e-6": (1024, 64, 8, 3, 4, [1.0, 1e-2, 1e-4, 1e-6] + [0.0] * 4),
 }
 
 
@@ -574,14 +619,14 @@ def _hard_bases():
   badly_scaled = rng.standard_normal((m, w))
   badly_scaled[0] *= 1e4
   return {
-      "gaussian": rng.standard_normal((m, w)),
-      "spectrum_1e-6": u * np.logspace(0, -6, w) @ v.T,
-      "rank_3": rng.standard_normal((m, 3)) @ rng.standard_normal((3, w)),
-      "zero": np.zeros((m, w)),
-      "tiny_rank_3": 1e-30 * rng.standard_normal((m, 3)) @ rng.standard_normal((3, w)),
-      "huge": 1e30 * rng.standard_normal((m, w)),
-      "one_large_row": badly_scaled,
-      "square": rng.standard_normal((w, w)),
+    "gaussian": rng.standard_normal((m, w)),
+    "spectrum_1e-6": u * np.logspace(0, -6, w) @ v.T,
+    "rank_3": rng.standard_normal((m, 3)) @ rng.standard_normal((3, w)),
+    "zero": np.zeros((m, w)),
+    "tiny_rank_3": 1e-30 * rng.standard_normal((m, 3)) @ rng.standard_normal((3, w)),
+    "huge": 1e30 * rng.standard_normal((m, w)),
+    "one_large_row": badly_scaled,
+    "square": rng.standard_normal((w, w)),
   }
 
 
@@ -617,12 +662,18 @@ def test_batched_layers_match_the_mapped_ones(monkeypatch):
   # One layer group of 3 (one shape): the accelerators' batched path, vmap, against the CPU's lax.map.
   rng = np.random.default_rng(70)
   k, r, m, n = 3, 4, 20, 16
-  adapters = {f"layer{i}": LoRAFactors(np.repeat(rng.standard_normal((1, m, r)), k, 0).astype(np.float32),
-                                       rng.standard_normal((k, r, n)).astype(np.float32)) for i in range(3)}
+  adapters = {
+    f"layer{i}": LoRAFactors(
+      np.repeat(rng.standard_normal((1, m, r)), k, 0).astype(np.float32),
+      rng.standard_normal((k, r, n)).astype(np.float32),
+    )
+    for i in range(3)
+  }
   weights = rng.uniform(0.1, 1.0, k).astype(np.float32)
   omegas = sketch.make_omegas(jax.random.key(1), adapters, r + 2)
   run = lambda: jax.jit(functools.partial(sketch.aggregate_adapters, rank=r, method="cholesky"))(
-      adapters, weights, omegas)
+    adapters, weights, omegas
+  )
   assert not sketch.batch_layers("cholesky")  # on the CPU
   mapped = run()
   monkeypatch.setattr(sketch, "batch_layers", lambda method: True)

@@ -30,9 +30,13 @@ SKETCH = dict(rtol=1e-4, atol=1e-6)
 
 
 def random_adapters(rng, lead=()):
-  return {name: LoRAFactors(rng.standard_normal((*lead, M_IN, R)).astype(np.float32),
-                            rng.standard_normal((*lead, R, N_OUT)).astype(np.float32))
-          for name in ("layer.0", "layer.1")}
+  return {
+    name: LoRAFactors(
+      rng.standard_normal((*lead, M_IN, R)).astype(np.float32),
+      rng.standard_normal((*lead, R, N_OUT)).astype(np.float32),
+    )
+    for name in ("layer.0", "layer.1")
+  }
 
 
 def problem(seed=0, shared=None):
@@ -41,8 +45,10 @@ def problem(seed=0, shared=None):
   global_adapters = random_adapters(rng)
   clients = random_adapters(rng, (K,))
   if shared is not None:
-    clients = {n: f._replace(**{shared: np.broadcast_to(getattr(global_adapters[n], shared), getattr(f, shared).shape)})
-               for n, f in clients.items()}
+    clients = {
+      n: f._replace(**{shared: np.broadcast_to(getattr(global_adapters[n], shared), getattr(f, shared).shape)})
+      for n, f in clients.items()
+    }
   results = base.ClientResult(clients, random_adapters(rng, (K,)))
   weights = rng.uniform(0.5, 2.0, K)
   weights = (weights / weights.sum()).astype(np.float32)  # the round normalises them before the server update
@@ -56,7 +62,14 @@ def wmean(stacked, weights):
 
 def test_registry_holds_every_strategy_by_name():
   assert set(strategies.STRATEGIES) == {
-      "fedask", "fedask-alt", "fedavg", "ffa-lora", "fedsa-lora", "fedprox", "scaffold"}
+    "fedask",
+    "fedask-alt",
+    "fedavg",
+    "ffa-lora",
+    "fedsa-lora",
+    "fedprox",
+    "scaffold",
+  }
   for name, factory in strategies.STRATEGIES.items():
     strategy = factory()
     assert isinstance(strategy, base.Strategy) and strategy.name == name
@@ -78,7 +91,9 @@ def test_bad_names_and_hyper_parameters_fail_with_value_errors():
 ALTERNATE = ["lora_b", "lora_a"] * 2
 
 
-@pytest.mark.parametrize("name,private,schedule", [
+@pytest.mark.parametrize(
+  "name,private,schedule",
+  [
     ("fedask", True, ["lora_b"] * 4),
     ("fedask", False, ["both"] * 4),
     ("fedask-alt", True, ALTERNATE),
@@ -88,7 +103,8 @@ ALTERNATE = ["lora_b", "lora_a"] * 2
     ("fedsa-lora", False, ["both"] * 4),
     ("fedprox", True, ["both"] * 4),
     ("scaffold", True, ["both"] * 4),
-])
+  ],
+)
 def test_trained_factor_schedule(name, private, schedule):
   """Rounds 1..4: FedASK trains lora_b (lora_a frozen) under DP and both without; fedask-alt alternates lora_b,
   lora_a, lora_b, lora_a."""
@@ -105,9 +121,15 @@ class AggregationTest(parameterized.TestCase):
     # Non-trivial (random) state, so that a wrong row or a missed update shows; counters random integers.
     leaves, treedef = jax.tree.flatten(strategy.init(global_adapters, N))
     rng = np.random.default_rng(1)
-    state = jax.tree.unflatten(treedef, [
-        rng.integers(0, 100, x.shape).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.integer)
-        else rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
+    state = jax.tree.unflatten(
+      treedef,
+      [
+        rng.integers(0, 100, x.shape).astype(x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.integer)
+        else rng.standard_normal(x.shape).astype(np.float32)
+        for x in leaves
+      ],
+    )
     server_update = self.variant(strategy.server_update)
     new, new_state, metrics = server_update(state, global_adapters, results, weights, ids, jax.random.key(0))
     return global_adapters, results, weights, ids, state, new, new_state, metrics
@@ -185,9 +207,15 @@ class AggregationTest(parameterized.TestCase):
 
 
 @pytest.mark.parametrize("gauge", ["orthonormal", "norm"])
-@pytest.mark.parametrize("name,trained,fixed", [
-    ("fedask", "lora_b", "lora_a"), ("fedask", "both", "lora_a"),
-    ("fedask-alt", "lora_b", "lora_b"), ("fedask-alt", "lora_a", "lora_a")])
+@pytest.mark.parametrize(
+  "name,trained,fixed",
+  [
+    ("fedask", "lora_b", "lora_a"),
+    ("fedask", "both", "lora_a"),
+    ("fedask-alt", "lora_b", "lora_b"),
+    ("fedask-alt", "lora_a", "lora_a"),
+  ],
+)
 def test_gauges_hold_the_next_frozen_factor_at_the_frozen_factors_scale(gauge, name, trained, fixed):
   """The server reads the trained factor from the clients' mean gradients (None for the frozen one); the factor
   the next round freezes (FedASK: lora_a; fedask-alt: the one trained now) gets the Frobenius norm of the global
@@ -200,15 +228,20 @@ def test_gauges_hold_the_next_frozen_factor_at_the_frozen_factors_scale(gauge, n
   key = jax.random.key(0)
   strategy, paper_strategy = strategies.get_strategy(name, gauge=gauge), strategies.get_strategy(name)
   new, _, metrics = jax.jit(strategy.server_update)(
-      strategy.init(global_adapters, N), global_adapters, results, weights, ids, key)
-  paper, _, _ = paper_strategy.server_update(paper_strategy.init(global_adapters, N), global_adapters, results,
-                                             weights, ids, key)
+    strategy.init(global_adapters, N), global_adapters, results, weights, ids, key
+  )
+  paper, _, _ = paper_strategy.server_update(
+    paper_strategy.init(global_adapters, N), global_adapters, results, weights, ids, key
+  )
   for n in new:
-    np.testing.assert_allclose(np.linalg.norm(getattr(new[n], fixed)),
-                               np.linalg.norm(getattr(global_adapters[n], frozen)), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(new[n].lora_a, np.float64) @ np.asarray(new[n].lora_b, np.float64),
-                               np.asarray(paper[n].lora_a, np.float64) @ np.asarray(paper[n].lora_b, np.float64),
-                               **SKETCH)
+    np.testing.assert_allclose(
+      np.linalg.norm(getattr(new[n], fixed)), np.linalg.norm(getattr(global_adapters[n], frozen)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      np.asarray(new[n].lora_a, np.float64) @ np.asarray(new[n].lora_b, np.float64),
+      np.asarray(paper[n].lora_a, np.float64) @ np.asarray(paper[n].lora_b, np.float64),
+      **SKETCH,
+    )
   if shared is not None:
     assert float(metrics["reconstruction_error"]) < 1e-5
 
@@ -222,8 +255,9 @@ def test_unknown_gauge_fails_with_the_choices():
 def test_certificate_can_be_switched_off():
   global_adapters, results, weights, ids = problem(shared="lora_a")
   strategy = strategies.get_strategy("fedask", certify_every=0)
-  _, _, metrics = strategy.server_update(strategy.init(global_adapters, N), global_adapters, results, weights, ids,
-                                         jax.random.key(0))
+  _, _, metrics = strategy.server_update(
+    strategy.init(global_adapters, N), global_adapters, results, weights, ids, jax.random.key(0)
+  )
   assert metrics == {}
 
 
@@ -237,7 +271,8 @@ def test_certificate_every_n_aggregations(name):
   state = strategy.init(global_adapters, N)
   certified = strategies.get_strategy(name, certify_every=1)
   reference, _, always = jax.jit(certified.server_update)(
-      certified.init(global_adapters, N), global_adapters, results, weights, ids, jax.random.key(0))
+    certified.init(global_adapters, N), global_adapters, results, weights, ids, jax.random.key(0)
+  )
   for count in range(7):
     new, state, metrics = update(state, global_adapters, results, weights, ids, jax.random.key(0))
     assert int(state) == count + 1
@@ -271,7 +306,8 @@ def test_local_objectives():
   correction = scaffold.correction(context, both, both)
   for n in both:
     np.testing.assert_allclose(
-        correction[n].lora_b, state.server_control[n].lora_b - state.client_controls[n].lora_b[4], **MEAN)
+      correction[n].lora_b, state.server_control[n].lora_b - state.client_controls[n].lora_b[4], **MEAN
+    )
   for name in ("fedask", "fedask-alt", "fedavg", "ffa-lora", "fedsa-lora"):
     assert strategies.get_strategy(name).gradient_correction is None
 

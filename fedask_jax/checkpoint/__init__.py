@@ -5,6 +5,10 @@ from fedask_jax.checkpoint.peft import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from fedask_jax.checkpoint.state import StateCheckpoints, UnreadableCheckpoints
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "StateCheckpoints", "UnreadableCheckpoints", "export_peft",
-    "import_peft",
+  "ADAPTER_CONFIG_NAME",
+  "ADAPTER_WEIGHTS_NAME",
+  "StateCheckpoints",
+  "UnreadableCheckpoints",
+  "export_peft",
+  "import_peft",
 ]

@@ -39,34 +39,34 @@ _FACTOR_SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
 # does not implement (rsLoRA / DoRA scaling, per-layer ranks, extra trainable tensors, base weights modified at
 # init). Each maps to the values that are safe to ignore.
 _UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "use_rslora": (False, None),
-    "use_dora": (False, None),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
-    "layers_to_transform": (None, []),
-    "exclude_modules": (None, []),
-    "modules_to_save": (None, []),
-    "bias": ("none", None),
-    "lora_bias": (False, None),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
-    "layer_replication": (None,),
-    "use_qalora": (False, None),
-    "use_bdlora": (None, False),
-    "alora_invocation_tokens": (None,),
-    "megatron_config": (None,),
-    # PiSSA, OLoRA, CorDA and LoftQ rewrite the base weights at initialisation: their adapters only make sense on
-    # the rewritten base model, not on the original checkpoint.
-    "init_lora_weights": (True, False, "gaussian"),
+  "use_rslora": (False, None),
+  "use_dora": (False, None),
+  "rank_pattern": ({}, None),
+  "alpha_pattern": ({}, None),
+  "layers_to_transform": (None, []),
+  "exclude_modules": (None, []),
+  "modules_to_save": (None, []),
+  "bias": ("none", None),
+  "lora_bias": (False, None),
+  "target_parameters": (None, []),
+  "trainable_token_indices": (None,),
+  "layer_replication": (None,),
+  "use_qalora": (False, None),
+  "use_bdlora": (None, False),
+  "alora_invocation_tokens": (None,),
+  "megatron_config": (None,),
+  # PiSSA, OLoRA, CorDA and LoftQ rewrite the base weights at initialisation: their adapters only make sense on
+  # the rewritten base model, not on the original checkpoint.
+  "init_lora_weights": (True, False, "gaussian"),
 }
 
 
 def export_peft(
-    model: nnx.Module,
-    out_dir: str | os.PathLike,
-    *,
-    base_model_name_or_path: str | None = None,
-    fan_in_fan_out: bool | None = None,
+  model: nnx.Module,
+  out_dir: str | os.PathLike,
+  *,
+  base_model_name_or_path: str | None = None,
+  fan_in_fan_out: bool | None = None,
 ) -> dict[str, Any]:
   """Write the adapters of `model` as a PEFT LoRA adapter (`PeftModel.from_pretrained(hf_model, out_dir)`).
 
@@ -94,21 +94,24 @@ def export_peft(
   """
   layers = lora_layers(model)
   if not layers:
-    raise ValueError("export_peft: the model has no LoRA adapters; add them with fedask_jax.lora.inject_lora "
-                     "or import_peft first.")
+    raise ValueError(
+      "export_peft: the model has no LoRA adapters; add them with fedask_jax.lora.inject_lora or import_peft first."
+    )
   params = {name: layer.lora_params() for name, layer in layers.items()}
   ranks = {name: lora_a.shape[-1] for name, (lora_a, _) in params.items()}
   for name, (lora_a, lora_b) in params.items():
     if lora_a.ndim != 2 or lora_b.ndim != 2:
       raise ValueError(
-          f"export_peft: {name}.lora_a has shape {lora_a.shape} and lora_b {lora_b.shape}; PEFT "
-          "stores one unbatched adapter: select one client's adapters (e.g. fedask_jax.adapters.unstack_adapters) "
-          "before exporting.")
+        f"export_peft: {name}.lora_a has shape {lora_a.shape} and lora_b {lora_b.shape}; PEFT "
+        "stores one unbatched adapter: select one client's adapters (e.g. fedask_jax.adapters.unstack_adapters) "
+        "before exporting."
+      )
   rank = _single_value("rank", ranks)
   scaling = _single_value("scaling (alpha / r)", {name: float(layer.scaling) for name, layer in layers.items()})
   dropout = _single_value(
-      "dropout", {name: float(layer.lora_dropout.rate) if layer.lora_dropout is not None else 0.0
-                  for name, layer in layers.items()})
+    "dropout",
+    {name: float(layer.lora_dropout.rate) if layer.lora_dropout is not None else 0.0 for name, layer in layers.items()},
+  )
   alpha = scaling * rank
   if abs(alpha - round(alpha)) <= 1e-9 * alpha:
     # PEFT configs carry integer alphas; scaling * r can be off by an ulp.
@@ -117,20 +120,20 @@ def export_peft(
     fan_in_fan_out = getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
 
   config = {
-      "peft_type": "LORA",
-      "task_type": "CAUSAL_LM",
-      "base_model_name_or_path": base_model_name_or_path,
-      "r": rank,
-      "lora_alpha": alpha,
-      "lora_dropout": dropout,
-      "target_modules": _target_modules(model, set(layers)),
-      "bias": "none",
-      "fan_in_fan_out": bool(fan_in_fan_out),
-      "use_rslora": False,
-      "use_dora": False,
-      "init_lora_weights": True,
-      "modules_to_save": None,
-      "inference_mode": True,
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model_name_or_path,
+    "r": rank,
+    "lora_alpha": alpha,
+    "lora_dropout": dropout,
+    "target_modules": _target_modules(model, set(layers)),
+    "bias": "none",
+    "fan_in_fan_out": bool(fan_in_fan_out),
+    "use_rslora": False,
+    "use_dora": False,
+    "init_lora_weights": True,
+    "modules_to_save": None,
+    "inference_mode": True,
   }
   tensors = {}
   for name, (lora_a, lora_b) in params.items():
@@ -174,24 +177,27 @@ def import_peft(model: nnx.Module, adapter_dir: str | os.PathLike, *, dtype: Any
   unexpected = sorted(set(factors) - set(targets))
   if missing or unexpected:
     raise ValueError(
-        f"import_peft: the adapter in {adapter_dir} does not fit the model's "
-        f"{'adapted' if existing else 'target_modules=' + repr(config.target_modules)} layers. "
-        f"Missing keys (a layer to adapt without factors): {_key_names(missing)}; unexpected keys (factors "
-        f"without a matching layer): {_key_names(unexpected)}. Load it onto the base model it was trained on.")
+      f"import_peft: the adapter in {adapter_dir} does not fit the model's "
+      f"{'adapted' if existing else 'target_modules=' + repr(config.target_modules)} layers. "
+      f"Missing keys (a layer to adapt without factors): {_key_names(missing)}; unexpected keys (factors "
+      f"without a matching layer): {_key_names(unexpected)}. Load it onto the base model it was trained on."
+    )
   for name, layer in targets.items():
     a, b = factors[name]
     expected_a = (config.rank, layer.in_features)
     expected_b = (layer.out_features, config.rank)
     if a.shape != expected_a or b.shape != expected_b:
       raise ValueError(
-          f"import_peft: {_KEY_PREFIX}{name}.lora_A.weight / lora_B.weight have shapes {a.shape} / {b.shape}; "
-          f"a rank-{config.rank} adapter of this {layer.in_features} x {layer.out_features} layer needs "
-          f"{expected_a} / {expected_b}. Check that the adapter belongs to this model (and rank r in "
-          "adapter_config.json).")
+        f"import_peft: {_KEY_PREFIX}{name}.lora_A.weight / lora_B.weight have shapes {a.shape} / {b.shape}; "
+        f"a rank-{config.rank} adapter of this {layer.in_features} x {layer.out_features} layer needs "
+        f"{expected_a} / {expected_b}. Check that the adapter belongs to this model (and rank r in "
+        "adapter_config.json)."
+      )
     if existing and (rank := layer.lora_params()[0].shape[-1]) != config.rank:
       raise ValueError(
-          f"import_peft: the model's adapter at {name} has rank {rank} but the file's r is "
-          f"{config.rank}: import into a model without adapters (they are then added with r={config.rank}).")
+        f"import_peft: the model's adapter at {name} has rank {rank} but the file's r is "
+        f"{config.rank}: import into a model without adapters (they are then added with r={config.rank})."
+      )
 
   if not existing:
     # The initial values are overwritten below; the key only has to be valid.
@@ -210,8 +216,9 @@ def _single_value(what: str, values: dict[str, Any]) -> Any:
   if len(distinct) != 1:
     examples = {v: next(n for n, x in values.items() if x == v) for v in distinct}
     raise ValueError(
-        f"export_peft: the adapters have different {what} values {examples} (value: an example layer); a PEFT "
-        "adapter file has one value for all layers: export models whose adapters share it.")
+      f"export_peft: the adapters have different {what} values {examples} (value: an example layer); a PEFT "
+      "adapter file has one value for all layers: export models whose adapters share it."
+    )
   return distinct[0]
 
 
@@ -227,30 +234,36 @@ def _target_modules(model: nnx.Module, adapted: set[str]) -> list[str] | str:
 def _read_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
   path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"import_peft: {path} does not exist; pass a directory written by PEFT's "
-                            "save_pretrained or by export_peft.")
+    raise FileNotFoundError(
+      f"import_peft: {path} does not exist; pass a directory written by PEFT's save_pretrained or by export_peft."
+    )
   with open(path) as f:
     raw = json.load(f)
   if raw.get("peft_type") != "LORA":
-    raise ValueError(f"import_peft: {path} has peft_type={raw.get('peft_type')!r}; only LoRA adapters "
-                     "(peft_type 'LORA') can be imported.")
+    raise ValueError(
+      f"import_peft: {path} has peft_type={raw.get('peft_type')!r}; only LoRA adapters "
+      "(peft_type 'LORA') can be imported."
+    )
   bad = {k: raw[k] for k, ok in _UNSUPPORTED_OPTIONS.items() if k in raw and raw[k] not in ok}
   if bad:
     defaults = {k: _UNSUPPORTED_OPTIONS[k][0] for k in bad}
     raise ValueError(
-        f"import_peft: {path} uses options that fedask_jax.lora.Linear does not implement: {bad}. Supported is "
-        "plain LoRA (scaling alpha / r, one rank for all layers, no bias or extra trained modules, default or "
-        "Gaussian init); convert or retrain the adapter with these options at their defaults: "
-        f"{defaults}.")
+      f"import_peft: {path} uses options that fedask_jax.lora.Linear does not implement: {bad}. Supported is "
+      "plain LoRA (scaling alpha / r, one rank for all layers, no bias or extra trained modules, default or "
+      "Gaussian init); convert or retrain the adapter with these options at their defaults: "
+      f"{defaults}."
+    )
   target_modules = raw.get("target_modules")
   if target_modules is None or target_modules == "all-linear":
     raise ValueError(
-        f"import_peft: {path} has target_modules={target_modules!r}; name the modules explicitly (a list such "
-        "as ['q_proj', 'v_proj'] or a regular expression) and save the adapter again.")
+      f"import_peft: {path} has target_modules={target_modules!r}; name the modules explicitly (a list such "
+      "as ['q_proj', 'v_proj'] or a regular expression) and save the adapter again."
+    )
   if not isinstance(target_modules, str):
     target_modules = tuple(sorted(target_modules))
-  return LoRAConfig(rank=raw["r"], alpha=raw["lora_alpha"], target_modules=target_modules,
-                    dropout=float(raw.get("lora_dropout", 0.0)))
+  return LoRAConfig(
+    rank=raw["r"], alpha=raw["lora_alpha"], target_modules=target_modules, dropout=float(raw.get("lora_dropout", 0.0))
+  )
 
 
 def _read_factors(adapter_dir: str | os.PathLike) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -258,8 +271,11 @@ def _read_factors(adapter_dir: str | os.PathLike) -> dict[str, tuple[jax.Array, 
   path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
   if not os.path.isfile(path):
     legacy = os.path.join(adapter_dir, "adapter_model.bin")
-    hint = (f" ({legacy} exists: re-save it with PEFT's save_pretrained(..., safe_serialization=True))"
-            if os.path.isfile(legacy) else "")
+    hint = (
+      f" ({legacy} exists: re-save it with PEFT's save_pretrained(..., safe_serialization=True))"
+      if os.path.isfile(legacy)
+      else ""
+    )
     raise FileNotFoundError(f"import_peft: {path} does not exist{hint}.")
   pieces: dict[str, dict[str, jax.Array]] = {}
   unexpected = []
@@ -268,17 +284,23 @@ def _read_factors(adapter_dir: str | os.PathLike) -> dict[str, tuple[jax.Array, 
     if factor is None or not key.startswith(_KEY_PREFIX):
       unexpected.append(key)
       continue
-    module = key[len(_KEY_PREFIX):-len(_FACTOR_SUFFIXES[factor])]
+    module = key[len(_KEY_PREFIX) : -len(_FACTOR_SUFFIXES[factor])]
     pieces.setdefault(module, {})[factor] = value
   if unexpected:
     raise ValueError(
-        f"import_peft: unexpected keys in {path}: {sorted(unexpected)}; only "
-        f"'{_KEY_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' (plain LoRA) can be imported.")
-  incomplete = sorted(_KEY_PREFIX + m + _FACTOR_SUFFIXES["lora_B" if "lora_A" in p else "lora_A"]
-                      for m, p in pieces.items() if len(p) != 2)
+      f"import_peft: unexpected keys in {path}: {sorted(unexpected)}; only "
+      f"'{_KEY_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' (plain LoRA) can be imported."
+    )
+  incomplete = sorted(
+    _KEY_PREFIX + m + _FACTOR_SUFFIXES["lora_B" if "lora_A" in p else "lora_A"]
+    for m, p in pieces.items()
+    if len(p) != 2
+  )
   if incomplete:
-    raise ValueError(f"import_peft: missing keys in {path}: {incomplete}; every adapted module needs both "
-                     "lora_A.weight and lora_B.weight.")
+    raise ValueError(
+      f"import_peft: missing keys in {path}: {incomplete}; every adapted module needs both "
+      "lora_A.weight and lora_B.weight."
+    )
   return {m: (p["lora_A"], p["lora_B"]) for m, p in pieces.items()}
 
 

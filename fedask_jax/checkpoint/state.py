@@ -108,11 +108,15 @@ class StateCheckpoints:
     check_int("keep", keep, 1, what="the number of checkpoints kept")
     self.directory = Path(os.path.abspath(directory))
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, create=True,
-            temporary_path_class=_PausingRename if os.environ.get(PAUSE_BEFORE_COMMIT) else None),
-        item_names=("state", "ledger"))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=False,
+        create=True,
+        temporary_path_class=_PausingRename if os.environ.get(PAUSE_BEFORE_COMMIT) else None,
+      ),
+      item_names=("state", "ledger"),
+    )
 
   def rounds(self) -> list[int]:
     """The rounds that have a complete checkpoint, ascending."""
@@ -130,9 +134,13 @@ class StateCheckpoints:
     raw = jax.tree.map(_host_key_data, state)
     if round_index in self._manager.all_steps():
       self._manager.delete(round_index)
-    self._manager.save(round_index, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(raw), ledger=ocp.args.JsonSave({**ledger, STATE_DIGEST: state_digest(raw)})),
-        force=True)
+    self._manager.save(
+      round_index,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(raw), ledger=ocp.args.JsonSave({**ledger, STATE_DIGEST: state_digest(raw)})
+      ),
+      force=True,
+    )
     self._manager.wait_until_finished()
 
   def restore(self, round_index: int, template: Any) -> tuple[Any, dict[str, Any]]:
@@ -140,18 +148,22 @@ class StateCheckpoints:
     ValueError when the restored arrays do not match the digest saved with them (a damaged checkpoint); orbax's
     own errors (missing or unparsable files) pass through."""
     abstract = jax.tree.map(lambda x: ocp.utils.to_shape_dtype_struct(_host_key_data(x)), template)
-    restored = self._manager.restore(round_index, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), ledger=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+      round_index, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), ledger=ocp.args.JsonRestore())
+    )
     ledger = dict(restored.ledger)
     # Checkpoints written before digests were recorded have none to check.
     expected = ledger.pop(STATE_DIGEST, None)
     if expected is not None and state_digest(restored.state) != expected:
       raise ValueError(
-          f"checkpoint {self.directory / str(round_index)}: the restored arrays do not match the SHA-256 saved "
-          "with them (a damaged file).")
+        f"checkpoint {self.directory / str(round_index)}: the restored arrays do not match the SHA-256 saved "
+        "with them (a damaged file)."
+      )
     state = jax.tree.map(
-        lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
-        template, restored.state)
+      lambda t, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
+      template,
+      restored.state,
+    )
     return state, ledger
 
   def restore_latest(self, template: Any) -> Restored | None:
@@ -169,15 +181,18 @@ class StateCheckpoints:
       except Exception as error:  # noqa: BLE001
         message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         unreadable.append((round_index, message))
-        warnings.warn(f"checkpoint of round {round_index} in {self.directory} is unreadable ({message}); trying "
-                      "the previous one.", stacklevel=2)
+        warnings.warn(
+          f"checkpoint of round {round_index} in {self.directory} is unreadable ({message}); trying the previous one.",
+          stacklevel=2,
+        )
         continue
       return Restored(round_index, state, ledger, tuple(unreadable))
     if unreadable:
       detail = "; ".join(f"round {r}: {m}" for r, m in unreadable)
       raise UnreadableCheckpoints(
-          f"no readable checkpoint in {self.directory} ({detail}): restore the directory from a backup, or move "
-          "it away to start the run over.")
+        f"no readable checkpoint in {self.directory} ({detail}): restore the directory from a backup, or move "
+        "it away to start the run over."
+      )
     return None
 
   def close(self) -> None:

@@ -41,10 +41,30 @@ from fedask_jax.config.schema import (
 from fedask_jax.config.validation import check_encoded, check_model, check_records, lora_config, validate
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "EvalConfig", "LoRASection",
-    "ModelConfig", "OptimizerConfig", "PrivacyConfig", "SketchConfig", "apply_overrides", "check_encoded",
-    "check_model", "check_records", "config_diff", "flatten", "from_dict", "load_config", "lora_config",
-    "parse_override", "read_yaml", "to_dict", "validate",
+  "CheckpointConfig",
+  "Config",
+  "ConfigError",
+  "DataConfig",
+  "DistributedConfig",
+  "EvalConfig",
+  "LoRASection",
+  "ModelConfig",
+  "OptimizerConfig",
+  "PrivacyConfig",
+  "SketchConfig",
+  "apply_overrides",
+  "check_encoded",
+  "check_model",
+  "check_records",
+  "config_diff",
+  "flatten",
+  "from_dict",
+  "load_config",
+  "lora_config",
+  "parse_override",
+  "read_yaml",
+  "to_dict",
+  "validate",
 ]
 
 

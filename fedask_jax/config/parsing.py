@@ -70,8 +70,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}.")
   if origin is Literal:
     if value not in args:
-      raise ConfigError(
-          f"{key}={value!r}: must be one of {list(args)}.{suggest(value, [str(a) for a in args])}")
+      raise ConfigError(f"{key}={value!r}: must be one of {list(args)}.{suggest(value, [str(a) for a in args])}")
     return value
   if origin in (tuple, list):
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -121,7 +120,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
   for key, value in raw.items():
     if key not in fields:
       raise ConfigError(
-          f"unknown key {prefix + str(key)!r} in {where}.{suggest(key, list(fields))} Known keys: {sorted(fields)}.")
+        f"unknown key {prefix + str(key)!r} in {where}.{suggest(key, list(fields))} Known keys: {sorted(fields)}."
+      )
     tp = hints[key]
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
       kwargs[key] = _build(tp, value, f"{prefix}{key}.")
@@ -142,8 +142,9 @@ def strategy_args(config: Config) -> dict[str, Any]:
   types (converted as `_coerce` does, so that `mu: 1e-3` from YAML becomes a float)."""
   name = config.strategy
   if name not in STRATEGIES:
-    raise ConfigError(f"strategy={name!r}: unknown strategy; choose one of {sorted(STRATEGIES)}."
-                      f"{suggest(name, list(STRATEGIES))}")
+    raise ConfigError(
+      f"strategy={name!r}: unknown strategy; choose one of {sorted(STRATEGIES)}.{suggest(name, list(STRATEGIES))}"
+    )
   hints = typing.get_type_hints(STRATEGIES[name])
   params = list(inspect.signature(STRATEGIES[name]).parameters)
   args = {}
@@ -151,8 +152,10 @@ def strategy_args(config: Config) -> dict[str, Any]:
     if key in SKETCH_KEYS:
       raise ConfigError(f"strategy_args.{key}: set it as sketch.{key} instead.")
     if key not in params:
-      raise ConfigError(f"strategy_args.{key}: strategy {name!r} takes no such hyper-parameter."
-                        f"{suggest(key, params)} It takes {sorted(params)}.")
+      raise ConfigError(
+        f"strategy_args.{key}: strategy {name!r} takes no such hyper-parameter."
+        f"{suggest(key, params)} It takes {sorted(params)}."
+      )
     args[key] = _coerce(value, hints.get(key, Any), f"strategy_args.{key}")
   return args
 
@@ -220,8 +223,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
       if child is None:
         child = node[part] = {}
       if not isinstance(child, dict):
-        raise ConfigError(
-            f"override {text!r}: {'.'.join(parts[:depth + 1])} is a value ({child!r}), not a section.")
+        raise ConfigError(f"override {text!r}: {'.'.join(parts[: depth + 1])} is a value ({child!r}), not a section.")
       node = child
     node[parts[-1]] = value
   return out

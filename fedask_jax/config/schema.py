@@ -67,7 +67,8 @@ class DataConfig:
   eval_split: str = "test"
   template: Literal["alpaca", "plain"] = "alpaca"
   template_fields: dict[str, str | None] = dataclasses.field(
-      default_factory=lambda: {"instruction_field": "question", "input_field": None, "response_field": "answer"})
+    default_factory=lambda: {"instruction_field": "question", "input_field": None, "response_field": "answer"}
+  )
   max_seq_len: int = 256
   max_train_examples: int | None = None
   partition: Literal["iid", "dirichlet", "natural"] = "iid"

@@ -75,36 +75,39 @@ def stack_clients(encoded: EncodedDataset, partition: Partition) -> ClientData:
   sizes = partition.sizes
   if sizes.size == 0 or sizes.min() < 1:
     raise ValueError(
-        f"stack_clients: client sizes {sizes.tolist()[:20]} include an empty client; every client needs at "
-        "least one example (Poisson sampling rate q = batch_size / n).")
+      f"stack_clients: client sizes {sizes.tolist()[:20]} include an empty client; every client needs at "
+      "least one example (Poisson sampling rate q = batch_size / n)."
+    )
   for k, idx in enumerate(partition.client_indices):
     if idx.size and (idx.min() < 0 or idx.max() >= encoded.num_examples):
       raise ValueError(
-          f"client {k} holds index {int(idx.max())} but the encoded dataset has {encoded.num_examples} "
-          "examples: partition the same records that were encoded.")
+        f"client {k} holds index {int(idx.max())} but the encoded dataset has {encoded.num_examples} "
+        "examples: partition the same records that were encoded."
+      )
   num_clients, max_size = len(sizes), int(sizes.max())
   # Padding rows point at example 0 but with all-False masks; they are never sampled.
   rows = np.zeros((num_clients, max_size), np.int64)
   valid = np.arange(max_size)[None, :] < sizes[:, None]
   for k, idx in enumerate(partition.client_indices):
-    rows[k, :len(idx)] = idx
+    rows[k, : len(idx)] = idx
   return ClientData(
-      input_ids=encoded.input_ids[rows],
-      attention_mask=encoded.attention_mask[rows] & valid[..., None],
-      loss_mask=encoded.loss_mask[rows] & valid[..., None],
-      client_sizes=sizes.astype(np.int32))
+    input_ids=encoded.input_ids[rows],
+    attention_mask=encoded.attention_mask[rows] & valid[..., None],
+    loss_mask=encoded.loss_mask[rows] & valid[..., None],
+    client_sizes=sizes.astype(np.int32),
+  )
 
 
 def client_batches(
-    key: Array,
-    client_data: ClientData,
-    client_ids: Array,
-    *,
-    local_steps: int,
-    batch_size: int,
-    capacity: int,
-    sampling: str = "poisson",
-    sample_rate: float | None = None,
+  key: Array,
+  client_data: ClientData,
+  client_ids: Array,
+  *,
+  local_steps: int,
+  batch_size: int,
+  capacity: int,
+  sampling: str = "poisson",
+  sample_rate: float | None = None,
 ) -> Batch:
   """The batches of the sampled clients for one round (module doc); pure, jit- and vmap-safe.
 
@@ -130,14 +133,18 @@ def client_batches(
   max_size = client_data.input_ids.shape[1]
   if capacity > max_size:
     raise ValueError(
-        f"capacity={capacity} exceeds the largest client's {max_size} examples: use capacity <= {max_size}.")
+      f"capacity={capacity} exceeds the largest client's {max_size} examples: use capacity <= {max_size}."
+    )
   if sample_rate is not None and (sampling != "poisson" or not 0 < sample_rate <= 1):
-    raise ValueError(f"sample_rate={sample_rate!r} with sampling={sampling!r}: a Poisson rate in (0, 1], for "
-                     "sampling='poisson' only (None: batch_size / n_k per client).")
+    raise ValueError(
+      f"sample_rate={sample_rate!r} with sampling={sampling!r}: a Poisson rate in (0, 1], for "
+      "sampling='poisson' only (None: batch_size / n_k per client)."
+    )
   if sampling == "uniform" and capacity < batch_size:
     raise ValueError(
-        f"capacity={capacity} < batch_size={batch_size}: uniform minibatches need capacity >= batch_size "
-        "(capacity = batch_size wastes no slots).")
+      f"capacity={capacity} < batch_size={batch_size}: uniform minibatches need capacity >= batch_size "
+      "(capacity = batch_size wastes no slots)."
+    )
 
   def sample_step(step_key: Array, num_examples: Array) -> tuple[Array, Array]:
     if sampling == "poisson":
@@ -159,10 +166,11 @@ def client_batches(
     indices = jnp.where(mask, indices, 0)
     take = lambda x: x[client_id, indices]  # [S, B, L]: one gather, without copying the client's [M, L] rows
     return Batch(
-        input_ids=take(client_data.input_ids),
-        attention_mask=take(client_data.attention_mask),
-        loss_mask=take(client_data.loss_mask) & mask[..., None],
-        example_mask=mask)
+      input_ids=take(client_data.input_ids),
+      attention_mask=take(client_data.attention_mask),
+      loss_mask=take(client_data.loss_mask) & mask[..., None],
+      example_mask=mask,
+    )
 
   return jax.vmap(one_client)(jnp.asarray(client_ids, jnp.int32))
 

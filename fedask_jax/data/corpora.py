@@ -36,8 +36,7 @@ _CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
 def _split_answer(answer: str) -> tuple[str, str]:
   solution, marker, final = answer.rpartition(_FINAL_ANSWER)
   if not marker:
-    raise ValueError(
-        f"GSM8K answer {answer[-60:]!r} has no final '#### <number>' line: pass a GSM8K worked answer.")
+    raise ValueError(f"GSM8K answer {answer[-60:]!r} has no final '#### <number>' line: pass a GSM8K worked answer.")
   return solution, final
 
 
@@ -67,12 +66,12 @@ def strip_calculator_annotations(answer: str) -> str:
 
 
 def load_gsm8k(
-    split: str = "train",
-    *,
-    source: str | Path | None = None,
-    max_records: int | None = None,
-    max_steps: int = 6,
-    strip_calculator: bool = False,
+  split: str = "train",
+  *,
+  source: str | Path | None = None,
+  max_records: int | None = None,
+  max_steps: int = 6,
+  strip_calculator: bool = False,
 ) -> list[Record]:
   """GSM8K records {"question", "answer", "category"} with the derived category (module doc).
 
@@ -104,25 +103,26 @@ def load_gsm8k(
   out = []
   for i, record in enumerate(records):
     if "question" not in record or "answer" not in record:
-      raise ValueError(
-          f"GSM8K record {i} has keys {sorted(record)}: it needs 'question' and 'answer'.")
+      raise ValueError(f"GSM8K record {i} has keys {sorted(record)}: it needs 'question' and 'answer'.")
     answer = record["answer"]
-    out.append({
+    out.append(
+      {
         "question": record["question"],
         "answer": strip_calculator_annotations(answer) if strip_calculator else answer,
         "category": gsm8k_category(answer, max_steps=max_steps),
-    })
+      }
+    )
   return out
 
 
 def gsm8k_eval_set(
-    tokenizer: Any,
-    max_seq_len: int,
-    *,
-    template: Template = GSM8K_ALPACA,
-    max_examples: int | None = None,
-    source: str | Path | None = None,
-    strip_calculator: bool = False,
+  tokenizer: Any,
+  max_seq_len: int,
+  *,
+  template: Template = GSM8K_ALPACA,
+  max_examples: int | None = None,
+  source: str | Path | None = None,
+  strip_calculator: bool = False,
 ) -> tuple[EncodedDataset, list[str]]:
   """The held-out set: GSM8K test encoded as the training data is, and the reference final answers.
 
@@ -155,8 +155,9 @@ def load_tiny_shakespeare(path: str | Path | None = None) -> list[Record]:
       continue
     if not lines[0].endswith(":"):
       raise ValueError(
-          f"{path}: the speech {block.strip()[:60]!r} does not start with a 'Speaker:' line; the file must be "
-          "in Tiny Shakespeare's format (speeches separated by blank lines).")
+        f"{path}: the speech {block.strip()[:60]!r} does not start with a 'Speaker:' line; the file must be "
+        "in Tiny Shakespeare's format (speeches separated by blank lines)."
+      )
     speech = "\n".join(lines[1:])
     if speech.strip():
       records.append({"speaker": lines[0][:-1].strip(), "text": speech})

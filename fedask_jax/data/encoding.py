@@ -82,20 +82,21 @@ def _special_prefix(tokenizer: Any) -> list[int]:
   plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
   full = tokenizer(probe, add_special_tokens=True)["input_ids"]
   for start in range(len(full) - len(plain) + 1):
-    if full[start:start + len(plain)] == plain:
+    if full[start : start + len(plain)] == plain:
       return list(full[:start])
   raise ValueError(
-      f"the tokenizer encodes {probe!r} as {plain} without special tokens but {full} with them, which does not "
-      "contain the former: its post-processor rewrites the sequence; use a tokenizer that only adds tokens.")
+    f"the tokenizer encodes {probe!r} as {plain} without special tokens but {full} with them, which does not "
+    "contain the former: its post-processor rewrites the sequence; use a tokenizer that only adds tokens."
+  )
 
 
 def encode_pairs(
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    tokenizer: Any,
-    max_seq_len: int,
-    *,
-    pad_id: int | None = None,
+  prompts: Sequence[str],
+  responses: Sequence[str],
+  tokenizer: Any,
+  max_seq_len: int,
+  *,
+  pad_id: int | None = None,
 ) -> EncodedDataset:
   """Encodes (prompt, response) pairs into fixed-length arrays with a response-only loss mask (module doc).
 
@@ -116,8 +117,9 @@ def encode_pairs(
   eos_id = tokenizer.eos_token_id
   if eos_id is None:
     raise ValueError(
-        "the tokenizer has no eos_token: set one (e.g. PreTrainedTokenizerFast(..., eos_token='</s>')); "
-        "responses end with EOS so that the model learns to stop.")
+      "the tokenizer has no eos_token: set one (e.g. PreTrainedTokenizerFast(..., eos_token='</s>')); "
+      "responses end with EOS so that the model learns to stop."
+    )
   if pad_id is None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
   prefix = _special_prefix(tokenizer)
@@ -144,12 +146,12 @@ def encode_pairs(
 
 
 def encode(
-    records: Sequence[Record],
-    template: Template,
-    tokenizer: Any,
-    max_seq_len: int,
-    *,
-    pad_id: int | None = None,
+  records: Sequence[Record],
+  template: Template,
+  tokenizer: Any,
+  max_seq_len: int,
+  *,
+  pad_id: int | None = None,
 ) -> EncodedDataset:
   """Applies `template` to each record and encodes the (prompt, response) pairs (`encode_pairs`)."""
   pairs = [template(record) for record in records]

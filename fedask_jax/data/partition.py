@@ -49,8 +49,9 @@ class Partition(NamedTuple):
     """Client sizes: min / median / max, then one row per client (with per-category counts if given)."""
     sizes = self.sizes
     lines = [
-        f"{self.num_clients} clients, {int(sizes.sum())} examples; size min {int(sizes.min())}, "
-        f"median {float(np.median(sizes)):g}, max {int(sizes.max())}"]
+      f"{self.num_clients} clients, {int(sizes.sum())} examples; size min {int(sizes.min())}, "
+      f"median {float(np.median(sizes)):g}, max {int(sizes.max())}"
+    ]
     labels, inverse = (None, None) if categories is None else np.unique(np.asarray(categories), return_inverse=True)
     header = "client  size" + ("".join(f"  {str(c):>10}" for c in labels) if labels is not None else "")
     lines.append(header)
@@ -68,8 +69,9 @@ def _check_common(num_examples: int, num_clients: int) -> None:
   check_int("num_clients", num_clients, 1)
   if num_examples < num_clients:
     raise ValueError(
-        f"num_clients={num_clients} exceeds the {num_examples} examples: every client needs at least one; "
-        "use fewer clients or more data.")
+      f"num_clients={num_clients} exceeds the {num_examples} examples: every client needs at least one; "
+      "use fewer clients or more data."
+    )
 
 
 def _from_assignment(assignment: np.ndarray, num_clients: int) -> Partition:
@@ -100,13 +102,13 @@ def iid_partition(categories: npt.ArrayLike, num_clients: int, *, seed: int) -> 
 
 
 def dirichlet_partition(
-    categories: npt.ArrayLike,
-    num_clients: int,
-    *,
-    alpha: float,
-    seed: int,
-    min_client_size: int = 1,
-    max_draws: int = 100,
+  categories: npt.ArrayLike,
+  num_clients: int,
+  *,
+  alpha: float,
+  seed: int,
+  min_client_size: int = 1,
+  max_draws: int = 100,
 ) -> Partition:
   """Dirichlet(alpha) split over categories (module doc), redrawn until every client has min_client_size.
 
@@ -124,8 +126,9 @@ def dirichlet_partition(
     raise ValueError(f"alpha={alpha!r}: the Dirichlet concentration must be > 0 (0.1 skewed, 100 near IID).")
   if min_client_size < 1 or min_client_size * num_clients > len(categories):
     raise ValueError(
-        f"min_client_size={min_client_size}: must be >= 1 and at most N / num_clients = "
-        f"{len(categories)} / {num_clients}.")
+      f"min_client_size={min_client_size}: must be >= 1 and at most N / num_clients = "
+      f"{len(categories)} / {num_clients}."
+    )
   rng = np.random.default_rng(seed)
   _, inverse = np.unique(categories, return_inverse=True)
   members = [np.flatnonzero(inverse == c) for c in range(inverse.max() + 1)]
@@ -138,9 +141,10 @@ def dirichlet_partition(
     if np.bincount(assignment, minlength=num_clients).min() >= min_client_size:
       return _from_assignment(assignment, num_clients)
   raise ValueError(
-      f"dirichlet_partition: {max_draws} draws with alpha={alpha} over {len(members)} categories all left a "
-      f"client with fewer than {min_client_size} examples: raise alpha, use fewer than {num_clients} clients, "
-      "lower min_client_size, or raise max_draws.")
+    f"dirichlet_partition: {max_draws} draws with alpha={alpha} over {len(members)} categories all left a "
+    f"client with fewer than {min_client_size} examples: raise alpha, use fewer than {num_clients} clients, "
+    "lower min_client_size, or raise max_draws."
+  )
 
 
 def natural_partition(client_column: Sequence[Any], *, min_client_size: int = 1) -> Partition:
@@ -156,22 +160,21 @@ def natural_partition(client_column: Sequence[Any], *, min_client_size: int = 1)
   counts = np.bincount(inverse, minlength=len(names))
   kept = np.flatnonzero(counts >= min_client_size)
   if kept.size == 0:
-    raise ValueError(
-        f"min_client_size={min_client_size} drops every client (largest has {counts.max()}): lower it.")
+    raise ValueError(f"min_client_size={min_client_size} drops every client (largest has {counts.max()}): lower it.")
   order = np.argsort(inverse, kind="stable")
   groups = np.split(order, np.cumsum(counts)[:-1])
   return Partition(tuple(groups[k] for k in kept), tuple(str(names[k]) for k in kept))
 
 
 def partition_records(
-    records: Sequence[Record],
-    scheme: str,
-    *,
-    num_clients: int | None = None,
-    column: str | None = "category",
-    alpha: float | None = None,
-    seed: int = 0,
-    min_client_size: int = 1,
+  records: Sequence[Record],
+  scheme: str,
+  *,
+  num_clients: int | None = None,
+  column: str | None = "category",
+  alpha: float | None = None,
+  seed: int = 0,
+  min_client_size: int = 1,
 ) -> Partition:
   """A partition of `records` by name, for configs: scheme "iid" | "dirichlet" | "natural" (module doc).
 
@@ -185,8 +188,9 @@ def partition_records(
     raise ValueError(f"partition scheme={scheme!r} needs a column (the category or client column); got None.")
   if column is not None and records and column not in records[0]:
     raise ValueError(
-        f"partition column={column!r} is not a field of the records (fields: {sorted(records[0])}): name the "
-        "category column (GSM8K: 'category') or, for 'natural', the client column (Shakespeare: 'speaker').")
+      f"partition column={column!r} is not a field of the records (fields: {sorted(records[0])}): name the "
+      "category column (GSM8K: 'category') or, for 'natural', the client column (Shakespeare: 'speaker')."
+    )
   values = [0] * len(records) if column is None else [r[column] for r in records]
   if scheme == "natural":
     return natural_partition(values, min_client_size=min_client_size)

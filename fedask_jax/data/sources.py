@@ -58,8 +58,9 @@ def load_jsonl(path: str | Path, *, max_records: int | None = None) -> list[Reco
         raise ValueError(f"{path}:{line_number} is not valid JSON ({e.msg}): each line must be one JSON object.") from e
       if not isinstance(record, dict):
         raise ValueError(
-            f"{path}:{line_number} holds a {type(record).__name__}, not a JSON object: each line must be one "
-            "record such as {\"question\": ..., \"answer\": ...}.")
+          f"{path}:{line_number} holds a {type(record).__name__}, not a JSON object: each line must be one "
+          "record such as {\"question\": ..., \"answer\": ...}."
+        )
       records.append(record)
       if max_records is not None and len(records) == max_records:
         break
@@ -67,13 +68,13 @@ def load_jsonl(path: str | Path, *, max_records: int | None = None) -> list[Reco
 
 
 def load_hf(
-    path: str,
-    *,
-    split: str,
-    name: str | None = None,
-    data_files: str | list[str] | dict[str, Any] | None = None,
-    max_records: int | None = None,
-    **load_kwargs: Any,
+  path: str,
+  *,
+  split: str,
+  name: str | None = None,
+  data_files: str | list[str] | dict[str, Any] | None = None,
+  max_records: int | None = None,
+  **load_kwargs: Any,
 ) -> list[Record]:
   """Records of a Hugging Face dataset: a hub id, a builder for local files, or a dataset saved on disk.
 
@@ -88,19 +89,24 @@ def load_hf(
 
   _check_max_records(max_records)
   if _is_saved_dataset(path):
-    given = {key: value for key, value in (("name", name), ("data_files", data_files), *load_kwargs.items())
-             if value is not None}
+    given = {
+      key: value
+      for key, value in (("name", name), ("data_files", data_files), *load_kwargs.items())
+      if value is not None
+    }
     if given:
       raise ValueError(
-          f"load_hf({path!r}): a dataset saved with save_to_disk is read as it was saved; {sorted(given)} "
-          "apply to datasets.load_dataset only: remove them.")
+        f"load_hf({path!r}): a dataset saved with save_to_disk is read as it was saved; {sorted(given)} "
+        "apply to datasets.load_dataset only: remove them."
+      )
     dataset = _saved_split(datasets.load_from_disk(path), split, path)
   else:
     dataset = datasets.load_dataset(path, name, split=split, data_files=data_files, **load_kwargs)
     if not isinstance(dataset, datasets.Dataset):
       raise ValueError(
-          f"datasets.load_dataset({path!r}, split={split!r}) returned a {type(dataset).__name__}, not one split: "
-          "pass a single split name such as 'train'.")
+        f"datasets.load_dataset({path!r}, split={split!r}) returned a {type(dataset).__name__}, not one split: "
+        "pass a single split name such as 'train'."
+      )
   # `select` rather than appending "[:n]" to the split: a split that is already a slice ("train[95%:]", a
   # held-out tail of a dataset with one split) cannot be sliced twice in `datasets`' split syntax.
   if max_records is not None:
@@ -130,8 +136,9 @@ def _saved_split(saved: Any, split: str, path: str) -> Any:
     parts = datasets.ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in splits.items()})
   except ValueError as e:
     raise ValueError(
-        f"load_hf({path!r}, split={split!r}): {e} The saved dataset has the splits {sorted(splits)}: name one, "
-        "optionally sliced as 'train[:90%]'.") from e
+      f"load_hf({path!r}, split={split!r}): {e} The saved dataset has the splits {sorted(splits)}: name one, "
+      "optionally sliced as 'train[:90%]'."
+    ) from e
   return datasets.concatenate_datasets([splits[p.splitname].select(range(p.from_, p.to)) for p in parts])
 
 
@@ -165,11 +172,11 @@ def _prepared_datasets(data_dir: Path) -> str:
 
 
 def load_tfds(
-    name: str,
-    *,
-    split: str,
-    data_dir: str | Path | None = None,
-    max_records: int | None = None,
+  name: str,
+  *,
+  split: str,
+  data_dir: str | Path | None = None,
+  max_records: int | None = None,
 ) -> list[Record]:
   """Records of a tensorflow-datasets dataset, read without TensorFlow when its files allow random access.
 
@@ -184,18 +191,21 @@ def load_tfds(
     import tensorflow_datasets as tfds
   except ImportError as e:
     raise ImportError(
-        f"load_tfds({name!r}) needs tensorflow-datasets, which is not installed: "
-        "pip install fedask-jax[tfds]") from e
+      f"load_tfds({name!r}) needs tensorflow-datasets, which is not installed: pip install fedask-jax[tfds]"
+    ) from e
   _check_max_records(max_records)
   try:
     builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
   except tfds.core.DatasetNotFoundError:
     # tfds' own message lists its whole catalogue (hundreds of lines); what helps is what the folder holds.
-    where = "tfds' default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)" if data_dir is None else (
-        f"data_dir={str(data_dir)!r} (holding {_prepared_datasets(Path(data_dir))})")
+    where = (
+      "tfds' default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+      if data_dir is None
+      else (f"data_dir={str(data_dir)!r} (holding {_prepared_datasets(Path(data_dir))})")
+    )
     raise ValueError(
-        f"load_tfds({name!r}): tensorflow-datasets has no builder of that name and {where} has no such prepared "
-        f"dataset: name a dataset prepared there, or point data_dir at the folder that holds {name}/<version>/."
+      f"load_tfds({name!r}): tensorflow-datasets has no builder of that name and {where} has no such prepared "
+      f"dataset: name a dataset prepared there, or point data_dir at the folder that holds {name}/<version>/."
     ) from None
   if not builder.is_prepared():
     builder.download_and_prepare(file_format="array_record")
@@ -207,9 +217,10 @@ def load_tfds(
     return [convert(source[i]) for i in range(count)]
   if importlib.util.find_spec("tensorflow") is None:
     raise ValueError(
-        f"load_tfds({name!r}): the dataset in {builder.data_dir} is stored as {builder.info.file_format.value}, "
-        "which only TensorFlow reads: pip install tensorflow, or prepare it as ArrayRecord "
-        "(tfds build --file_format=array_record), which tensorflow-datasets reads without TensorFlow.")
+      f"load_tfds({name!r}): the dataset in {builder.data_dir} is stored as {builder.info.file_format.value}, "
+      "which only TensorFlow reads: pip install tensorflow, or prepare it as ArrayRecord "
+      "(tfds build --file_format=array_record), which tensorflow-datasets reads without TensorFlow."
+    )
   # Without tfds' in-memory cache of small datasets: read once, and it warns when a capped read stops early.
   dataset = builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
   return [convert(example) for example in itertools.islice(tfds.as_numpy(dataset), max_records)]

@@ -23,20 +23,23 @@ from typing import Any
 Template = Callable[[Mapping[str, Any]], tuple[str, str]]
 
 ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+  "Below is an instruction that describes a task, paired with an input that provides further context. "
+  "Write a response that appropriately completes the request.\n\n"
+  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
 ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:")
+  "Below is an instruction that describes a task. "
+  "Write a response that appropriately completes the request.\n\n"
+  "### Instruction:\n{instruction}\n\n### Response:"
+)
 
 
 def _field(record: Mapping[str, Any], name: str) -> str:
   if name not in record:
     raise ValueError(
-        f"record has no field {name!r} (its fields: {sorted(record)}): set the template's field names to the "
-        "dataset's columns, e.g. AlpacaTemplate(instruction_field='question', response_field='answer').")
+      f"record has no field {name!r} (its fields: {sorted(record)}): set the template's field names to the "
+      "dataset's columns, e.g. AlpacaTemplate(instruction_field='question', response_field='answer')."
+    )
   value = record[name]
   if not isinstance(value, str):
     raise ValueError(f"record field {name!r} is a {type(value).__name__}, not text: templates format strings.")

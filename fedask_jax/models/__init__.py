@@ -13,17 +13,28 @@ from fedask_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from fedask_jax.models.layers import KVCache
 from fedask_jax.models.llama import LlamaConfig, LlamaForCausalLM, RopeConfig
 from fedask_jax.models.loading import (
-    FAMILIES,
-    checkpoint_dir,
-    config_from_hf,
-    init_random,
-    load_pretrained,
-    load_tokenizer,
-    read_hf_config,
+  FAMILIES,
+  checkpoint_dir,
+  config_from_hf,
+  init_random,
+  load_pretrained,
+  load_tokenizer,
+  read_hf_config,
 )
 
 __all__ = [
-    "FAMILIES", "GPT2Config", "GPT2LMHeadModel", "KVCache", "LlamaConfig", "LlamaForCausalLM", "RopeConfig",
-    "checkpoint_dir", "config_from_hf", "generate", "init_random", "load_pretrained", "load_tokenizer",
-    "read_hf_config",
+  "FAMILIES",
+  "GPT2Config",
+  "GPT2LMHeadModel",
+  "KVCache",
+  "LlamaConfig",
+  "LlamaForCausalLM",
+  "RopeConfig",
+  "checkpoint_dir",
+  "config_from_hf",
+  "generate",
+  "init_random",
+  "load_pretrained",
+  "load_tokenizer",
+  "read_hf_config",
 ]

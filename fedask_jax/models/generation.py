@@ -27,8 +27,16 @@ from fedask_jax._checks import check_int
 Array = jax.Array
 
 
-def generate(model: nnx.Module, input_ids: Array, prompt_mask: Array | None = None, *, max_new_tokens: int,
-             temperature: float = 0.0, key: Array | None = None, eos_token_id: int | None = None) -> Array:
+def generate(
+  model: nnx.Module,
+  input_ids: Array,
+  prompt_mask: Array | None = None,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  key: Array | None = None,
+  eos_token_id: int | None = None,
+) -> Array:
   """New tokens after each prompt.
 
   Args:
@@ -66,13 +74,22 @@ def generate(model: nnx.Module, input_ids: Array, prompt_mask: Array | None = No
   longest = int(np.asarray(prompt_mask).sum(axis=1).max()) + max_new_tokens
   if limit is not None and longest > limit:
     raise ValueError(
-        f"a row would reach {longest} tokens (its prompt plus max_new_tokens={max_new_tokens}), beyond the "
-        f"model's {limit} learned positions: shorten the prompt or generate fewer tokens.")
+      f"a row would reach {longest} tokens (its prompt plus max_new_tokens={max_new_tokens}), beyond the "
+      f"model's {limit} learned positions: shorten the prompt or generate fewer tokens."
+    )
   key = jax.random.key(0) if key is None else key
   eval_model = nnx.view(model, deterministic=True, raise_if_not_found=False)
   graphdef, state = nnx.split(eval_model)
-  return _generate(graphdef, state, input_ids, prompt_mask, key, max_new_tokens=max_new_tokens,
-                   temperature=float(temperature), eos_token_id=eos_token_id)
+  return _generate(
+    graphdef,
+    state,
+    input_ids,
+    prompt_mask,
+    key,
+    max_new_tokens=max_new_tokens,
+    temperature=float(temperature),
+    eos_token_id=eos_token_id,
+  )
 
 
 def _pick(logits: Array, key: Array, step: Array, temperature: float) -> Array:
@@ -83,8 +100,17 @@ def _pick(logits: Array, key: Array, step: Array, temperature: float) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "eos_token_id"))
-def _generate(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, prompt_mask: Array, key: Array, *,
-              max_new_tokens: int, temperature: float, eos_token_id: int | None) -> Array:
+def _generate(
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  input_ids: Array,
+  prompt_mask: Array,
+  key: Array,
+  *,
+  max_new_tokens: int,
+  temperature: float,
+  eos_token_id: int | None,
+) -> Array:
   model = nnx.merge(graphdef, state)
   b, p = input_ids.shape
   cache = model.init_cache(b, p + max_new_tokens)

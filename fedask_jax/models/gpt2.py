@@ -39,11 +39,11 @@ Array = jax.Array
 
 # transformers' ACT2FN entries that GPT-2 checkpoints use.
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
 }
 
 
@@ -77,7 +77,8 @@ class GPT2Config:
   def __post_init__(self):
     if self.activation_function not in ACTIVATIONS:
       raise ValueError(
-          f"activation_function={self.activation_function!r} is not supported: use one of {sorted(ACTIVATIONS)}.")
+        f"activation_function={self.activation_function!r} is not supported: use one of {sorted(ACTIVATIONS)}."
+      )
     if self.n_embd % self.n_head:
       raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}.")
 
@@ -97,17 +98,18 @@ class GPT2Config:
     if missing:
       raise ValueError(f"config.json of model_type 'gpt2' lacks {missing}: is it a complete config?")
     return cls(
-        vocab_size=hf["vocab_size"],
-        n_positions=hf.get("n_positions", 1024),
-        n_embd=hf["n_embd"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
-        activation_function=hf.get("activation_function", "gelu_new"),
-        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-        scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
-        scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)))
+      vocab_size=hf["vocab_size"],
+      n_positions=hf.get("n_positions", 1024),
+      n_embd=hf["n_embd"],
+      n_layer=hf["n_layer"],
+      n_head=hf["n_head"],
+      n_inner=hf.get("n_inner") or 4 * hf["n_embd"],
+      activation_function=hf.get("activation_function", "gelu_new"),
+      layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+      scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
+      scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
 
 
 class LayerNorm(nnx.Module):
@@ -134,11 +136,10 @@ class GPT2Attention(nnx.Module):
     self.c_attn = Linear(d, 3 * d, use_bias=True, dtype=dtype)
     self.c_proj = Linear(d, d, use_bias=True, dtype=dtype)
     self.num_heads, self.head_dim = config.n_head, d // config.n_head
-    scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
+    scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
     self.scale = scale / (layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
 
-  def __call__(self, x: Array, context: AttentionContext,
-               cache: LayerCache | None) -> tuple[Array, LayerCache | None]:
+  def __call__(self, x: Array, context: AttentionContext, cache: LayerCache | None) -> tuple[Array, LayerCache | None]:
     """x [b, s, d] -> ([b, s, d], updated layer cache)."""
     b, s, _ = x.shape
     q, k, v = (t.reshape(b, s, self.num_heads, self.head_dim) for t in jnp.split(self.c_attn(x), 3, axis=-1))
@@ -167,8 +168,7 @@ class GPT2Block(nnx.Module):
     self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype=dtype)
     self.mlp = GPT2MLP(config, dtype=dtype)
 
-  def __call__(self, x: Array, context: AttentionContext,
-               cache: LayerCache | None) -> tuple[Array, LayerCache | None]:
+  def __call__(self, x: Array, context: AttentionContext, cache: LayerCache | None) -> tuple[Array, LayerCache | None]:
     attn, cache = self.attn(self.ln_1(x), context, cache)
     x = x + attn
     return x + self.mlp(self.ln_2(x)), cache
@@ -183,8 +183,7 @@ class GPT2Model(nnx.Module):
     self.h = nnx.List([GPT2Block(config, i, dtype=dtype) for i in range(config.n_layer)])
     self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype=dtype)
 
-  def __call__(self, input_ids: Array, token_mask: Array,
-               cache: KVCache | None) -> tuple[Array, KVCache | None]:
+  def __call__(self, input_ids: Array, token_mask: Array, cache: KVCache | None) -> tuple[Array, KVCache | None]:
     """input_ids [b, s], token_mask [b, s] bool -> (hidden states [b, s, d], updated cache)."""
     context = attention_context(token_mask, cache)
     x = self.wte(input_ids) + self.wpe(context.positions)
@@ -209,10 +208,17 @@ class GPT2LMHeadModel(nnx.Module):
     self.config = config
     self.transformer = GPT2Model(config, dtype=dtype)
     self.lm_head = nnx.data(
-        None if config.tie_word_embeddings else Linear(config.n_embd, config.vocab_size, dtype=dtype))
+      None if config.tie_word_embeddings else Linear(config.n_embd, config.vocab_size, dtype=dtype)
+    )
 
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, cache: KVCache | None = None,
-               logit_positions: Array | None = None) -> Array | tuple[Array, KVCache]:
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    *,
+    cache: KVCache | None = None,
+    logit_positions: Array | None = None,
+  ) -> Array | tuple[Array, KVCache]:
     """Next-token logits.
 
     input_ids: [b, s] int; attention_mask: [b, s], 1 for real tokens and 0 for padding (None: all real);
@@ -255,5 +261,6 @@ def hf_tensor_name(path: tuple[Any, ...]) -> tuple[str, bool]:
   name = path_name(module)
   if leaf == "kernel":
     return f"{name}.weight", name == "lm_head"
-  return {"bias": (f"{name}.bias", False), "scale": (f"{name}.weight", False),
-          "embedding": (f"{name}.weight", False)}[leaf]
+  return {"bias": (f"{name}.bias", False), "scale": (f"{name}.weight", False), "embedding": (f"{name}.weight", False)}[
+    leaf
+  ]

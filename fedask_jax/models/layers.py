@@ -57,8 +57,7 @@ class KVCache(NamedTuple):
   length: Array
 
 
-def init_cache(num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
-               dtype: Any) -> KVCache:
+def init_cache(num_layers: int, batch: int, max_length: int, num_kv_heads: int, head_dim: int, dtype: Any) -> KVCache:
   """An empty cache of `max_length` slots: keys/values [batch, max_length, num_kv_heads, head_dim] per layer."""
   shape = (batch, max_length, num_kv_heads, head_dim)
   layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
@@ -88,8 +87,9 @@ def token_mask_or_ones(input_ids: Array, attention_mask: Array | None) -> Array:
     return jnp.ones(input_ids.shape, bool)
   if attention_mask.shape != input_ids.shape:
     raise ValueError(
-        f"attention_mask has shape {attention_mask.shape} but input_ids has shape {input_ids.shape}: they must "
-        "be equal (1 for real tokens, 0 for padding).")
+      f"attention_mask has shape {attention_mask.shape} but input_ids has shape {input_ids.shape}: they must "
+      "be equal (1 for real tokens, 0 for padding)."
+    )
   return attention_mask.astype(bool)
 
 
@@ -131,13 +131,16 @@ def advance_cache(cache: KVCache, layers: Sequence[LayerCache | None], context: 
   """The cache after a call that wrote s tokens: new per-layer keys/values and key mask, length + s."""
   written = tuple(layer for layer in layers if layer is not None)
   if len(written) != len(layers) or context.key_mask is None:
-    raise ValueError("advance_cache: every layer must return its updated cache and the context must come from "
-                     "attention_context(token_mask, cache) with a cache.")
+    raise ValueError(
+      "advance_cache: every layer must return its updated cache and the context must come from "
+      "attention_context(token_mask, cache) with a cache."
+    )
   return KVCache(written, context.key_mask, cache.length + s)
 
 
-def attend(q: Array, k: Array, v: Array, context: AttentionContext, scale: float,
-           cache: LayerCache | None) -> tuple[Array, LayerCache | None]:
+def attend(
+  q: Array, k: Array, v: Array, context: AttentionContext, scale: float, cache: LayerCache | None
+) -> tuple[Array, LayerCache | None]:
   """softmax(q k^T * scale, masked) v, with grouped key/value heads and an optional cache.
 
   q: [b, s, h, hd]; k, v: [b, s, kv, hd] for this call's tokens. With a cache, k and v are written at

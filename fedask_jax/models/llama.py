@@ -61,8 +61,9 @@ class RopeConfig:
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(
-          f"rope_type={self.rope_type!r} is not supported: use one of {ROPE_TYPES} (dynamic, yarn and longrope "
-          "scalings are not implemented).")
+        f"rope_type={self.rope_type!r} is not supported: use one of {ROPE_TYPES} (dynamic, yarn and longrope "
+        "scalings are not implemented)."
+      )
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
@@ -73,19 +74,22 @@ class RopeConfig:
       raise ValueError(f"rope_type={rope_type!r}: expected a string such as 'default', 'linear' or 'llama3'.")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
       raise ValueError(
-          f"partial_rotary_factor={params['partial_rotary_factor']} is not supported by the Llama family: "
-          "only full rotary embeddings (1.0) are implemented.")
+        f"partial_rotary_factor={params['partial_rotary_factor']} is not supported by the Llama family: "
+        "only full rotary embeddings (1.0) are implemented."
+      )
     rope = cls(rope_type=rope_type, rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
     if rope_type == "linear":
       rope = dataclasses.replace(rope, factor=float(params["factor"]))
     elif rope_type == "llama3":
       rope = dataclasses.replace(
-          rope,
-          factor=float(params["factor"]),
-          low_freq_factor=float(params["low_freq_factor"]),
-          high_freq_factor=float(params["high_freq_factor"]),
-          original_max_position_embeddings=int(
-              params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))))
+        rope,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(
+          params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+        ),
+      )
     return rope
 
   def inverse_frequencies(self, head_dim: int) -> np.ndarray:
@@ -142,8 +146,9 @@ class LlamaConfig:
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
-          f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-          f"num_key_value_heads={self.num_key_value_heads}: grouped-query attention needs h % kv == 0.")
+        f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+        f"num_key_value_heads={self.num_key_value_heads}: grouped-query attention needs h % kv == 0."
+      )
 
   @property
   def max_positions(self) -> int | None:
@@ -159,8 +164,11 @@ class LlamaConfig:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
       raise ValueError(f"hidden_act={act!r}: the Llama family is implemented with SwiGLU ('silu') only.")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in hf]
+    missing = [
+      k
+      for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+      if k not in hf
+    ]
     if missing:
       raise ValueError(f"config.json of model_type {model_type!r} lacks {missing}: is it a complete config?")
     heads = hf["num_attention_heads"]
@@ -171,18 +179,19 @@ class LlamaConfig:
       attention_bias = bool(hf.get("attention_bias", False))
       biases = dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
     return cls(
-        model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope=RopeConfig.from_hf(hf),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        **biases)
+      model_type=model_type,
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_hidden_layers=hf["num_hidden_layers"],
+      num_attention_heads=heads,
+      num_key_value_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope=RopeConfig.from_hf(hf),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      **biases,
+    )
 
 
 def _reject_qwen2_sliding_window(hf: dict[str, Any]) -> None:
@@ -193,9 +202,10 @@ def _reject_qwen2_sliding_window(hf: dict[str, Any]) -> None:
     sliding = "sliding_attention" in layer_types
   if sliding:
     raise ValueError(
-        "this Qwen2 config uses sliding-window attention (use_sliding_window / layer_types), which is not "
-        "implemented: use a checkpoint with full attention (all released Qwen2 checkpoints set "
-        "use_sliding_window=false).")
+      "this Qwen2 config uses sliding-window attention (use_sliding_window / layer_types), which is not "
+      "implemented: use a checkpoint with full attention (all released Qwen2 checkpoints set "
+      "use_sliding_window=false)."
+    )
 
 
 class RMSNorm(nnx.Module):
@@ -236,15 +246,16 @@ class LlamaAttention(nnx.Module):
     self.o_proj = Linear(h * hd, d, use_bias=config.o_bias, dtype=dtype)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
 
-  def __call__(self, x: Array, rope: tuple[Array, Array], context: AttentionContext,
-               cache: LayerCache | None) -> tuple[Array, LayerCache | None]:
+  def __call__(
+    self, x: Array, rope: tuple[Array, Array], context: AttentionContext, cache: LayerCache | None
+  ) -> tuple[Array, LayerCache | None]:
     """x [b, s, d] -> ([b, s, d], updated layer cache)."""
     b, s, _ = x.shape
     q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    out, cache = attend(q, k, v, context, self.head_dim ** -0.5, cache)
+    out, cache = attend(q, k, v, context, self.head_dim**-0.5, cache)
     return self.o_proj(out.reshape(b, s, -1)), cache
 
 
@@ -270,8 +281,9 @@ class LlamaDecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
-  def __call__(self, x: Array, rope: tuple[Array, Array], context: AttentionContext,
-               cache: LayerCache | None) -> tuple[Array, LayerCache | None]:
+  def __call__(
+    self, x: Array, rope: tuple[Array, Array], context: AttentionContext, cache: LayerCache | None
+  ) -> tuple[Array, LayerCache | None]:
     attn, cache = self.self_attn(self.input_layernorm(x), rope, context, cache)
     x = x + attn
     return x + self.mlp(self.post_attention_layernorm(x)), cache
@@ -286,8 +298,7 @@ class LlamaModel(nnx.Module):
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
     self.rope, self.head_dim = config.rope, config.head_dim
 
-  def __call__(self, input_ids: Array, token_mask: Array,
-               cache: KVCache | None) -> tuple[Array, KVCache | None]:
+  def __call__(self, input_ids: Array, token_mask: Array, cache: KVCache | None) -> tuple[Array, KVCache | None]:
     """input_ids [b, s], token_mask [b, s] bool -> (hidden states [b, s, d], updated cache)."""
     context = attention_context(token_mask, cache)
     x = self.embed_tokens(input_ids)
@@ -313,10 +324,17 @@ class LlamaForCausalLM(nnx.Module):
     self.config = config
     self.model = LlamaModel(config, dtype=dtype)
     self.lm_head = nnx.data(
-        None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, dtype=dtype))
+      None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, dtype=dtype)
+    )
 
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, cache: KVCache | None = None,
-               logit_positions: Array | None = None) -> Array | tuple[Array, KVCache]:
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    *,
+    cache: KVCache | None = None,
+    logit_positions: Array | None = None,
+  ) -> Array | tuple[Array, KVCache]:
     """Next-token logits.
 
     input_ids: [b, s] int; attention_mask: [b, s], 1 for real tokens and 0 for padding (None: all real);
@@ -358,5 +376,9 @@ def hf_tensor_name(path: tuple[Any, ...]) -> tuple[str, bool]:
   """
   *module, leaf = path
   name = path_name(module)
-  return {"kernel": (f"{name}.weight", True), "bias": (f"{name}.bias", False),
-          "scale": (f"{name}.weight", False), "embedding": (f"{name}.weight", False)}[leaf]
+  return {
+    "kernel": (f"{name}.weight", True),
+    "bias": (f"{name}.bias", False),
+    "scale": (f"{name}.weight", False),
+    "embedding": (f"{name}.weight", False),
+  }[leaf]

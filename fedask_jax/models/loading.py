@@ -44,19 +44,31 @@ class Family(NamedTuple):
   ignored_tensors: str
 
 
-_LLAMA = Family(llama.LlamaConfig.from_hf, llama.LlamaForCausalLM, llama.hf_tensor_name, llama.BASE_PREFIX,
-                llama.IGNORED_TENSORS)
+_LLAMA = Family(
+  llama.LlamaConfig.from_hf, llama.LlamaForCausalLM, llama.hf_tensor_name, llama.BASE_PREFIX, llama.IGNORED_TENSORS
+)
 FAMILIES: dict[str, Family] = {
-    "llama": _LLAMA,
-    "qwen2": _LLAMA,
-    "gpt2": Family(gpt2.GPT2Config.from_hf, gpt2.GPT2LMHeadModel, gpt2.hf_tensor_name, gpt2.BASE_PREFIX,
-                   gpt2.IGNORED_TENSORS),
+  "llama": _LLAMA,
+  "qwen2": _LLAMA,
+  "gpt2": Family(
+    gpt2.GPT2Config.from_hf, gpt2.GPT2LMHeadModel, gpt2.hf_tensor_name, gpt2.BASE_PREFIX, gpt2.IGNORED_TENSORS
+  ),
 }
 
 # What a hub download fetches: the config, the safetensors weights and the tokenizer files (fast tokenizer,
 # BPE vocab/merges, SentencePiece models), not PyTorch/TF/Flax pickles.
-HUB_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "*.model", "*.tiktoken")
+HUB_PATTERNS = (
+  "config.json",
+  "generation_config.json",
+  "*.safetensors",
+  "model.safetensors.index.json",
+  "tokenizer*",
+  "special_tokens_map.json",
+  "vocab.json",
+  "merges.txt",
+  "*.model",
+  "*.tiktoken",
+)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -70,9 +82,11 @@ def checkpoint_dir(path_or_hub_id: str | Path) -> Path:
   text = str(path_or_hub_id)
   if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
     raise ValueError(
-        f"{text!r} is not a checkpoint directory (nor a hub id of the form 'org/name'): pass a directory "
-        "holding config.json and *.safetensors, or a Hugging Face hub id.")
+      f"{text!r} is not a checkpoint directory (nor a hub id of the form 'org/name'): pass a directory "
+      "holding config.json and *.safetensors, or a Hugging Face hub id."
+    )
   from huggingface_hub import snapshot_download  # only needed for hub ids
+
   return Path(snapshot_download(repo_id=text, allow_patterns=list(HUB_PATTERNS)))
 
 
@@ -88,8 +102,7 @@ def family_of(hf_config: dict[str, Any]) -> Family:
   """The family that implements `hf_config["model_type"]`."""
   model_type = hf_config.get("model_type")
   if model_type not in FAMILIES:
-    raise ValueError(
-        f"model_type={model_type!r} is not supported: fedask_jax.models implements {sorted(FAMILIES)}.")
+    raise ValueError(f"model_type={model_type!r} is not supported: fedask_jax.models implements {sorted(FAMILIES)}.")
   return FAMILIES[model_type]
 
 
@@ -107,8 +120,9 @@ def tensor_files(directory: Path) -> dict[str, Path]:
   single = directory / SINGLE_FILE
   if not single.is_file():
     raise ValueError(
-        f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}: only safetensors checkpoints are read "
-        "(convert PyTorch .bin weights with transformers' save_pretrained(..., safe_serialization=True)).")
+      f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}: only safetensors checkpoints are read "
+      "(convert PyTorch .bin weights with transformers' save_pretrained(..., safe_serialization=True))."
+    )
   with safe_open(single, framework="numpy") as f:
     return {name: single for name in f.keys()}
 
@@ -132,8 +146,9 @@ def load_weights(model: Model, directory: Path, family: Family, dtype: Any) -> N
       sources[source] = (path, transpose)
   if missing:
     raise ValueError(
-        f"checkpoint {directory} lacks {len(missing)} tensor(s) the model needs: {missing[:8]}"
-        f"{' ...' if len(missing) > 8 else ''}. Is config.json the one these weights were saved with?")
+      f"checkpoint {directory} lacks {len(missing)} tensor(s) the model needs: {missing[:8]}"
+      f"{' ...' if len(missing) > 8 else ''}. Is config.json the one these weights were saved with?"
+    )
   unused = sorted(n for n in files if n not in sources and not re.fullmatch(family.ignored_tensors, n))
   if unused:
     warnings.warn(f"checkpoint {directory} has tensors the model does not use: {unused[:8]}", stacklevel=3)
@@ -151,14 +166,16 @@ def load_weights(model: Model, directory: Path, family: Family, dtype: Any) -> N
         array = array.T if transpose else array
         if array.shape != expected[path].shape:
           raise ValueError(
-              f"tensor {name!r} in {file.name} has shape {array.shape}{' after transposing' if transpose else ''}, "
-              f"but the model built from config.json needs {expected[path].shape} at {'.'.join(map(str, path))}.")
+            f"tensor {name!r} in {file.name} has shape {array.shape}{' after transposing' if transpose else ''}, "
+            f"but the model built from config.json needs {expected[path].shape} at {'.'.join(map(str, path))}."
+          )
         values[path] = jnp.asarray(array, dtype=dtype)
   nnx.update(model, nnx.from_flat_state([(path, var.replace(values[path])) for path, var in params]))
 
 
-def load_pretrained(path_or_hub_id: str | Path, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None,
-                    seed: int = 0) -> Model:
+def load_pretrained(
+  path_or_hub_id: str | Path, *, dtype: Any = jnp.float32, lora: LoRAConfig | None = None, seed: int = 0
+) -> Model:
   """A model with a Hugging Face checkpoint's weights.
 
   Args:
@@ -207,4 +224,5 @@ def load_tokenizer(path_or_hub_id: str | Path) -> Any:
   models themselves need neither.
   """
   from transformers import AutoTokenizer
+
   return AutoTokenizer.from_pretrained(str(checkpoint_dir(path_or_hub_id)))

@@ -15,27 +15,27 @@ modules: `clipping`, `mechanisms`, `sampling`, `accounting`.
 """
 
 from fedask_jax.privacy.accounting import (
-    ACCOUNTANTS,
-    DEFAULT_ACCOUNTANT,
-    PARTICIPATION,
-    DPSchedule,
-    calculate,
-    calibrate_noise,
-    epsilon_spent,
-    overflow_delta,
-    schedule_pld,
-    schedule_rdp,
+  ACCOUNTANTS,
+  DEFAULT_ACCOUNTANT,
+  PARTICIPATION,
+  DPSchedule,
+  calculate,
+  calibrate_noise,
+  epsilon_spent,
+  overflow_delta,
+  schedule_pld,
+  schedule_rdp,
 )
 from fedask_jax.privacy.clipping import clip_per_example, clip_scale
 from fedask_jax.privacy.mechanisms import (
-    FROZEN_SIDES,
-    DPStats,
-    check_dp_arguments,
-    check_noise_multiplier,
-    dp_gradient,
-    gaussian_noise,
-    projected_noise,
-    wspace_dp_gradient,
-    wspace_sq_norms,
+  FROZEN_SIDES,
+  DPStats,
+  check_dp_arguments,
+  check_noise_multiplier,
+  dp_gradient,
+  gaussian_noise,
+  projected_noise,
+  wspace_dp_gradient,
+  wspace_sq_norms,
 )
 from fedask_jax.privacy.sampling import batch_capacity, overflow_probability, poisson_sample

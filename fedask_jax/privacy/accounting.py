@@ -89,19 +89,40 @@ class DPSchedule:
   participation: str = "sampled"
 
   def __post_init__(self):
-    check_real("sample_rate", self.sample_rate, 0, 1, lo_open=True, what="the per-step Poisson rate q",
-               hint="; it is batch_size / the client's examples, not multiplied by the client-sampling fraction "
-                    "(pass that as participation_rate, or use DPSchedule.from_federation)")
+    check_real(
+      "sample_rate",
+      self.sample_rate,
+      0,
+      1,
+      lo_open=True,
+      what="the per-step Poisson rate q",
+      hint="; it is batch_size / the client's examples, not multiplied by the client-sampling fraction "
+      "(pass that as participation_rate, or use DPSchedule.from_federation)",
+    )
     check_int("local_steps", self.local_steps, 1)
     check_int("rounds", self.rounds, 1)
-    check_real("participation_rate", self.participation_rate, 0, 1, lo_open=True,
-               what="the probability that a round includes the client", hint=" (clients_per_round / num_clients)")
+    check_real(
+      "participation_rate",
+      self.participation_rate,
+      0,
+      1,
+      lo_open=True,
+      what="the probability that a round includes the client",
+      hint=" (clients_per_round / num_clients)",
+    )
     check_choice("participation", self.participation, PARTICIPATION, what="unknown participation model")
 
   @classmethod
   def from_federation(
-      cls, *, sample_rate: float, local_steps: int, rounds: int, clients_per_round: int, num_clients: int,
-      participation: str | None = None) -> DPSchedule:
+    cls,
+    *,
+    sample_rate: float,
+    local_steps: int,
+    rounds: int,
+    clients_per_round: int,
+    num_clients: int,
+    participation: str | None = None,
+  ) -> DPSchedule:
     """The schedule of a run that draws `clients_per_round` (K) of `num_clients` (N) clients uniformly each round.
 
     q_c = K / N. `participation` None: "sampled" when K < N, "worst_case" when K = N (the two agree there).
@@ -110,8 +131,9 @@ class DPSchedule:
     check_int("num_clients", num_clients, 1)
     if clients_per_round > num_clients:
       raise ValueError(
-          f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}: sample at most "
-          f"{num_clients} clients per round.")
+        f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}: sample at most "
+        f"{num_clients} clients per round."
+      )
     if participation is None:
       participation = "sampled" if clients_per_round < num_clients else "worst_case"
     return cls(sample_rate, local_steps, rounds, clients_per_round / num_clients, participation)
@@ -144,10 +166,13 @@ class DPSchedule:
     """One line, e.g. 'q 0.004, 800 rounds x 10 local steps, in each round w.p. 0.2 (sampled)'."""
     steps, rounds, rate = self.composition
     if self.participation == "expected":
-      return (f"q {self.sample_rate:.4g}, {steps} steps (expected participation of {self.rounds} rounds x "
-              f"{self.local_steps} local steps at rate {self.participation_rate:.4g}; NOT a guarantee)")
-    return (f"q {self.sample_rate:.4g}, {rounds} rounds x {steps} local steps, "
-            + (f"in each round w.p. {rate:.4g} (sampled)" if rate < 1 else "in every round (worst_case)"))
+      return (
+        f"q {self.sample_rate:.4g}, {steps} steps (expected participation of {self.rounds} rounds x "
+        f"{self.local_steps} local steps at rate {self.participation_rate:.4g}; NOT a guarantee)"
+      )
+    return f"q {self.sample_rate:.4g}, {rounds} rounds x {steps} local steps, " + (
+      f"in each round w.p. {rate:.4g} (sampled)" if rate < 1 else "in every round (worst_case)"
+    )
 
 
 def _check_schedule(schedule: Any) -> None:
@@ -157,8 +182,16 @@ def _check_schedule(schedule: Any) -> None:
 
 def _check_common(schedule: Any, delta: float, accountant: str) -> None:
   _check_schedule(schedule)
-  check_real("delta", delta, 0, 1, lo_open=True, hi_open=True, what="delta",
-             hint=", and well below 1 / (examples per client), e.g. 1e-5")
+  check_real(
+    "delta",
+    delta,
+    0,
+    1,
+    lo_open=True,
+    hi_open=True,
+    what="delta",
+    hint=", and well below 1 / (examples per client), e.g. 1e-5",
+  )
   check_choice("accountant", accountant, ACCOUNTANTS, what="unknown accountant")
 
 
@@ -171,7 +204,8 @@ def schedule_rdp(schedule: DPSchedule, noise_multiplier: float, orders: Any = No
   steps, rounds, rate = schedule.composition
   orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS if orders is None else orders, dtype=np.float64)
   step_rdp = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(  # pylint: disable=protected-access
-      schedule.sample_rate, noise_multiplier, orders)
+    schedule.sample_rate, noise_multiplier, orders
+  )
   d_s = steps * np.asarray(step_rdp, dtype=np.float64)
   if rate == 1.0:
     return rounds * d_s
@@ -190,8 +224,8 @@ def schedule_pld(schedule: DPSchedule, noise_multiplier: float) -> privacy_loss_
   # took 4 minutes and 6 GB). Coarser rounding is still pessimistic, and there epsilon is in the hundreds.
   discretization = max(PLD_DISCRETIZATION, (1 + 20 * sigma) / sigma**2 / _PLD_MAX_STEP_POINTS)
   step = privacy_loss_distribution.from_gaussian_mechanism(
-      sigma, sampling_prob=schedule.sample_rate, value_discretization_interval=discretization,
-      pessimistic_estimate=True)
+    sigma, sampling_prob=schedule.sample_rate, value_discretization_interval=discretization, pessimistic_estimate=True
+  )
   round_pld = step.self_compose(steps)
   if rate < 1.0:
     round_pld = round_pld.compute_mixture(privacy_loss_distribution.identity(discretization), rate)
@@ -201,7 +235,8 @@ def schedule_pld(schedule: DPSchedule, noise_multiplier: float) -> privacy_loss_
 
 
 def epsilon_spent(
-    schedule: DPSchedule, noise_multiplier: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+  schedule: DPSchedule, noise_multiplier: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT
+) -> float:
   """Epsilon at `delta` of the schedule's DP-SGD with noise multiplier sigma (inf at sigma = 0).
 
   Under participation "expected" this is the heuristic's number, NOT a bound (module docstring).
@@ -217,7 +252,8 @@ def epsilon_spent(
 
 
 def calibrate_noise(
-    schedule: DPSchedule, target_epsilon: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
+  schedule: DPSchedule, target_epsilon: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT
+) -> float:
   """The smallest noise multiplier sigma whose `epsilon_spent` at `delta` is <= `target_epsilon`, within 0.1%.
 
   A doubling/halving search from sigma = 1 brackets sigma in [lo, 2 lo] with epsilon(lo) > target >= epsilon
@@ -228,8 +264,9 @@ def calibrate_noise(
   even at sigma = 1/64 (a target so loose that accounting there is unreliable) or missed at sigma = 2^20.
   """
   _check_common(schedule, delta, accountant)
-  check_real("target_epsilon", target_epsilon, 0, lo_open=True, what="the privacy target",
-             hint=" (the paper uses 1, 3, 6)")
+  check_real(
+    "target_epsilon", target_epsilon, 0, lo_open=True, what="the privacy target", hint=" (the paper uses 1, 3, 6)"
+  )
 
   def gap(sigma: float) -> float:
     return epsilon_spent(schedule, sigma, delta, accountant) - target_epsilon
@@ -240,16 +277,18 @@ def calibrate_noise(
     while gap(hi) > 0:
       if hi >= _SIGMA_RANGE[1]:
         raise ValueError(
-            f"target_epsilon={target_epsilon!r} is not met even at noise multiplier {hi:g} {where}: raise the "
-            "target or lower q, the local steps or the rounds.")
+          f"target_epsilon={target_epsilon!r} is not met even at noise multiplier {hi:g} {where}: raise the "
+          "target or lower q, the local steps or the rounds."
+        )
       lo, hi = hi, 2 * hi
   else:
     lo, hi = 0.5, 1.0
     while gap(lo) <= 0:
       if lo <= _SIGMA_RANGE[0]:
         raise ValueError(
-            f"target_epsilon={target_epsilon!r} is met even at noise multiplier {lo:g} {where}: this target "
-            "gives almost no privacy; lower it.")
+          f"target_epsilon={target_epsilon!r} is met even at noise multiplier {lo:g} {where}: this target "
+          "gives almost no privacy; lower it."
+        )
       lo, hi = lo / 2, lo
   # A quarter of the 0.1%: brentq's root is within xtol of the crossing, the step up adds at most xtol more,
   # and half the budget is left for the accountants' own jitter in epsilon(sigma).
@@ -280,8 +319,13 @@ def overflow_delta(overflow_prob: float, schedule: DPSchedule, epsilon: float) -
 
 
 def calculate(
-    schedule: DPSchedule, delta: float, accountant: str = DEFAULT_ACCOUNTANT, *,
-    target_epsilon: float | None = None, noise_multiplier: float | None = None) -> dict[str, Any]:
+  schedule: DPSchedule,
+  delta: float,
+  accountant: str = DEFAULT_ACCOUNTANT,
+  *,
+  target_epsilon: float | None = None,
+  noise_multiplier: float | None = None,
+) -> dict[str, Any]:
   """The privacy calculator (`fedask-jax privacy`): sigma for a target epsilon, or epsilon for a sigma.
 
   Exactly one of `target_epsilon` and `noise_multiplier`. Returns {noise_multiplier, epsilon, delta,
@@ -294,9 +338,15 @@ def calculate(
     noise_multiplier = calibrate_noise(schedule, target_epsilon, delta, accountant)
   assert noise_multiplier is not None  # exactly one of the two was given (checked above)
   epsilon = epsilon_spent(schedule, noise_multiplier, delta, accountant)
-  out = {"noise_multiplier": float(noise_multiplier), "epsilon": epsilon, "delta": delta,
-         "participation": schedule.participation, "accountant": accountant, "guarantee": schedule.guarantee,
-         **{k: v for k, v in dataclasses.asdict(schedule).items() if k != "participation"}}
+  out = {
+    "noise_multiplier": float(noise_multiplier),
+    "epsilon": epsilon,
+    "delta": delta,
+    "participation": schedule.participation,
+    "accountant": accountant,
+    "guarantee": schedule.guarantee,
+    **{k: v for k, v in dataclasses.asdict(schedule).items() if k != "participation"},
+  }
   if target_epsilon is not None:
     out["target_epsilon"] = target_epsilon
   return out

@@ -20,8 +20,15 @@ Array = jax.Array
 
 def check_clip_norm(clip_norm: Any, name: str = "clip_norm") -> None:
   """Raise ValueError unless `clip_norm` is a finite number > 0 (a JAX array, traced, is not checked)."""
-  check_real(name, clip_norm, 0, lo_open=True, what="the per-example clipping norm C", traced_ok=True,
-             hint=" (it bounds each example's contribution; the paper uses C = 1.0)")
+  check_real(
+    name,
+    clip_norm,
+    0,
+    lo_open=True,
+    what="the per-example clipping norm C",
+    traced_ok=True,
+    hint=" (it bounds each example's contribution; the paper uses C = 1.0)",
+  )
 
 
 def clip_scale(norms: Array, clip_norm: float | Array) -> Array:
@@ -43,7 +50,8 @@ def _clip_scale(norms: Array, clip_norm: float | Array) -> Array:
 
 
 def clip_per_example(
-    per_example_grads: Any, clip_norm: float | Array, example_mask: Array | None = None) -> tuple[Any, Array]:
+  per_example_grads: Any, clip_norm: float | Array, example_mask: Array | None = None
+) -> tuple[Any, Array]:
   """Clip each example's gradient to global L2 norm <= C.
 
   Args:

@@ -63,8 +63,14 @@ class DPStats(NamedTuple):
 
 def check_noise_multiplier(noise_multiplier: Any, name: str = "noise_multiplier") -> None:
   """Raise ValueError unless sigma is a finite number >= 0 (a JAX array, traced, is not checked)."""
-  check_real(name, noise_multiplier, 0, what="sigma", traced_ok=True,
-             hint=" (calibrate it with fedask_jax.privacy.calibrate_noise)")
+  check_real(
+    name,
+    noise_multiplier,
+    0,
+    what="sigma",
+    traced_ok=True,
+    hint=" (calibrate it with fedask_jax.privacy.calibrate_noise)",
+  )
 
 
 def check_dp_arguments(clip_norm: Any, noise_multiplier: Any, expected_batch_size: Any, prefix: str = "") -> None:
@@ -72,13 +78,20 @@ def check_dp_arguments(clip_norm: Any, noise_multiplier: Any, expected_batch_siz
   their section in the messages (e.g. "dp."). JAX arrays (traced) are not checked."""
   check_clip_norm(clip_norm, prefix + "clip_norm")
   check_noise_multiplier(noise_multiplier, prefix + "noise_multiplier")
-  check_real(prefix + "expected_batch_size", expected_batch_size, 0, lo_open=True, what="the normaliser q n",
-             traced_ok=True, hint=" (the Poisson rate times the client's number of examples, i.e. the configured "
-             "batch size)")
+  check_real(
+    prefix + "expected_batch_size",
+    expected_batch_size,
+    0,
+    lo_open=True,
+    what="the normaliser q n",
+    traced_ok=True,
+    hint=" (the Poisson rate times the client's number of examples, i.e. the configured batch size)",
+  )
 
 
-def _check_step(batch: Any, example_mask: Array, clip_norm: Any, noise_multiplier: Any,
-                expected_batch_size: Any) -> int:
+def _check_step(
+  batch: Any, example_mask: Array, clip_norm: Any, noise_multiplier: Any, expected_batch_size: Any
+) -> int:
   """Validate the arguments shared by both mechanisms; returns the capacity."""
   check_dp_arguments(clip_norm, noise_multiplier, expected_batch_size)
   if jnp.ndim(example_mask) != 1:
@@ -87,8 +100,9 @@ def _check_step(batch: Any, example_mask: Array, clip_norm: Any, noise_multiplie
   leading = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
   if leading != {capacity}:
     raise ValueError(
-        f"batch leaves have leading axes {sorted(leading, key=str)} but example_mask has {capacity} slots: "
-        "every batch leaf must have the leading example axis [capacity, ...].")
+      f"batch leaves have leading axes {sorted(leading, key=str)} but example_mask has {capacity} slots: "
+      "every batch leaf must have the leading example axis [capacity, ...]."
+    )
   return capacity
 
 
@@ -109,15 +123,15 @@ def gaussian_noise(key: Array, tree: Any, stddev: float | Array) -> Any:
 
 
 def dp_gradient(
-    per_example_loss: Callable[[Any, Any], Array],
-    params: Any,
-    batch: Any,
-    example_mask: Array,
-    key: Array,
-    *,
-    clip_norm: float | Array,
-    noise_multiplier: float | Array,
-    expected_batch_size: float | Array,
+  per_example_loss: Callable[[Any, Any], Array],
+  params: Any,
+  batch: Any,
+  example_mask: Array,
+  key: Array,
+  *,
+  clip_norm: float | Array,
+  noise_multiplier: float | Array,
+  expected_batch_size: float | Array,
 ) -> tuple[Any, DPStats]:
   """B-space DP-SGD gradient: (sum of clipped per-example gradients + N(0, sigma^2 C^2 I)) / (q n).
 
@@ -142,12 +156,20 @@ def dp_gradient(
   _check_step(batch, example_mask, clip_norm, noise_multiplier, expected_batch_size)
   mask = jnp.asarray(example_mask, bool)
   clipped_sum_fn = jp_clipping.clipped_grad(
-      per_example_loss, argnums=0, l2_clip_norm=clip_norm, batch_argnums=1, keep_batch_dim=False,
-      return_values=True, return_grad_norms=True, dtype=jnp.float32)
+    per_example_loss,
+    argnums=0,
+    l2_clip_norm=clip_norm,
+    batch_argnums=1,
+    keep_batch_dim=False,
+    return_values=True,
+    return_grad_norms=True,
+    dtype=jnp.float32,
+  )
   clipped_sum, aux = clipped_sum_fn(params, batch, is_padding_example=~mask)
   noise = gaussian_noise(key, clipped_sum, noise_multiplier * clip_norm)
   grad = jax.tree.map(
-      lambda s, n, p: ((s + n) / expected_batch_size).astype(jnp.result_type(p)), clipped_sum, noise, params)
+    lambda s, n, p: ((s + n) / expected_batch_size).astype(jnp.result_type(p)), clipped_sum, noise, params
+  )
   return grad, _stats(aux.values, aux.grad_norms, mask, clip_norm)
 
 
@@ -161,8 +183,9 @@ def wspace_sq_norms(inputs: Array, output_grads: Array) -> Array:
   """
   if jnp.ndim(inputs) != 3 or jnp.ndim(output_grads) != 3 or jnp.shape(inputs)[:2] != jnp.shape(output_grads)[:2]:
     raise ValueError(
-        f"inputs {jnp.shape(inputs)} and output_grads {jnp.shape(output_grads)}: expected [E, T, in] and "
-        "[E, T, out] with the same examples E and positions T.")
+      f"inputs {jnp.shape(inputs)} and output_grads {jnp.shape(output_grads)}: expected [E, T, in] and "
+      "[E, T, out] with the same examples E and positions T."
+    )
   dtype = compute_dtype(inputs, output_grads)
   x = inputs.astype(dtype)
   g = output_grads.astype(dtype)
@@ -172,9 +195,12 @@ def wspace_sq_norms(inputs: Array, output_grads: Array) -> Array:
 
 
 def _check_side(frozen_side: str) -> None:
-  check_choice("frozen_side", frozen_side, FROZEN_SIDES,
-               what="the frozen factor: 'lora_a' (lora_b trained: FedASK) or 'lora_b' (lora_a trained: fedask-alt's "
-               "even rounds)")
+  check_choice(
+    "frozen_side",
+    frozen_side,
+    FROZEN_SIDES,
+    what="the frozen factor: 'lora_a' (lora_b trained: FedASK) or 'lora_b' (lora_a trained: fedask-alt's even rounds)",
+  )
 
 
 def _layer_dims(frozen_factor: Any, trained_shape: tuple[int, ...], frozen_side: str, name: str) -> tuple[int, int]:
@@ -185,14 +211,15 @@ def _layer_dims(frozen_factor: Any, trained_shape: tuple[int, ...], frozen_side:
   a_shape, b_shape = (fshape, trained_shape) if frozen_side == "lora_a" else (trained_shape, fshape)
   if a_shape[1] != b_shape[0]:
     raise ValueError(
-        f"layer {name!r}: lora_a {a_shape} and lora_b {b_shape} do not chain; expected lora_a [in, r] and "
-        f"lora_b [r, out] with frozen_side={frozen_side!r} naming the frozen one.")
+      f"layer {name!r}: lora_a {a_shape} and lora_b {b_shape} do not chain; expected lora_a [in, r] and "
+      f"lora_b [r, out] with frozen_side={frozen_side!r} naming the frozen one."
+    )
   return a_shape[0], b_shape[1]
 
 
 def projected_noise(
-    key: Array, frozen_factor: Array, weight_shape: tuple[int, int], stddev: float | Array,
-    frozen_side: str = "lora_a") -> Array:
+  key: Array, frozen_factor: Array, weight_shape: tuple[int, int], stddev: float | Array, frozen_side: str = "lora_a"
+) -> Array:
   """W-space Gaussian noise N [in, out], N_ij ~ N(0, stddev^2), projected by the frozen factor, drawn in r dims.
 
   frozen_side "lora_a" (frozen lora_a [in, r]): returns a sample of lora_a^T N [r, out]; its columns are
@@ -209,13 +236,15 @@ def projected_noise(
   trained_shape = (rank, weight_shape[1]) if frozen_side == "lora_a" else (weight_shape[0], rank)
   if _layer_dims(frozen_factor, trained_shape, frozen_side, "projected_noise") != tuple(weight_shape):
     raise ValueError(
-        f"weight_shape={tuple(weight_shape)} does not match the frozen {frozen_side} {jnp.shape(frozen_factor)}: "
-        f"expected (in, out) with lora_a [in, r], lora_b [r, out].")
+      f"weight_shape={tuple(weight_shape)} does not match the frozen {frozen_side} {jnp.shape(frozen_factor)}: "
+      f"expected (in, out) with lora_a [in, r], lora_b [r, out]."
+    )
   return _projected_noise(key, frozen_factor, weight_shape, stddev, frozen_side)
 
 
-def _projected_noise(key: Array, frozen_factor: Array, weight_shape: tuple[int, int], stddev: float | Array,
-                     frozen_side: str) -> Array:
+def _projected_noise(
+  key: Array, frozen_factor: Array, weight_shape: tuple[int, int], stddev: float | Array, frozen_side: str
+) -> Array:
   dtype = compute_dtype(frozen_factor)
   factor = frozen_factor.astype(dtype)
   if frozen_side == "lora_a":
@@ -228,18 +257,18 @@ def _projected_noise(key: Array, frozen_factor: Array, weight_shape: tuple[int, 
 
 
 def wspace_dp_gradient(
-    per_example_fn: Callable[[Mapping[str, Array], Mapping[str, Array] | None, Any], tuple[Array, Mapping[str, Array]]],
-    params: Mapping[str, Array],
-    batch: Any,
-    example_mask: Array,
-    key: Array,
-    *,
-    frozen: Mapping[str, Array],
-    scaling: float | Mapping[str, float],
-    clip_norm: float | Array,
-    noise_multiplier: float | Array,
-    expected_batch_size: float | Array,
-    frozen_side: str = "lora_a",
+  per_example_fn: Callable[[Mapping[str, Array], Mapping[str, Array] | None, Any], tuple[Array, Mapping[str, Array]]],
+  params: Mapping[str, Array],
+  batch: Any,
+  example_mask: Array,
+  key: Array,
+  *,
+  frozen: Mapping[str, Array],
+  scaling: float | Mapping[str, float],
+  clip_norm: float | Array,
+  noise_multiplier: float | Array,
+  expected_batch_size: float | Array,
+  frozen_side: str = "lora_a",
 ) -> tuple[dict[str, Array], DPStats]:
   """W-space DP-SGD gradient of the trained LoRA factors (paper Algorithm 1, line "B <- B - ...").
 
@@ -287,8 +316,9 @@ def wspace_dp_gradient(
   names = sorted(frozen)
   if sorted(params) != names:
     raise ValueError(
-        f"params has layers {sorted(params)} but frozen has {names}: pass the trained and the frozen factor of "
-        "the same adapted layers.")
+      f"params has layers {sorted(params)} but frozen has {names}: pass the trained and the frozen factor of "
+      "the same adapted layers."
+    )
   if not isinstance(scaling, Mapping):
     scaling = {name: scaling for name in names}
   elif sorted(scaling) != names:
@@ -300,8 +330,9 @@ def wspace_dp_gradient(
   if sorted(input_specs) != names or any(input_specs[n].shape[-1:] != dims[n][:1] for n in names):
     got = {n: tuple(s.shape) for n, s in input_specs.items()}
     raise ValueError(
-        f"per_example_fn returned inputs {got}; expected one [*T, in] input per layer of {dims} ((in, out) "
-        "per layer): record each adapter's input h (see the protocol in the docstring).")
+      f"per_example_fn returned inputs {got}; expected one [*T, in] input per layer of {dims} ((in, out) "
+      "per layer): record each adapter's input h (see the protocol in the docstring)."
+    )
   zeros = {n: jnp.zeros(input_specs[n].shape[:-1] + (dims[n][1],), input_specs[n].dtype) for n in names}
 
   def per_example(example):
@@ -333,7 +364,6 @@ def wspace_dp_gradient(
       clipped_sum = einsum("etr,eto->ro", einsum("eti,ir->etr", xn, factor), gn)
     else:
       clipped_sum = einsum("eti,etr->ir", xn, einsum("eto,ro->etr", gn, factor))
-    noise = _projected_noise(jax.random.fold_in(key, i), frozen[n], dims[n], noise_multiplier * clip_norm,
-                             frozen_side)
+    noise = _projected_noise(jax.random.fold_in(key, i), frozen[n], dims[n], noise_multiplier * clip_norm, frozen_side)
     grad[n] = (scaling[n] * (clipped_sum + noise) / expected_batch_size).astype(jnp.result_type(params[n]))
   return grad, _stats(losses, norms, mask, clip_norm)

@@ -42,8 +42,16 @@ Array = jax.Array
 
 
 def _check_rate(rate: Any) -> None:
-  check_real("rate", rate, 0, 1, lo_open=True, what="the Poisson sampling rate q", traced_ok=True,
-             hint=" (q = batch_size / num_examples; use a batch size no larger than the client's dataset)")
+  check_real(
+    "rate",
+    rate,
+    0,
+    1,
+    lo_open=True,
+    what="the Poisson sampling rate q",
+    traced_ok=True,
+    hint=" (q = batch_size / num_examples; use a batch size no larger than the client's dataset)",
+  )
 
 
 def overflow_probability(num_examples: int, rate: float, capacity: int) -> float:
@@ -62,8 +70,16 @@ def batch_capacity(num_examples: int, rate: float, overflow_prob: float = 1e-6) 
   """
   num_examples = check_int("num_examples", num_examples, 1)
   _check_rate(rate)
-  check_real("overflow_prob", overflow_prob, 0, 1, lo_open=True, hi_open=True,
-             what="the per-step overflow probability", hint=", e.g. 1e-6 (smaller costs a few more slots)")
+  check_real(
+    "overflow_prob",
+    overflow_prob,
+    0,
+    1,
+    lo_open=True,
+    hi_open=True,
+    what="the per-step overflow probability",
+    hint=", e.g. 1e-6 (smaller costs a few more slots)",
+  )
   sf = lambda c: scipy.stats.binom.sf(c, num_examples, rate)
   # isf inverts in floating point; step to the exact smallest c that meets the bound.
   c = int(min(max(scipy.stats.binom.isf(overflow_prob, num_examples, rate), 0), num_examples))
@@ -75,11 +91,11 @@ def batch_capacity(num_examples: int, rate: float, overflow_prob: float = 1e-6) 
 
 
 def poisson_sample(
-    key: Array,
-    num_examples: int | Array,
-    rate: float | Array,
-    capacity: int,
-    max_examples: int | None = None,
+  key: Array,
+  num_examples: int | Array,
+  rate: float | Array,
+  capacity: int,
+  max_examples: int | None = None,
 ) -> tuple[Array, Array]:
   """Poisson-sample a batch of at most `capacity` of `num_examples` examples; jit- and vmap-safe.
 
@@ -108,14 +124,16 @@ def poisson_sample(
       raise ValueError(f"num_examples={num_examples} exceeds max_examples={max_examples}: raise max_examples.")
   elif max_examples is None:
     raise ValueError(
-        "num_examples is a traced value, so the static shape needs max_examples: pass max_examples >= the "
-        "largest client's number of examples (its data padded to that many rows).")
+      "num_examples is a traced value, so the static shape needs max_examples: pass max_examples >= the "
+      "largest client's number of examples (its data padded to that many rows)."
+    )
   max_examples = check_int("max_examples", max_examples, 1)
   capacity = check_int("capacity", capacity, 1)
   if capacity > max_examples:
     raise ValueError(
-        f"capacity={capacity} exceeds max_examples={max_examples}: a batch cannot hold more slots than there "
-        f"are examples; use capacity <= {max_examples}.")
+      f"capacity={capacity} exceeds max_examples={max_examples}: a batch cannot hold more slots than there "
+      f"are examples; use capacity <= {max_examples}."
+    )
   _check_rate(rate)
   # One uniform u_i per example: i is selected iff u_i < q. Given the selected set, its u_i are i.i.d.
   # Uniform[0, q), so ordering by u is a uniformly random order of the selected examples: the `capacity`
@@ -127,4 +145,3 @@ def poisson_sample(
   u = jnp.where(jnp.arange(max_examples) < num_examples, u, 2.0)
   neg_u, indices = jax.lax.top_k(-u, capacity)
   return indices.astype(jnp.int32), -neg_u < rate
-

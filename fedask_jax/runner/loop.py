@@ -86,8 +86,9 @@ def _epsilon(experiment: Experiment, round_index: int) -> float | None:
   plan, c = experiment.privacy, experiment.config
   if plan is None:
     return None
-  return privacy.epsilon_spent(plan.schedule.after(round_index), plan.noise_multiplier, plan.accountant_delta,
-                               c.privacy.accountant)
+  return privacy.epsilon_spent(
+    plan.schedule.after(round_index), plan.noise_multiplier, plan.accountant_delta, c.privacy.accountant
+  )
 
 
 def _checkpoint_state(server: ServerState, key: jax.Array, round_index: int) -> dict[str, Any]:
@@ -116,9 +117,16 @@ def round_sampler(config: Config, capacity: int):
   @jax.jit
   def sample(round_key, client_data):
     ids = sample_clients(round_key, config.num_clients, config.clients_per_round)
-    batches = fdata.client_batches(data_key(round_key), client_data, ids, local_steps=config.local_steps,
-                                   batch_size=config.batch_size, capacity=capacity, sampling=sampling,
-                                   sample_rate=rate)
+    batches = fdata.client_batches(
+      data_key(round_key),
+      client_data,
+      ids,
+      local_steps=config.local_steps,
+      batch_size=config.batch_size,
+      capacity=capacity,
+      sampling=sampling,
+      sample_rate=rate,
+    )
     weights = jnp.ones(ids.shape, jnp.float32) if private_sizes else client_weights(client_data.client_sizes, ids)
     return ids, weights, batches
 
@@ -130,8 +138,9 @@ class Interrupted(Exception):
   `round_index` of `rounds`, which is checkpointed at `checkpoint`; the same command resumes the run."""
 
   def __init__(self, signum: int, round_index: int, rounds: int, checkpoint: Path):
-    super().__init__(f"stopped by {signal.Signals(signum).name} after round {round_index} of {rounds} (checkpoint "
-                     f"{checkpoint})")
+    super().__init__(
+      f"stopped by {signal.Signals(signum).name} after round {round_index} of {rounds} (checkpoint {checkpoint})"
+    )
     self.signum, self.round_index, self.rounds, self.checkpoint = signum, round_index, rounds, checkpoint
 
 
@@ -148,8 +157,10 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
 
   config, run_dir, round_fn = experiment.config, experiment.run_dir, experiment.round_fn
   if round_fn is None:
-    raise ValueError("train: this experiment was prepared without a round function (prepare(..., for_training=False), "
-                     "which is for evaluation only): prepare it with for_training=True.")
+    raise ValueError(
+      "train: this experiment was prepared without a round function (prepare(..., for_training=False), "
+      "which is for evaluation only): prepare it with for_training=True."
+    )
   primary = processes.is_primary()
   config_path = run_dir / CONFIG_FILE
   if primary and not config_path.is_file():
@@ -166,9 +177,12 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
   write = (lambda line: tqdm.write(line, file=sys.stderr)) if progress and primary else (lambda line: None)
   # Faults are printed even with progress off: they change what the run computed or resumed from.
   warn = (lambda line: tqdm.write(f"warning: {line}", file=sys.stderr)) if primary else (lambda line: None)
-  stops = processes.StopSignals(lambda signum: write(
+  stops = processes.StopSignals(
+    lambda signum: write(
       f"{signal.Signals(signum).name}: stopping once the round in progress is finished and checkpointed (send it "
-      "again to stop at once, losing the rounds since the last checkpoint)"))
+      "again to stop at once, losing the rounds since the last checkpoint)"
+    )
+  )
   # Caught from here on: a signal during the restore or the first evaluation stops the run after its next round.
   with stops:
     for note in experiment.notes:
@@ -198,8 +212,14 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
     sample = round_sampler(config, experiment.capacity)
     release, warned_nonfinite = config.privacy.release_diagnostics, False
     compiled: set[str] = set()
-    bar = tqdm(total=config.rounds, initial=start, desc="rounds", unit="round", file=sys.stderr,
-               disable=not (progress and primary))
+    bar = tqdm(
+      total=config.rounds,
+      initial=start,
+      desc="rounds",
+      unit="round",
+      file=sys.stderr,
+      disable=not (progress and primary),
+    )
     try:
       last = config.rounds if stop_after is None else min(stop_after, config.rounds)
       for t in range(start + 1, last + 1):
@@ -212,26 +232,35 @@ def train(experiment: Experiment, *, progress: bool = True, stop_after: int | No
         state, metrics = round_fn(state, batches, ids, weights, round_key, t)
         metrics = jax.device_get(processes.host_local(metrics, round_fn.mesh))
         seconds = time.perf_counter() - began
-        record = {"round": t, "train_loss": to_json(metrics.pop("train_loss")), "epsilon": _epsilon(experiment, t),
-                  "clients": to_json(ids), **{k: to_json(v) for k, v in sorted(metrics.items())}}
+        record = {
+          "round": t,
+          "train_loss": to_json(metrics.pop("train_loss")),
+          "epsilon": _epsilon(experiment, t),
+          "clients": to_json(ids),
+          **{k: to_json(v) for k, v in sorted(metrics.items())},
+        }
         if not release:
           for name in DIAGNOSTICS:
             del record[name]
         elif not warned_nonfinite and any(record["nonfinite_examples"]):
           warned_nonfinite = True
           counts = ", ".join(f"client {c}: {n}" for c, n in zip(record["clients"], record["nonfinite_examples"]) if n)
-          effect = ("the clipping zeroed their gradients, and their clients' losses are NaN" if experiment.privacy
-                    else "their clients' updates are NaN")
-          warn(f"round {t}: training examples with a non-finite loss or gradient ({counts}); {effect}. "
-               "metrics.jsonl counts them every round (nonfinite_examples); this warning is not repeated")
+          effect = (
+            "the clipping zeroed their gradients, and their clients' losses are NaN"
+            if experiment.privacy
+            else "their clients' updates are NaN"
+          )
+          warn(
+            f"round {t}: training examples with a non-finite loss or gradient ({counts}); {effect}. "
+            "metrics.jsonl counts them every round (nonfinite_examples); this warning is not repeated"
+          )
         if t == config.rounds or (config.eval.every and t % config.eval.every == 0):
           record.update(_eval_fields(_evaluate(experiment, state.adapters)))
         record["timing"] = {"seconds": seconds, "compiled": first}
         if primary:
           log.append(record)
         if record["skipped"]:
-          warn(f"round {t}: no client's update was finite (clients {record['clients']}); the global state is "
-               "unchanged")
+          warn(f"round {t}: no client's update was finite (clients {record['clients']}); the global state is unchanged")
         elif record["invalid_clients"]:
           left_out = [c for c, ok in zip(record["clients"], record["client_valid"]) if not ok]
           warn(f"round {t}: clients {left_out} had a NaN or Inf update and were left out of the aggregate")
@@ -272,8 +301,9 @@ def latest_adapters(experiment: Experiment) -> tuple[int, Adapters]:
   checkpoints = StateCheckpoints(experiment.run_dir / CHECKPOINT_DIR, keep=config.checkpoint.keep)
   try:
     adapters = to_adapters(nnx.state(experiment.model, nnx.LoRAParam))
-    template = _checkpoint_state(ServerState(adapters, make_strategy(config).init(adapters, config.num_clients)),
-                                 run_key(config), 0)
+    template = _checkpoint_state(
+      ServerState(adapters, make_strategy(config).init(adapters, config.num_clients)), run_key(config), 0
+    )
     restored = checkpoints.restore_latest(template)
   finally:
     checkpoints.close()
@@ -291,5 +321,10 @@ def evaluate_run(run_dir: str | os.PathLike) -> dict[str, Any]:
   experiment = prepare(config, for_training=False)
   latest, adapters = latest_adapters(experiment)
   result = _evaluate(experiment, adapters)
-  return {"round": latest, "eval_loss": result.eval_loss, "perplexity": result.perplexity,
-          "examples": result.examples, "tokens": result.tokens}
+  return {
+    "round": latest,
+    "eval_loss": result.eval_loss,
+    "perplexity": result.perplexity,
+    "examples": result.examples,
+    "tokens": result.tokens,
+  }

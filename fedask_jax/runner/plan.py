@@ -130,26 +130,37 @@ def partition(config: Config, records: list[dict[str, Any]]) -> fdata.Partition:
     values = len(np.unique(np.asarray([r[d.category_column] for r in records])))
     try:
       parts = fdata.partition_records(
-          records, d.partition, num_clients=config.num_clients, column=d.category_column, alpha=d.dirichlet_alpha,
-          seed=config.seed, min_client_size=d.min_client_size)
+        records,
+        d.partition,
+        num_clients=config.num_clients,
+        column=d.category_column,
+        alpha=d.dirichlet_alpha,
+        seed=config.seed,
+        min_client_size=d.min_client_size,
+      )
     except ValueError:
       # check_records has ruled out the other causes (a missing column, too few records), so for a Dirichlet
       # partition this is every draw leaving some client below min_client_size.
       if d.partition != "dirichlet":
         raise
       raise ConfigError(
-          f"data.partition='dirichlet': every draw of Dirichlet(data.dirichlet_alpha={d.dirichlet_alpha:g}) over "
-          f"the {values} values of {d.category_column!r} left some of the num_clients={config.num_clients} clients "
-          f"with fewer than data.min_client_size={d.min_client_size} records: raise data.dirichlet_alpha (the "
-          "paper: 0.1 to 1), or lower num_clients or data.min_client_size.") from None
+        f"data.partition='dirichlet': every draw of Dirichlet(data.dirichlet_alpha={d.dirichlet_alpha:g}) over "
+        f"the {values} values of {d.category_column!r} left some of the num_clients={config.num_clients} clients "
+        f"with fewer than data.min_client_size={d.min_client_size} records: raise data.dirichlet_alpha (the "
+        "paper: 0.1 to 1), or lower num_clients or data.min_client_size."
+      ) from None
   if parts.num_clients != config.num_clients:
     dropped = values - parts.num_clients  # only a natural partition can differ
-    reason = (f" ({dropped} of its {values} values have fewer than data.min_client_size={d.min_client_size} "
-              "records)" if dropped else "")
+    reason = (
+      f" ({dropped} of its {values} values have fewer than data.min_client_size={d.min_client_size} records)"
+      if dropped
+      else ""
+    )
     raise ConfigError(
-        f"data.partition='natural' over {d.category_column!r} gives {parts.num_clients} clients{reason} but "
-        f"num_clients={config.num_clients}: set num_clients={parts.num_clients}"
-        f"{' or lower data.min_client_size' if dropped else ''}.")
+      f"data.partition='natural' over {d.category_column!r} gives {parts.num_clients} clients{reason} but "
+      f"num_clients={config.num_clients}: set num_clients={parts.num_clients}"
+      f"{' or lower data.min_client_size' if dropped else ''}."
+    )
   return parts
 
 
@@ -182,11 +193,12 @@ def _check_slots(config: Config, sizes: np.ndarray, rates: np.ndarray) -> None:
   else:
     fix = "no batch size does at these client sizes: use larger clients (fewer num_clients)"
   raise ConfigError(
-      f"the largest client ({largest} examples) samples at the Poisson rate q = {q:.4g}: its add-one neighbour's "
-      f"batch overflows the {largest} slots a batch can have (one per example row) with probability "
-      f"q^{largest + 1} = {real:.3g} per step, above privacy.overflow_prob={p.overflow_prob:g}, so the delta charged "
-      f"for overflow would not hold: {fix}, or raise privacy.overflow_prob (its cost in delta is checked against "
-      "privacy.delta).")
+    f"the largest client ({largest} examples) samples at the Poisson rate q = {q:.4g}: its add-one neighbour's "
+    f"batch overflows the {largest} slots a batch can have (one per example row) with probability "
+    f"q^{largest + 1} = {real:.3g} per step, above privacy.overflow_prob={p.overflow_prob:g}, so the delta charged "
+    f"for overflow would not hold: {fix}, or raise privacy.overflow_prob (its cost in delta is checked against "
+    "privacy.delta)."
+  )
 
 
 def plan_privacy(config: Config, sizes: np.ndarray) -> tuple[PrivacyPlan | None, int]:
@@ -199,19 +211,26 @@ def plan_privacy(config: Config, sizes: np.ndarray) -> tuple[PrivacyPlan | None,
   p = config.privacy
   if p.client_sizes == "public" and b > smallest:
     raise ConfigError(
-        f"batch_size={b} exceeds the smallest client's {smallest} examples, so its Poisson rate "
-        "q = batch_size / n would exceed 1: lower batch_size or num_clients, or raise data.min_client_size.")
+      f"batch_size={b} exceeds the smallest client's {smallest} examples, so its Poisson rate "
+      "q = batch_size / n would exceed 1: lower batch_size or num_clients, or raise data.min_client_size."
+    )
   rates = _client_rates(config, sizes)
   _check_slots(config, sizes, rates)
   capacity = max(privacy.batch_capacity(int(n) + 1, float(q), p.overflow_prob) for n, q in set(zip(sizes, rates)))
   schedule = privacy.DPSchedule.from_federation(
-      sample_rate=float(rates.max()), local_steps=config.local_steps, rounds=config.rounds,
-      clients_per_round=config.clients_per_round, num_clients=config.num_clients, participation=p.participation)
+    sample_rate=float(rates.max()),
+    local_steps=config.local_steps,
+    rounds=config.rounds,
+    clients_per_round=config.clients_per_round,
+    num_clients=config.num_clients,
+    participation=p.participation,
+  )
   overflow = privacy.overflow_delta(p.overflow_prob, schedule, p.target_epsilon)
   if overflow >= p.delta / 2:
     raise ConfigError(
-        f"privacy.overflow_prob={p.overflow_prob:g} costs delta {overflow:.3g} over {schedule.describe()}, at "
-        f"least half of privacy.delta={p.delta:g}: lower overflow_prob (e.g. 1e-12).")
+      f"privacy.overflow_prob={p.overflow_prob:g} costs delta {overflow:.3g} over {schedule.describe()}, at "
+      f"least half of privacy.delta={p.delta:g}: lower overflow_prob (e.g. 1e-12)."
+    )
   sigma = privacy.calibrate_noise(schedule, p.target_epsilon, p.delta - overflow, p.accountant)
   return PrivacyPlan(sigma, schedule, p.delta, p.delta - overflow, overflow, capacity), capacity
 
@@ -280,14 +299,17 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
     if config.clients_per_round % devices:
       where = f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
       raise ConfigError(
-          f"clients_per_round={config.clients_per_round} cannot be split evenly over the {devices} devices"
-          f"{where}: use a multiple of {devices}.")
+        f"clients_per_round={config.clients_per_round} cannot be split evenly over the {devices} devices"
+        f"{where}: use a multiple of {devices}."
+      )
     check_run_dir(config)
   model = load_model(config)
   tokenizer = load_tokenizer(config.model.path)
   eval_data = load_eval_data(config, tokenizer)
-  notes = [f"eval: {eval_data.num_examples} held-out examples, {eval_data.num_truncated} truncated to "
-           f"{config.data.max_seq_len} tokens"]
+  notes = [
+    f"eval: {eval_data.num_examples} held-out examples, {eval_data.num_truncated} truncated to "
+    f"{config.data.max_seq_len} tokens"
+  ]
   if not for_training:
     return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, None, 0, None, None, notes)
   records = load_records(config, "train", config.data.max_train_examples)
@@ -297,11 +319,19 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
   check_encoded(config, encoded, "train")
   parts = partition(config, records)
   plan, capacity = plan_privacy(config, parts.sizes)
-  dp = None if plan is None else DPConfig(
-      clip_norm=config.privacy.clip_norm, noise_multiplier=plan.noise_multiplier,
-      expected_batch_size=float(config.batch_size), mechanism=config.privacy.mechanism)
-  round_fn = FederatedRound(model, make_strategy(config), optimizer=make_optimizer(config), dp=dp,
-                            client_chunk=client_chunk(config))
+  dp = (
+    None
+    if plan is None
+    else DPConfig(
+      clip_norm=config.privacy.clip_norm,
+      noise_multiplier=plan.noise_multiplier,
+      expected_batch_size=float(config.batch_size),
+      mechanism=config.privacy.mechanism,
+    )
+  )
+  round_fn = FederatedRound(
+    model, make_strategy(config), optimizer=make_optimizer(config), dp=dp, client_chunk=client_chunk(config)
+  )
   if round_fn.mesh is not None:
     # The model takes the round's base weights, replicated over the mesh: one copy per device, which the sharded
     # evaluation reads as they are.
@@ -312,20 +342,36 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
     round_fn.trained(t)
   sizes = parts.sizes
   if config.privacy.release_diagnostics:
-    notes.append(f"train: {encoded.num_examples} examples, {encoded.num_truncated} truncated to "
-                 f"{config.data.max_seq_len} tokens, {encoded.num_without_targets} without targets; "
-                 f"{parts.num_clients} clients of {int(sizes.min())} to {int(sizes.max())} examples")
+    notes.append(
+      f"train: {encoded.num_examples} examples, {encoded.num_truncated} truncated to "
+      f"{config.data.max_seq_len} tokens, {encoded.num_without_targets} without targets; "
+      f"{parts.num_clients} clients of {int(sizes.min())} to {int(sizes.max())} examples"
+    )
   else:
     notes.append("train: statistics of the training data withheld (privacy.release_diagnostics=false)")
   if plan is not None:
     slots = f", {capacity} slots per step" if config.privacy.release_diagnostics else ""
     notes.append(
-        f"privacy: ({config.privacy.target_epsilon:g}, {config.privacy.delta:g})-DP, noise multiplier "
-        f"{plan.noise_multiplier:.4f} ({config.privacy.accountant}, {plan.schedule.describe()}), client sizes "
-        f"{config.privacy.client_sizes}{slots}")
+      f"privacy: ({config.privacy.target_epsilon:g}, {config.privacy.delta:g})-DP, noise multiplier "
+      f"{plan.noise_multiplier:.4f} ({config.privacy.accountant}, {plan.schedule.describe()}), client sizes "
+      f"{config.privacy.client_sizes}{slots}"
+    )
   client_data = jax.device_put(fdata.stack_clients(encoded, parts))
-  train_counts = {"train_examples": encoded.num_examples, "train_truncated": encoded.num_truncated,
-                  "train_without_targets": encoded.num_without_targets}
-  return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, client_data, capacity, plan, round_fn,
-                    notes, train_counts)
-
+  train_counts = {
+    "train_examples": encoded.num_examples,
+    "train_truncated": encoded.num_truncated,
+    "train_without_targets": encoded.num_without_targets,
+  }
+  return Experiment(
+    config,
+    Path(config.run_dir),
+    model,
+    tokenizer,
+    eval_data,
+    client_data,
+    capacity,
+    plan,
+    round_fn,
+    notes,
+    train_counts,
+  )

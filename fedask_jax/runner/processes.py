@@ -73,14 +73,17 @@ def start(config: Config) -> None:
   d = config.distributed
   if not _requested(config):
     if jax.distributed.is_initialized():
-      raise ConfigError("this process already joined a multi-process run (jax.distributed.initialize), but the "
-                        "config's distributed section is unset: set it as for that run.")
+      raise ConfigError(
+        "this process already joined a multi-process run (jax.distributed.initialize), but the "
+        "config's distributed section is unset: set it as for that run."
+      )
     return
   if jax.distributed.is_initialized():
     if not d.auto and (jax.process_count(), jax.process_index()) != (d.num_processes, d.process_id):
       raise ConfigError(
-          f"distributed.num_processes={d.num_processes}, distributed.process_id={d.process_id}: this process "
-          f"already runs as process {jax.process_index()} of {jax.process_count()}: one process joins one run.")
+        f"distributed.num_processes={d.num_processes}, distributed.process_id={d.process_id}: this process "
+        f"already runs as process {jax.process_index()} of {jax.process_count()}: one process joins one run."
+      )
   else:
     # The runner stops on SIGTERM itself (StopSignals, with every process agreeing on the round). JAX's preemption
     # service would install its own SIGTERM handler, under which a process ignores SIGTERM outside the rounds.
@@ -91,14 +94,18 @@ def start(config: Config) -> None:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
       jax.distributed.initialize(
-          coordinator_address=d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id,
-          heartbeat_timeout_seconds=d.heartbeat_timeout)
+        coordinator_address=d.coordinator_address,
+        num_processes=d.num_processes,
+        process_id=d.process_id,
+        heartbeat_timeout_seconds=d.heartbeat_timeout,
+      )
     except RuntimeError as error:
       if "before any JAX calls" not in str(error):
         raise
       raise ConfigError(
-          "distributed: jax.distributed.initialize must come before JAX's first computation, and this process "
-          "already used JAX: call fedask_jax.runner.prepare (or processes.start) first.") from None
+        "distributed: jax.distributed.initialize must come before JAX's first computation, and this process "
+        "already used JAX: call fedask_jax.runner.prepare (or processes.start) first."
+      ) from None
   check_same_config(config)
 
 
@@ -136,20 +143,28 @@ def check_same_config(config: Config) -> None:
     return
   reference = yaml.safe_load(client.blocking_key_value_get(f"{prefix}/text/0", _BARRIER_TIMEOUT_MS))
   keys = sorted(k for k in set(reference) | set(mine) if reference.get(k) != mine.get(k))
-  detail = (f"; this process (process {me}) differs in " + ", ".join(
-      f"{k}: {reference.get(k)!r} in process 0, {mine.get(k)!r} here" for k in keys[:8])) if keys else ""
+  detail = (
+    (
+      f"; this process (process {me}) differs in "
+      + ", ".join(f"{k}: {reference.get(k)!r} in process 0, {mine.get(k)!r} here" for k in keys[:8])
+    )
+    if keys
+    else ""
+  )
   raise ConfigError(
-      f"the processes of this run have different configs: process{'es' if len(differ) > 1 else ''} "
-      f"{', '.join(map(str, differ))} differ{'' if len(differ) > 1 else 's'} from process 0{detail}. Start every "
-      "process with the same config and overrides (only distributed.process_id differs).")
+    f"the processes of this run have different configs: process{'es' if len(differ) > 1 else ''} "
+    f"{', '.join(map(str, differ))} differ{'' if len(differ) > 1 else 's'} from process 0{detail}. Start every "
+    "process with the same config and overrides (only distributed.process_id differs)."
+  )
 
 
 def wait_for_all(name: str) -> None:
   """Returns once every process has called `wait_for_all(name)` (a barrier of JAX's coordination service; nothing
   with one process). Each name is used once per process."""
   if jax.process_count() > 1:
-    ocp.multihost.get_jax_distributed_client().wait_at_barrier(f"fedask_jax/{name}/{next(_barriers)}",
-                                                               _BARRIER_TIMEOUT_MS)
+    ocp.multihost.get_jax_distributed_client().wait_at_barrier(
+      f"fedask_jax/{name}/{next(_barriers)}", _BARRIER_TIMEOUT_MS
+    )
 
 
 def join_collectives(mesh: jax.sharding.Mesh | None) -> None:

@@ -54,8 +54,9 @@ def check_run_dir(config: Config) -> None:
   if not path.is_file():
     if (run_dir / CHECKPOINT_DIR).exists():
       raise ConfigError(
-          f"run_dir={config.run_dir!r} holds checkpoints but no {CONFIG_FILE}, so a resume cannot be checked "
-          "against the config they were trained with: choose a new run_dir.")
+        f"run_dir={config.run_dir!r} holds checkpoints but no {CONFIG_FILE}, so a resume cannot be checked "
+        "against the config they were trained with: choose a new run_dir."
+      )
     return
   try:
     stored = from_dict(read_yaml(path))
@@ -63,13 +64,13 @@ def check_run_dir(config: Config) -> None:
     raise ConfigError(f"{path} holds an invalid config ({error}): use another run_dir.") from None
   differ = config_diff(stored, config, ignore=_RELAUNCH_KEYS)
   if differ:
-    detail = ", ".join(
-        f"{k}: {_lookup(stored, k)!r} -> {_lookup(config, k)!r}" for k in differ[:8])
+    detail = ", ".join(f"{k}: {_lookup(stored, k)!r} -> {_lookup(config, k)!r}" for k in differ[:8])
     if len(differ) > 8:
       detail += f", and {len(differ) - 8} more: {', '.join(differ[8:])}"
     raise ConfigError(
-        f"run_dir {config.run_dir!r} holds a run with a different config ({detail}): resume with the same config "
-        "or choose a new run_dir.")
+      f"run_dir {config.run_dir!r} holds a run with a different config ({detail}): resume with the same config "
+      "or choose a new run_dir."
+    )
 
 
 def _lookup(config: Config, dotted: str) -> Any:
@@ -121,4 +122,3 @@ class MetricsLog:
 def to_json(value: Any) -> Any:
   """A pytree of arrays -> the same tree of Python scalars and (nested) lists."""
   return jax.tree.map(lambda x: np.asarray(x).tolist(), value)
-

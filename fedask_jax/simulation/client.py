@@ -136,13 +136,20 @@ class LocalTraining:
   has_dropout: bool
 
 
-def local_training(model: nnx.Module, strategy: Strategy, optimizer: optax.GradientTransformation,
-                   dp: DPConfig | None, per_example_loss: Callable[[nnx.Module, Any], Array]
-                   ) -> tuple[LocalTraining, Adapters, nnx.State]:
+def local_training(
+  model: nnx.Module,
+  strategy: Strategy,
+  optimizer: optax.GradientTransformation,
+  dp: DPConfig | None,
+  per_example_loss: Callable[[nnx.Module, Any], Array],
+) -> tuple[LocalTraining, Adapters, nnx.State]:
   """Split `model` (adapted layers: `fedask_jax.lora.lora_layers`) once: (its `LocalTraining`, its adapters, its
   frozen (non-LoRA) state)."""
-  layers = [(path_name(p), tuple(p), m.scaling) for p, m in nnx.iter_modules(model)
-            if isinstance(m, LoRALayer) and m.lora_a is not None]
+  layers = [
+    (path_name(p), tuple(p), m.scaling)
+    for p, m in nnx.iter_modules(model)
+    if isinstance(m, LoRALayer) and m.lora_a is not None
+  ]
   if not layers:
     raise ValueError("the model has no LoRA adapters: call fedask_jax.lora.inject_lora (or load it with lora=...).")
   # The probe is a static attribute: the graphdef keeps it, and the caller's model gets it switched off
@@ -151,15 +158,22 @@ def local_training(model: nnx.Module, strategy: Strategy, optimizer: optax.Gradi
   graphdef, lora_state, frozen_state = split_lora(model)
   set_wspace_probe(model, False)
   training = LocalTraining(
-      strategy=strategy, optimizer=optimizer, dp=dp, per_example_loss=per_example_loss, graphdef=graphdef,
-      lora_template=lora_state, layer_paths={name: path for name, path, _ in layers},
-      scalings={name: float(scaling) for name, _, scaling in layers},
-      has_dropout=any(isinstance(var, nnx.RngKey) for _, var in nnx.to_flat_state(frozen_state)))
+    strategy=strategy,
+    optimizer=optimizer,
+    dp=dp,
+    per_example_loss=per_example_loss,
+    graphdef=graphdef,
+    lora_template=lora_state,
+    layer_paths={name: path for name, path, _ in layers},
+    scalings={name: float(scaling) for name, _, scaling in layers},
+    has_dropout=any(isinstance(var, nnx.RngKey) for _, var in nnx.to_flat_state(frozen_state)),
+  )
   return training, to_adapters(lora_state), frozen_state
 
 
-def _local_model(training: LocalTraining, subset: Adapters, start: Adapters, frozen_state: Any,
-                 dropout_key: Array) -> nnx.Module:
+def _local_model(
+  training: LocalTraining, subset: Adapters, start: Adapters, frozen_state: Any, dropout_key: Array
+) -> nnx.Module:
   """The model with the trained `subset` and the rest of `start` as adapters, its RNG streams (LoRA dropout)
   keyed by `dropout_key`."""
   lora_state = from_adapters(training.lora_template, combine(subset, start))
@@ -167,15 +181,26 @@ def _local_model(training: LocalTraining, subset: Adapters, start: Adapters, fro
     # A fresh key per dropout stream, fold_in(dropout_key, index): the stored keys would give every example,
     # step and client the same masks.
     flat = nnx.to_flat_state(frozen_state)
-    frozen_state = nnx.from_flat_state([
+    frozen_state = nnx.from_flat_state(
+      [
         (path, var.replace(jax.random.fold_in(dropout_key, i)) if isinstance(var, nnx.RngKey) else var)
-        for i, (path, var) in enumerate(flat)])
+        for i, (path, var) in enumerate(flat)
+      ]
+    )
   # copy: fresh Variables of this trace, which a dropout stream may mutate (it counts its calls).
   return nnx.merge(training.graphdef, lora_state, frozen_state, copy=True)
 
 
-def _gradient(training: LocalTraining, trained: Trained, params: Adapters, start: Adapters, frozen_state: Any,
-              batch: Any, key: Array, noise_multiplier: Array | None = None) -> tuple[Adapters, privacy.DPStats]:
+def _gradient(
+  training: LocalTraining,
+  trained: Trained,
+  params: Adapters,
+  start: Adapters,
+  frozen_state: Any,
+  batch: Any,
+  key: Array,
+  noise_multiplier: Array | None = None,
+) -> tuple[Adapters, privacy.DPStats]:
   """(gradient of the trained subset `params`, its `DPStats`: without DP nothing is clipped) on one step's batch
   [capacity]; `noise_multiplier` (traced) overrides `dp.noise_multiplier`."""
   capacity = batch.example_mask.shape[0]
@@ -200,38 +225,60 @@ def _gradient(training: LocalTraining, trained: Trained, params: Adapters, start
     return grad, privacy.DPStats(loss, jnp.zeros((), jnp.float32), jnp.sum(mask, dtype=jnp.int32), zero, nonfinite)
   sigma = dp.noise_multiplier if noise_multiplier is None else noise_multiplier
   kwargs: dict[str, Any] = dict(
-      clip_norm=dp.clip_norm, noise_multiplier=sigma, expected_batch_size=dp.expected_batch_size)
+    clip_norm=dp.clip_norm, noise_multiplier=sigma, expected_batch_size=dp.expected_batch_size
+  )
   if dp.mechanism == "b_space":
     return privacy.dp_gradient(example_loss, params, examples, batch.example_mask, noise_key, **kwargs)
   frozen_side = "lora_a" if trained == "lora_b" else "lora_b"
   as_subset = lambda factors: {
-      n: LoRAFactors(x, None) if trained == "lora_a" else LoRAFactors(None, x) for n, x in factors.items()}
+    n: LoRAFactors(x, None) if trained == "lora_a" else LoRAFactors(None, x) for n, x in factors.items()
+  }
 
   def per_example_fn(factors, perturbations, example):
     one, dropout_key = example
     model = _local_model(training, as_subset(factors), start, frozen_state, dropout_key)
-    init = None if perturbations is None else nnx.from_flat_state(
-        [(training.layer_paths[n] + ("lora_output",), nnx.Perturbation(x)) for n, x in perturbations.items()])
+    init = (
+      None
+      if perturbations is None
+      else nnx.from_flat_state(
+        [(training.layer_paths[n] + ("lora_output",), nnx.Perturbation(x)) for n, x in perturbations.items()]
+      )
+    )
     loss, sown = nnx.capture(training.per_example_loss, nnx.Intermediate, init=init)(model, one)
     flat = dict(nnx.to_flat_state(sown))
     inputs = {n: flat[path + ("lora_input",)].get_value() for n, path in training.layer_paths.items()}
     reused = sorted(n for n, calls in inputs.items() if len(calls) != 1)
     if reused:
       raise ValueError(
-          f"adapted layers {reused} ran more than once per example: the W-space mechanism needs one input per "
-          "layer (dl/dW = h^T G); use mechanism='b_space' for models that reuse a layer.")
+        f"adapted layers {reused} ran more than once per example: the W-space mechanism needs one input per "
+        "layer (dl/dW = h^T G); use mechanism='b_space' for models that reuse a layer."
+      )
     return loss, {n: calls[0] for n, calls in inputs.items()}
 
   grad, stats = privacy.wspace_dp_gradient(
-      per_example_fn, {n: getattr(f, trained) for n, f in params.items()}, examples, batch.example_mask,
-      noise_key, frozen={n: getattr(f, frozen_side) for n, f in start.items()}, scaling=training.scalings,
-      frozen_side=frozen_side, **kwargs)
+    per_example_fn,
+    {n: getattr(f, trained) for n, f in params.items()},
+    examples,
+    batch.example_mask,
+    noise_key,
+    frozen={n: getattr(f, frozen_side) for n, f in start.items()},
+    scaling=training.scalings,
+    frozen_side=frozen_side,
+    **kwargs,
+  )
   return as_subset(grad), stats
 
 
-def client_update(training: LocalTraining, trained: Trained, state: ServerState, frozen_state: Any, batch: Any,
-                  client_id: Array, key: Array, noise_multiplier: Array | None = None
-                  ) -> tuple[ClientResult, ClientMetrics]:
+def client_update(
+  training: LocalTraining,
+  trained: Trained,
+  state: ServerState,
+  frozen_state: Any,
+  batch: Any,
+  client_id: Array,
+  key: Array,
+  noise_multiplier: Array | None = None,
+) -> tuple[ClientResult, ClientMetrics]:
   """Local training of one client (no client axis), the unit that the round maps over clients.
 
   `lax.scan` over the S local steps of `batch` (leaves [S, capacity, ...], with example_mask [S, capacity])
@@ -250,7 +297,8 @@ def client_update(training: LocalTraining, trained: Trained, state: ServerState,
     params, opt_state, grad_sum = carry
     step_batch, index = xs
     grad, stats = _gradient(
-        training, trained, params, start, frozen_state, step_batch, jax.random.fold_in(key, index), noise_multiplier)
+      training, trained, params, start, frozen_state, step_batch, jax.random.fold_in(key, index), noise_multiplier
+    )
     grad_sum = jax.tree.map(jnp.add, grad_sum, grad)
     if correction is not None:
       grad = jax.tree.map(jnp.add, grad, correction(context, params, params0))
@@ -265,5 +313,4 @@ def client_update(training: LocalTraining, trained: Trained, state: ServerState,
   # Each step's mean loss times its count is its sum: the mean over the round's real examples, not over steps
   # (a step with an empty Poisson batch would count as loss 0).
   loss = jnp.sum(stats.loss * stats.num_examples) / jnp.maximum(examples, 1)
-  return result, ClientMetrics(loss, examples, jnp.sum(stats.num_clipped), jnp.sum(stats.num_nonfinite),
-                               update_norm)
+  return result, ClientMetrics(loss, examples, jnp.sum(stats.num_clipped), jnp.sum(stats.num_nonfinite), update_norm)

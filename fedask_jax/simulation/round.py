@@ -52,7 +52,8 @@ def sample_clients(round_key: Array, num_clients: int, clients_per_round: int) -
   clients_per_round = check_int("clients_per_round", clients_per_round, 1)
   if clients_per_round > num_clients:
     raise ValueError(
-        f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}: sample at most {num_clients}.")
+      f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}: sample at most {num_clients}."
+    )
   if num_clients > DATA_STREAM:
     raise ValueError(f"num_clients={num_clients}: client ids must stay below {DATA_STREAM} (key streams).")
   key = jax.random.fold_in(round_key, SAMPLING_STREAM)
@@ -81,10 +82,19 @@ def server_key(round_key: Array) -> Array:
   return jax.random.fold_in(round_key, SERVER_STREAM)
 
 
-def map_clients(training: LocalTraining, trained: Trained, state: ServerState, frozen_state: Any, batches: Any,
-                client_ids: Array, round_key: Array, noise_multiplier: Array | None = None, *,
-                client_chunk: int | None = None, mesh: jax.sharding.Mesh | None = None
-                ) -> tuple[ClientResult, ClientMetrics]:
+def map_clients(
+  training: LocalTraining,
+  trained: Trained,
+  state: ServerState,
+  frozen_state: Any,
+  batches: Any,
+  client_ids: Array,
+  round_key: Array,
+  noise_multiplier: Array | None = None,
+  *,
+  client_chunk: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> tuple[ClientResult, ClientMetrics]:
   """`client_update` of every sampled client, keyed `fold_in(round_key, client_id)`: results and metrics with
   a leading [K] axis, vmapped in chunks of `client_chunk` (None: all), split over `mesh`'s devices."""
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(round_key, client_ids)
@@ -98,15 +108,29 @@ def map_clients(training: LocalTraining, trained: Trained, state: ServerState, f
   # check_vma=False: the body has no collectives, and its scans start from replicated values (the global
   # adapters) that become per-device ones, which the varying-axes check would make us cast by hand.
   sharded = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
-      out_specs=P(CLIENT_AXIS), check_vma=False)
+    local,
+    mesh=mesh,
+    in_specs=(P(), P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS)),
+    out_specs=P(CLIENT_AXIS),
+    check_vma=False,
+  )
   return sharded(state, frozen_state, batches, client_ids, keys)
 
 
-def round_step(training: LocalTraining, trained: Trained, state: ServerState, frozen_state: Any, batches: Any,
-               client_ids: Array, weights: Array, round_key: Array, noise_multiplier: Array | None = None, *,
-               client_chunk: int | None = None, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[ServerState, dict[str, Array]]:
+def round_step(
+  training: LocalTraining,
+  trained: Trained,
+  state: ServerState,
+  frozen_state: Any,
+  batches: Any,
+  client_ids: Array,
+  weights: Array,
+  round_key: Array,
+  noise_multiplier: Array | None = None,
+  *,
+  client_chunk: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> tuple[ServerState, dict[str, Array]]:
   """One round (pure): `map_clients`, then `server_step` with `server_key(round_key)`.
 
   Returns the new state and the metrics: `server_step`'s, plus train_loss [] (the unweighted mean of the valid
@@ -114,16 +138,30 @@ def round_step(training: LocalTraining, trained: Trained, state: ServerState, fr
   gradient was clipped; NaN without any), client_loss [K], nonfinite_examples [K] and update_norm [K]
   (`ClientMetrics`).
   """
-  results, client = map_clients(training, trained, state, frozen_state, batches, client_ids, round_key,
-                                noise_multiplier, client_chunk=client_chunk, mesh=mesh)
+  results, client = map_clients(
+    training,
+    trained,
+    state,
+    frozen_state,
+    batches,
+    client_ids,
+    round_key,
+    noise_multiplier,
+    client_chunk=client_chunk,
+    mesh=mesh,
+  )
   new_state, metrics = server_step(training.strategy, state, results, weights, client_ids, server_key(round_key))
   valid = metrics["client_valid"]
   # Over the valid clients only: 0 / 0 = NaN in a skipped round says there was no valid client to average.
   sum_valid = lambda x: jnp.sum(jnp.where(valid, x, 0))
   return new_state, dict(
-      metrics, train_loss=sum_valid(client.loss) / jnp.sum(valid), client_loss=client.loss,
-      update_norm=client.update_norm, nonfinite_examples=client.nonfinite_examples,
-      clipped_fraction=sum_valid(client.clipped_examples) / sum_valid(client.examples))
+    metrics,
+    train_loss=sum_valid(client.loss) / jnp.sum(valid),
+    client_loss=client.loss,
+    update_norm=client.update_norm,
+    nonfinite_examples=client.nonfinite_examples,
+    clipped_fraction=sum_valid(client.clipped_examples) / sum_valid(client.examples),
+  )
 
 
 class FederatedRound:
@@ -156,15 +194,15 @@ class FederatedRound:
   """
 
   def __init__(
-      self,
-      model: nnx.Module,
-      strategy: Strategy,
-      *,
-      optimizer: optax.GradientTransformation | None = None,
-      dp: DPConfig | None = None,
-      per_example_loss: Callable[[nnx.Module, Any], Array] = causal_lm_example_loss,
-      client_chunk: int | None = None,
-      mesh: jax.sharding.Mesh | None = None,
+    self,
+    model: nnx.Module,
+    strategy: Strategy,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    dp: DPConfig | None = None,
+    per_example_loss: Callable[[nnx.Module, Any], Array] = causal_lm_example_loss,
+    client_chunk: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
   ):
     if client_chunk is not None:
       check_int("client_chunk", client_chunk, 1, hint=" (or None: all clients at once)")
@@ -172,14 +210,16 @@ class FederatedRound:
     self.dp = dp
     self.client_chunk = client_chunk
     self.training, self.initial_adapters, frozen_state = local_training(
-        model, strategy, optimizer if optimizer is not None else default_optimizer(), dp, per_example_loss)
+      model, strategy, optimizer if optimizer is not None else default_optimizer(), dp, per_example_loss
+    )
     if mesh is None and jax.device_count() > 1:
       mesh = client_mesh()
     if mesh is not None and (mesh.axis_names != (CLIENT_AXIS,) or mesh.axis_types != (AxisType.Auto,)):
       raise ValueError(
-          f"mesh with axes {mesh.axis_names} of types {mesh.axis_types}: expected a 1-D mesh with axis "
-          f"{CLIENT_AXIS!r} of type Auto (the compiler places the server step's collectives); build it with "
-          "fedask_jax.simulation.client_mesh().")
+        f"mesh with axes {mesh.axis_names} of types {mesh.axis_types}: expected a 1-D mesh with axis "
+        f"{CLIENT_AXIS!r} of type Auto (the compiler places the server step's collectives); build it with "
+        "fedask_jax.simulation.client_mesh()."
+      )
     self.mesh = mesh
     if mesh is not None:
       frozen_state = jax.device_put(frozen_state, NamedSharding(mesh, P()))
@@ -203,10 +243,13 @@ class FederatedRound:
     not depend on it (every strategy but fedask-alt); a strategy that needs its value (fedask-alt's alternation)
     raises a ValueError saying how to scan it."""
     private = self.dp is not None
-    if hasattr(round_index, "dtype") and (jnp.shape(round_index) != () or
-                                          not jnp.issubdtype(round_index.dtype, jnp.integer)):
-      raise ValueError(f"round_index: {round_index.dtype}{list(jnp.shape(round_index))} array; expected an int "
-                       "scalar (the round's number t >= 1).")
+    if hasattr(round_index, "dtype") and (
+      jnp.shape(round_index) != () or not jnp.issubdtype(round_index.dtype, jnp.integer)
+    ):
+      raise ValueError(
+        f"round_index: {round_index.dtype}{list(jnp.shape(round_index))} array; expected an int "
+        "scalar (the round's number t >= 1)."
+      )
     if isinstance(round_index, jax.core.Tracer):
       try:
         # Why the ignore: strategies take an int t; a traced one is passed on purpose, to find out whether this
@@ -214,21 +257,27 @@ class FederatedRound:
         trained = self.strategy.trained(round_index, private)  # type: ignore[arg-type]
       except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
         raise ValueError(
-            f"strategy {self.strategy.name!r} chooses its trained factor from the round index, which is traced "
-            "here, but the factor is static (one compiled round per choice). Pass a Python int: the round index "
-            "only picks the factor, so any round with the same factor will do. To lax.scan fedask-alt, run two "
-            "rounds per scan step, with round_index=1 (lora_b) and round_index=2 (lora_a), each with its own "
-            "round key (README, 'Bring your own model').") from None
+          f"strategy {self.strategy.name!r} chooses its trained factor from the round index, which is traced "
+          "here, but the factor is static (one compiled round per choice). Pass a Python int: the round index "
+          "only picks the factor, so any round with the same factor will do. To lax.scan fedask-alt, run two "
+          "rounds per scan step, with round_index=1 (lora_b) and round_index=2 (lora_a), each with its own "
+          "round key (README, 'Bring your own model')."
+        ) from None
     else:
-      round_index = check_int("round_index", int(round_index) if hasattr(round_index, "dtype") else round_index,
-                              1, what="the round index (rounds are numbered from 1)")
+      round_index = check_int(
+        "round_index",
+        int(round_index) if hasattr(round_index, "dtype") else round_index,
+        1,
+        what="the round index (rounds are numbered from 1)",
+      )
       trained = self.strategy.trained(round_index, private)
     check_trained(trained)
     if self.dp is not None and self.dp.mechanism == "w_space" and trained == "both":
       raise ValueError(
-          f"dp.mechanism='w_space' needs a frozen factor, but strategy {self.strategy.name!r} trains both factors "
-          f"in round {round_index}: use mechanism='b_space', or a strategy that freezes one (fedask, fedask-alt, "
-          "ffa-lora).")
+        f"dp.mechanism='w_space' needs a frozen factor, but strategy {self.strategy.name!r} trains both factors "
+        f"in round {round_index}: use mechanism='b_space', or a strategy that freezes one (fedask, fedask-alt, "
+        "ffa-lora)."
+      )
     return trained
 
   def _jit(self, kind: str, trained: Trained) -> jax.stages.Wrapped:
@@ -245,37 +294,54 @@ class FederatedRound:
     as an array is traced (one compilation for every sigma); left out, `dp.noise_multiplier` is a constant."""
     return self._jit("round", trained)
 
-  def _inputs(self, batches: Any, client_ids: Array, weights: Array | None,
-              noise_multiplier: float | Array | None) -> tuple[Any, ...]:
+  def _inputs(
+    self, batches: Any, client_ids: Array, weights: Array | None, noise_multiplier: float | Array | None
+  ) -> tuple[Any, ...]:
     """The round's per-client inputs, checked and placed on the mesh, and the noise override as an array."""
     if noise_multiplier is not None:
       if self.dp is None:
         raise ValueError(
-            f"noise_multiplier={noise_multiplier!r} given to a round without DP: build it with dp=DPConfig(...).")
+          f"noise_multiplier={noise_multiplier!r} given to a round without DP: build it with dp=DPConfig(...)."
+        )
       privacy.check_noise_multiplier(noise_multiplier)
       noise_multiplier = jnp.float32(noise_multiplier)
     if not hasattr(batches, "example_mask"):
       raise ValueError(
-          f"batches of type {type(batches).__name__} have no example_mask: pass a fedask_jax.data.Batch (or a "
-          "NamedTuple with the per-example fields and example_mask [K, local_steps, capacity]).")
+        f"batches of type {type(batches).__name__} have no example_mask: pass a fedask_jax.data.Batch (or a "
+        "NamedTuple with the per-example fields and example_mask [K, local_steps, capacity])."
+      )
     k = jnp.shape(client_ids)[0] if jnp.ndim(client_ids) == 1 else None
-    if (k is None or any(jnp.shape(x)[0] != k for x in jax.tree.leaves(batches))
-        or (weights is not None and jnp.shape(weights) != (k,))):
+    if (
+      k is None
+      or any(jnp.shape(x)[0] != k for x in jax.tree.leaves(batches))
+      or (weights is not None and jnp.shape(weights) != (k,))
+    ):
       raise ValueError(
-          f"client_ids {jnp.shape(client_ids)}, weights {None if weights is None else jnp.shape(weights)} and batches "
-          f"{[jnp.shape(x) for x in jax.tree.leaves(batches)]}: expected ids [K], weights [K] and batch leaves "
-          "[K, local_steps, capacity, ...] for the same K.")
+        f"client_ids {jnp.shape(client_ids)}, weights {None if weights is None else jnp.shape(weights)} and batches "
+        f"{[jnp.shape(x) for x in jax.tree.leaves(batches)]}: expected ids [K], weights [K] and batch leaves "
+        "[K, local_steps, capacity, ...] for the same K."
+      )
     if self.mesh is not None and self.mesh.size > 1:
       if k % self.mesh.size:
         raise ValueError(
-            f"{k} clients per round cannot be split evenly over {self.mesh.size} devices: use a multiple of "
-            f"{self.mesh.size} clients per round.")
+          f"{k} clients per round cannot be split evenly over {self.mesh.size} devices: use a multiple of "
+          f"{self.mesh.size} clients per round."
+        )
       batches, client_ids, weights = shard_rows((batches, client_ids, weights), self.mesh)
     return batches, client_ids, weights, () if noise_multiplier is None else (noise_multiplier,)
 
-  def step(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
-           round_index: int | Array, *, noise_multiplier: float | Array | None = None,
-           frozen_state: Any = None) -> tuple[ServerState, dict[str, Array]]:
+  def step(
+    self,
+    state: ServerState,
+    batches: Any,
+    client_ids: Array,
+    weights: Array,
+    round_key: Array,
+    round_index: int | Array,
+    *,
+    noise_multiplier: float | Array | None = None,
+    frozen_state: Any = None,
+  ) -> tuple[ServerState, dict[str, Array]]:
     """The round as a pure function, for the caller's own `jax.jit` / `lax.scan` (arguments as `__call__`).
 
     Not jitted and nothing donated: it traces `round_step` into the caller's program, so R rounds can run as one
@@ -287,34 +353,81 @@ class FederatedRound:
     """
     trained = self.trained(round_index)
     batches, client_ids, weights, noise = self._inputs(batches, client_ids, weights, noise_multiplier)
-    return round_step(self.training, trained, state, self.frozen_state if frozen_state is None else frozen_state,
-                      batches, client_ids, weights, round_key, *noise, client_chunk=self.client_chunk, mesh=self.mesh)
+    return round_step(
+      self.training,
+      trained,
+      state,
+      self.frozen_state if frozen_state is None else frozen_state,
+      batches,
+      client_ids,
+      weights,
+      round_key,
+      *noise,
+      client_chunk=self.client_chunk,
+      mesh=self.mesh,
+    )
 
-  def lower(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
-            round_index: int, *, noise_multiplier: float | None = None) -> jax.stages.Lowered:
+  def lower(
+    self,
+    state: ServerState,
+    batches: Any,
+    client_ids: Array,
+    weights: Array,
+    round_key: Array,
+    round_index: int,
+    *,
+    noise_multiplier: float | None = None,
+  ) -> jax.stages.Lowered:
     """The compiled round that `__call__` with these arguments runs, lowered (`jax.stages.Lowered`: `.as_text()`,
     `.cost_analysis()`, `.compile()`); nothing runs and nothing is donated."""
     trained = self.trained(round_index)
     batches, client_ids, weights, noise = self._inputs(batches, client_ids, weights, noise_multiplier)
     return self.compiled(trained).lower(state, self.frozen_state, batches, client_ids, weights, round_key, *noise)
 
-  def compile(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
-              round_index: int, *, noise_multiplier: float | None = None) -> jax.stages.Compiled:
+  def compile(
+    self,
+    state: ServerState,
+    batches: Any,
+    client_ids: Array,
+    weights: Array,
+    round_key: Array,
+    round_index: int,
+    *,
+    noise_multiplier: float | None = None,
+  ) -> jax.stages.Compiled:
     """`lower(...).compile()`: time compilation apart from the run, read `.memory_analysis()` or
     `.cost_analysis()`. Calling the result runs the round with the explicit arguments of `compiled`."""
-    return self.lower(state, batches, client_ids, weights, round_key, round_index,
-                      noise_multiplier=noise_multiplier).compile()
+    return self.lower(
+      state, batches, client_ids, weights, round_key, round_index, noise_multiplier=noise_multiplier
+    ).compile()
 
-  def client_results(self, state: ServerState, batches: Any, client_ids: Array, round_key: Array, round_index: int,
-                     *, noise_multiplier: float | None = None) -> tuple[ClientResult, ClientMetrics]:
+  def client_results(
+    self,
+    state: ServerState,
+    batches: Any,
+    client_ids: Array,
+    round_key: Array,
+    round_index: int,
+    *,
+    noise_multiplier: float | None = None,
+  ) -> tuple[ClientResult, ClientMetrics]:
     """The clients of round `round_index` without the server step (jitted, nothing donated): their
     `ClientResult` [K] and `ClientMetrics` [K], exactly as the round computes them (arguments as `__call__`)."""
     trained = self.trained(round_index)
     batches, client_ids, _, noise = self._inputs(batches, client_ids, None, noise_multiplier)
     return self._jit("clients", trained)(state, self.frozen_state, batches, client_ids, round_key, *noise)
 
-  def __call__(self, state: ServerState, batches: Any, client_ids: Array, weights: Array, round_key: Array,
-               round_index: int, *, noise_multiplier: float | None = None) -> tuple[ServerState, dict[str, Array]]:
+  def __call__(
+    self,
+    state: ServerState,
+    batches: Any,
+    client_ids: Array,
+    weights: Array,
+    round_key: Array,
+    round_index: int,
+    *,
+    noise_multiplier: float | None = None,
+  ) -> tuple[ServerState, dict[str, Array]]:
     """Run round `round_index` (1-based) on the sampled clients.
 
     batches: leaves [K, S, capacity, ...] (`fedask_jax.data.Batch`); client_ids [K] int; weights [K]

@@ -41,8 +41,9 @@ def finite_clients(results: ClientResult) -> Array:
   return functools.reduce(jnp.logical_and, finite)
 
 
-def server_step(strategy: Strategy, state: ServerState, results: ClientResult, weights: Array, client_ids: Array,
-                key: Array) -> tuple[ServerState, dict[str, Array]]:
+def server_step(
+  strategy: Strategy, state: ServerState, results: ClientResult, weights: Array, client_ids: Array, key: Array
+) -> tuple[ServerState, dict[str, Array]]:
   """`strategy.server_update` on the clients' results [K] (pure), leaving out the clients whose result is not
   finite (module docstring): weights w_k valid_k / sum_j w_j valid_j, invalid results replaced by the client's
   start, and the state returned unchanged when no client is valid.
@@ -54,17 +55,19 @@ def server_step(strategy: Strategy, state: ServerState, results: ClientResult, w
   """
   valid = finite_clients(results)
   weights = normalise_weights(jnp.where(valid, jnp.asarray(weights, jnp.float32), 0.0))
-  starts, _ = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
-      state.strategy_state, state.adapters, client_ids)
+  starts, _ = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(state.strategy_state, state.adapters, client_ids)
   # A select, not a multiplication by valid_k: NaN * 0 is NaN.
   keep = lambda x, start: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, start)
-  results = ClientResult(jax.tree.map(keep, results.adapters, starts),
-                         jax.tree.map(lambda g: keep(g, jnp.zeros_like(g)), results.mean_gradient))
+  results = ClientResult(
+    jax.tree.map(keep, results.adapters, starts),
+    jax.tree.map(lambda g: keep(g, jnp.zeros_like(g)), results.mean_gradient),
+  )
   adapters, strategy_state, metrics = strategy.server_update(
-      state.strategy_state, state.adapters, results, weights, client_ids, key)
+    state.strategy_state, state.adapters, results, weights, client_ids, key
+  )
   adapters = jax.tree.map(lambda new, old: new.astype(old.dtype), adapters, state.adapters)
   skipped = ~jnp.any(valid)
-  new_state = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), ServerState(adapters, strategy_state),
-                           state)
-  return new_state, dict(metrics, client_valid=valid, invalid_clients=jnp.sum(~valid, dtype=jnp.int32),
-                         skipped=skipped.astype(jnp.int32))
+  new_state = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), ServerState(adapters, strategy_state), state)
+  return new_state, dict(
+    metrics, client_valid=valid, invalid_clients=jnp.sum(~valid, dtype=jnp.int32), skipped=skipped.astype(jnp.int32)
+  )

@@ -16,13 +16,13 @@ from fedask_jax.strategies import fedask, fedask_alt, fedavg, fedprox, fedsa_lor
 from fedask_jax.strategies.base import ClientResult, Strategy, weighted_mean
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
-    "fedask": fedask.fedask,
-    "fedask-alt": fedask_alt.fedask_alt,
-    "fedavg": fedavg.fedavg,
-    "ffa-lora": ffa_lora.ffa_lora,
-    "fedsa-lora": fedsa_lora.fedsa_lora,
-    "fedprox": fedprox.fedprox,
-    "scaffold": scaffold.scaffold,
+  "fedask": fedask.fedask,
+  "fedask-alt": fedask_alt.fedask_alt,
+  "fedavg": fedavg.fedavg,
+  "ffa-lora": ffa_lora.ffa_lora,
+  "fedsa-lora": fedsa_lora.fedsa_lora,
+  "fedprox": fedprox.fedprox,
+  "scaffold": scaffold.scaffold,
 }
 """The strategies by name: `STRATEGIES[name](**hyper_parameters)` builds one (module docstring)."""
 
@@ -34,8 +34,9 @@ def get_strategy(name: str, **hyper_parameters: Any) -> Strategy:
     return STRATEGIES[name](**hyper_parameters)
   except TypeError as error:
     raise ValueError(
-        f"strategy {name!r} does not take hyper-parameters {sorted(hyper_parameters)} ({error}); see "
-        f"help(fedask_jax.strategies.STRATEGIES[{name!r}]).") from None
+      f"strategy {name!r} does not take hyper-parameters {sorted(hyper_parameters)} ({error}); see "
+      f"help(fedask_jax.strategies.STRATEGIES[{name!r}])."
+    ) from None
 
 
 __all__ = ["STRATEGIES", "ClientResult", "Strategy", "get_strategy", "weighted_mean"]

@@ -41,8 +41,9 @@ def adapter_rank(adapters: Adapters) -> int:
   ranks = {name: f.lora_a.shape[-1] for name, f in adapters.items()}
   if len(set(ranks.values())) != 1:
     raise ValueError(
-        f"adapter ranks differ across layers ({ranks}): the sketch aggregation uses one static rank; "
-        f"build all adapters with the same LoRAConfig.rank.")
+      f"adapter ranks differ across layers ({ranks}): the sketch aggregation uses one static rank; "
+      f"build all adapters with the same LoRAConfig.rank."
+    )
   return next(iter(ranks.values()))
 
 
@@ -63,8 +64,9 @@ CERTIFY_EVERY = 10
 
 def check_certify_every(certify_every: Any) -> int:
   """Raise ValueError unless the certificate's period is an integer >= 0 (0: never)."""
-  return check_int("certify_every", certify_every, 0, what="the certificate's period in rounds",
-                   hint=" (0: never, 1: every round)")
+  return check_int(
+    "certify_every", certify_every, 0, what="the certificate's period in rounds", hint=" (0: never, 1: every round)"
+  )
 
 
 def count_aggregations(adapters: Adapters, num_clients: int) -> Array:
@@ -86,16 +88,18 @@ def trained_factor(results: ClientResult) -> Trained:
   return "lora_b" if first.lora_a is None else "lora_a" if first.lora_b is None else "both"
 
 
-def sketch_server_update(oversample: int, certify_every: int, gauge: str, fixed_next: Callable[[Trained], str]
-                         ) -> Callable[..., tuple[Adapters, Any, dict[str, Array]]]:
+def sketch_server_update(
+  oversample: int, certify_every: int, gauge: str, fixed_next: Callable[[Trained], str]
+) -> Callable[..., tuple[Adapters, Any, dict[str, Array]]]:
   """The server step of FedASK: two-stage sketch with width r + p, Omega from the round's server key, split by
   `gauge`, and the certificate in every `certify_every`-th aggregation (state: `count_aggregations`).
   `fixed_next(trained this round)` names the factor the next round freezes, whose scale a gauge other than
   balanced holds at the Frobenius norm of the factor frozen this round (lora_a when both were trained), so that
   scale stays the initial adapter's over a run."""
 
-  def server_update(state: Array, global_adapters: Adapters, results: ClientResult, weights: Array,
-                    client_ids: Array, key: Array) -> tuple[Adapters, Array, dict[str, Array]]:
+  def server_update(
+    state: Array, global_adapters: Adapters, results: ClientResult, weights: Array, client_ids: Array, key: Array
+  ) -> tuple[Adapters, Array, dict[str, Array]]:
     del client_ids
     rank = adapter_rank(global_adapters)
     omegas = sketch.make_omegas(key, global_adapters, rank + oversample)
@@ -114,13 +118,25 @@ def sketch_server_update(oversample: int, certify_every: int, gauge: str, fixed_
   return server_update
 
 
-def sketch_strategy(name: str, trained: Callable[[int, bool], Trained], oversample: Any, certify_every: Any,
-                    gauge: Any, fixed_next: Callable[[Trained], str]) -> Strategy:
+def sketch_strategy(
+  name: str,
+  trained: Callable[[int, bool], Trained],
+  oversample: Any,
+  certify_every: Any,
+  gauge: Any,
+  fixed_next: Callable[[Trained], str],
+) -> Strategy:
   """A strategy that aggregates by the sketch (FedASK and its variants), arguments checked."""
-  return Strategy(name=name, trained=trained, init=count_aggregations, client_start=shared_start,
-                  gradient_correction=None,
-                  server_update=sketch_server_update(check_oversample(oversample), check_certify_every(certify_every),
-                                                     check_gauge(gauge), fixed_next))
+  return Strategy(
+    name=name,
+    trained=trained,
+    init=count_aggregations,
+    client_start=shared_start,
+    gradient_correction=None,
+    server_update=sketch_server_update(
+      check_oversample(oversample), check_certify_every(certify_every), check_gauge(gauge), fixed_next
+    ),
+  )
 
 
 def fedask(oversample: int = 2, certify_every: int = CERTIFY_EVERY, gauge: str = "balanced") -> Strategy:

@@ -25,5 +25,11 @@ def fedask_alt(oversample: int = 2, certify_every: int = CERTIFY_EVERY, gauge: s
   """fedask-alt with sketch oversampling p = `oversample`, the certificate every `certify_every` rounds and
   reconstruction `gauge` (see `fedask.fedask`); a gauge other than balanced holds the factor the next round
   freezes, the one trained this round (lora_a if both were), at the scale of the one frozen this round."""
-  return sketch_strategy("fedask-alt", alternate, oversample, certify_every, gauge,
-                         lambda trained: "lora_b" if trained == "lora_b" else "lora_a")
+  return sketch_strategy(
+    "fedask-alt",
+    alternate,
+    oversample,
+    certify_every,
+    gauge,
+    lambda trained: "lora_b" if trained == "lora_b" else "lora_a",
+  )

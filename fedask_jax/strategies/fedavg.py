@@ -17,8 +17,9 @@ from fedask_jax.strategies.base import ClientResult, Strategy, no_state, shared_
 Array = jax.Array
 
 
-def average_factors(state: Any, global_adapters: Adapters, results: ClientResult, weights: Array,
-                    client_ids: Array, key: Array) -> tuple[Adapters, Any, dict[str, Array]]:
+def average_factors(
+  state: Any, global_adapters: Adapters, results: ClientResult, weights: Array, client_ids: Array, key: Array
+) -> tuple[Adapters, Any, dict[str, Array]]:
   """Weighted mean of each factor over the K clients' adapters [K, ...]."""
   del global_adapters, client_ids, key
   return weighted_mean(results.adapters, weights), state, {}
@@ -26,5 +27,11 @@ def average_factors(state: Any, global_adapters: Adapters, results: ClientResult
 
 def fedavg() -> Strategy:
   """FedAvg: both factors trained locally and averaged separately (weighted by client size)."""
-  return Strategy(name="fedavg", trained=train_both, init=no_state, client_start=shared_start,
-                  gradient_correction=None, server_update=average_factors)
+  return Strategy(
+    name="fedavg",
+    trained=train_both,
+    init=no_state,
+    client_start=shared_start,
+    gradient_correction=None,
+    server_update=average_factors,
+  )

@@ -26,5 +26,11 @@ def fedprox(mu: float = 0.01) -> Strategy:
     del context
     return jax.tree.map(lambda x, x0: mu * (x - x0), params, start)
 
-  return Strategy(name="fedprox", trained=train_both, init=no_state, client_start=shared_start,
-                  gradient_correction=proximal_gradient, server_update=average_factors)
+  return Strategy(
+    name="fedprox",
+    trained=train_both,
+    init=no_state,
+    client_start=shared_start,
+    gradient_correction=proximal_gradient,
+    server_update=average_factors,
+  )

@@ -47,8 +47,9 @@ def client_start(state: FedSAState, global_adapters: Adapters, client_id: Array)
   return {name: LoRAFactors(f.lora_a, own_b[name]) for name, f in global_adapters.items()}, ()
 
 
-def server_update(state: FedSAState, global_adapters: Adapters, results: ClientResult, weights: Array,
-                  client_ids: Array, key: Array) -> tuple[Adapters, FedSAState, dict[str, Array]]:
+def server_update(
+  state: FedSAState, global_adapters: Adapters, results: ClientResult, weights: Array, client_ids: Array, key: Array
+) -> tuple[Adapters, FedSAState, dict[str, Array]]:
   """lora_a = weighted mean of the clients' lora_a; each sampled client's lora_b stored; global lora_b = their
   weighted mean."""
   del global_adapters, key
@@ -57,8 +58,7 @@ def server_update(state: FedSAState, global_adapters: Adapters, results: ClientR
   return mean, FedSAState(client_b), {}
 
 
-def evaluation_adapters(state: FedSAState, global_adapters: Adapters,
-                        client_ids: Array) -> tuple[Adapters, Adapters]:
+def evaluation_adapters(state: FedSAState, global_adapters: Adapters, client_ids: Array) -> tuple[Adapters, Adapters]:
   """The two models FedSA-LoRA is evaluated with: (personalised [K, ...], shared).
 
   personalised: for each of `client_ids` [K], the global lora_a (broadcast) with the client's own lora_b;
@@ -66,12 +66,20 @@ def evaluation_adapters(state: FedSAState, global_adapters: Adapters,
   """
   own_b = gather_clients(state.client_b, client_ids)
   k = client_ids.shape[0]
-  personalised = {name: LoRAFactors(jnp.broadcast_to(f.lora_a, (k, *f.lora_a.shape)), own_b[name])
-                  for name, f in global_adapters.items()}
+  personalised = {
+    name: LoRAFactors(jnp.broadcast_to(f.lora_a, (k, *f.lora_a.shape)), own_b[name])
+    for name, f in global_adapters.items()
+  }
   return personalised, global_adapters
 
 
 def fedsa_lora() -> Strategy:
   """FedSA-LoRA: both factors trained, lora_a averaged and shared, lora_b kept per client."""
-  return Strategy(name="fedsa-lora", trained=train_both, init=init, client_start=client_start,
-                  gradient_correction=None, server_update=server_update)
+  return Strategy(
+    name="fedsa-lora",
+    trained=train_both,
+    init=init,
+    client_start=client_start,
+    gradient_correction=None,
+    server_update=server_update,
+  )

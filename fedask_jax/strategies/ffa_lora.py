@@ -24,8 +24,9 @@ def train_lora_b(round_index: int, private: bool) -> Trained:
   return "lora_b"
 
 
-def average_lora_b(state: Any, global_adapters: Adapters, results: ClientResult, weights: Array,
-                   client_ids: Array, key: Array) -> tuple[Adapters, Any, dict[str, Array]]:
+def average_lora_b(
+  state: Any, global_adapters: Adapters, results: ClientResult, weights: Array, client_ids: Array, key: Array
+) -> tuple[Adapters, Any, dict[str, Array]]:
   """lora_b = weighted mean of the clients' lora_b; lora_a = the global lora_a, kept exactly (not re-averaged)."""
   del client_ids, key
   lora_b = weighted_mean({name: f.lora_b for name, f in results.adapters.items()}, weights)
@@ -34,5 +35,11 @@ def average_lora_b(state: Any, global_adapters: Adapters, results: ClientResult,
 
 def ffa_lora() -> Strategy:
   """FFA-LoRA: lora_a frozen at its initialisation, lora_b trained and averaged."""
-  return Strategy(name="ffa-lora", trained=train_lora_b, init=no_state, client_start=shared_start,
-                  gradient_correction=None, server_update=average_lora_b)
+  return Strategy(
+    name="ffa-lora",
+    trained=train_lora_b,
+    init=no_state,
+    client_start=shared_start,
+    gradient_correction=None,
+    server_update=average_lora_b,
+  )

@@ -59,8 +59,9 @@ def correction(context: Adapters, params: Adapters, start: Adapters) -> Adapters
   return jax.tree.map(lambda p, c: c.astype(p.dtype), params, context)
 
 
-def server_update(state: ScaffoldState, global_adapters: Adapters, results: ClientResult, weights: Array,
-                  client_ids: Array, key: Array) -> tuple[Adapters, ScaffoldState, dict[str, Array]]:
+def server_update(
+  state: ScaffoldState, global_adapters: Adapters, results: ClientResult, weights: Array, client_ids: Array, key: Array
+) -> tuple[Adapters, ScaffoldState, dict[str, Array]]:
   """x = sum_k w_k y_k; c_k <- mean gradient of client k; c += (1/N) sum_k (c_k+ - c_k).
 
   A client of weight 0 (left out of the round: `fedask_jax.simulation.server_step` zeroes the weight of a
@@ -71,12 +72,19 @@ def server_update(state: ScaffoldState, global_adapters: Adapters, results: Clie
   kept = lambda n, o: jnp.where((weights > 0).reshape((-1,) + (1,) * (o.ndim - 1)), n.astype(o.dtype), o)
   new = jax.tree.map(kept, results.mean_gradient, old)
   server_control = jax.tree.map(
-      lambda c, n, o: c + jnp.sum(n.astype(c.dtype) - o, axis=0) / num_clients, state.server_control, new, old)
+    lambda c, n, o: c + jnp.sum(n.astype(c.dtype) - o, axis=0) / num_clients, state.server_control, new, old
+  )
   client_controls = scatter_clients(state.client_controls, client_ids, new)
   return weighted_mean(results.adapters, weights), ScaffoldState(server_control, client_controls), {}
 
 
 def scaffold() -> Strategy:
   """SCAFFOLD (option II, server learning rate 1): both factors trained with control-variate correction."""
-  return Strategy(name="scaffold", trained=train_both, init=init, client_start=client_start,
-                  gradient_correction=correction, server_update=server_update)
+  return Strategy(
+    name="scaffold",
+    trained=train_both,
+    init=init,
+    client_start=client_start,
+    gradient_correction=correction,
+    server_update=server_update,
+  )
