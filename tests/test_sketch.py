@@ -22,6 +22,7 @@ from absl.testing import parameterized
 
 from fedask_jax import sketch
 from fedask_jax.adapters import LoRAFactors
+from fedask_jax.sketch import aggregation
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -676,7 +677,8 @@ def test_batched_layers_match_the_mapped_ones(monkeypatch):
   )
   assert not sketch.batch_layers("cholesky")  # on the CPU
   mapped = run()
-  monkeypatch.setattr(sketch, "batch_layers", lambda method: True)
+  # aggregate_adapters looks the switch up in its own module, not in the package that re-exports it.
+  monkeypatch.setattr(aggregation, "batch_layers", lambda method: True)
   batched = run()
   for name, factors in adapters.items():
     dense = numpy_fedask(factors.lora_a, factors.lora_b, weights, omegas[name], r).dense

@@ -1,51 +1,8 @@
-"""FedASK's two-stage sketch: exact aggregation of low-rank adapters without forming an m x n matrix.
+"""FedASK's server aggregation (`fedask_jax.sketch`): the shared Omegas, the clients' stage-1 and stage-2
+messages, the reconstruction, `aggregate_layer` / `aggregate_adapters`, and the exactness certificate.
 
-Notation (docs/design.md, section 1.1; factor names: `fedask_jax.lora`). One layer's update is `lora_a @ lora_b`,
-lora_a [m, r], lora_b [r, n], with m = in and n = out. K clients hold factors (lora_a_k, lora_b_k) stacked on a
-leading axis [K, ...], with weights w_k, and the aggregate is `T = sum_k w_k lora_a_k lora_b_k`. The weights
-are used as given: pass normalised ones (sum 1) for the weighted mean, as the round does
-(`fedask_jax.numerics.normalise_weights`).
-
-One round (docs/design.md, sections 1.3 and 1.4; paper Algorithm 1 and Theorem 2, applied to the kernel-layout product
-lora_a @ lora_b: the algorithm and the theorem hold for any product of two factors), `w = r + p` the sketch width:
-
-1. stage 1: client k sends `Y_k = lora_a_k (lora_b_k Omega)` [m, w], Omega [n, w] Gaussian shared by seed;
-   server `Y = sum_k w_k Y_k`, `Q = orth(Y)` [m, w] (thin QR).
-2. stage 2: client k sends `P_k = lora_b_k^T (lora_a_k^T Q)` [n, w]; server `P = sum_k w_k P_k`.
-3. reconstruction: `P^T = U S V^T` and the rank-r truncation `(Q U_r) S_r V_r^T` of `Q Q^T T`, split into two
-   factors by a gauge (below); the paper's is the balanced split `lora_a = Q U_r S_r^{1/2}`,
-   `lora_b = S_r^{1/2} V_r^T`. When the sketch covers the range of T (its rank <= w, e.g. any p >= 0 when one
-   factor is shared by all clients), `Q Q^T` is the identity on it and the result is the Eckart-Young best
-   rank-r approximation of T, which is T itself when its rank is <= r.
-
-Gauge (`split_factors`, `GAUGES`). Any invertible G [r, r] gives the same product, (lora_a G, G^{-1} lora_b), so
-the aggregate, Theorem 2 and the exactness certificate do not depend on how the truncation is split; the next
-round's local training does. A client's gradient of the trained factor is proportional to the frozen one
-(dL/dlora_b = (x lora_a)^T dL/dy), so the frozen factor's scale acts on the product's step like a learning rate
-(AdamW's step of the trained factor has a size set by lr alone). Under DP it also sets the signal-to-noise ratio:
-the clip norm C and the noise sigma C are fixed in absolute terms, so a frozen factor that shrinks shrinks the
-per-example gradients, fewer of them reach C, and the same noise meets less signal. Without DP there is no clip
-and no noise, and the gauge only moves the effective step size. The balanced split sets the frozen factor's
-scale from the aggregate, ||lora_a||_F^2 = sum_i S_i: small after round 1 (lora_b starts at 0), growing later
-(experiments/README.md section 3 measures both). The other gauges hold the scale of the factor that the next
-round freezes (`fixed`) at a given Frobenius norm `scale` (the strategies pass the norm of the factor frozen in
-the round just finished, so it stays at the initial adapter's norm), and give the aggregate's scale to the
-trained factor:
-
-- "balanced": lora_a = Q U_r S_r^{1/2}, lora_b = S_r^{1/2} V_r^T (paper Algorithm 1, the official code).
-- "orthonormal": the fixed factor is (scale / sqrt(r)) Q U_r (or (scale / sqrt(r)) V_r^T for lora_b): orthonormal
-  columns (rows), all of one norm, like the near-orthogonal random initial lora_a; the other takes S_r.
-- "norm": the balanced factors with the fixed one rescaled to Frobenius norm `scale` and the other by the
-  inverse: the balanced shape (column i of lora_a proportional to S_i^{1/2}), the scale held.
-
-Precision (`fedask_jax.numerics`): all linear algebra (products, QR, SVD) runs in float32 or wider whatever the
-factors' dtype, with `Precision.HIGHEST`. The stage functions return that compute dtype (the messages feed QR
-and SVD); `aggregate_layer` casts its result back to the factors' dtype.
-
-Sketch width. A width above min(m, n) adds nothing (T's rank is at most min(m, n)) and would make the thin QR /
-SVD shapes ragged, so `aggregate_layer` keeps the first min(m, n) columns of Omega and `make_omegas` draws each
-layer's Omega with width min(width, m, n).
-"""
+The public functions check their arguments (`_check_clients`, `_check_omega`, ...); the private ones behind them
+trust them."""
 
 from __future__ import annotations
 
@@ -55,21 +12,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fedask_jax._checks import check_choice, check_int, check_ndim, check_real
+from fedask_jax._checks import check_int, check_ndim
 from fedask_jax.adapters import Adapters, LoRAFactors
 from fedask_jax.numerics import compute_dtype, einsum
+from fedask_jax.sketch.gauges import _check_gauge, _split_factors
+from fedask_jax.sketch.linalg import _check_method, _orthonormal_basis, _svd_tall
 
 Array = jax.Array
-
-#: The reconstruction's gauges (`split_factors`; module docstring, "Gauge"); "balanced" is the paper's.
-GAUGES = ("balanced", "orthonormal", "norm")
-#: The factors whose scale a gauge other than balanced may hold (`split_factors`'s `fixed`).
-FIXED = ("lora_a", "lora_b")
-#: The routes of the sketch's linear algebra (`orthonormal_basis`, `reconstruct`): LAPACK / cuSolver QR and SVD,
-#: or shifted Cholesky-QR and the SVD of the small factor (`cholesky_qr`).
-METHODS = ("householder", "cholesky")
 
 
 def _check_rank(rank: Any, width: int, m: int, n: int, where: str = "") -> None:
@@ -138,7 +88,7 @@ def make_omegas(key: Array, adapters: Adapters, width: int) -> dict[str, Array]:
   The layer named `sorted(adapters)[i]` gets `make_omega(fold_in(key, i), n, min(width, m, n))`, with
   m = lora_a.shape[-2] and n = lora_b.shape[-1]; factors may carry leading batch axes. Sorted names make the
   draw independent of dict order; the width is clipped because a sketch wider than min(m, n) adds nothing
-  (module docstring). Use a fresh key per round, e.g. `fold_in(round_key, ...)`.
+  (`fedask_jax.sketch`, "Sketch width"). Use a fresh key per round, e.g. `fold_in(round_key, ...)`.
   """
   width = check_int("width", width, 1, what="the sketch width r + p")
   omegas = {}
@@ -165,110 +115,6 @@ def stage1_sketch(lora_a: Array, lora_b: Array, omega: Array) -> Array:
   return einsum("mr,rw->mw", lora_a.astype(dtype), einsum("rn,nw->rw", lora_b.astype(dtype), omega.astype(dtype)))
 
 
-def default_method() -> str:
-  """The linear-algebra route of the sketch on the default backend: "householder" on a CPU, "cholesky" on a GPU or
-  TPU (`METHODS`; the benchmark that chose them: benchmarks/README.md, "Aggregation routes")."""
-  return "householder" if jax.default_backend() == "cpu" else "cholesky"
-
-
-def _check_method(method: Any) -> str:
-  return default_method() if method is None else check_choice("method", method, METHODS)
-
-
-def orthonormal_basis(y: Array, method: str | None = None) -> Array:
-  """Q [m, w] with orthonormal columns whose span contains range(y), y [m, w] with w <= m.
-
-  method: "householder" (thin Householder QR) or "cholesky" (shifted Cholesky-QR, `cholesky_qr`); None:
-  `default_method()`. Both are backward stable, Q R = y + dy with ||dy|| ~ eps ||y||, so range(Q) is range(y) to
-  round-off whatever y's conditioning; a rank-deficient y (a zero or low-rank aggregate) still gives orthonormal
-  columns, never NaN. Computed in float32 or wider.
-  """
-  check_ndim("y", y, 2, "[m, w]")
-  m, w = jnp.shape(y)
-  if w > m:
-    raise ValueError(
-      f"y has shape {(m, w)}: a thin QR needs width w <= m; clip the sketch width to min(m, n) (as make_omegas does)."
-    )
-  return _orthonormal_basis(y, _check_method(method))
-
-
-def _orthonormal_basis(y: Array, method: str) -> Array:
-  y = y.astype(compute_dtype(y))
-  if method == "cholesky":
-    return cholesky_qr(y)[0]
-  return jnp.linalg.qr(y, mode="reduced")[0]
-
-
-# Cholesky-QR passes of `cholesky_qr`: shifted ones, then one without a shift (why three: its docstring).
-SHIFTED_PASSES = 3
-# The fill's seed: a fixed matrix, so that the basis is a deterministic function of y.
-FILL_SEED = 0x5EED
-
-
-def _cholesky_pass(z: Array, shifted: bool) -> tuple[Array, Array]:
-  """One Cholesky-QR pass: (z R^{-1}, R) with R^T R = z^T z + s I (R upper triangular [w, w])."""
-  m, w = z.shape
-  eps = jnp.finfo(z.dtype).eps
-  gram = einsum("mi,mj->ij", z, z)
-  eye = jnp.eye(w, dtype=z.dtype)
-  # Entry (i, j) of the computed Gram matrix errs by <= m eps/2 ||z_i|| ||z_j|| (Higham, Thm 3.5), and in practice
-  # by ~sqrt(m) eps ||z_i|| ||z_j||: the shift s = (sqrt(m) + w + 1) eps max_i ||z_i||^2 keeps the Cholesky
-  # factorisation defined in practice (its own rounding adds ~w eps, Higham Thm 10.7). If it fails all the same (a
-  # non-finite factor), the pass takes the worst-case bound, w (m + w + 1) eps tr(G), which cannot fail.
-  small = (np.sqrt(m) + w + 1) * eps * jnp.max(jnp.diagonal(gram)) if shifted else 0.0
-  lower = jax.lax.linalg.cholesky(gram + small * eye)
-  safe = jax.lax.linalg.cholesky(gram + w * (m + w + 1) * eps * jnp.trace(gram) * eye)
-  lower = jnp.where(jnp.all(jnp.isfinite(lower)), lower, safe)
-  # z = Q L^T: a triangular solve from the right, backward stable row by row (Q R = z + dz, |dz| <= w eps |Q| |R|).
-  q = jax.lax.linalg.triangular_solve(lower, z, left_side=False, lower=True, transpose_a=True)
-  return q, lower.T
-
-
-def cholesky_qr(y: Array) -> tuple[Array, Array]:
-  """Thin QR of a tall y [m, w] (w <= m) by matrix products: (Q [m, w] orthonormal, R [w, w] upper triangular).
-
-  Shifted Cholesky-QR (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020, "Shifted Cholesky QR for
-  computing the QR factorization of ill-conditioned matrices"): each pass forms the Gram matrix G = Z^T Z (one
-  GEMM), factors G + s I = R^T R (a w x w Cholesky) and replaces Z by Z R^{-1} (a triangular solve, GEMM-shaped).
-  Cost 3 m w^2 flops a pass and no Householder reflections, so on an accelerator it is a few batched kernels
-  instead of w sequential panel steps.
-
-  Where it is exact. Every pass is backward stable row by row (Z_{i-1} = Z_i R_i + E_i, ||E_i|| ~ w eps ||Z_i||
-  ||R_i||), so Q R = y + dy with ||dy|| ~ eps ||y||, as for Householder QR, and range(Q) equals range(y) to
-  round-off. The shift only sets how far a pass equalises singular values: a direction with singular value
-  sigma (relative to ||y||_F) comes out as sigma / sqrt(sigma^2 + s), s = (sqrt(m) + w + 1) eps (~1e-5), so
-  three shifted passes lift any sigma >= eps to ~1, and a last pass without a shift (CholeskyQR2's second
-  pass) makes Q orthonormal to ~eps.
-
-  Singular Gram matrix (a rank-deficient y: FedASK's sketch under DP has rank r < w = r + p every round, and
-  round 1's aggregate is zero because lora_b starts at 0). Before the passes y is scaled to unit Frobenius norm
-  and a fixed matrix eps E is added (E [m, w] Gaussian with unit-norm columns, the same every call): its part
-  outside range(y) makes every singular value >= ~eps, so the passes above complete the basis with
-  orthonormal columns outside range(y) instead of dividing by zero (the randomised completion of Stathopoulos
-  and Wu 2002, "A block orthogonalization procedure with constant synchronization requirements"). The fill is
-  a backward error of size eps ||y||, at the level of the product's own round-off. A zero y gives the
-  orthonormal basis of E and R = 0. Should the shifted Cholesky factorisation still fail (a non-finite
-  factor), the pass uses the worst-case shift w (m + w + 1) eps tr(G) instead, which cannot fail: never NaN for
-  a finite y.
-
-  Float32 or wider; R carries y's scale (Q R ~ y).
-  """
-  y = y.astype(compute_dtype(y))
-  m, w = y.shape
-  # Scale first (by the largest entry, then the Frobenius norm) so that the Gram matrix neither overflows nor
-  # underflows whatever y's magnitude.
-  peak = jnp.max(jnp.abs(y))
-  z = y / jnp.where(peak > 0, peak, 1)
-  norm = jnp.sqrt(jnp.sum(z * z))
-  fill = jax.random.normal(jax.random.key(FILL_SEED), (m, w), y.dtype) / np.sqrt(m * w)
-  z = z / jnp.where(norm > 0, norm, 1) + jnp.finfo(y.dtype).eps * fill
-  r = jnp.eye(w, dtype=y.dtype)
-  for shifted in [True] * SHIFTED_PASSES + [False]:
-    z, r_pass = _cholesky_pass(z, shifted)
-    r = einsum("ij,jk->ik", r_pass, r)
-  return z, (peak * norm) * r
-
-
 def stage2_project(lora_a: Array, lora_b: Array, q: Array) -> Array:
   """Stage 2 message of one client: P = lora_b^T (lora_a^T q) [n, w], never forming lora_a @ lora_b.
 
@@ -284,73 +130,6 @@ def stage2_project(lora_a: Array, lora_b: Array, q: Array) -> Array:
     )
   dtype = compute_dtype(lora_a, lora_b, q)
   return einsum("rn,rw->nw", lora_b.astype(dtype), einsum("mr,mw->rw", lora_a.astype(dtype), q.astype(dtype)))
-
-
-def _check_gauge(gauge: Any, fixed: Any, scale: Any) -> None:
-  check_choice("gauge", gauge, GAUGES, what="the split of the reconstruction into factors")
-  check_choice("fixed", fixed, FIXED, what="the factor whose scale the gauge holds")
-  if gauge != "balanced":
-    if scale is None:
-      raise ValueError(
-        f"gauge={gauge!r} needs scale, the Frobenius norm to hold the {fixed} factor at (e.g. the "
-        "norm of the factor frozen in the round just finished)."
-      )
-    check_real("scale", scale, 0, lo_open=True, what="the fixed factor's Frobenius norm", traced_ok=True)
-
-
-def split_factors(
-  left: Array,
-  s: Array,
-  right: Array,
-  gauge: str = "balanced",
-  scale: Array | float | None = None,
-  fixed: str = "lora_a",
-) -> tuple[Array, Array]:
-  """The rank-r matrix `left diag(s) right` as LoRA factors in the chosen gauge: (lora_a [m, r], lora_b [r, n]).
-
-  left [m, r] with orthonormal columns, s [r] >= 0, right [r, n] with orthonormal rows (a thin SVD's factors,
-  e.g. Q U_r, S_r, V_r^T of the reconstruction). The product lora_a @ lora_b is `left diag(s) right` for every
-  gauge, up to float32 round-off; the gauge only chooses how its scale is shared (module docstring, "Gauge"):
-  "balanced" (S^{1/2} on each side; `scale` and `fixed` unused), "orthonormal" or "norm" (the `fixed` factor,
-  "lora_a" or "lora_b", has Frobenius norm `scale`, a scalar > 0, traced or not). Degenerate inputs stay exact:
-  with s = 0 "norm" gives the orthonormal fixed factor (the balanced shape is 0 / 0), and a traced scale of 0
-  gives the balanced factors. Computed in float32 or wider.
-  """
-  check_ndim("left", left, 2, "[m, r]")
-  check_ndim("s", s, 1, "[r]")
-  check_ndim("right", right, 2, "[r, n]")
-  if jnp.shape(left)[1] != jnp.shape(s)[0] or jnp.shape(right)[0] != jnp.shape(s)[0]:
-    raise ValueError(
-      f"left {jnp.shape(left)}, s {jnp.shape(s)} and right {jnp.shape(right)} do not chain: "
-      "expected [m, r], [r] and [r, n]."
-    )
-  _check_gauge(gauge, fixed, scale)
-  return _split_factors(left, s, right, gauge, scale, fixed)
-
-
-def _split_factors(
-  left: Array, s: Array, right: Array, gauge: str, scale: Array | float | None, fixed: str
-) -> tuple[Array, Array]:
-  dtype = compute_dtype(left, s, right)
-  left, s, right = left.astype(dtype), s.astype(dtype), right.astype(dtype)
-  # Column weights of lora_a and row weights of lora_b with w_a * w_b = s, so the product is left diag(s) right.
-  root = jnp.sqrt(s)
-  if gauge == "balanced":
-    w_fixed, w_other = root, root
-  else:
-    scale = jnp.asarray(scale, dtype)
-    positive = scale > 0
-    scale = jnp.where(positive, scale, 1)
-    column = scale / jnp.sqrt(jnp.asarray(jnp.shape(s)[0], dtype))  # norm of each orthonormal column times c
-    w_fixed, w_other = jnp.full_like(s, column), s / column
-    if gauge == "norm":
-      total = jnp.sqrt(jnp.sum(s))
-      safe = jnp.where(total > 0, total, 1)
-      w_fixed = jnp.where(total > 0, root * (scale / safe), w_fixed)
-      w_other = jnp.where(total > 0, root * (safe / scale), w_other)
-    w_fixed, w_other = jnp.where(positive, w_fixed, root), jnp.where(positive, w_other, root)
-  w_a, w_b = (w_fixed, w_other) if fixed == "lora_a" else (w_other, w_fixed)
-  return left * w_a[None, :], w_b[:, None] * right
 
 
 def reconstruct(
@@ -383,22 +162,6 @@ def reconstruct(
   return _split_factors(*_decompose(p, q, rank, _check_method(method)), gauge, scale, fixed)
 
 
-def _svd_tall(p: Array, method: str) -> tuple[Array, Array, Array]:
-  """Thin SVD of a tall p [n, w] (w <= n): (V [n, w], S [w], U^T [w, w]) with p = V diag(S) U^T.
-
-  "cholesky": p = Q_p R_p (`cholesky_qr`), then the SVD of the small R_p = U_R S U^T, so V = Q_p U_R; the
-  backward error of the QR (~eps ||p||) is all this adds to the small SVD's. "householder": LAPACK's gesdd (or
-  cuSolver's gesvd) on p.
-  """
-  if method == "cholesky":
-    q_p, r_p = cholesky_qr(p)
-    u_r, s, ut = jnp.linalg.svd(r_p, full_matrices=False)
-    return einsum("nw,wv->nv", q_p, u_r), s, ut
-  # P = V S U^T is the SVD of P^T; LAPACK's gesdd is several times faster on the tall P [n, w] than on P^T.
-  u, s, vt = jnp.linalg.svd(p, full_matrices=False)
-  return u, s, vt
-
-
 def _decompose(p: Array, q: Array, rank: int, method: str) -> tuple[Array, Array, Array]:
   """The rank-`rank` truncation of Q P^T as (Q U_r [m, r], S_r [r], V_r^T [r, n])."""
   dtype = compute_dtype(p, q)
@@ -422,7 +185,7 @@ def aggregate_layer(
   lora_a [K, m, r], lora_b [K, r, n], weights [K] (used as given: normalised for the weighted mean; all zero
   gives a zero result), omega [n, w] with rank <= w (w = r + p; columns beyond min(m, n) are ignored), rank a
   static Python int. Returns the factors of the rank-`rank` truncation of `Q Q^T T` (stages 1-2 and
-  reconstruction, module docstring), which is exactly T when its rank is <= min(rank, w) (docs/design.md,
+  reconstruction, `fedask_jax.sketch`), which is exactly T when its rank is <= min(rank, w) (docs/design.md,
   section 1.4; paper Theorem 2), split by `gauge` (`split_factors`; default balanced, the paper's). `method`:
   the linear-algebra route (`orthonormal_basis`; None: `default_method()`), static. Cast to the factors' dtype.
   """
