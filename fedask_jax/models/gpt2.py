@@ -30,9 +30,8 @@ from fedask_jax.models.layers import (
   advance_cache,
   attend,
   attention_context,
+  causal_lm_logits,
   init_cache,
-  output_logits,
-  token_mask_or_ones,
 )
 
 Array = jax.Array
@@ -228,15 +227,9 @@ class GPT2LMHeadModel(nnx.Module):
     logit_positions: [b, P] int (no cache): the logits at those positions only, [b, P, V]
     (`fedask_jax.objectives.response_positions`: the head and the loss where a loss is taken).
     """
-    if cache is not None and logit_positions is not None:
-      raise ValueError("logit_positions with a cache: decoding takes every new token's logits; pass one or the other.")
-    token_mask = token_mask_or_ones(input_ids, attention_mask)
-    hidden, new_cache = self.transformer(input_ids, token_mask, cache)
-    logits = output_logits(hidden, self.transformer.wte, self.lm_head, logit_positions)
-    if cache is None:
-      return logits
-    assert new_cache is not None  # the backbone returns an updated cache whenever it is given one
-    return logits, new_cache
+    return causal_lm_logits(
+      self.transformer, self.transformer.wte, self.lm_head, input_ids, attention_mask, cache, logit_positions
+    )
 
   def init_cache(self, batch: int, max_length: int) -> KVCache:
     """An empty key/value cache for `batch` rows of up to `max_length` tokens, in the parameter dtype."""

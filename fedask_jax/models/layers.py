@@ -13,7 +13,7 @@ right-padded row gets the positions of the same row without padding (what Huggin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -91,6 +91,30 @@ def token_mask_or_ones(input_ids: Array, attention_mask: Array | None) -> Array:
       "be equal (1 for real tokens, 0 for padding)."
     )
   return attention_mask.astype(bool)
+
+
+def causal_lm_logits(
+  backbone: Callable[[Array, Array, KVCache | None], tuple[Array, KVCache | None]],
+  embedding: Embedding,
+  lm_head: Any,
+  input_ids: Array,
+  attention_mask: Array | None,
+  cache: KVCache | None,
+  logit_positions: Array | None,
+) -> Array | tuple[Array, KVCache]:
+  """A language model's forward, shared by the model families: `backbone` (input_ids [b, s], token mask [b, s]
+  bool, cache -> hidden states [b, s, d], updated cache) between the token mask (`token_mask_or_ones`) and the
+  head (`output_logits`). Returns the logits, or (logits, updated cache) when given a `cache`; the arguments as
+  in the models' `__call__` (e.g. `fedask_jax.models.llama.LlamaForCausalLM`)."""
+  if cache is not None and logit_positions is not None:
+    raise ValueError("logit_positions with a cache: decoding takes every new token's logits; pass one or the other.")
+  token_mask = token_mask_or_ones(input_ids, attention_mask)
+  hidden, new_cache = backbone(input_ids, token_mask, cache)
+  logits = output_logits(hidden, embedding, lm_head, logit_positions)
+  if cache is None:
+    return logits
+  assert new_cache is not None  # the backbone returns an updated cache whenever it is given one
+  return logits, new_cache
 
 
 class AttentionContext(NamedTuple):
