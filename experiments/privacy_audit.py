@@ -432,7 +432,7 @@ def markdown(results: dict[str, Any]) -> str:
         [
           _common.generated_by(config["command"], config["total_seconds"], config["device"]),
           *([config["note"]] if "note" in config else []),
-          "Method: `fedask_jax/auditing.py`.",
+          "Method: `fedask_jax/auditing/`.",
         ]
       ),
       "",
