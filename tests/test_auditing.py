@@ -187,6 +187,10 @@ def test_bad_input_is_named():
     auditing.sampled_client_release(
       mechanism, problem.params, problem.data, 4, jax.random.key(0), (4, 1, 2), steps=1, sample_rate=1.0
     )
+  with pytest.raises(ValueError, match="client_sizes='shared'"):
+    auditing.canary_scores(
+      mechanism, problem.params, problem.data, problem.direction, jax.random.key(0), client_sizes="shared", **common
+    )
   with pytest.raises(ValueError, match="10 scores in and 9 out"):
     auditing.audit_scores(scores, scores[:9], DELTA)
   with pytest.raises(ValueError, match="space='c_space'"):
@@ -349,13 +353,12 @@ def _sampled_problem():
   return auditing.linear_canary_problem(jax.random.key(0), num_examples=3, canary_gradient_norm=1e4)
 
 
-def _sampled_audit(noise_multiplier, runs=RUNS, seed=5):
-  problem = _sampled_problem()
+def _q1_audit(problem, noise_multiplier, runs, seed, **options):
+  """One B-space step per round with q = 1 (normaliser n) on `problem`, C = 1."""
   mechanism = problem.mechanism(
     "b_space", clip_norm=1.0, noise_multiplier=noise_multiplier, expected_batch_size=problem.num_examples
   )
-  step = problem.canary_step("b_space", clip_norm=1.0, expected_batch_size=problem.num_examples)
-  result = auditing.audit_dp_gradient(
+  return auditing.audit_dp_gradient(
     mechanism,
     problem.params,
     problem.data,
@@ -364,12 +367,16 @@ def _sampled_audit(noise_multiplier, runs=RUNS, seed=5):
     num_runs=runs,
     steps=1,
     sample_rate=1.0,
-    sampling=SAMPLING,
-    canary_step=step,
     delta=DELTA,
     confidence=CONFIDENCE,
+    **options,
   )
-  return result, step
+
+
+def _sampled_audit(noise_multiplier, runs=RUNS, seed=5):
+  problem = _sampled_problem()
+  step = problem.canary_step("b_space", clip_norm=1.0, expected_batch_size=problem.num_examples)
+  return _q1_audit(problem, noise_multiplier, runs, seed, sampling=SAMPLING, canary_step=step), step
 
 
 def _sampled_sigma(epsilon, participation_rate):
@@ -470,3 +477,105 @@ def test_understated_participation_is_caught():
   )
   result, _ = _sampled_audit(sigma)
   assert claim < result.epsilon_lower_bound <= true_epsilon
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Client sizes (issue 13): add/remove-one neighbours differ in size. With the runner's privacy.client_sizes
+# "public" each side samples at b / n_k (D at q, D' at q n / (n + 1)), with "private" both at the public rate q.
+# The opposed canary problem (every ordinary example the canary's mirror image, clipped to +C u against the
+# canary's -C u) turns the rates' difference into a shift along u. One local step with q = 1 and n = 15.
+
+SIZES_CLAIM = 3.0
+
+
+def _opposed_problem():
+  # A target 1e4 away: one step moves lora_b by ~1, so every gradient stays along u to ~1e-8.
+  return auditing.linear_canary_problem(jax.random.key(0), opposed=True, canary_gradient_norm=1e4)
+
+
+def _sizes_audit(client_sizes, runs, seed=8):
+  return _q1_audit(_opposed_problem(), _sigma(SIZES_CLAIM), runs, seed, client_sizes=client_sizes)
+
+
+def _sizes_cdf(x, n, in_rate, sigma, canary):
+  """The score's law (one step, b = n, lr = 1): -(K - J + sigma Z) / n, K ~ Bin(n, rate), J ~ Bern(rate) with
+  the canary, J = 0 without."""
+  k = np.arange(n + 1)
+  atoms, weights = k.astype(float), scipy.stats.binom(n, in_rate).pmf(k)
+  if canary:
+    atoms = np.concatenate([atoms, atoms - 1])
+    weights = np.concatenate([weights * (1 - in_rate), weights * in_rate])
+  # P(-(A + sigma Z) / n <= x) = P(Z >= (-n x - A) / sigma).
+  return scipy.stats.norm.sf((-n * x[:, None] - atoms) / sigma) @ weights
+
+
+def _hockey_stick(n, rate, in_rate, steps, sigma, epsilon):
+  """max over both directions of integral max(0, p - e^eps p') for the pair of `opposed_canary_epsilon`, by
+  quadrature on a grid of sigma sqrt(T) / 400 (NumPy, not dp_accounting)."""
+  scale, k = sigma * math.sqrt(steps), np.arange(n * steps + 1)
+  z = np.arange(-steps - 15 * scale, n * steps + 15 * scale, scale / 400) / scale  # x in units of sigma'
+  out_law = scipy.stats.binom(n * steps, rate).pmf(k)
+  in_law = np.convolve(scipy.stats.binom(n * steps, in_rate).pmf(k), scipy.stats.binom(steps, in_rate).pmf(k)[::-1])
+  in_law = in_law[n * steps - steps :]  # the values -T .. n T (the convolution above runs from -n T)
+
+  def density(law, lowest):  # per unit of z
+    return scipy.stats.norm.pdf(z[:, None] - np.arange(lowest, lowest + len(law)) / scale) @ law
+
+  p_out, p_in = density(out_law, 0), density(in_law, -steps)
+  hockey = lambda p, r: np.sum(np.maximum(0, p - math.exp(epsilon) * r)) / 400
+  return max(hockey(p_in, p_out), hockey(p_out, p_in))
+
+
+@pytest.mark.parametrize(
+  "n,rate,steps,client_sizes",
+  [(15, 1.0, 1, "public"), (15, 1.0, 1, "private"), (4, 0.5, 3, "public"), (15, 1.0, 4, "private")],
+)
+def test_opposed_canary_epsilon_against_quadrature(n, rate, steps, client_sizes):
+  sigma = _sigma(SIZES_CLAIM)
+  epsilon = auditing.opposed_canary_epsilon(n, rate, steps, sigma, DELTA, client_sizes=client_sizes)
+  in_rate = rate * n / (n + 1) if client_sizes == "public" else rate
+  # delta(eps) falls by a few % per 0.01 of epsilon here; the binned PLD sits within 1e-3 of the pair's epsilon.
+  assert (
+    _hockey_stick(n, rate, in_rate, steps, sigma, epsilon + 0.02)
+    < DELTA
+    < _hockey_stick(n, rate, in_rate, steps, sigma, epsilon - 0.02)
+  )
+  if client_sizes == "private" and rate == 1.0:
+    # Without subsampling the private pair is the Gaussian mechanism composed T times: the accountant's figure.
+    schedule = privacy.DPSchedule(1.0, local_steps=steps, rounds=1)
+    assert epsilon == pytest.approx(privacy.epsilon_spent(schedule, sigma, DELTA), abs=2e-3)
+
+
+def _check_score_law(result, client_sizes):
+  """The scores follow the law of the runner's rates: D at q = 1, D' at 15/16 ("public") or 1 ("private"); KS,
+  each side false failure 1e-6 (the two laws' in-means differ by 0.6 score sd: KS tells them apart)."""
+  sigma, n = _sigma(SIZES_CLAIM), _opposed_problem().num_examples
+  in_rate = n / (n + 1) if client_sizes == "public" else 1.0
+  for scores, rate, canary in [(result.scores_in, in_rate, True), (result.scores_out, 1.0, False)]:
+    cdf = functools.partial(_sizes_cdf, n=n, in_rate=rate, sigma=sigma, canary=canary)
+    assert scipy.stats.kstest(scores, lambda x, f=cdf: f(np.atleast_1d(x))).pvalue > 1e-6
+
+
+def test_public_client_sizes_exceed_their_add_remove_claim():
+  """Public sizes: sigma calibrated for epsilon = 3 at q = 1 (the accountant's claim), but the add-one pair's
+  exact epsilon is 15.2 (`opposed_canary_epsilon`). The audit refutes the claim at 99.9% confidence: 40
+  simulated audits of this score law at 50,000 runs per side gave bounds of mean 3.98, sd 0.21, min 3.56 (3 is
+  4.6 sd below the mean: false failure ~2e-6)."""
+  sigma, n = _sigma(SIZES_CLAIM), _opposed_problem().num_examples
+  true_epsilon = auditing.opposed_canary_epsilon(n, 1.0, 1, sigma, DELTA)
+  result = _sizes_audit("public", 50_000)
+  _check_score_law(result, "public")
+  assert SIZES_CLAIM < result.epsilon_lower_bound <= true_epsilon
+
+
+def test_private_client_sizes_stay_below_their_claim():
+  """Private sizes, same setting: the pair is the Gaussian mechanism, exact epsilon = the claim."""
+  sigma, n = _sigma(SIZES_CLAIM), _opposed_problem().num_examples
+  assert auditing.opposed_canary_epsilon(n, 1.0, 1, sigma, DELTA, client_sizes="private") == pytest.approx(
+    SIZES_CLAIM, abs=2e-3
+  )
+  result = _sizes_audit("private", RUNS)
+  _check_score_law(result, "private")
+  # <= claim: false failure <= 1e-3 (module docstring). > 0: 30 simulated audits of this score law gave bounds
+  # of mean 1.04, sd 0.15, min 0.67; 0 is a ~7 sd event.
+  assert 0 < result.epsilon_lower_bound <= SIZES_CLAIM

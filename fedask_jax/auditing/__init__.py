@@ -46,15 +46,24 @@ is u, and the audit is as strong as a white-box audit of the released factor can
 q = 1 setting the in/out scores are N(C, sigma^2 C^2) vs N(0, sigma^2 C^2) (times lr / (q n), and s in
 W-space), the Gaussian mechanism itself.
 
+Client sizes (`canary_scores`' `client_sizes`, issue 13). D and D' = D + {canary} differ in size, and each side
+samples as the runner's `privacy.client_sizes` mode would: "private", both at the public rate q; "public", each
+at q_k = b / n_k (D at q, D' at q n / (n + 1)), which the accounting at q does not cover (it holds for
+neighbours of equal sizes). With the `opposed` canary problem, every ordinary example the canary's mirror image
+(the DP review's +C e / -C e construction), the lower rate on D' shifts the ordinary examples' sum in the
+canary's direction, and `opposed_canary_epsilon` gives the exact epsilon of that pair: far above the claim for
+public sizes, equal to it for private ones.
+
 The modules: `bound` (the lower bound, the ceiling, `audit_scores`), `release` (the mechanism as run, the canary
-scores and the `audit_dp_gradient` driver) and `canary` (the canary problem and its mechanisms); every public
-name is importable from `fedask_jax.auditing`.
+scores and the `audit_dp_gradient` driver) and `canary` (the canary problems, their mechanisms and the opposed
+pair's exact epsilon); every public name is importable from `fedask_jax.auditing`.
 """
 
 from fedask_jax.auditing.bound import AuditResult, audit_scores, epsilon_lower_bound, max_certifiable_epsilon
-from fedask_jax.auditing.canary import SPACES, CanaryProblem, linear_canary_problem
+from fedask_jax.auditing.canary import SPACES, CanaryProblem, linear_canary_problem, opposed_canary_epsilon
 from fedask_jax.auditing.release import (
   CANARY_CLIENT,
+  CLIENT_SIZES,
   ClientSampling,
   Mechanism,
   audit_dp_gradient,
@@ -65,6 +74,7 @@ from fedask_jax.auditing.release import (
 
 __all__ = [
   "CANARY_CLIENT",
+  "CLIENT_SIZES",
   "SPACES",
   "AuditResult",
   "CanaryProblem",
@@ -77,5 +87,6 @@ __all__ = [
   "epsilon_lower_bound",
   "linear_canary_problem",
   "max_certifiable_epsilon",
+  "opposed_canary_epsilon",
   "sampled_client_release",
 ]

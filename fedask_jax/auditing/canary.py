@@ -1,6 +1,7 @@
 """The gradient canary: a tiny LoRA-adapted `fedask_jax.lora.Linear` whose canary example moves one coordinate
-of the trained factor that no ordinary example touches (`linear_canary_problem`), with the real B-space and
-W-space DP gradients bound to it (`CanaryProblem.mechanism`).
+of the trained factor that no ordinary example touches, or that every ordinary example pushes the other way
+(`linear_canary_problem`, `opposed`), with the real B-space and W-space DP gradients bound to it
+(`CanaryProblem.mechanism`), and the exact epsilon of the opposed problem's release (`opposed_canary_epsilon`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.stats
+from dp_accounting.pld import privacy_loss_distribution
 from flax import nnx
 
 from fedask_jax import privacy
 from fedask_jax._checks import check_choice, check_int, check_real
-from fedask_jax.auditing.release import Mechanism
+from fedask_jax.auditing.release import CLIENT_SIZES, Mechanism
 from fedask_jax.lora import Linear, LoRAConfig, split_lora
 
 Array = jax.Array
@@ -108,8 +112,10 @@ def linear_canary_problem(
   rank: int = 2,
   alpha: float = 4.0,
   canary_gradient_norm: float = 100.0,
+  opposed: bool = False,
 ) -> CanaryProblem:
-  """Build a `CanaryProblem`: n Gaussian examples and a gradient canary that no other example can mask.
+  """Build a `CanaryProblem`: n Gaussian examples and a gradient canary that no other example can mask, or n
+  copies of the canary's mirror image (`opposed`).
 
   lora_a = [Q | e_{in-1}] with Q [in, r-1] orthonormal and zero in the last input coordinate, so
   lora_a^T lora_a = I (the W-space noise s lora_a^T N is isotropic in lora_b, as the B-space noise is) and
@@ -120,6 +126,12 @@ def linear_canary_problem(
   norms canary_gradient_norm (W-space) and s canary_gradient_norm (B-space), to exceed C (clipped to exactly C)
   or, with clipping off, to show it. The target is so far away that u stays the gradient's direction over a
   few local steps.
+
+  `opposed` True: every ordinary example is the canary's mirror image, x = e_{in-1} and target
+  -canary_gradient_norm e_{out-1}, whose gradient clips to +C along u (s C u in W-space) against the canary's
+  -C: the DP review's construction (issue 13). A Poisson rate that depends on the dataset's size (the runner's
+  `privacy.client_sizes` "public") then moves the ordinary examples' sum along u too, in the canary's direction
+  (`canary_scores` with client_sizes "public"); the exact epsilon of the release: `opposed_canary_epsilon`.
   """
   for name, value, minimum in [
     ("num_examples", num_examples, 1),
@@ -138,11 +150,78 @@ def linear_canary_problem(
   kernel = kernel.at[-1].set(0.0)
   basis, _ = jnp.linalg.qr(jax.random.normal(keys[1], (in_features - 1, rank)))
   frozen = jnp.zeros((in_features, rank)).at[:-1, :-1].set(basis[:, :-1]).at[-1, -1].set(1.0)
-  x = jax.random.normal(keys[2], (num_examples, 1, in_features)).at[..., -1].set(0.0)
-  target = jax.random.normal(keys[3], (num_examples, 1, out_features))
   canary_x = jnp.zeros((1, 1, in_features)).at[..., -1].set(1.0)
   canary_target = jnp.zeros((1, 1, out_features)).at[..., -1].set(canary_gradient_norm)
+  if opposed:
+    x = jnp.broadcast_to(canary_x, (num_examples, 1, in_features))
+    target = jnp.broadcast_to(-canary_target, (num_examples, 1, out_features))
+  else:
+    x = jax.random.normal(keys[2], (num_examples, 1, in_features)).at[..., -1].set(0.0)
+    target = jax.random.normal(keys[3], (num_examples, 1, out_features))
   data = {"x": jnp.concatenate([x, canary_x]), "target": jnp.concatenate([target, canary_target])}
   params = {"linear": jnp.zeros((rank, out_features))}
   direction = {"linear": jnp.zeros((rank, out_features)).at[-1, -1].set(1.0)}
   return CanaryProblem(params, frozen, kernel, alpha / rank, data, direction, num_examples)
+
+
+def opposed_canary_epsilon(
+  num_examples: int,
+  sample_rate: float,
+  steps: int,
+  noise_multiplier: float,
+  delta: float,
+  *,
+  client_sizes: str = "public",
+  resolution: float = 0.02,
+) -> float:
+  """The exact epsilon at `delta` of the released factor of an `opposed` `linear_canary_problem` with n examples
+  against its add-one neighbour: what a final-model audit (`canary_scores`) can at most certify.
+
+  Every clipped gradient lies along u (the ordinary ones +C, the canary's -C), the noise is isotropic and the
+  normaliser b = q n is the same on both sides, so the release carries the pair through its u coordinate alone,
+  lr / b times the sum over the T steps; in units of C (sigma' = sigma sqrt(T)):
+
+      out (D,  n examples):      Bin(n T, q)               + N(0, sigma'^2)
+      in  (D', n + 1 examples):  Bin(n T, q') - Bin(T, q') + N(0, sigma'^2),
+
+  q' = q n / (n + 1) with `client_sizes` "public" (the runner's q_k = b / n_k), q' = q with "private". The pair
+  is binned at `resolution` sigma' (binning is post-processing: the result converges to the pair's epsilon
+  from below as the bins shrink; 0.02 is within 1e-3 of 0.01 in the settings of tests/test_auditing.py) and
+  its privacy loss distribution built in both directions with `dp_accounting` (pessimistic rounding of the
+  losses at 1e-3). The whole transcript of T steps (each step's release) has at least this epsilon, and the
+  accountant's claim for public sizes, at q, is below it whenever the audit can refute that claim.
+  """
+  check_int("num_examples", num_examples, 1)
+  check_int("steps", steps, 1, what="the number of local DP steps T")
+  check_real("sample_rate", sample_rate, 0, 1, lo_open=True, what="the Poisson rate q of D")
+  check_real("noise_multiplier", noise_multiplier, 0, lo_open=True, what="sigma")
+  check_real("delta", delta, 0, 1, lo_open=True, hi_open=True)
+  check_real("resolution", resolution, 0, 0.5, lo_open=True, what="the bin width in units of sigma sqrt(T)")
+  check_choice("client_sizes", client_sizes, CLIENT_SIZES)
+  n, rate = num_examples, sample_rate
+  in_rate = rate * n / (n + 1) if client_sizes == "public" else rate
+  out_law = scipy.stats.binom(n * steps, rate).pmf(np.arange(n * steps + 1))
+  # Bin(n T, q') - Bin(T, q') on the values -T .. n T.
+  in_law = np.convolve(
+    scipy.stats.binom(n * steps, in_rate).pmf(np.arange(n * steps + 1)),
+    scipy.stats.binom(steps, in_rate).pmf(np.arange(steps + 1))[::-1],
+  )
+  scale = noise_multiplier * math.sqrt(steps)
+  # +-14 sigma' beyond the atoms: the Gaussian tails left out weigh < 1e-44.
+  edges = np.arange(-steps - 14 * scale, n * steps + 14 * scale + resolution * scale, resolution * scale)
+
+  def binned(law: np.ndarray, lowest: int) -> np.ndarray:
+    atoms = np.arange(lowest, lowest + len(law))
+    keep = law > 1e-300
+    cdf = scipy.stats.norm.cdf((edges[None, :] - atoms[keep, None]) / scale)
+    return law[keep] @ np.diff(cdf, axis=1)
+
+  out_mass, in_mass = binned(out_law, 0), binned(in_law, -steps)
+  both = np.nonzero((out_mass > 1e-300) & (in_mass > 1e-300))[0]
+  pld = privacy_loss_distribution.from_two_probability_mass_functions(
+    {int(i): math.log(out_mass[i]) for i in both},
+    {int(i): math.log(in_mass[i]) for i in both},
+    value_discretization_interval=1e-3,
+    symmetric=False,
+  )
+  return float(pld.get_epsilon_for_delta(delta))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedask_jax import privacy
-from fedask_jax._checks import check_int, check_real
+from fedask_jax._checks import check_choice, check_int, check_real
 from fedask_jax.auditing.bound import AuditResult, _check_confidence, _check_delta, _check_runs, audit_scores
 
 Array = jax.Array
@@ -27,11 +27,14 @@ _OUT_STREAM, _IN_STREAM = 0, 1
 _SAMPLING_STREAM, _NOISE_STREAM = 0, 1
 # The canary's client id in `sampled_client_release` (any id is drawn with probability K / N).
 CANARY_CLIENT = 0
+# How each side's Poisson rate is set: the runner's privacy.client_sizes modes (`canary_scores`).
+CLIENT_SIZES = ("private", "public")
 
 
 def _check_schedule(steps: Any, sample_rate: Any) -> None:
   check_int("steps", steps, 1, what="the number of local DP steps T")
-  check_real("sample_rate", sample_rate, 0, 1, lo_open=True, what="the Poisson rate q", hint=" (batch size / n)")
+  if not isinstance(sample_rate, jax.Array):  # a traced rate (`canary_scores`' sides) is the caller's to check
+    check_real("sample_rate", sample_rate, 0, 1, lo_open=True, what="the Poisson rate q", hint=" (batch size / n)")
 
 
 def client_release(
@@ -42,7 +45,7 @@ def client_release(
   key: Array,
   *,
   steps: int,
-  sample_rate: float,
+  sample_rate: float | Array,
   learning_rate: float = 1.0,
 ) -> Any:
   """The client's released factor after T DP-SGD steps: theta_T = theta_0 - lr sum_t g_t (jit- and vmap-safe).
@@ -60,7 +63,8 @@ def client_release(
     data: pytree with leading axis [M, ...], M >= num_examples rows (rows past num_examples are never sampled).
     num_examples: n <= M, a Python int or a traced int32 scalar.
     key: PRNG key of the run.
-    steps: T >= 1. sample_rate: q in (0, 1]. learning_rate: lr.
+    steps: T >= 1. sample_rate: q in (0, 1], a Python float or a float32 scalar (may be traced, then
+      unchecked). learning_rate: lr.
 
   Returns:
     theta_T, like `params`.
@@ -128,7 +132,7 @@ def sampled_client_release(
   sampling: ClientSampling,
   *,
   steps: int,
-  sample_rate: float,
+  sample_rate: float | Array,
   learning_rate: float = 1.0,
 ) -> tuple[Any, Array]:
   """The canary client's releases over R rounds of uniform client sampling (jit- and vmap-safe).
@@ -186,6 +190,7 @@ def canary_scores(
   chunk_size: int = 8192,
   sampling: ClientSampling | None = None,
   canary_step: float | None = None,
+  client_sizes: str = "private",
 ) -> tuple[np.ndarray, np.ndarray]:
   """Scores of N runs with the canary and N without: one client update, or R rounds of client sampling.
 
@@ -203,8 +208,20 @@ def canary_scores(
   midpoint). Any score gives a valid bound; this one is the most powerful at q = 1 (at q < 1 it is the
   midpoint of the means, still valid).
 
-  `data` has n + 1 rows, the canary last: "in" runs sample from all n + 1 rows, "out" runs from the first n
-  (add/remove neighbours; the normaliser q n inside `mechanism` is the same for both). Run i of side c uses
+  `data` has n + 1 rows, the canary last: "in" runs sample from all n + 1 rows (D'), "out" runs from the first n
+  (D), add/remove-one neighbours of different sizes. Each side samples as the runner's `privacy.client_sizes`
+  mode would (`client_sizes`):
+
+  - "private": both sides at the public rate q = `sample_rate`, whatever their size.
+  - "public": each side at q_k = b / n_k with b = q n, the configured batch size: D at q = `sample_rate`,
+    D' at b / (n + 1) = q n / (n + 1). The rate then tells D from D' even where the canary is not sampled,
+    which the accounting at q does not cover (it covers replace-one neighbours, of equal sizes).
+
+  In both modes the normaliser of the noisy sum inside `mechanism` is b = q n for both sides (the runner passes
+  the configured batch size whatever the mode), and the release is the client's own message: the weight
+  n_k / sum_j n_j that the server gives it in public mode is applied after the release (were the sizes
+  released too, add/remove-one neighbours would differ in plain sight; the audit asks whether the message
+  alone stays within the claim). Run i of side c uses
   the key fold_in(fold_in(key, c), i), c = 1 in, 0 out. The runs are vmapped in chunks of `chunk_size`
   (`lax.map`) under one `jit` shared by both sides; results do not depend on the chunk size.
 
@@ -213,6 +230,8 @@ def canary_scores(
     num_runs: N per side.
     sampling: None, or R, K and N (`sampled_client_release`).
     canary_step: m > 0 (`CanaryProblem.canary_step`), with `sampling` only.
+    sample_rate: q, the rate of the "out" side D (of both sides with `client_sizes` "private").
+    client_sizes: "private" (default) or "public", the runner's mode whose neighbours are audited.
     Other arguments as in `client_release`.
 
   Returns:
@@ -220,6 +239,7 @@ def canary_scores(
   """
   num_runs = _check_runs("num_runs", num_runs)
   _check_schedule(steps, sample_rate)
+  check_choice("client_sizes", client_sizes, CLIENT_SIZES)
   # Why the ignore below: jax's stubs leave PyTreeDef unresolved ("PyTreeDef?"), which mypy will not compare.
   if jax.tree.structure(direction) != jax.tree.structure(params) or any(  # type: ignore[operator]
     jnp.shape(u) != jnp.shape(p) for u, p in zip(jax.tree.leaves(direction), jax.tree.leaves(params))
@@ -247,7 +267,7 @@ def canary_scores(
       hint=" (CanaryProblem.canary_step)",
     )
 
-  def one_run(run_key, num_examples):
+  def one_run(run_key, num_examples, rate):
     if sampling is None:
       theta = client_release(
         mechanism,
@@ -256,7 +276,7 @@ def canary_scores(
         num_examples,
         run_key,
         steps=steps,
-        sample_rate=sample_rate,
+        sample_rate=rate,
         learning_rate=learning_rate,
       )
       offset = 0.0
@@ -269,9 +289,10 @@ def canary_scores(
         run_key,
         sampling,
         steps=steps,
-        sample_rate=sample_rate,
+        sample_rate=rate,
         learning_rate=learning_rate,
       )
+      # Both sides' scores use the same offset (D's rate): one that depended on the side would leak it.
       offset = taken * steps * sample_rate * canary_step / 2
     moved = jax.tree.map(lambda new, old: new.astype(jnp.float32) - old.astype(jnp.float32), theta, params)
     return (
@@ -280,18 +301,22 @@ def canary_scores(
     )
 
   # Equal chunks covering N (a few spare runs, dropped): lax.map would compile a ragged last chunk apart. The
-  # side (its key and n + 1 or n) is traced, so both sides share one compilation.
+  # side (its key, n + 1 or n, its rate) is traced, so both sides share one compilation.
   num_chunks = -(-num_runs // chunk_size)
   size = -(-num_runs // num_chunks)
 
   @jax.jit
-  def run_side(side_key, num_examples):
+  def run_side(side_key, num_examples, rate):
     return jax.lax.map(
-      lambda i: one_run(jax.random.fold_in(side_key, i), num_examples), jnp.arange(num_chunks * size), batch_size=size
+      lambda i: one_run(jax.random.fold_in(side_key, i), num_examples, rate),
+      jnp.arange(num_chunks * size),
+      batch_size=size,
     )
 
   def scores(side: int, num_examples: int) -> np.ndarray:
-    out = run_side(jax.random.fold_in(key, side), jnp.asarray(num_examples, jnp.int32))
+    # The runner's q_k = b / n_k with b = q n (public sizes), or q for every size (private).
+    rate = sample_rate * (total - 1) / num_examples if client_sizes == "public" else sample_rate
+    out = run_side(jax.random.fold_in(key, side), jnp.asarray(num_examples, jnp.int32), jnp.float32(rate))
     return np.asarray(out, np.float64)[:num_runs]
 
   return scores(_IN_STREAM, total), scores(_OUT_STREAM, total - 1)
@@ -312,13 +337,14 @@ def audit_dp_gradient(
 
   The claim audited is the epsilon the accountant gives for this mechanism's sigma and schedule at `delta`:
   `privacy.epsilon_spent(privacy.DPSchedule(q, local_steps=T, rounds=1), sigma, delta)` for one client update,
-  `privacy.epsilon_spent(privacy.DPSchedule(q, T, R, K / N), sigma, delta)` with `sampling`; the audit passes
+  `privacy.epsilon_spent(privacy.DPSchedule(q, T, R, K / N), sigma, delta)` with `sampling`, q = `sample_rate`
+  (D's rate, the largest, for which the runner calibrates with `client_sizes` "public"); the audit passes
   when `epsilon_lower_bound` <= that claim.
 
   Args:
     delta, confidence: as in `epsilon_lower_bound`.
     **score_options: `canary_scores`' keyword arguments (num_runs, steps, sample_rate, learning_rate,
-      chunk_size, sampling, canary_step).
+      chunk_size, sampling, canary_step, client_sizes).
   """
   delta = _check_delta(delta)
   confidence = _check_confidence(confidence)
