@@ -51,6 +51,7 @@ from fedask_jax.data.corpora import GSM8K_ALPACA, gsm8k_final_answer
 from fedask_jax.data.encoding import EncodedDataset, encode_pairs
 from fedask_jax.data.templates import Template
 from fedask_jax.models.generation import generate
+from fedask_jax.objectives import max_targets, response_positions
 
 Array = jax.Array
 
@@ -114,20 +115,36 @@ class EvalResult(NamedTuple):
   examples: int
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 5))
 def _batch_sums(
-  graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array, attention_mask: Array, loss_mask: Array
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  input_ids: Array,
+  attention_mask: Array,
+  loss_mask: Array,
+  capacity: int | None,
 ) -> tuple[Array, Array]:
-  """(summed cross-entropy, number of targets) of one batch [b, L]."""
+  """(summed cross-entropy, number of targets) of one batch [b, L]; the LM head at every position, or at the
+  target positions only (`capacity` of them per row: `fedask_jax.objectives.response_positions`)."""
   model = nnx.merge(graphdef, state)
-  logits = model(input_ids, attention_mask)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), input_ids[:, 1:])
-  weights = loss_mask[:, 1:].astype(jnp.float32)
+  if capacity is None:
+    logits = model(input_ids, attention_mask)[:, :-1]
+    labels, weights = input_ids[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
+  else:
+    positions, weights = response_positions(loss_mask, capacity)
+    logits = model(input_ids, attention_mask, logit_positions=positions)
+    labels = jnp.take_along_axis(input_ids, positions + 1, axis=-1)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 def evaluate(
-  model: nnx.Module, data: EncodedDataset, *, batch_size: int = 16, mesh: jax.sharding.Mesh | None = None
+  model: nnx.Module,
+  data: EncodedDataset,
+  *,
+  batch_size: int = 16,
+  mesh: jax.sharding.Mesh | None = None,
+  capacity: int | None = None,
 ) -> EvalResult:
   """Token-mean cross-entropy of `model` on the targets of `data` [N, L] (module docstring).
 
@@ -139,11 +156,20 @@ def evaluate(
     model replicated, batch_size rounded up to a multiple of the device count; with several processes
     (`jax.distributed`) every process calls it with the same data, feeds the rows of its devices, and gets the
     result.
+  capacity: compute the LM head at the target positions only, `capacity` per example (at least
+    `fedask_jax.objectives.max_targets(data.loss_mask)`, e.g. `response_capacity(data.loss_mask)`; the model
+    then takes `logit_positions`, as the library's models do): the same loss with the head's FLOPs proportional
+    to the targets. None: at every position.
   """
   _check_batch_size(batch_size)
   n = data.num_examples
   if n == 0:
     raise ValueError("evaluate got an empty held-out set: check the eval split and eval.max_examples.")
+  if capacity is not None and capacity < max_targets(data.loss_mask):
+    raise ValueError(
+      f"evaluate got capacity={capacity} but an example of the held-out set has {max_targets(data.loss_mask)} "
+      "targets, which would be left out: use fedask_jax.objectives.response_capacity(data.loss_mask)."
+    )
   graphdef, state = _eval_split(model)
   place = lambda *arrays: tuple(map(jnp.asarray, arrays))
   if mesh is not None:
@@ -153,7 +179,10 @@ def evaluate(
   total, count = 0.0, 0.0
   for rows, valid in _batches(n, batch_size):
     batch_total, batch_count = _batch_sums(
-      graphdef, state, *place(data.input_ids[rows], data.attention_mask[rows], data.loss_mask[rows] & valid[:, None])
+      graphdef,
+      state,
+      *place(data.input_ids[rows], data.attention_mask[rows], data.loss_mask[rows] & valid[:, None]),
+      capacity,
     )
     # Scalars are whole on every device, the addressable ones included.
     total += float(batch_total.addressable_data(0))

@@ -69,6 +69,20 @@ def max_targets(loss_mask: Any) -> int:
   return int(np.max(np.sum(np.asarray(loss_mask)[..., 1:] != 0, axis=-1), initial=0))
 
 
+#: `response_capacity` rounds up to a multiple of this: data sets whose longest responses differ by a few tokens
+#: (another data.max_train_examples, another seed's split) get the same shapes.
+CAPACITY_MULTIPLE = 8
+
+
+def response_capacity(loss_mask: Any) -> int:
+  """A static capacity for `response_positions` from the data (host side): `max_targets(loss_mask)` rounded up
+  to a multiple of `CAPACITY_MULTIPLE`, at most L - 1 (every position that predicts a token) and at least 1.
+  Any capacity from `max_targets` up gives the same loss; the rounding only keeps shapes stable."""
+  mask = np.asarray(loss_mask)
+  rounded = -(-max_targets(mask) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+  return max(1, min(rounded, mask.shape[-1] - 1))
+
+
 def response_positions(loss_mask: Array, capacity: int) -> tuple[Array, Array]:
   """The positions whose logits predict a target token, padded to a fixed `capacity` P: (positions [..., P]
   int32, weights [..., P] float32).

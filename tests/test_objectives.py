@@ -12,7 +12,14 @@ from flax import nnx
 
 from fedask_jax.data import Batch
 from fedask_jax.models import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, init_random
-from fedask_jax.objectives import causal_lm_loss, max_targets, response_loss, response_positions
+from fedask_jax.objectives import (
+  CAPACITY_MULTIPLE,
+  causal_lm_loss,
+  max_targets,
+  response_capacity,
+  response_loss,
+  response_positions,
+)
 from fedask_jax.simulation import causal_lm_example_loss, response_example_loss
 
 
@@ -110,6 +117,20 @@ def test_response_loss_equals_the_full_loss():
   # The same float32 terms summed in another order: ~1e-7 relative.
   np.testing.assert_allclose(got.per_example, want.per_example, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(got.token_mean, want.token_mean, rtol=1e-6)
+
+
+def test_response_capacity_rounds_up_within_the_sequence():
+  # Targets sit at positions 1..L-1 (position 0 predicts nothing): 5 targets -> 8, 9 -> 16, a full 20-token row
+  # (19 targets) -> 19, not 24, and a full 10-token one 9, not 16; no targets at all -> 1, the least capacity
+  # response_positions takes.
+  mask = np.zeros((3, 20), bool)
+  mask[0, 2:7] = True
+  assert response_capacity(mask) == 8 == CAPACITY_MULTIPLE
+  mask[1, 3:12] = True
+  assert response_capacity(mask) == 16 > max_targets(mask) == 9
+  mask[2] = True
+  assert (response_capacity(mask), response_capacity(mask[:, :10])) == (19, 9)
+  assert response_capacity(np.zeros((2, 20), bool)) == 1
 
 
 def test_response_capacity_is_checked():

@@ -4,6 +4,7 @@ plan, and the eval command on an interrupted run."""
 import json
 import re
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ import yaml
 from run_fixtures import make_tiny_setup
 from safetensors.numpy import load_file
 
-from fedask_jax import cli, privacy, runner
+from fedask_jax import cli, evaluation, privacy, runner
 from fedask_jax import data as fdata
 from fedask_jax.config import ConfigError, from_dict
+from fedask_jax.simulation import FederatedRound, causal_lm_example_loss
 
 # DP FedASK with adapter dropout: every random stream of a round (client sampling, Poisson batches, DP noise,
 # dropout, the sketch's Omega) has to be reproduced on resume.
@@ -270,6 +272,38 @@ def test_metrics_log_truncate_and_partial_line(tmp_path):
     log.read()
 
 
+def test_response_head_round_equals_the_full_head(tmp_path):
+  """The runner computes the LM head at the response positions only (`runner.plan`, module docstring): its first
+  DP round and its held-out loss equal those of the head at every position."""
+  raw = dp_config(tmp_path, "run")
+  experiment = runner.prepare(from_dict(raw))
+  config, response_round = experiment.config, experiment.round_fn
+  assert experiment.head_capacity["train"] < config.data.max_seq_len - 1  # the head is really cut
+  full_round = FederatedRound(
+    experiment.model,
+    runner.make_strategy(config),
+    optimizer=runner.make_optimizer(config),
+    dp=response_round.dp,
+    per_example_loss=causal_lm_example_loss,
+    client_chunk=response_round.client_chunk,
+  )
+  round_key = jax.random.fold_in(runner.run_key(config), 1)
+  ids, weights, batches = runner.round_sampler(config, experiment.capacity)(round_key, experiment.client_data)
+  (got, got_metrics), (want, want_metrics) = [
+    rnd(rnd.init(config.num_clients), batches, ids, weights, round_key, 1) for rnd in (response_round, full_round)
+  ]
+  # The same float32 cross-entropies summed in another order, through the same clipping and noise: ~1e-6.
+  for name in ("train_loss", "client_loss", "clipped_fraction"):
+    np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=1e-5, err_msg=name)
+  chex.assert_trees_all_close(got.adapters, want.adapters, rtol=1e-4, atol=1e-6)
+  capacity = experiment.head_capacity["eval"]
+  cut = evaluation.evaluate(experiment.model, experiment.eval_data, batch_size=20, capacity=capacity)
+  full = evaluation.evaluate(experiment.model, experiment.eval_data, batch_size=20)
+  assert cut.tokens == full.tokens and cut.eval_loss == pytest.approx(full.eval_loss, rel=1e-6)
+  with pytest.raises(ValueError, match=r"capacity=4 but an example of the held-out set has 5 targets"):
+    evaluation.evaluate(experiment.model, experiment.eval_data, capacity=4)
+
+
 def test_summary_counts_left_out_clients_and_skipped_rounds(straight):
   """summary.json totals the rounds' fault metrics; a clean run reports zeros, and the summary line appears
   only when there was a fault."""
@@ -344,7 +378,7 @@ def test_nonfinite_warning_and_withheld_diagnostics(tmp_path, capsys):
   withheld_summary, withheld, err = runs[False]
   assert "warning:" not in err and "loss=" not in err and "train: 240 examples" not in err
   assert withheld == [{k: v for k, v in r.items() if k not in runner.DIAGNOSTICS} for r in records]
-  for key in ("train_truncated", "train_examples", "nonfinite_examples", "capacity"):
+  for key in ("train_truncated", "train_examples", "nonfinite_examples", "capacity", "head_capacity"):
     assert key in summary and key not in withheld_summary
   assert withheld_summary["final_train_loss"] is None
   # The rest is the same run's: eval losses, faults, ... (timings aside).

@@ -75,7 +75,13 @@ def _evaluate(experiment: Experiment, adapters: Adapters) -> EvalResult:
   every process calls it: `fedask_jax.runner.processes`, "Evaluation")."""
   _set_adapters(experiment.model, adapters)
   mesh = experiment.round_fn.mesh if experiment.round_fn is not None else None
-  return evaluate(experiment.model, experiment.eval_data, batch_size=experiment.config.eval.batch_size, mesh=mesh)
+  return evaluate(
+    experiment.model,
+    experiment.eval_data,
+    batch_size=experiment.config.eval.batch_size,
+    mesh=mesh,
+    capacity=experiment.head_capacity["eval"],
+  )
 
 
 def _eval_fields(result: EvalResult) -> dict[str, Any]:

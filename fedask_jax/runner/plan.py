@@ -21,6 +21,12 @@ at which that client's add-one neighbour overflows them with probability above o
 overflow's cost in delta, `overflow_delta(overflow_prob, schedule, target_epsilon)`, is taken out of delta
 before calibration, so the total is delta. The `epsilon` of each metrics line is the smallest client's epsilon
 after that many rounds (`schedule.after(t)`) at that reduced delta.
+
+The LM head runs at the response positions only, in training and in the held-out evaluation
+(`fedask_jax.objectives`, module docstring): `response_capacity` of the training set (its longest response,
+rounded up to a multiple of 8) and of the held-out set. The loss is the full head's, so the capacity changes no
+result and no privacy guarantee; it is a statistic of the raw training data, reported only with
+privacy.release_diagnostics.
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ from fedask_jax.config import Config, ConfigError, check_encoded, check_model, c
 from fedask_jax.config.schema import SKETCH_KEYS
 from fedask_jax.lora import inject_lora
 from fedask_jax.models import load_pretrained, load_tokenizer
+from fedask_jax.objectives import response_capacity
 from fedask_jax.runner import processes
 from fedask_jax.runner.rundir import check_run_dir
-from fedask_jax.simulation import DPConfig, FederatedRound
+from fedask_jax.simulation import DPConfig, FederatedRound, response_example_loss
 from fedask_jax.strategies import STRATEGIES, Strategy, get_strategy
 
 # The adapters' init key is fold_in(run_key, ADAPTER_INIT_STREAM); round keys use fold_in(run_key, t), t >= 1.
@@ -72,7 +79,9 @@ class PrivacyPlan:
 @dataclasses.dataclass
 class Experiment:
   """Everything `prepare` loaded and planned; `train` runs it. train_counts: the training set's
-  train_examples, train_truncated (cut to data.max_seq_len) and train_without_targets (empty without training)."""
+  train_examples, train_truncated (cut to data.max_seq_len) and train_without_targets (empty without training).
+  head_capacity: the LM head's positions per example (module docstring), "train" (absent without training) and
+  "eval"."""
 
   config: Config
   run_dir: Path
@@ -84,6 +93,7 @@ class Experiment:
   privacy: PrivacyPlan | None
   round_fn: FederatedRound | None
   notes: list[str]
+  head_capacity: dict[str, int]
   train_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -306,17 +316,20 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
   model = load_model(config)
   tokenizer = load_tokenizer(config.model.path)
   eval_data = load_eval_data(config, tokenizer)
+  head = {"eval": response_capacity(eval_data.loss_mask)}
   notes = [
     f"eval: {eval_data.num_examples} held-out examples, {eval_data.num_truncated} truncated to "
-    f"{config.data.max_seq_len} tokens"
+    f"{config.data.max_seq_len} tokens; LM head at {head['eval']} of {config.data.max_seq_len - 1} positions per "
+    "example"
   ]
   if not for_training:
-    return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, None, 0, None, None, notes)
+    return Experiment(config, Path(config.run_dir), model, tokenizer, eval_data, None, 0, None, None, notes, head)
   records = load_records(config, "train", config.data.max_train_examples)
   check_records(config, records, "train")
   template = fdata.get_template(config.data.template, **config.data.template_fields)
   encoded = fdata.encode(records, template, tokenizer, config.data.max_seq_len)
   check_encoded(config, encoded, "train")
+  head["train"] = response_capacity(encoded.loss_mask)
   parts = partition(config, records)
   plan, capacity = plan_privacy(config, parts.sizes)
   dp = (
@@ -330,7 +343,12 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
     )
   )
   round_fn = FederatedRound(
-    model, make_strategy(config), optimizer=make_optimizer(config), dp=dp, client_chunk=client_chunk(config)
+    model,
+    make_strategy(config),
+    optimizer=make_optimizer(config),
+    dp=dp,
+    per_example_loss=response_example_loss(head["train"]),
+    client_chunk=client_chunk(config),
   )
   if round_fn.mesh is not None:
     # The model takes the round's base weights, replicated over the mesh: one copy per device, which the sharded
@@ -345,7 +363,8 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
     notes.append(
       f"train: {encoded.num_examples} examples, {encoded.num_truncated} truncated to "
       f"{config.data.max_seq_len} tokens, {encoded.num_without_targets} without targets; "
-      f"{parts.num_clients} clients of {int(sizes.min())} to {int(sizes.max())} examples"
+      f"{parts.num_clients} clients of {int(sizes.min())} to {int(sizes.max())} examples; LM head at "
+      f"{head['train']} of {config.data.max_seq_len - 1} positions per example"
     )
   else:
     notes.append("train: statistics of the training data withheld (privacy.release_diagnostics=false)")
@@ -373,5 +392,6 @@ def prepare(config: Config, *, for_training: bool = True) -> Experiment:
     plan,
     round_fn,
     notes,
+    head,
     train_counts,
   )

@@ -79,11 +79,13 @@ def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str
   }
   if config.privacy.release_diagnostics:
     # Statistics of the raw training data: sequences cut to data.max_seq_len, the batch capacity (from the
-    # largest client's size), and examples with a non-finite loss or gradient over the rounds
+    # largest client's size), the LM head's positions per example (from the longest response:
+    # `fedask_jax.runner.plan`, module docstring), and examples with a non-finite loss or gradient over the rounds
     # (`fedask_jax.runner.loop`, module docstring).
     summary.update(
       experiment.train_counts,
       capacity=experiment.capacity,
+      head_capacity=experiment.head_capacity,
       nonfinite_examples=sum(sum(r.get("nonfinite_examples", ())) for r in records),
     )
   if plan is not None:
