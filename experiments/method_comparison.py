@@ -601,9 +601,11 @@ class Grid:
         "clipped_per_round": [float(m["clipped_fraction"]) for m in per_round],
         # ||lora_a_t||_F / ||lora_a_0||_F after round t, the mean over layers.
         "lora_a_scale": [float(np.mean(m["lora_a_norm"] / initial_norms)) for m in per_round],
-        # The sketch's exactness certificate (module fedask_jax.sketch), the largest over the rounds.
+        # The sketch's exactness certificate (module fedask_jax.sketch), the largest over the rounds that computed
+        # it (NaN in the others: sketch.certify_every); None without any.
         "reconstruction_error": max(
-          (float(m["reconstruction_error"]) for m in per_round if "reconstruction_error" in m), default=None
+          (e for m in per_round if "reconstruction_error" in m if math.isfinite(e := float(m["reconstruction_error"]))),
+          default=None,
         ),
         "epsilon_spent": spent,
         "noise_multiplier": None if plan is None else plan.noise_multiplier,

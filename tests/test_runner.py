@@ -272,6 +272,30 @@ def test_metrics_log_truncate_and_partial_line(tmp_path):
     log.read()
 
 
+def test_metrics_log_writes_strict_json(tmp_path):
+  # RFC 8259 has no NaN or Infinity: they are written null, at any depth; finite values are kept as they are.
+  log = runner.MetricsLog(tmp_path / "metrics.jsonl")
+  log.append({"round": 1, "reconstruction_error": float("nan"), "client_loss": [1.5, float("inf")], "t": {"s": 2.0}})
+  strict = lambda name: pytest.fail(f"{name} in metrics.jsonl")
+  line = json.loads(log.path.read_text(), parse_constant=strict)
+  assert line == {"round": 1, "reconstruction_error": None, "client_loss": [1.5, None], "t": {"s": 2.0}}
+
+
+def test_rounds_without_the_certificate_write_null(straight):
+  """The straight run (FedASK, sketch.certify_every 10 by default) certifies its first aggregation only: round 1
+  has a reconstruction_error at float32 round-off, rounds 2 to 4 null, and every line is strict JSON."""
+  _, _, straight_dir = straight
+  strict = lambda name: pytest.fail(f"{name} in metrics.jsonl")
+  lines = (straight_dir / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line, parse_constant=strict) for line in lines][1:]
+  assert [r["round"] for r in records] == [1, 2, 3, 4]
+  assert 0 <= records[0]["reconstruction_error"] < 1e-4  # float32 round-off of the exact aggregate, ~1e-6
+  assert [r["reconstruction_error"] for r in records[1:]] == [None] * 3
+  summary = json.loads((straight_dir / "summary.json").read_text())
+  # Every tiny-task response is 4 letters and </s>: 5 targets, rounded up to 8 of the 15 predicting positions.
+  assert summary["head_capacity"] == {"eval": 8, "train": 8}
+
+
 def test_response_head_round_equals_the_full_head(tmp_path):
   """The runner computes the LM head at the response positions only (`runner.plan`, module docstring): its first
   DP round and its held-out loss equal those of the head at every position."""

@@ -23,8 +23,9 @@ def write_plots(records: list[dict[str, Any]], run_dir: Path) -> list[Path]:
   import matplotlib.pyplot as plt
 
   written = []
-  train = [(r["round"], r["train_loss"]) for r in records if "train_loss" in r]
-  evals = [(r["round"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  # null (a NaN loss: `rundir.json_line`) plots as a gap.
+  train = [(r["round"], np.nan if r["train_loss"] is None else r["train_loss"]) for r in records if "train_loss" in r]
+  evals = [(r["round"], np.nan if r["eval_loss"] is None else r["eval_loss"]) for r in records if "eval_loss" in r]
   fig, ax = plt.subplots(figsize=(6, 4))
   if train:
     ax.plot(*zip(*train), label="train loss (sampled clients)")

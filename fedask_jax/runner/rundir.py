@@ -7,7 +7,9 @@ log.
 - `metrics.jsonl`: one JSON object per line: round 0 (the base model's eval loss) and one per round (train
   loss, epsilon spent so far, the compiled round's metrics, the eval loss when evaluated, and `timing`, the
   wall-clock seconds of the round and whether it included a compilation). Each line is written whole
-  (write, flush, fsync).
+  (write, flush, fsync), as strict JSON: a value that is not a finite number is written null (FedASK's
+  `reconstruction_error` in the rounds without the exactness certificate, `sketch.certify_every`; a client's
+  loss that is NaN), so every JSON reader parses it.
 - `checkpoints/<round>/`: orbax checkpoints (`fedask_jax.checkpoint.state`) of the server state (the global
   adapters and the strategy's state: SCAFFOLD's control variates, FedSA-LoRA's per-client factors), the run
   key and the round, with the privacy ledger. Clients' optimisers start afresh every round
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -81,7 +84,8 @@ def _lookup(config: Config, dotted: str) -> Any:
 
 
 class MetricsLog:
-  """`metrics.jsonl`: one JSON object per round, each line written whole (write, flush, fsync)."""
+  """`metrics.jsonl`: one JSON object per round, each line written whole (write, flush, fsync) as strict JSON
+  (`json_line`)."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
@@ -106,7 +110,7 @@ class MetricsLog:
     tmp = self.path.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
       for record in kept:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_line(record))
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, self.path)
@@ -114,9 +118,25 @@ class MetricsLog:
 
   def append(self, record: dict[str, Any]) -> None:
     with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(json_line(record))
       f.flush()
       os.fsync(f.fileno())
+
+
+def _finite_or_none(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(v) for v in value]
+  return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+  """`record` as one line of strict JSON (RFC 8259 has no NaN or Infinity): non-finite floats, at any depth,
+  become null."""
+  return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
 
 
 def to_json(value: Any) -> Any:
