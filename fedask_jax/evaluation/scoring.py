@@ -1,12 +1,5 @@
-"""Held-out evaluation: language-model loss and perplexity, GSM8K-style exact match, MMLU-style multiple choice.
-
-**Loss and perplexity** (`evaluate`). eval_loss = sum_i sum_t m_i[t+1] CE(logits_i[t], ids_i[t+1]) /
-sum_i sum_t m_i[t+1], over every example i of the held-out set (`fedask_jax.objectives.causal_lm_loss`'s token
-mean, pooled over batches, so long answers weigh more, as in Hugging Face's eval loss); perplexity =
-exp(eval_loss). On instruction data the mask m covers the response tokens; on plain text (`text_windows`) it
-covers every token of non-overlapping L-token windows of the text stream `prefix d_1 EOS prefix d_2 EOS ...`
-except each window's first token, which has no context. Each window starts without context, so text perplexity
-depends on L (Hugging Face's "Perplexity of fixed-length models" guide); compare models at the same L.
+"""Scoring by generation and by likelihood (`fedask_jax.evaluation`): GSM8K-style exact match, MMLU-style
+multiple choice.
 
 **Exact match** (`exact_match`, GSM8K; Cobbe et al. 2021). For problem i, the model greedily generates a
 completion c_i (up to N tokens or EOS) after the template's prompt; `parse_final_number` reads its final
@@ -21,20 +14,14 @@ after the prompt: s_ik = sum_j log p(u_kj | prompt, u_k<j); the prediction is ar
 letter) and accuracy = (1/n) sum_i [argmax_k s_ik == answer_i]. When every letter is one token (" A" in
 BPE vocabularies), s_ik = log softmax(logits at the prompt's last token)[u_k], read from one forward pass of
 the prompts; otherwise each (question, letter) pair is a row of the forward pass.
-
-Prompts are tokenised as `fedask_jax.data.encode` tokenises them for training (the tokenizer's special prefix,
-e.g. BOS, then the text without special tokens), so the model sees at evaluation the prefix it was trained on.
-Batches have a static size: the last one is padded with copies of the first row whose results are dropped
-(or whose loss mask is all False), so a whole set is evaluated by one compiled function.
 """
 
 from __future__ import annotations
 
 import decimal
 import functools
-import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -42,181 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from fedask_jax._checks import check_int
-from fedask_jax.data.batching import shard_rows
 from fedask_jax.data.corpora import GSM8K_ALPACA, gsm8k_final_answer
-from fedask_jax.data.encoding import EncodedDataset, encode_pairs
 from fedask_jax.data.templates import Template
+from fedask_jax.evaluation._inputs import _batches, _check_batch_size, _eval_split, _pad, _special_prefix, _tokenize
 from fedask_jax.models.generation import generate
-from fedask_jax.objectives import max_targets, response_positions
 
 Array = jax.Array
 
 MMLU_LETTERS = ("A", "B", "C", "D")
-
-
-def _check_batch_size(batch_size: Any) -> None:
-  check_int("batch_size", batch_size, 1)
-
-
-def _batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(rows [batch_size], valid [batch_size]) covering 0..n-1; the last batch repeats row 0 where not valid."""
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, start + batch_size)
-    valid = rows < n
-    yield np.where(valid, rows, 0), valid
-
-
-def _eval_split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-  """A split of `model` with dropout off; the caller's model keeps its mode."""
-  return nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
-
-
-def _special_prefix(tokenizer: Any) -> list[int]:
-  """The ids `encode` puts before every prompt (Llama: [BOS]; GPT-2: none): an empty pair's prompt."""
-  probe = encode_pairs([""], [""], tokenizer, max_seq_len=16)
-  return probe.input_ids[0, : probe.prompt_length[0]].tolist()
-
-
-def _tokenize(tokenizer: Any, texts: Sequence[str], prefix: list[int]) -> list[list[int]]:
-  if not texts:
-    return []
-  return [prefix + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-def _pad(rows: Sequence[Sequence[int]], width: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
-  """Token rows -> (ids [n, width] int32, mask [n, width] bool), padded on the left or the right.
-
-  Padded slots hold id 0, a valid embedding row that the mask keeps out of attention and of every score.
-  """
-  ids = np.zeros((len(rows), width), np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for i, row in enumerate(rows):
-    span = slice(width - len(row), width) if left else slice(0, len(row))
-    ids[i, span] = row
-    mask[i, span] = True
-  return ids, mask
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loss and perplexity.
-
-
-class EvalResult(NamedTuple):
-  """eval_loss: token-mean cross-entropy (nats); perplexity: exp(eval_loss); tokens: target tokens scored;
-  examples: examples evaluated."""
-
-  eval_loss: float
-  perplexity: float
-  tokens: int
-  examples: int
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _batch_sums(
-  graphdef: nnx.GraphDef,
-  state: nnx.State,
-  input_ids: Array,
-  attention_mask: Array,
-  loss_mask: Array,
-  capacity: int | None,
-) -> tuple[Array, Array]:
-  """(summed cross-entropy, number of targets) of one batch [b, L]; the LM head at every position, or at the
-  target positions only (`capacity` of them per row: `fedask_jax.objectives.response_positions`)."""
-  model = nnx.merge(graphdef, state)
-  if capacity is None:
-    logits = model(input_ids, attention_mask)[:, :-1]
-    labels, weights = input_ids[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
-  else:
-    positions, weights = response_positions(loss_mask, capacity)
-    logits = model(input_ids, attention_mask, logit_positions=positions)
-    labels = jnp.take_along_axis(input_ids, positions + 1, axis=-1)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  return jnp.sum(nll * weights), jnp.sum(weights)
-
-
-def evaluate(
-  model: nnx.Module,
-  data: EncodedDataset,
-  *,
-  batch_size: int = 16,
-  mesh: jax.sharding.Mesh | None = None,
-  capacity: int | None = None,
-) -> EvalResult:
-  """Token-mean cross-entropy of `model` on the targets of `data` [N, L] (module docstring).
-
-  `model(input_ids [b, L], attention_mask [b, L]) -> logits [b, L, V]`, evaluated as it is (adapters included,
-  dropout off). `data` is an instruction set (`fedask_jax.data.encode`, response targets) or plain text
-  (`text_windows`, every token a target). Sums are accumulated in float64 on the host across batches.
-
-  mesh: split each batch's rows over the devices of this 1-D mesh (`fedask_jax.simulation.client_mesh`), the
-    model replicated, batch_size rounded up to a multiple of the device count; with several processes
-    (`jax.distributed`) every process calls it with the same data, feeds the rows of its devices, and gets the
-    result.
-  capacity: compute the LM head at the target positions only, `capacity` per example (at least
-    `fedask_jax.objectives.max_targets(data.loss_mask)`, e.g. `response_capacity(data.loss_mask)`; the model
-    then takes `logit_positions`, as the library's models do): the same loss with the head's FLOPs proportional
-    to the targets. None: at every position.
-  """
-  _check_batch_size(batch_size)
-  n = data.num_examples
-  if n == 0:
-    raise ValueError("evaluate got an empty held-out set: check the eval split and eval.max_examples.")
-  if capacity is not None and capacity < max_targets(data.loss_mask):
-    raise ValueError(
-      f"evaluate got capacity={capacity} but an example of the held-out set has {max_targets(data.loss_mask)} "
-      "targets, which would be left out: use fedask_jax.objectives.response_capacity(data.loss_mask)."
-    )
-  graphdef, state = _eval_split(model)
-  place = lambda *arrays: tuple(map(jnp.asarray, arrays))
-  if mesh is not None:
-    batch_size = -(-batch_size // mesh.size) * mesh.size
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    place = lambda *arrays: shard_rows(arrays, mesh)
-  total, count = 0.0, 0.0
-  for rows, valid in _batches(n, batch_size):
-    batch_total, batch_count = _batch_sums(
-      graphdef,
-      state,
-      *place(data.input_ids[rows], data.attention_mask[rows], data.loss_mask[rows] & valid[:, None]),
-      capacity,
-    )
-    # Scalars are whole on every device, the addressable ones included.
-    total += float(batch_total.addressable_data(0))
-    count += float(batch_count.addressable_data(0))
-  if count == 0:
-    raise ValueError(
-      f"the held-out set's {n} examples have no target tokens (all truncated away?): raise data.max_seq_len."
-    )
-  loss = total / count
-  return EvalResult(eval_loss=loss, perplexity=math.exp(loss), tokens=int(count), examples=n)
-
-
-def text_windows(texts: Sequence[str], tokenizer: Any, seq_len: int) -> EncodedDataset:
-  """Held-out plain text (e.g. Tiny Shakespeare speeches) as L-token windows for `evaluate` (module docstring).
-
-  The documents are joined into one stream `prefix d_1 EOS prefix d_2 EOS ...` (prefix: the tokenizer's special
-  prefix, as `fedask_jax.data.encode` uses it) and cut into ceil(S / L) non-overlapping windows [N, L]; the last
-  is right-padded. Every real token but a window's first is a target (`loss_mask`); `prompt_length` is 0 and
-  `full_length` the window's real tokens.
-  """
-  check_int("seq_len", seq_len, 2, hint=" (a context token and a target)")
-  if tokenizer.eos_token_id is None:
-    raise ValueError("the tokenizer has no eos_token: documents are separated by EOS in the stream; set one.")
-  documents = _tokenize(tokenizer, texts, _special_prefix(tokenizer))
-  stream = [token for document in documents for token in document + [tokenizer.eos_token_id]]
-  if len(stream) < 2:
-    raise ValueError(f"text_windows got {len(texts)} documents, {len(stream)} tokens: pass some held-out text.")
-  windows = [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
-  input_ids, attention_mask = _pad(windows, seq_len, left=False)
-  loss_mask = attention_mask.copy()
-  loss_mask[:, 0] = False
-  return EncodedDataset(
-    input_ids, attention_mask, loss_mask, np.zeros(len(windows), np.int32), attention_mask.sum(axis=1).astype(np.int32)
-  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
