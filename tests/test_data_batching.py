@@ -80,6 +80,18 @@ class ClientBatchesTest(chex.TestCase):
     assert batch.example_mask.dtype == jnp.bool_ and batch.input_ids.dtype == jnp.int32
     check_batch_belongs_to_clients(batch, [3, 0, 2])
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_numpy_client_data_gives_the_same_batches(self):
+    """`stack_clients` returns NumPy arrays, which `client_batches` takes as they are (eagerly, where indexing
+    them with traced ids used to fail, and under jit)."""
+    sample = self.variant(functools.partial(batching.client_batches, local_steps=2, batch_size=2, capacity=5))
+    host = batching.stack_clients(make_encoded(), partition.Partition(CLIENT_INDICES))
+    assert isinstance(host.input_ids, np.ndarray)
+    client_ids = jnp.array([1, 3])
+    chex.assert_trees_all_equal(
+      sample(jax.random.key(5), host, client_ids), sample(jax.random.key(5), make_client_data(), client_ids)
+    )
+
   def test_reproducible_and_per_client_keys(self):
     sample = jax.jit(functools.partial(batching.client_batches, local_steps=4, batch_size=3, capacity=9))
     data = make_client_data()

@@ -28,7 +28,7 @@ import scipy.linalg
 from flax import nnx
 
 from fedask_jax import simulation
-from fedask_jax.data.batching import Batch
+from fedask_jax.data.batching import Batch, ClientData, client_batches
 from fedask_jax.lora import Linear, LoRAConfig, from_adapters, inject_lora, split_lora, to_adapters
 from fedask_jax.models import LlamaConfig, LlamaForCausalLM, init_random
 from fedask_jax.objectives import causal_lm_loss
@@ -482,3 +482,131 @@ def test_invalid_configurations_fail_early_with_value_errors():
     make_round("fedask", mesh=jax.make_mesh((1,), ("clients",)))
   with pytest.raises(ValueError, match="no LoRA adapters"):
     simulation.FederatedRound(Linear(3, 3), get_strategy("fedask"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The round inside the caller's own program: step, lax.scan, lower / compile, the sampler
+
+
+R = 3
+
+
+def per_round_batches():
+  """Round t's batches for t = 1..R, stacked [R, K, S, capacity, ...] for a scan."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[make_batches(t) for t in range(1, R + 1)])
+
+
+@pytest.mark.parametrize("strategy", ["fedask", "scaffold"])
+def test_scan_of_pure_steps_equals_the_compiled_rounds(strategy):
+  """R rounds as one jitted lax.scan of `step` (round index traced) give what R calls of the compiled round give:
+  the same program, traced once into a loop."""
+  rnd = make_round(strategy, B_SPACE)
+  state, run_key, stacked = random_state(rnd), jax.random.key(4), per_round_batches()
+  expected = copy(state)
+  for t in range(1, R + 1):
+    expected, _ = rnd(
+      expected, jax.tree.map(lambda x, t=t: x[t - 1], stacked), CLIENT_IDS, WEIGHTS, jax.random.fold_in(run_key, t), t
+    )
+
+  @jax.jit
+  def rounds(state, frozen, batches):
+    def one(state, xs):
+      t, round_batches = xs
+      new, metrics = rnd.step(
+        state, round_batches, CLIENT_IDS, WEIGHTS, jax.random.fold_in(run_key, t), t, frozen_state=frozen
+      )
+      return new, metrics["train_loss"]
+
+    return jax.lax.scan(one, state, (jnp.arange(1, R + 1), batches))
+
+  got, losses = rounds(state, rnd.frozen_state, stacked)
+  chex.assert_shape(losses, (R,))
+  chex.assert_trees_all_close(as_numpy(got), as_numpy(expected), **SAME_PROGRAM)
+  assert not np.allclose(np.asarray(got.adapters["fc1"].lora_b), np.asarray(state.adapters["fc1"].lora_b))
+
+
+def test_fedask_alt_scans_two_rounds_per_step_and_refuses_a_traced_index():
+  rnd = make_round("fedask-alt", B_SPACE)
+  state, run_key = random_state(rnd), jax.random.key(6)
+  batches = [make_batches(t) for t in range(1, 5)]
+  expected = copy(state)
+  for t in range(1, 5):
+    expected, _ = rnd(expected, batches[t - 1], CLIENT_IDS, WEIGHTS, jax.random.fold_in(run_key, t), t)
+
+  @jax.jit
+  def rounds(state, odd, even):
+    def two(state, xs):  # rounds t = 2i + 1 (lora_b) and 2i + 2 (lora_a): the index picks the factor, statically
+      i, odd_batches, even_batches = xs
+      for parity, round_batches in ((1, odd_batches), (2, even_batches)):
+        state, _ = rnd.step(
+          state, round_batches, CLIENT_IDS, WEIGHTS, jax.random.fold_in(run_key, 2 * i + parity), parity
+        )
+      return state, None
+
+    return jax.lax.scan(two, state, (jnp.arange(2), odd, even))[0]
+
+  stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)
+  got = rounds(state, stack(batches[0::2]), stack(batches[1::2]))
+  chex.assert_trees_all_close(as_numpy(got), as_numpy(expected), **SAME_PROGRAM)
+
+  traced = jax.jit(lambda state, t: rnd.step(state, batches[0], CLIENT_IDS, WEIGHTS, run_key, t))
+  with pytest.raises(ValueError, match="'fedask-alt' chooses its trained factor from the round index.*two rounds"):
+    traced(state, jnp.int32(1))
+  with pytest.raises(ValueError, match=r"round_index: float32\[\] array; expected an int scalar"):
+    rnd.step(state, batches[0], CLIENT_IDS, WEIGHTS, run_key, jnp.float32(1))
+
+
+def test_lower_and_compile_give_the_round_that_call_runs():
+  rnd = make_round("fedask", B_SPACE)
+  state, batches, round_key = random_state(rnd), make_batches(3), jax.random.key(2)
+  lowered = rnd.lower(state, batches, CLIENT_IDS, WEIGHTS, round_key, 1)
+  assert "while" in lowered.as_text()  # the local steps' scan is in the program
+  compiled = rnd.compile(state, batches, CLIENT_IDS, WEIGHTS, round_key, 1)
+  got = compiled(copy(state), rnd.frozen_state, batches, CLIENT_IDS, WEIGHTS, round_key)
+  expected = rnd(copy(state), batches, CLIENT_IDS, WEIGHTS, round_key, 1)
+  chex.assert_trees_all_equal(as_numpy(got), as_numpy(expected))
+
+
+def small_client_data(num_clients=6, max_size=9, length=3, seed=0):
+  """Client c's example i has input_ids [c, i, 7]; sizes 3..max_size."""
+  sizes = np.random.default_rng(seed).integers(3, max_size + 1, num_clients).astype(np.int32)
+  ids = np.zeros((num_clients, max_size, length), np.int32)
+  ids[..., 0] = np.arange(num_clients)[:, None]
+  ids[..., 1] = np.arange(max_size)[None, :]
+  ids[..., 2] = 7
+  valid = np.broadcast_to(np.arange(max_size)[None, :, None] < sizes[:, None, None], ids.shape)
+  return ClientData(ids, valid.copy(), valid.copy(), sizes)
+
+
+@pytest.mark.parametrize("sampling,sample_rate", [("poisson", None), ("uniform", None), ("poisson", 0.5)])
+def test_round_sampler_draws_what_its_parts_draw_and_takes_numpy(sampling, sample_rate):
+  """The jitted sampler equals its parts run eagerly (sample_clients, client_batches from data_key,
+  client_weights), from device or NumPy client data, and runs inside a scan. With a public sample_rate (private
+  client sizes) every client samples at it and the sampled clients weigh the same."""
+  data = small_client_data()
+  sample = simulation.round_sampler(
+    6, 4, local_steps=2, batch_size=3, capacity=5, sampling=sampling, sample_rate=sample_rate
+  )
+  round_key = jax.random.key(9)
+  ids = simulation.sample_clients(round_key, 6, 4)
+  expected = (
+    ids,
+    simulation.client_weights(data.client_sizes, ids) if sample_rate is None else jnp.ones(4, jnp.float32),
+    client_batches(
+      simulation.data_key(round_key),
+      data,
+      ids,
+      local_steps=2,
+      batch_size=3,
+      capacity=5,
+      sampling=sampling,
+      sample_rate=sample_rate,
+    ),
+  )
+  chex.assert_trees_all_equal(as_numpy(sample(round_key, data)), as_numpy(expected))
+  chex.assert_trees_all_equal(as_numpy(sample(round_key, jax.device_put(data))), as_numpy(expected))
+  keys = jax.vmap(lambda t: jax.random.fold_in(round_key, t))(jnp.arange(3))
+  scanned = jax.jit(lambda keys, data: jax.lax.scan(lambda c, k: (c, sample(k, data)), 0, keys)[1])(keys, data)
+  chex.assert_trees_all_equal(as_numpy(jax.tree.map(lambda x: x[1], scanned)), as_numpy(sample(keys[1], data)))
+  with pytest.raises(ValueError, match=r"client_sizes has shape \(6,\): expected \(5,\)"):
+    simulation.round_sampler(5, 4, local_steps=2, batch_size=3, capacity=5)(round_key, data)

@@ -114,7 +114,8 @@ def client_batches(
   Args:
     key: the round's data key; the simulation passes `fedask_jax.simulation.data_key(round_key)` so that the
       batches and the DP noise of a step never share a key.
-    client_data: `ClientData` [C, M, L].
+    client_data: `ClientData` [C, M, L], JAX or NumPy arrays (converted here once per call; under jit pass
+      device arrays, which a NumPy argument of a jitted function becomes anyway).
     client_ids: [K] int ids of the sampled clients (may be traced).
     local_steps: S, static.
     batch_size: the expected ("poisson") or exact ("uniform") number of examples per step, static.
@@ -145,6 +146,9 @@ def client_batches(
       f"capacity={capacity} < batch_size={batch_size}: uniform minibatches need capacity >= batch_size "
       "(capacity = batch_size wastes no slots)."
     )
+
+  # NumPy arrays cannot be indexed by the traced client ids below.
+  client_data = ClientData(*(jnp.asarray(x) for x in client_data))
 
   def sample_step(step_key: Array, num_examples: Array) -> tuple[Array, Array]:
     if sampling == "poisson":

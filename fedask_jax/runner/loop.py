@@ -42,8 +42,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from fedask_jax import data as fdata
-from fedask_jax import privacy
+from fedask_jax import privacy, simulation
 from fedask_jax.adapters import Adapters
 from fedask_jax.checkpoint.peft import export_peft
 from fedask_jax.checkpoint.state import StateCheckpoints
@@ -63,7 +62,7 @@ from fedask_jax.runner.rundir import (
   stored_config,
   to_json,
 )
-from fedask_jax.simulation import ServerState, client_weights, data_key, sample_clients
+from fedask_jax.simulation import ServerState
 
 
 def _set_adapters(model: nnx.Module, adapters: Adapters) -> None:
@@ -110,33 +109,22 @@ def _ledger(experiment: Experiment, round_index: int, epsilon: float | None) -> 
 
 
 def round_sampler(config: Config, capacity: int):
-  """The runner's draw of a round's clients and batches, jitted: (round_key, client data) -> (client ids [K],
-  weights [K], batches [K, S, capacity, L]); ids from `sample_clients(round_key)`, batches (Poisson with DP,
-  uniform without) from `data_key(round_key)`. Experiments that drive `FederatedRound` themselves use it to
-  draw exactly what `train` draws. With DP and privacy.client_sizes "private" neither the Poisson rate nor the
-  weights depend on the clients' sizes: every client samples at privacy.sample_rate and the sampled clients
-  weigh the same; otherwise client k samples at batch_size / n_k and weighs n_k (`client_weights`)."""
-  sampling = "poisson" if config.privacy.enabled else "uniform"
-  private_sizes = config.privacy.enabled and config.privacy.client_sizes == "private"
-  rate = config.privacy.sample_rate if private_sizes else None
-
-  @jax.jit
-  def sample(round_key, client_data):
-    ids = sample_clients(round_key, config.num_clients, config.clients_per_round)
-    batches = fdata.client_batches(
-      data_key(round_key),
-      client_data,
-      ids,
-      local_steps=config.local_steps,
-      batch_size=config.batch_size,
-      capacity=capacity,
-      sampling=sampling,
-      sample_rate=rate,
-    )
-    weights = jnp.ones(ids.shape, jnp.float32) if private_sizes else client_weights(client_data.client_sizes, ids)
-    return ids, weights, batches
-
-  return sample
+  """The runner's draw of a round's clients and batches, `fedask_jax.simulation.round_sampler` with the config's
+  sizes: (round_key, client data) -> (client ids [K], weights [K], batches [K, S, capacity, L]), jitted; Poisson
+  batches with DP, uniform without. With DP and privacy.client_sizes "private" neither the Poisson rate nor the
+  weights depend on the clients' sizes (every client samples at privacy.sample_rate, the sampled clients weigh
+  the same); otherwise client k samples at batch_size / n_k and weighs n_k. Experiments that drive
+  `FederatedRound` themselves use it to draw exactly what `train` draws."""
+  p = config.privacy
+  return simulation.round_sampler(
+    config.num_clients,
+    config.clients_per_round,
+    local_steps=config.local_steps,
+    batch_size=config.batch_size,
+    capacity=capacity,
+    sampling="poisson" if p.enabled else "uniform",
+    sample_rate=p.sample_rate if p.enabled and p.client_sizes == "private" else None,
+  )
 
 
 class Interrupted(Exception):

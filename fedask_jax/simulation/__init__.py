@@ -24,7 +24,24 @@ The server's key (FedASK's Omega) is `server_key(round_key)` = `fold_in(round_ke
 sampling uses `fold_in(round_key, SAMPLING_STREAM)`, and the batches should be drawn with `data_key(round_key)`
 (= `fold_in(round_key, DATA_STREAM)`): reusing the round key for `fedask_jax.data.client_batches` would make the
 Poisson sampling and the DP noise of a client's step come from the same key. Client ids stay below these
-stream constants.
+stream constants. `round_sampler` (`sampler.py`) draws a round's clients, weights and batches with these keys in
+one jitted function, as the runner does.
+
+Rounds in your own program. `FederatedRound.__call__` is a compiled round that donates its state, driven from
+Python; `FederatedRound.step` is the same round as a pure function that traces into the caller's program, so
+that R rounds run as one `jax.jit` of a `lax.scan`::
+
+    def rounds(state, frozen, data, run_key):
+      def one(state, t):                                 # t: the round number, traced
+        round_key = jax.random.fold_in(run_key, t)
+        ids, weights, batches = sample(round_key, data)  # sample = round_sampler(N, K, ...)
+        return rnd.step(state, batches, ids, weights, round_key, t, frozen_state=frozen)
+      return jax.lax.scan(one, state, jnp.arange(1, R + 1))
+
+The round index only picks the trained factor, which is static: a traced index works for every strategy whose
+choice does not depend on it, while fedask-alt (lora_b in odd rounds, lora_a in even ones) needs Python ints, so
+its scan body runs two rounds, t = 2i + 1 with round_index=1 and t = 2i + 2 with round_index=2, each keyed
+`fold_in(run_key, t)`.
 
 Several hosts (`jax.distributed`). The same code runs on a multi-host mesh (`fedask_jax.runner` does this
 under `fedask-jax train` with the config's `distributed` section; tests/test_multiprocess.py):
@@ -66,4 +83,5 @@ from fedask_jax.simulation.round import (
   sample_clients,
   server_key,
 )
+from fedask_jax.simulation.sampler import round_sampler
 from fedask_jax.simulation.server import ServerState, finite_clients, server_step
