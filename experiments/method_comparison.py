@@ -405,7 +405,7 @@ class Grid:
     self._compiled: dict[tuple[str, bool, str], Any] = {}
     self._samplers: dict[bool, Any] = {}
     self._clients: dict[tuple[str, int], tuple[fdata.ClientData, np.ndarray]] = {}
-    self._plans: dict[tuple[float, str, int], tuple[runner.PrivacyPlan | None, float | None]] = {}
+    self._plans: dict[tuple[float, str, int], tuple[privacy.PrivacyPlan | None, float | None]] = {}
     self._adapters: dict[int, Adapters] = {}
     self.compilations = Compilations()
     self.base_eval_loss = self.evaluate(self.initial_adapters(self.seed))
@@ -485,7 +485,7 @@ class Grid:
       self._clients[partition, seed] = (jax.device_put(stacked), parts.sizes)
     return self._clients[partition, seed]
 
-  def plan(self, epsilon: float, partition: str, seed: int) -> tuple[runner.PrivacyPlan | None, float | None]:
+  def plan(self, epsilon: float, partition: str, seed: int) -> tuple[privacy.PrivacyPlan | None, float | None]:
     """(the runner's privacy plan, the smallest client's epsilon spent after all rounds); (None, None) at inf."""
     key = (epsilon, partition, seed)
     if key not in self._plans:

@@ -225,12 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _fail(error)
   # Deferred: importing JAX and the models costs seconds that `--help` and argument errors should not pay.
   import jax
-  from absl import logging as absl_logging
 
-  # dp_accounting's RDP logs "failed to converge ... Excluding this order" for orders whose series does not
-  # converge; harmless (the order's RDP counts as infinite and that order is left out of the minimum, so the
-  # bound stays valid) and not actionable, so kept out of the output.
-  absl_logging.set_verbosity(absl_logging.ERROR)
   if args.command == "privacy":
     return _privacy(args)
 

@@ -33,7 +33,7 @@ import scipy.stats
 from flax import nnx
 
 from fedask_jax import data as fdata
-from fedask_jax import runner, simulation
+from fedask_jax import privacy, runner, simulation
 from fedask_jax.adapters import Adapters
 from fedask_jax.config import from_dict
 from fedask_jax.lora import LoRAConfig, inject_lora, lora_layers, to_adapters
@@ -102,7 +102,7 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 @functools.cache
-def plan() -> runner.PrivacyPlan:
+def plan() -> privacy.PrivacyPlan:
   """The runner's privacy plan for these client sizes (sigma from the accountant, the batch capacity)."""
   return runner.plan_privacy(CONFIG, np.array(SIZES))[0]
 

@@ -153,13 +153,31 @@ def test_epsilon_trajectory_is_the_sampled_schedule(straight):
 def test_capacity_bounds_the_overflow():
   """The capacity is the smallest c with P(Binomial(n + 1, q) > c) <= overflow_prob for every client size n."""
   config = from_dict({"batch_size": 8, "rounds": 10, "local_steps": 5, "privacy": {"overflow_prob": 1e-9}})
-  sizes = np.array([100, 140, 400])
+  sizes = np.array([100, 140] + [400] * 8)  # the defaults' num_clients = 10
   plan, capacity = runner.plan_privacy(config, sizes)
   tails = [scipy.stats.binom.sf(capacity, n + 1, 8 / n) for n in sizes]
   assert max(tails) <= 1e-9
   assert max(scipy.stats.binom.sf(capacity - 1, n + 1, 8 / n) for n in sizes) > 1e-9
   # The defaults' 2 of 10 clients per round.
   assert plan.schedule == privacy.DPSchedule(8 / 100, 5, 10, 0.2, "sampled")
+  # The runner's plan is the config-free primitive's over the config's values.
+  p = config.privacy
+  direct = privacy.plan_privacy(
+    target_epsilon=p.target_epsilon,
+    delta=p.delta,
+    rounds=10,
+    local_steps=5,
+    batch_size=8,
+    client_sizes=sizes,
+    clients_per_round=config.clients_per_round,
+    overflow_prob=1e-9,
+    accountant=p.accountant,
+  )
+  assert (plan.noise_multiplier, plan.capacity, plan.overflow_delta) == (
+    direct.noise_multiplier,
+    direct.capacity,
+    direct.overflow_delta,
+  )
   with pytest.raises(ConfigError, match="batch_size=8 exceeds the smallest client's 7 examples"):
     runner.plan_privacy(config, np.array([7, 100]))
   with pytest.raises(ConfigError, match="overflow_prob=0.001 costs delta"):
@@ -176,7 +194,7 @@ def test_rates_near_one_that_overflow_the_slots_are_refused(sizes, batch_size, f
   n = max(sizes)
   config = from_dict({"batch_size": batch_size, "num_clients": len(sizes), "clients_per_round": 1})
   real = scipy.stats.binom.sf(n, n + 1, batch_size / n)
-  with pytest.raises(ConfigError, match=rf"q\^{n + 1} = {real:.3g} per step, above privacy.overflow_prob=1e-12.*{fix}"):
+  with pytest.raises(ConfigError, match=rf"q\^{n + 1} = {real:.3g} per step, above overflow_prob=1e-12.*{fix}"):
     runner.plan_privacy(config, np.array(sizes))
   if "at most 5" in fix:
     for b, fits in ((5, True), (6, False)):
@@ -230,7 +248,19 @@ def test_private_client_sizes_make_nothing_depend_on_a_client_size():
   plan_d, capacity = runner.plan_privacy(private, sizes_d)
   plan_d1, _ = runner.plan_privacy(private, sizes_d1)
   assert (plan_d.noise_multiplier, plan_d.schedule) == (plan_d1.noise_multiplier, plan_d1.schedule)
-  assert plan_d.schedule.sample_rate == 0.2
+  assert plan_d.schedule.sample_rate == plan_d.sample_rate == 0.2
+  # The runner's plan is the config-free primitive's with the public rate.
+  direct = privacy.plan_privacy(
+    target_epsilon=private.privacy.target_epsilon,
+    delta=private.privacy.delta,
+    rounds=4,
+    local_steps=20,
+    batch_size=10,
+    client_sizes=sizes_d,
+    clients_per_round=3,
+    sample_rate=0.2,
+  )
+  assert (direct.noise_multiplier, direct.capacity) == (plan_d.noise_multiplier, capacity)
   assert draws(private, sizes_d, capacity) == draws(private, sizes_d1, capacity)
   assert all(w == 1.0 for _, weights in draws(private, sizes_d, capacity) for w in weights.values())
 
@@ -238,6 +268,7 @@ def test_private_client_sizes_make_nothing_depend_on_a_client_size():
   plan_d, capacity = runner.plan_privacy(public, sizes_d)
   plan_d1, _ = runner.plan_privacy(public, sizes_d1)
   assert plan_d.schedule.sample_rate == 10 / 50 and plan_d1.schedule.sample_rate == 10 / 51
+  assert plan_d.sample_rate is None
   assert plan_d.noise_multiplier != plan_d1.noise_multiplier
   d, d1 = draws(public, sizes_d, capacity), draws(public, sizes_d1, capacity)
   assert [chosen for chosen, _ in d] != [chosen for chosen, _ in d1]

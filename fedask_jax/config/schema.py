@@ -112,7 +112,7 @@ class PrivacyConfig:
   Attributes:
     enabled: DP-SGD on (Poisson sampling, clipping, noise) or off (uniform minibatches, no noise).
     target_epsilon, delta: the guarantee, met by every client's data: sigma is calibrated for the largest
-      Poisson rate q = batch_size / min_k n_k, so larger clients spend less (`fedask_jax.runner.plan`).
+      Poisson rate q = batch_size / min_k n_k, so larger clients spend less (`fedask_jax.privacy.plan_privacy`).
     clip_norm: C, the per-example clipping norm.
     accountant: "pld" (privacy loss distributions, tighter; default) or "rdp" (Renyi DP), both through
       `dp_accounting` (`fedask_jax.privacy.accounting`).
@@ -125,7 +125,8 @@ class PrivacyConfig:
       (clip dl/dW and project the noise, the paper's equation).
     overflow_prob: per-step probability that a Poisson batch overflows its fixed capacity. Its cost in delta
       (`fedask_jax.privacy.overflow_delta`) is taken out of `delta` before calibration, so the run as a whole
-      is (target_epsilon, delta)-DP; 1e-12 costs a few slots and almost none of delta.
+      is (target_epsilon, delta)-DP; 1e-12 (`fedask_jax.privacy.DEFAULT_OVERFLOW_PROB`) costs a few slots and
+      almost none of delta.
     client_sizes: "public" (default, as the official code) or "private"; which neighbouring relation the
       guarantee covers (README: privacy). "public": client k samples at q_k = batch_size / n_k, sigma is
       calibrated for q = batch_size / min_k n_k and the server weights clients by n_k / sum_j n_j, so the sizes

@@ -11,7 +11,7 @@ local step, truncated to a fixed capacity (`batch_capacity`, overflow cost in `o
 neighbours; accountant "pld" unless "rdp" is asked for; participation "sampled" (each round includes the client
 with probability K / N, uniform independent client sampling) when K < N clients take part per round, "worst_case"
 (every round) when K = N or asked for, and the "expected" heuristic (not a guarantee) only when asked for. The
-modules: `clipping`, `mechanisms`, `sampling`, `accounting`.
+modules: `clipping`, `mechanisms`, `sampling`, `accounting`, and `planning` (a run's plan: `plan_privacy`).
 """
 
 from fedask_jax.privacy.accounting import (
@@ -38,4 +38,5 @@ from fedask_jax.privacy.mechanisms import (
   wspace_dp_gradient,
   wspace_sq_norms,
 )
-from fedask_jax.privacy.sampling import batch_capacity, overflow_probability, poisson_sample
+from fedask_jax.privacy.planning import PrivacyPlan, plan_privacy
+from fedask_jax.privacy.sampling import DEFAULT_OVERFLOW_PROB, batch_capacity, overflow_probability, poisson_sample

@@ -36,6 +36,7 @@ PLD losses are rounded pessimistically to multiples of `PLD_DISCRETIZATION` (1e-
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -63,6 +64,17 @@ _PLD_MAX_STEP_POINTS = 2**17
 _CALIBRATION_RTOL = 1e-3
 # Outside [1/64, 2^20] the RDP/PLD computations lose accuracy or the target is degenerate (see calibrate_noise).
 _SIGMA_RANGE = (2.0**-6, 2.0**20)
+
+
+def _not_convergence_noise(record: logging.LogRecord) -> bool:
+  # dp_accounting's RDP logs "_compute_log_a_frac failed to converge ... Excluding this order" through absl for
+  # orders whose series does not converge (large q with small sigma, which calibration's search visits). It is
+  # harmless: that order's RDP counts as infinite and the minimum over the other orders stays a valid bound. Not
+  # actionable either, so it is kept out of users' output; absl's other warnings pass.
+  return not str(record.msg).startswith("_compute_log_a_frac failed to converge")
+
+
+logging.getLogger("absl").addFilter(_not_convergence_noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +251,10 @@ def epsilon_spent(
 ) -> float:
   """Epsilon at `delta` of the schedule's DP-SGD with noise multiplier sigma (inf at sigma = 0).
 
+  Client sampling is the schedule's participation_rate q_c = K / N and participation model, never a factor in
+  its sample_rate (a rate multiplied by q_c under-states epsilon); `DPSchedule.from_federation` or, from client
+  sizes, `plan_privacy` build the schedule.
+
   Under participation "expected" this is the heuristic's number, NOT a bound (module docstring).
   """
   _check_common(schedule, delta, accountant)
@@ -255,6 +271,10 @@ def calibrate_noise(
   schedule: DPSchedule, target_epsilon: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT
 ) -> float:
   """The smallest noise multiplier sigma whose `epsilon_spent` at `delta` is <= `target_epsilon`, within 0.1%.
+
+  Client sampling is expressed as in `epsilon_spent`: the schedule's participation_rate q_c = K / N and
+  participation model, never a factor of its sample_rate; `plan_privacy` calibrates a federated run from its
+  client sizes and K of N, and takes the batch overflow out of delta.
 
   A doubling/halving search from sigma = 1 brackets sigma in [lo, 2 lo] with epsilon(lo) > target >= epsilon
   (2 lo); Brent's method (scipy's brentq, what `dp_accounting.calibrate_dp_mechanism` runs, which needs a

@@ -5,7 +5,7 @@
 
 - `plan`: `prepare` does everything that can fail on bad input before anything is compiled: it checks the run
   directory against the config, loads the model, tokenizer and data, partitions the clients, and plans the
-  privacy (noise multiplier, sampling rate, batch capacity; its docstring states the privacy semantics).
+  privacy (`fedask_jax.privacy.plan_privacy`: noise multiplier, sampling rates, batch capacity).
 - `loop`: `train` then runs the rounds, resuming from the latest checkpoint of the run directory when there is
   one (its docstring: resumption and faults); `evaluate_run` evaluates a run's latest checkpoint.
 - `processes`: runs over several processes (`jax.distributed`), and stops on SIGINT / SIGTERM (`Interrupted`).
@@ -19,7 +19,6 @@ from fedask_jax.runner.plan import (
   ADAPTER_INIT_STREAM,
   CPU_CLIENT_CHUNK,
   Experiment,
-  PrivacyPlan,
   client_chunk,
   load_eval_data,
   load_model,
@@ -54,7 +53,6 @@ __all__ = [
   "Experiment",
   "Interrupted",
   "MetricsLog",
-  "PrivacyPlan",
   "check_run_dir",
   "client_chunk",
   "evaluate_run",

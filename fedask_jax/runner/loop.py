@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
 
-from fedask_jax import privacy, simulation
+from fedask_jax import simulation
 from fedask_jax.adapters import Adapters
 from fedask_jax.checkpoint.peft import export_peft
 from fedask_jax.checkpoint.state import StateCheckpoints
@@ -50,7 +49,7 @@ from fedask_jax.config import Config, ConfigError, from_dict, read_yaml
 from fedask_jax.evaluation import EvalResult, evaluate
 from fedask_jax.lora import from_adapters, to_adapters
 from fedask_jax.runner import processes
-from fedask_jax.runner.plan import Experiment, make_strategy, prepare, run_key
+from fedask_jax.runner.plan import Experiment, make_strategy, prepare, run_key, sample_rate
 from fedask_jax.runner.report import DIAGNOSTICS, summarize, write_plots
 from fedask_jax.runner.rundir import (
   ADAPTER_DIR,
@@ -88,12 +87,7 @@ def _eval_fields(result: EvalResult) -> dict[str, Any]:
 
 
 def _epsilon(experiment: Experiment, round_index: int) -> float | None:
-  plan, c = experiment.privacy, experiment.config
-  if plan is None:
-    return None
-  return privacy.epsilon_spent(
-    plan.schedule.after(round_index), plan.noise_multiplier, plan.accountant_delta, c.privacy.accountant
-  )
+  return None if experiment.privacy is None else experiment.privacy.epsilon(round_index)
 
 
 def _checkpoint_state(server: ServerState, key: jax.Array, round_index: int) -> dict[str, Any]:
@@ -104,7 +98,8 @@ def _ledger(experiment: Experiment, round_index: int, epsilon: float | None) -> 
   plan = experiment.privacy
   ledger: dict[str, Any] = {"round": round_index, "private": plan is not None}
   if plan is not None:
-    ledger.update(dataclasses.asdict(plan), epsilon=epsilon, accountant=experiment.config.privacy.accountant)
+    # Not the N per-client rates: they follow from the data, and the ledger stays small at any N.
+    ledger.update({k: v for k, v in dataclasses.asdict(plan).items() if k != "sample_rates"}, epsilon=epsilon)
   return ledger
 
 
@@ -115,15 +110,14 @@ def round_sampler(config: Config, capacity: int):
   weights depend on the clients' sizes (every client samples at privacy.sample_rate, the sampled clients weigh
   the same); otherwise client k samples at batch_size / n_k and weighs n_k. Experiments that drive
   `FederatedRound` themselves use it to draw exactly what `train` draws."""
-  p = config.privacy
   return simulation.round_sampler(
     config.num_clients,
     config.clients_per_round,
     local_steps=config.local_steps,
     batch_size=config.batch_size,
     capacity=capacity,
-    sampling="poisson" if p.enabled else "uniform",
-    sample_rate=p.sample_rate if p.enabled and p.client_sizes == "private" else None,
+    sampling="poisson" if config.privacy.enabled else "uniform",
+    sample_rate=sample_rate(config),
   )
 
 

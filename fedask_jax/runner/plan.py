@@ -4,23 +4,16 @@
 model, tokenizer and data, partitions the clients, plans the privacy (noise multiplier, sampling rate, batch
 capacity) and builds the federated round.
 
-Privacy (docs/design.md, section 4.5). Under `privacy.client_sizes` "public" (default) client k samples each
-local step's batch by Poisson sampling with rate q_k = batch_size / n_k, one noise multiplier serves all clients,
-calibrated for the largest rate q = batch_size / min_k n_k (every client's data, the smallest client's included,
-is then (target_epsilon, delta)-DP, and larger clients spend less), and the server weights clients by n_k. The
-sizes are then public metadata, and the guarantee is for neighbours of equal sizes (README: privacy). Under
-"private" every client samples at the public rate q = `privacy.sample_rate`, the noisy sum is divided by
-batch_size and the sampled clients weigh the same (`round_sampler`): nothing that touches a client's examples
-depends on n_k, and the guarantee covers adding or removing an example. The schedule accounted is
-`privacy.DPSchedule.from_federation` (q, local_steps, rounds, q_c = clients_per_round / num_clients) under
-`privacy.participation`: by default "sampled" when clients_per_round < num_clients (`sample_clients` draws
-them uniformly with a fresh key each round, which that bound needs) and "worst_case" when all take part.
-Batches have a fixed capacity: the largest over clients of `batch_capacity(n_k + 1, q_k, overflow_prob)`
-(n_k + 1: the add-one neighbour). A batch cannot have more slots than the largest client has rows, so a rate
-at which that client's add-one neighbour overflows them with probability above overflow_prob is refused. The
-overflow's cost in delta, `overflow_delta(overflow_prob, schedule, target_epsilon)`, is taken out of delta
-before calibration, so the total is delta. The `epsilon` of each metrics line is the smallest client's epsilon
-after that many rounds (`schedule.after(t)`) at that reduced delta.
+Privacy (docs/design.md, section 4.5): `fedask_jax.privacy.plan_privacy` over the config's values and the
+clients' example counts. Under `privacy.client_sizes` "public" (default) client k samples at q_k =
+batch_size / n_k, one noise multiplier serves all clients, calibrated for the smallest client's rate, and the
+server weights clients by n_k: the sizes are public metadata, and the guarantee is for neighbours of equal sizes
+(README: privacy). Under "private" every client samples at the public rate `privacy.sample_rate`, the noisy sum
+is divided by batch_size and the sampled clients weigh the same (`round_sampler`): nothing that touches a
+client's examples depends on n_k, and the guarantee covers adding or removing an example. Participation is
+"sampled" by default when clients_per_round < num_clients; the batch capacity is for n_k + 1 examples (rates
+whose add-one overflow the slots cannot bound are refused), and the overflow's cost is taken out of delta. The
+`epsilon` of each metrics line is the smallest client's epsilon after that many rounds (`PrivacyPlan.epsilon`).
 
 The LM head runs at the response positions only, in training and in the held-out evaluation
 (`fedask_jax.objectives`, module docstring): `response_capacity` of the training set (its longest response,
@@ -58,24 +51,6 @@ from fedask_jax.strategies import STRATEGIES, Strategy, get_strategy
 ADAPTER_INIT_STREAM = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class PrivacyPlan:
-  """The DP parameters of a run (module docstring).
-
-  noise_multiplier: sigma; schedule: what is accounted (q = batch_size / min_k n_k, or privacy.sample_rate
-  with private client sizes; the participation model resolved); delta: the total delta; accountant_delta: delta
-  minus overflow_delta, what epsilon is computed at; overflow_delta: the truncated-Poisson cost; capacity: slots
-  per local step.
-  """
-
-  noise_multiplier: float
-  schedule: privacy.DPSchedule
-  delta: float
-  accountant_delta: float
-  overflow_delta: float
-  capacity: int
-
-
 @dataclasses.dataclass
 class Experiment:
   """Everything `prepare` loaded and planned; `train` runs it. train_counts: the training set's
@@ -90,7 +65,7 @@ class Experiment:
   eval_data: fdata.EncodedDataset
   client_data: fdata.ClientData | None
   capacity: int
-  privacy: PrivacyPlan | None
+  privacy: privacy.PrivacyPlan | None
   round_fn: FederatedRound | None
   notes: list[str]
   head_capacity: dict[str, int]
@@ -174,75 +149,41 @@ def partition(config: Config, records: list[dict[str, Any]]) -> fdata.Partition:
   return parts
 
 
-def _client_rates(config: Config, sizes: np.ndarray) -> np.ndarray:
-  """Each client's Poisson rate [C] under DP: batch_size / n_k with privacy.client_sizes "public", the public
-  privacy.sample_rate for every client with "private"."""
-  if config.privacy.client_sizes == "private":
-    return np.full(len(sizes), config.privacy.sample_rate)
-  return config.batch_size / np.asarray(sizes, np.float64)
+def sample_rate(config: Config) -> float | None:
+  """The public Poisson rate every client samples at under DP with privacy.client_sizes "private"
+  (`privacy.plan_privacy`'s and `simulation.round_sampler`'s sample_rate); None otherwise."""
+  p = config.privacy
+  return p.sample_rate if p.enabled and p.client_sizes == "private" else None
 
 
-def _check_slots(config: Config, sizes: np.ndarray, rates: np.ndarray) -> None:
-  """Refuse a rate at which an add-one neighbour's batch overflows the slots more often than overflow_prob.
-
-  Slots cannot outnumber the largest client's n examples (the padded rows), and the add-one neighbour of that
-  client has n + 1: all n + 1 are sampled, which no capacity of n slots holds, with probability q^(n + 1) (the
-  smaller clients' neighbours fit). The delta charged for overflow assumes at most overflow_prob per step.
-  """
-  p, largest = config.privacy, int(sizes.max())
-  q = float(rates[np.argmax(sizes)])
-  real = privacy.overflow_probability(largest + 1, q, largest)
-  if real <= p.overflow_prob:
-    return
-  # q^(n + 1) <= overflow_prob  <=>  q <= overflow_prob^(1 / (n + 1)).
-  ceiling = p.overflow_prob ** (1 / (largest + 1))
-  if p.client_sizes == "private":
-    fix = f"lower privacy.sample_rate to at most {ceiling:.3g}"
-  elif int(largest * ceiling) >= 1:
-    fix = f"lower batch_size to at most {int(largest * ceiling)}"
-  else:
-    fix = "no batch size does at these client sizes: use larger clients (fewer num_clients)"
-  raise ConfigError(
-    f"the largest client ({largest} examples) samples at the Poisson rate q = {q:.4g}: its add-one neighbour's "
-    f"batch overflows the {largest} slots a batch can have (one per example row) with probability "
-    f"q^{largest + 1} = {real:.3g} per step, above privacy.overflow_prob={p.overflow_prob:g}, so the delta charged "
-    f"for overflow would not hold: {fix}, or raise privacy.overflow_prob (its cost in delta is checked against "
-    "privacy.delta)."
-  )
-
-
-def plan_privacy(config: Config, sizes: np.ndarray) -> tuple[PrivacyPlan | None, int]:
-  """(privacy plan or None without DP, batch capacity) for clients of `sizes` (module docstring)."""
-  b, smallest, largest = config.batch_size, int(sizes.min()), int(sizes.max())
+def plan_privacy(config: Config, sizes: np.ndarray) -> tuple[privacy.PrivacyPlan | None, int]:
+  """(privacy plan or None without DP, batch capacity) for clients of `sizes`: `fedask_jax.privacy.plan_privacy`
+  with the config's values (module docstring); without DP the capacity is batch_size."""
+  b = config.batch_size
   if not config.privacy.enabled:
-    if b > largest:
-      raise ConfigError(f"batch_size={b} exceeds the largest client's {largest} examples: lower batch_size.")
+    if b > int(sizes.max()):
+      raise ConfigError(f"batch_size={b} exceeds the largest client's {int(sizes.max())} examples: lower batch_size.")
     return None, b
   p = config.privacy
-  if p.client_sizes == "public" and b > smallest:
-    raise ConfigError(
-      f"batch_size={b} exceeds the smallest client's {smallest} examples, so its Poisson rate "
-      "q = batch_size / n would exceed 1: lower batch_size or num_clients, or raise data.min_client_size."
+  try:
+    plan = privacy.plan_privacy(
+      target_epsilon=p.target_epsilon,
+      delta=p.delta,
+      rounds=config.rounds,
+      local_steps=config.local_steps,
+      batch_size=b,
+      client_sizes=sizes,
+      clients_per_round=config.clients_per_round,
+      participation=p.participation,
+      overflow_prob=p.overflow_prob,
+      accountant=p.accountant,
+      sample_rate=sample_rate(config),
     )
-  rates = _client_rates(config, sizes)
-  _check_slots(config, sizes, rates)
-  capacity = max(privacy.batch_capacity(int(n) + 1, float(q), p.overflow_prob) for n, q in set(zip(sizes, rates)))
-  schedule = privacy.DPSchedule.from_federation(
-    sample_rate=float(rates.max()),
-    local_steps=config.local_steps,
-    rounds=config.rounds,
-    clients_per_round=config.clients_per_round,
-    num_clients=config.num_clients,
-    participation=p.participation,
-  )
-  overflow = privacy.overflow_delta(p.overflow_prob, schedule, p.target_epsilon)
-  if overflow >= p.delta / 2:
-    raise ConfigError(
-      f"privacy.overflow_prob={p.overflow_prob:g} costs delta {overflow:.3g} over {schedule.describe()}, at "
-      f"least half of privacy.delta={p.delta:g}: lower overflow_prob (e.g. 1e-12)."
-    )
-  sigma = privacy.calibrate_noise(schedule, p.target_epsilon, p.delta - overflow, p.accountant)
-  return PrivacyPlan(sigma, schedule, p.delta, p.delta - overflow, overflow, capacity), capacity
+  except ValueError as error:
+    # The config has been validated, so what fails here is the plan's own cross-checks, whose arguments are the
+    # config's keys of the same names (privacy.* for the privacy ones).
+    raise ConfigError(f"{error} (the privacy plan of batch_size, rounds, local_steps and privacy.*)") from None
+  return plan, plan.capacity
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
